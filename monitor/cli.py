@@ -1,0 +1,244 @@
+"""The `agentwatch` command line: run, trace, exec, status, config check.
+
+Turns every AgentwatchError into one sentence on stderr and its exit code (2 bad config,
+3 host lacks something, 4 control socket refused); never prints a traceback for those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import IO
+
+from monitor import __version__, control
+from monitor.config import Config, default_config, load_config
+from monitor.errors import AgentwatchError, ControlError
+from monitor.events import Event
+from monitor.loader import ProbeOptions, Probes
+from monitor.output import HEADER, columns, record, to_json
+
+DEFAULT_SOCKET = "/run/agentwatch/control.sock"
+
+EPILOG_RUN = """examples:
+  agentwatch run                         # embedded default config, logs JSON lines to stdout
+  agentwatch run --config /etc/agentwatch/config.yaml --verbose
+"""
+EPILOG_TRACE = """examples:
+  agentwatch trace                       # agent events, from the running monitor if there is one
+  agentwatch trace --json                # one JSON object per line
+  agentwatch trace --all                 # every process on the host (loads its own probes)
+  agentwatch trace --record events.jsonl # also record events to a file
+"""
+EPILOG_EXEC = """examples:
+  agentwatch exec --agent ci-bot -- ./run-agent.sh --task 42
+  agentwatch exec --agent claude -- claude -p "fix the tests"
+The command is tracked as an agent root by the running monitor before its first instruction.
+"""
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path) if path else default_config()
+
+
+def _socket(args: argparse.Namespace, cfg: Config | None = None) -> str:
+    if args.socket:
+        return str(args.socket)
+    return cfg.monitor.control_socket if cfg else DEFAULT_SOCKET
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _run_monitor(cfg: Config, sock: str | None, sink: Callable[[Event, str], None] | None,
+                 trace_all: bool = False, log: Callable[..., None] | None = None) -> int:
+    from monitor.runtime import Monitor
+
+    probes = Probes(ProbeOptions(max_procs=cfg.monitor.max_processes,
+                                 ringbuf_mib=cfg.monitor.ring_buffer_mib, trace_all=trace_all))
+    mon = Monitor(cfg, probes=probes, sink=sink, control_path=sock, log=log)
+    stop = _stop_on_signals()
+    mon.start()
+    try:
+        mon.run(stop)
+    finally:
+        mon.stop()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    sink = None
+    if args.verbose:
+        def sink(ev: Event, agent: str) -> None:
+            print(json.dumps({"msg": "event", **record(ev, agent)}), flush=True)
+    return _run_monitor(cfg, _socket(args, cfg), sink)
+
+
+def _printer(as_json: bool, out: IO[str], rec: IO[str] | None
+             ) -> Callable[[Event, str], None]:
+    def sink(ev: Event, agent: str) -> None:
+        out.write((to_json(ev, agent) if as_json else columns(ev, agent)) + "\n")
+        out.flush()
+        if rec is not None:
+            rec.write(to_json(ev, agent) + "\n")
+    return sink
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    sock = _socket(args, cfg)
+    rec = open(args.record, "a", encoding="utf-8") if args.record else None  # noqa: SIM115
+    try:
+        if not args.all:
+            try:
+                stream = control.stream(sock)
+            except ControlError:
+                stream = None
+            if stream is not None:
+                print(f"# streaming from the monitor on {sock}", file=sys.stderr)
+                if not args.json:
+                    print(HEADER, flush=True)
+                for item in stream:
+                    _print_record(item, args.json, rec)
+                return 0
+        if not args.json:
+            print(HEADER, flush=True)
+        serve = None if args.all else sock
+        quiet = _quiet_log
+        return _run_monitor(cfg, serve, _printer(args.json, sys.stdout, rec),
+                            trace_all=args.all, log=quiet)
+    finally:
+        if rec is not None:
+            rec.close()
+
+
+def _quiet_log(msg: str, level: str = "info", **fields: object) -> None:
+    print(f"# {msg} " + " ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr)
+
+
+def _print_record(item: dict[str, object], as_json: bool, rec: IO[str] | None) -> None:
+    line = json.dumps(item, separators=(",", ":"))
+    if rec is not None:
+        rec.write(line + "\n")
+    if as_json:
+        print(line, flush=True)
+        return
+    detail = item.get("filename") or item.get("address") or item.get("child_pid") or ""
+    if item.get("event") == "exec":
+        detail = " ".join(str(a) for a in item.get("argv") or []) or detail  # type: ignore
+    elif item.get("event") == "connect":
+        detail = f"{item.get('address')}:{item.get('port')} result={item.get('result')}"
+    elif item.get("event") == "exit":
+        detail = f"status={item.get('exit_status')} cpu_ns={item.get('cpu_ns')}"
+    print(f"{int(item.get('ts_ns', 0)) / 1e9:12.6f} {str(item.get('agent') or '-')[:14]:<14} "  # type: ignore
+          f"{item.get('event', ''):<7} {item.get('pid', 0):>7} {str(item.get('comm'))[:16]:<16} "
+          f"{detail}", flush=True)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise ControlError("nothing to run: give the command after `--`, e.g. "
+                           "`agentwatch exec --agent bot -- ./agent.sh`")
+    reply = control.request(_socket(args), {"op": "register", "agent": args.agent})
+    if args.verbose:
+        print(f"agentwatch: {argv[0]} runs as agent {args.agent!r}, session "
+              f"{reply.get('session')}", file=sys.stderr)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        print(f"agentwatch exec: cannot run {argv[0]!r}: {e.strerror}", file=sys.stderr)
+        return 127
+    return 0  # not reached
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reply = control.request(_socket(args), {"op": "status"})
+    reply.pop("ok", None)
+    print(json.dumps(reply, indent=2))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file)
+    print(f"{args.file}: ok ({len(cfg.agents)} agents)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="agentwatch",
+        description="Watch AI agents' process trees through eBPF: what they exec and where "
+                    "they connect, per agent session.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes: 0 ok, 2 bad config, 3 host lacks BPF/headers/tracefs/root, "
+               "4 control socket refused or unreachable.")
+    p.add_argument("--version", action="version", version=f"agentwatch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, helptext: str, epilog: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=helptext, description=helptext, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    r = add("run", "run the monitor in the foreground", EPILOG_RUN)
+    r.add_argument("--config", help="config file (default: the embedded default config)")
+    r.add_argument("--socket", help=f"control socket path (default from config: {DEFAULT_SOCKET})")
+    r.add_argument("--verbose", action="store_true", help="log every agent event too")
+    r.set_defaults(func=cmd_run)
+
+    t = add("trace", "print a live stream of agent events", EPILOG_TRACE)
+    t.add_argument("--config", help="config file used when no monitor is running")
+    t.add_argument("--socket", help="control socket of the running monitor")
+    t.add_argument("--json", action="store_true", help="JSON lines instead of columns")
+    t.add_argument("--all", action="store_true",
+                   help="include processes that are not agents (loads its own probes)")
+    t.add_argument("--record", metavar="FILE", help="append every event as JSON to FILE")
+    t.set_defaults(func=cmd_trace)
+
+    e = add("exec", "run a command as a tracked agent root of the running monitor", EPILOG_EXEC)
+    e.add_argument("--agent", required=True, help="agent name for the new session")
+    e.add_argument("--socket", help="control socket of the running monitor")
+    e.add_argument("--verbose", action="store_true", help="say which session was created")
+    e.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    e.set_defaults(func=cmd_exec)
+
+    s = add("status", "show the running monitor's probes, agents and counters")
+    s.add_argument("--socket", help="control socket of the running monitor")
+    s.set_defaults(func=cmd_status)
+
+    c = add("config", "work with config files")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cc = csub.add_parser("check", help="validate a config file: exit 0, or 2 with every error")
+    cc.add_argument("file")
+    cc.set_defaults(func=cmd_config_check)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except AgentwatchError as e:
+        print(f"agentwatch: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Typed events and the ctypes mirror of probes/agentwatch.h.
+
+The C header is the one definition of every struct; this module mirrors it field for field
+and the loader hands the mirror's sizes to the compiler (-DAW_PY_SIZEOF_*), where static
+asserts refuse a drift. A kernel test also compares every field offset with the layout
+clang produced. Decoding is pure: bytes in, frozen dataclass out. No BCC import here.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+
+COMM_LEN = 16
+PATH_LEN = 256
+MAX_ARGS = 20
+ARG_LEN = 128
+ARGS_SIZE = MAX_ARGS * ARG_LEN
+SESSION_KERNEL_BIT = 0x80000000
+STATUS_UNSET = -1
+ANY_UID = 0xFFFFFFFF
+
+
+class EventType(IntEnum):
+    FORK = 1
+    EXEC = 2
+    CONNECT = 3
+    EXIT = 4
+
+
+class ExecFlag(IntFlag):
+    ARGV_TRUNC_COUNT = 0x1
+    ARGV_TRUNC_LEN = 0x2
+    ARGV_MISSING = 0x4
+    NEW_ROOT = 0x8
+    UNTRACKED = 0x10
+    ARGV_FAULT = 0x20
+
+
+class Counter(IntEnum):
+    LOST = 0
+    UNIX_CONNECT = 1
+    OTHER_CONNECT = 2
+    FORKS = 3
+    ROOTS = 4
+    PROC_FULL = 5
+
+
+COUNTER_SLOTS = 8
+
+
+class Setting(IntEnum):
+    EXEC_CANDIDATES = 0
+    MONITOR_TGID = 1
+
+
+class Family(IntEnum):
+    INET = 2
+    INET6 = 10
+
+
+# --- ctypes mirror of probes/agentwatch.h -------------------------------------------------
+
+
+class CProc(ct.Structure):
+    _fields_ = [
+        ("session", ct.c_uint32),
+        ("agent", ct.c_uint32),
+        ("ppid", ct.c_uint32),
+        ("exit_status", ct.c_int32),
+        ("cpu_ns", ct.c_uint64),
+        ("start_ns", ct.c_uint64),
+    ]
+
+
+class CMatch(ct.Structure):
+    _fields_ = [("agent", ct.c_uint32), ("uid", ct.c_uint32)]
+
+
+class CCommKey(ct.Structure):
+    _fields_ = [("comm", ct.c_char * COMM_LEN)]
+
+
+class CHeader(ct.Structure):
+    _fields_ = [
+        ("ts_ns", ct.c_uint64),
+        ("type", ct.c_uint32),
+        ("pid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("session", ct.c_uint32),
+        ("agent", ct.c_uint32),
+        ("uid", ct.c_uint32),
+        ("comm", ct.c_char * COMM_LEN),
+    ]
+
+
+class CForkEvent(ct.Structure):
+    _fields_ = [("h", CHeader), ("child_pid", ct.c_uint32), ("_pad", ct.c_uint32)]
+
+
+class CExecEvent(ct.Structure):
+    _fields_ = [
+        ("h", CHeader),
+        ("old_tid", ct.c_uint32),
+        ("ppid", ct.c_uint32),
+        ("cgroup_id", ct.c_uint64),
+        ("argc", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("args_len", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("filename", ct.c_char * PATH_LEN),
+        ("args", ct.c_char * ARGS_SIZE),
+    ]
+
+
+class CConnectEvent(ct.Structure):
+    _fields_ = [
+        ("h", CHeader),
+        ("family", ct.c_uint16),
+        ("port", ct.c_uint16),
+        ("ret", ct.c_int32),
+        ("addr", ct.c_uint8 * 16),
+        ("latency_ns", ct.c_uint64),
+    ]
+
+
+class CExitEvent(ct.Structure):
+    _fields_ = [
+        ("h", CHeader),
+        ("exit_status", ct.c_int32),
+        ("ppid", ct.c_uint32),
+        ("cpu_ns", ct.c_uint64),
+    ]
+
+
+# C struct name -> mirror, for the layout test and the -D size flags.
+MIRRORS: dict[str, type[ct.Structure]] = {
+    "aw_proc": CProc,
+    "aw_header": CHeader,
+    "aw_fork_event": CForkEvent,
+    "aw_exec_event": CExecEvent,
+    "aw_connect_event": CConnectEvent,
+    "aw_exit_event": CExitEvent,
+}
+
+EXEC_ARGS_OFFSET = CExecEvent.args.offset
+
+
+def size_cflags() -> list[str]:
+    """-D flags that let the C side static-assert the mirror's sizes."""
+    names = {
+        "HEADER": CHeader,
+        "PROC": CProc,
+        "FORK_EVENT": CForkEvent,
+        "EXEC_EVENT": CExecEvent,
+        "CONNECT_EVENT": CConnectEvent,
+        "EXIT_EVENT": CExitEvent,
+    }
+    return [f"-DAW_PY_SIZEOF_{k}={ct.sizeof(v)}" for k, v in names.items()]
+
+
+# --- typed events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    ts_ns: int
+    pid: int
+    tid: int
+    session: int
+    agent: int
+    uid: int
+    comm: str
+
+    @property
+    def tracked(self) -> bool:
+        return self.session != 0
+
+
+@dataclass(frozen=True, slots=True)
+class ForkEvent:
+    h: Header
+    child_pid: int
+    kind = EventType.FORK
+
+
+@dataclass(frozen=True, slots=True)
+class ExecEvent:
+    h: Header
+    old_tid: int
+    ppid: int
+    cgroup_id: int
+    flags: ExecFlag
+    filename: str
+    argv: tuple[str, ...]
+    kind = EventType.EXEC
+
+    @property
+    def argv_truncated(self) -> bool:
+        return bool(self.flags & (ExecFlag.ARGV_TRUNC_COUNT | ExecFlag.ARGV_TRUNC_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectEvent:
+    h: Header
+    family: Family
+    address: str
+    port: int
+    ret: int
+    latency_ns: int
+    kind = EventType.CONNECT
+
+    @property
+    def ok(self) -> bool:
+        return self.ret == 0 or self.ret == -115  # -EINPROGRESS: non-blocking connect started
+
+
+@dataclass(frozen=True, slots=True)
+class ExitEvent:
+    h: Header
+    exit_status: int
+    ppid: int
+    cpu_ns: int
+    kind = EventType.EXIT
+
+    @property
+    def exit_code(self) -> int | None:
+        if self.exit_status == STATUS_UNSET or self.exit_status & 0x7F:
+            return None
+        return (self.exit_status >> 8) & 0xFF
+
+    @property
+    def signal(self) -> int | None:
+        if self.exit_status == STATUS_UNSET:
+            return None
+        return (self.exit_status & 0x7F) or None
+
+
+Event = ForkEvent | ExecEvent | ConnectEvent | ExitEvent
+
+
+class DecodeError(ValueError):
+    """A ring-buffer record that does not fit any event layout."""
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _header(c: CHeader) -> Header:
+    return Header(c.ts_ns, c.pid, c.tid, c.session, c.agent, c.uid, _text(c.comm))
+
+
+_HEADER_SIZE = ct.sizeof(CHeader)
+_TYPE_OFFSET = CHeader.type.offset
+
+
+def decode(data: bytes | bytearray | memoryview) -> Event:
+    """Decode one ring-buffer record into a typed event."""
+    buf = bytes(data)
+    if len(buf) < _HEADER_SIZE:
+        raise DecodeError(f"record of {len(buf)} bytes is shorter than the event header")
+    etype = int.from_bytes(buf[_TYPE_OFFSET : _TYPE_OFFSET + 4], "little")
+    if etype == EventType.EXEC:
+        if len(buf) < EXEC_ARGS_OFFSET:
+            raise DecodeError(f"exec record of {len(buf)} bytes is truncated")
+        e = CExecEvent.from_buffer_copy(buf.ljust(ct.sizeof(CExecEvent), b"\0"))
+        used = buf[EXEC_ARGS_OFFSET : EXEC_ARGS_OFFSET + e.args_len]
+        argv = tuple(
+            a.decode("utf-8", "surrogateescape") for a in used.split(b"\0")[: e.argc]
+        )
+        return ExecEvent(
+            _header(e.h), e.old_tid, e.ppid, e.cgroup_id, ExecFlag(e.flags),
+            _text(e.filename), argv,
+        )
+    if etype == EventType.CONNECT:
+        c = _fixed(CConnectEvent, buf)
+        raw = bytes(c.addr)
+        fam = Family(c.family)
+        addr = str(ipaddress.IPv4Address(raw[:4]) if fam == Family.INET
+                   else ipaddress.IPv6Address(raw))
+        return ConnectEvent(_header(c.h), fam, addr, c.port, c.ret, c.latency_ns)
+    if etype == EventType.FORK:
+        f = _fixed(CForkEvent, buf)
+        return ForkEvent(_header(f.h), f.child_pid)
+    if etype == EventType.EXIT:
+        x = _fixed(CExitEvent, buf)
+        return ExitEvent(_header(x.h), x.exit_status, x.ppid, x.cpu_ns)
+    raise DecodeError(f"unknown event type {etype}")
+
+
+def _fixed(cls: type[ct.Structure], buf: bytes) -> ct.Structure:
+    if len(buf) < ct.sizeof(cls):
+        raise DecodeError(f"{cls.__name__} record of {len(buf)} bytes, expected {ct.sizeof(cls)}")
+    return cls.from_buffer_copy(buf)

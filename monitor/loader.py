@@ -1,0 +1,217 @@
+"""Load, attach and talk to the BPF probes (probes/agentwatch.bpf.c) through BCC.
+
+The one place that imports BCC. It checks what the host must have first and turns every
+missing piece into an EnvironmentProblem with one sentence saying how to get it. It never
+decides policy: it only moves bytes between the kernel maps and typed Python values.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import platform
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from monitor import events
+from monitor.errors import EnvironmentProblem
+from monitor.events import CCommKey, CMatch, Counter, CProc, Setting
+
+TRACEFS = Path("/sys/kernel/tracing")
+BPF_SOURCE = "agentwatch.bpf.c"
+
+
+def probes_dir() -> Path:
+    """Where the C sources live: $AGENTWATCH_PROBES, the source tree, or the installed copy."""
+    env = os.environ.get("AGENTWATCH_PROBES")
+    candidates = [Path(env)] if env else []
+    candidates += [
+        Path(__file__).resolve().parent.parent / "probes",
+        Path("/usr/share/agentwatch/probes"),
+    ]
+    for c in candidates:
+        if (c / BPF_SOURCE).is_file():
+            return c
+    raise EnvironmentProblem(
+        f"the BPF sources ({BPF_SOURCE}) were not found in "
+        + ", ".join(str(c) for c in candidates)
+        + ": reinstall agentwatch or set AGENTWATCH_PROBES to the probes/ directory"
+    )
+
+
+def check_host(tracefs: Path = TRACEFS, modules: Path = Path("/lib/modules")) -> None:
+    """Raise EnvironmentProblem naming the first thing this host lacks for the probes."""
+    if os.geteuid() != 0:
+        raise EnvironmentProblem(
+            "agentwatch needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN) to load its probes: "
+            "run it with sudo or as the systemd service"
+        )
+    if not (tracefs / "events").is_dir():
+        tracefs.mkdir(parents=True, exist_ok=True)
+        rc = os.system(f"mount -t tracefs nodev {tracefs} 2>/dev/null")
+        if rc != 0 or not (tracefs / "events").is_dir():
+            raise EnvironmentProblem(
+                f"tracefs is not mounted at {tracefs} and mounting it failed: run "
+                f"`mount -t tracefs nodev {tracefs}` (or `make setup`)"
+            )
+    release = platform.release()
+    build = modules / release / "build"
+    if not (build / "include").is_dir() and not Path("/sys/kernel/kheaders.tar.xz").exists():
+        raise EnvironmentProblem(
+            f"no kernel headers for {release} at {build}: run `make setup`, which installs "
+            f"linux-headers-{release} or the nearest Debian headers and links them there"
+        )
+    try:
+        import bcc  # noqa: F401
+    except ImportError as e:
+        raise EnvironmentProblem(
+            f"BCC's Python bindings are not importable ({e}): install them with "
+            "`apt-get install python3-bpfcc` and use a venv made with "
+            "`/usr/bin/python3 -m venv --system-site-packages` (or run `make setup`)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    max_procs: int = 65536
+    ringbuf_mib: int = 16
+    trace_all: bool = False
+
+    def cflags(self, include: Path) -> list[str]:
+        pages = self.ringbuf_mib * 1024 * 1024 // 4096
+        return [
+            f"-I{include}",
+            f"-DAW_MAX_PROCS={int(self.max_procs)}",
+            f"-DAW_RINGBUF_PAGES={int(pages)}",
+            f"-DAW_TRACE_ALL={1 if self.trace_all else 0}",
+            "-Wno-macro-redefined",
+            "-Wno-ignored-attributes",
+            *events.size_cflags(),
+        ]
+
+
+@dataclass(frozen=True)
+class TrackedProc:
+    pid: int
+    session: int
+    agent: int
+    ppid: int
+    exit_status: int
+    cpu_ns: int
+    start_ns: int
+
+
+class Probes:
+    """The loaded BPF object: attach on open(), detach on close()."""
+
+    def __init__(self, options: ProbeOptions | None = None) -> None:
+        self.options = options or ProbeOptions()
+        self._bpf: Any = None
+        self.attached = 0
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        check_host()
+        from bcc import BPF  # imported here: only the loader needs BCC
+
+        src = probes_dir()
+        try:
+            self._bpf = BPF(
+                src_file=str(src / BPF_SOURCE).encode(),
+                cflags=self.options.cflags(src),
+            )
+        except Exception as e:  # BCC raises bare Exception for compile and load failures
+            raise EnvironmentProblem(
+                f"loading the BPF probes failed ({e}); check that the kernel has BPF and "
+                "tracepoints enabled and that `make setup` installed matching headers"
+            ) from None
+        self.attached = int(self._bpf.num_open_tracepoints())
+        self.set_setting(Setting.MONITOR_TGID, os.getpid())
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+            self.attached = 0
+
+    def __enter__(self) -> Probes:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def bpf(self) -> Any:
+        if self._bpf is None:
+            raise RuntimeError("probes are not loaded")
+        return self._bpf
+
+    # --- events ------------------------------------------------------------------------
+
+    def on_record(self, callback: Callable[[bytes], None]) -> None:
+        """Call `callback` with each raw ring-buffer record during poll()."""
+
+        def _cb(_ctx: Any, data: Any, size: int) -> int:
+            callback(ct.string_at(data, size))
+            return 0
+
+        self.bpf["events"].open_ring_buffer(_cb)
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def drain(self) -> None:
+        self.bpf.ring_buffer_consume()
+
+    # --- maps --------------------------------------------------------------------------
+
+    def track(self, pid: int, session: int, agent: int, ppid: int = 0,
+              start_ns: int = 0) -> None:
+        value = CProc(session, agent, ppid, events.STATUS_UNSET, 0, start_ns)
+        self.bpf["procs"][ct.c_uint32(pid)] = value
+
+    def untrack(self, pid: int) -> None:
+        try:
+            del self.bpf["procs"][ct.c_uint32(pid)]
+        except KeyError:
+            pass
+
+    def is_tracked(self, pid: int) -> bool:
+        try:
+            self.bpf["procs"][ct.c_uint32(pid)]
+        except KeyError:
+            return False
+        return True
+
+    def tracked(self) -> list[TrackedProc]:
+        out = []
+        for k, v in self.bpf["procs"].items():
+            out.append(TrackedProc(k.value, v.session, v.agent, v.ppid, v.exit_status,
+                                   v.cpu_ns, v.start_ns))
+        return out
+
+    def counters(self) -> dict[Counter, int]:
+        table = self.bpf["counters"]
+        return {c: int(sum(table[ct.c_int(int(c))])) for c in Counter}
+
+    def set_setting(self, setting: Setting, value: int) -> None:
+        self.bpf["settings"][ct.c_int(int(setting))] = ct.c_uint32(value)
+
+    def set_matchers(self, comms: Iterable[tuple[str, int, int]],
+                     uids: Iterable[tuple[int, int]]) -> None:
+        """Replace the in-kernel agent matchers.
+
+        comms: (comm, agent index, required uid or events.ANY_UID); uids: (uid, agent index).
+        """
+        comm_table = self.bpf["match_comm"]
+        uid_table = self.bpf["match_uid"]
+        comm_table.clear()
+        uid_table.clear()
+        for comm, agent, uid in comms:
+            comm_table[CCommKey(comm.encode()[: events.COMM_LEN - 1])] = CMatch(agent, uid)
+        for uid, agent in uids:
+            uid_table[ct.c_uint32(uid)] = CMatch(agent, events.ANY_UID)

@@ -1,0 +1,322 @@
+"""The running monitor: probes + decoder + tracker + agent recognition + control socket.
+
+Owns the one event loop. Order at start: attach the probes (from then on the kernel tracks
+every child of a tracked process), install the in-kernel matchers, then adopt the agent
+trees that were already running (scan /proc twice, so a fork during the first scan is
+caught by the second). It never signals a process: enforcement lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import IO, Any
+
+from monitor import events
+from monitor.config import Config, ProcessFacts
+from monitor.control import ControlServer, Subscribers
+from monitor.errors import ControlError
+from monitor.events import DecodeError, Event, ExecEvent, ExecFlag, Setting
+from monitor.loader import Probes
+from monitor.output import record
+from monitor.procfs import ProcFS, ProcInfo, plan_adoption
+from monitor.tracker import Session, Tracker
+
+Sink = Callable[[Event, str], None]
+
+
+class AgentTable:
+    """Agent names by the index the kernel stores; config agents first, then ad-hoc ones."""
+
+    def __init__(self, names: list[str]) -> None:
+        self._names = list(names)
+
+    def name(self, idx: int) -> str:
+        return self._names[idx] if 0 <= idx < len(self._names) else f"agent-{idx}"
+
+    def index(self, name: str) -> int:
+        if name not in self._names:
+            self._names.append(name)
+        return self._names.index(name)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+
+class JsonLog:
+    """Structured log lines (one JSON object each) for stdout / journald."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self._lock = threading.Lock()
+
+    def __call__(self, msg: str, level: str = "info", **fields: Any) -> None:
+        line = json.dumps({"ts": round(time.time(), 6), "level": level, "msg": msg, **fields},
+                          default=str)
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+@dataclass(frozen=True)
+class Stats:
+    events: int
+    decode_errors: int
+    sessions: int
+    processes: int
+    counters: dict[str, int]
+
+
+class Monitor:
+    def __init__(self, config: Config, *, probes: Probes | None = None,
+                 procfs: ProcFS | None = None, sink: Sink | None = None,
+                 log: Callable[..., None] | None = None, control_path: str | None = None
+                 ) -> None:
+        self.config = config
+        self.probes = probes or Probes()
+        self.procfs = procfs or ProcFS()
+        self.sink = sink
+        self.log = log or JsonLog()
+        self.control_path = control_path
+        self.agents = AgentTable([a.name for a in config.agents])
+        self.tracker = Tracker(self.agents.name, history=config.monitor.history)
+        self.subscribers = Subscribers()
+        self.lock = threading.RLock()
+        self.events = 0
+        self.decode_errors = 0
+        self._next_session = 1
+        self._control: ControlServer | None = None
+        self._userspace_matchers = any(not m.in_kernel for a in config.agents
+                                       for m in a.matchers)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.probes.open()
+        self.install_matchers()
+        self.probes.on_record(self._on_record)
+        self.adopt_running()
+        if self.control_path:
+            self._control = ControlServer(self.control_path, {
+                "ping": lambda req, pid: {"ok": True, "pid": os.getpid()},
+                "register": self._op_register,
+                "status": lambda req, pid: {"ok": True, **self.status()},
+            }, self.subscribers)
+            self._control.start()
+        self.log("monitor started", probes=self.probes.attached,
+                 agents=self.agents.names(), sessions=len(self.tracker.sessions()),
+                 control_socket=self.control_path)
+
+    def stop(self) -> None:
+        if self._control is not None:
+            self._control.stop()
+            self._control = None
+        self.probes.close()
+        self.log("monitor stopped", events=self.events)
+
+    def run(self, stop: threading.Event) -> None:
+        tick = self.config.monitor.tick_seconds
+        next_tick = time.monotonic() + tick
+        while not stop.is_set():
+            self.probes.poll(100)
+            now = time.monotonic()
+            if now >= next_tick:
+                self.tick()
+                next_tick = now + tick
+
+    def tick(self) -> None:
+        """Read what the kernel sums (CPU time per process) into the tracker."""
+        readings = [(t.pid, t.cpu_ns) for t in self.probes.tracked()]
+        with self.lock:
+            self.tracker.set_cpu(readings)
+
+    # --- recognition -------------------------------------------------------------------
+
+    def install_matchers(self) -> None:
+        comms: list[tuple[str, int, int]] = []
+        uids: list[tuple[int, int]] = []
+        for idx, agent in enumerate(self.config.agents):
+            for m in agent.matchers:
+                if not m.in_kernel:
+                    continue
+                if m.comm is not None:
+                    comms.append((m.comm, idx, events.ANY_UID if m.uid is None else m.uid))
+                elif m.uid is not None:
+                    uids.append((m.uid, idx))
+        self.probes.set_matchers(comms, uids)
+        self.probes.set_setting(Setting.EXEC_CANDIDATES, 1 if self._userspace_matchers else 0)
+
+    def _facts(self, info: ProcInfo) -> ProcessFacts:
+        return ProcessFacts(info.pid, info.comm, info.exe, info.argv, info.uid, info.cgroup)
+
+    def _recognise(self, info: ProcInfo) -> str | None:
+        spec = self.config.recognise(self._facts(info))
+        return spec.name if spec else None
+
+    def _excluded(self) -> set[int]:
+        """The monitor and its ancestors: never adopted, never killed."""
+        out, pid = set(), os.getpid()
+        while pid > 0 and pid not in out:
+            out.add(pid)
+            info = self.procfs.read(pid)
+            pid = info.ppid if info else 0
+        return out
+
+    def new_session_id(self) -> int:
+        with self.lock:
+            sid = self._next_session
+            self._next_session += 1
+        return sid
+
+    def adopt_running(self) -> int:
+        """Track agent trees that started before the monitor; returns processes adopted."""
+        exclude = self._excluded()
+        adopted = 0
+        with self.lock:
+            sessions: dict[int, int] = {}  # root pid -> session id
+            for a in plan_adoption(self.procfs.scan(), self._recognise, exclude):
+                if a.pid == a.root_pid:
+                    sessions[a.pid] = self.new_session_id()
+                sid = sessions[a.root_pid]
+                root = a.pid == a.root_pid
+                if self._adopt(a.pid, a.ppid, sid, a.agent, a.start_ticks, root=root):
+                    adopted += 1
+            adopted += self._adopt_stragglers(exclude)
+        return adopted
+
+    def _adopt(self, pid: int, ppid: int, sid: int, agent: str, start_ticks: int,
+               root: bool) -> bool:
+        idx = self.agents.index(agent)
+        self.probes.track(pid, sid, idx, 0 if root else ppid)
+        info = self.procfs.read(pid)
+        if info is None or info.start_ticks != start_ticks:
+            self.probes.untrack(pid)  # gone, or the pid was recycled under us
+            return False
+        if root:
+            self.tracker.start_session(sid, agent, pid, time.monotonic_ns())
+        elif self.tracker.session(sid) is None:
+            return False
+        self.tracker.add_process(sid, pid, 0 if root else ppid, comm=info.comm,
+                                 exe=info.exe, argv=info.argv, uid=info.uid)
+        return True
+
+    def _adopt_stragglers(self, exclude: set[int]) -> int:
+        """Children forked by a tracked process before its map entry existed."""
+        adopted = 0
+        for _ in range(3):
+            found = 0
+            infos = self.procfs.scan()
+            for pid in sorted(infos, key=lambda p: infos[p].start_ticks):
+                info = infos[pid]
+                parent = self.tracker.process(info.ppid)
+                if parent is None or pid in exclude or self.tracker.process(pid):
+                    continue
+                sess = self.tracker.session(parent.session)
+                if sess and self._adopt(pid, info.ppid, parent.session, sess.agent,
+                                        info.start_ticks, root=False):
+                    found += 1
+            adopted += found
+            if not found:
+                break
+        return adopted
+
+    def register(self, pid: int, agent: str) -> Session:
+        """Make `pid` the root of a new session of `agent` (agentwatch exec)."""
+        with self.lock:
+            if self.probes.is_tracked(pid):
+                known = self.tracker.process(pid)
+                sess = self.tracker.session(known.session) if known else None
+                name = f"agent {sess.agent!r}" if sess else "an agent"
+                raise ControlError(f"process {pid} is already tracked as part of {name}")
+            if pid in self._excluded():
+                raise ControlError(f"process {pid} is the monitor or one of its ancestors")
+            info = self.procfs.read(pid)
+            if info is None:
+                raise ControlError(f"process {pid} is gone")
+            sid = self.new_session_id()
+            if not self._adopt(pid, info.ppid, sid, agent, info.start_ticks, root=True):
+                raise ControlError(f"process {pid} exited while being registered")
+            session = self.tracker.session(sid)
+            assert session is not None
+        self.log("agent session started", agent=agent, session=sid, root_pid=pid,
+                 via="agentwatch exec")
+        return session
+
+    def _op_register(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
+        agent = req.get("agent")
+        if not isinstance(agent, str) or not agent or len(agent) > 63:
+            return {"ok": False, "error": "register needs 'agent': a name of 1-63 characters"}
+        try:
+            s = self.register(peer_pid, agent)
+        except ControlError as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "session": s.id, "pid": peer_pid}
+
+    # --- events ------------------------------------------------------------------------
+
+    def _on_record(self, raw: bytes) -> None:
+        try:
+            ev = events.decode(raw)
+        except DecodeError as e:
+            self.decode_errors += 1
+            self.log("undecodable event", level="error", reason=str(e))
+            return
+        self.handle(ev)
+
+    def handle(self, ev: Event) -> None:
+        self.events += 1
+        with self.lock:
+            if isinstance(ev, ExecEvent):
+                ev = self._prepare_exec(ev)
+            proc = self.tracker.apply(ev)
+            agent = self.agents.name(ev.h.agent) if ev.h.session else ""
+            if isinstance(ev, ExecEvent) and ev.flags & ExecFlag.NEW_ROOT:
+                self.log("agent session started", agent=agent, session=ev.h.session,
+                         root_pid=ev.h.pid, exe=ev.filename, via="kernel match")
+        if proc is None and not self.probes.options.trace_all:
+            return  # an untracked exec candidate that no agent matcher recognised
+        if self.sink is not None:
+            self.sink(ev, agent)
+        if self.subscribers:
+            self.subscribers.send(json.dumps(record(ev, agent), separators=(",", ":")))
+
+    def _prepare_exec(self, ev: ExecEvent) -> ExecEvent:
+        if ev.flags & ExecFlag.UNTRACKED:
+            info = self.procfs.read(ev.h.pid)
+            if info is not None and ev.argv:
+                info = replace(info, argv=ev.argv)
+            agent = self._recognise(info) if info is not None else None
+            if info is not None and agent is not None and ev.h.pid not in self._excluded():
+                sid = self.new_session_id()
+                if self._adopt(ev.h.pid, info.ppid, sid, agent, info.start_ticks, root=True):
+                    self._adopt_stragglers(self._excluded())
+                    self.log("agent session started", agent=agent, session=sid,
+                             root_pid=ev.h.pid, exe=info.exe, via="userspace match")
+                    h = replace(ev.h, session=sid, agent=self.agents.index(agent))
+                    return replace(ev, h=h, flags=ev.flags & ~ExecFlag.UNTRACKED)
+            return ev
+        if ev.flags & ExecFlag.ARGV_MISSING and not ev.argv:
+            info = self.procfs.read(ev.h.pid)
+            if info is not None:
+                return replace(ev, argv=info.argv)
+        return ev
+
+    # --- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            sessions = [
+                {"session": s.id, "agent": s.agent, "root_pid": s.root_pid,
+                 "processes": len(s.processes), "cpu_seconds": round(s.cpu_ns / 1e9, 3),
+                 "execs": s.execs, "connects": s.connects}
+                for s in self.tracker.sessions()
+            ]
+        counters = {c.name.lower(): v for c, v in self.probes.counters().items()}
+        return {"probes": self.probes.attached, "events": self.events,
+                "decode_errors": self.decode_errors, "sessions": sessions,
+                "counters": counters, "agents": self.agents.names()}

@@ -1,0 +1,395 @@
+/* agentwatch.bpf.c — tracepoint probes that keep every agent's process tree in the kernel
+ * and stream what tracked processes do (fork, exec, connect, exit) through one ring buffer.
+ *
+ * Compiled by BCC (monitor/loader.py) with constants passed as -D flags, never by pasting
+ * text. Only tracepoint arguments and helper results are read: the kernel headers on these
+ * hosts do not match the running kernel, so no kernel struct field is ever dereferenced.
+ *
+ * Cost rule: an untracked process pays one `procs` lookup per hooked event and emits
+ * nothing (exec additionally checks the in-kernel agent matchers, see sched_process_exec).
+ */
+#include "agentwatch.h"
+
+#ifndef AW_MAX_PROCS
+#define AW_MAX_PROCS 65536
+#endif
+#ifndef AW_RINGBUF_PAGES
+#define AW_RINGBUF_PAGES 4096
+#endif
+#ifndef AW_TRACE_ALL
+#define AW_TRACE_ALL 0
+#endif
+#ifndef AW_PENDING_MAX
+#define AW_PENDING_MAX 4096
+#endif
+
+#define AW_CLONE_THREAD 0x00010000ULL
+#define AW_AF_UNIX 1
+#define AW_AF_INET 2
+#define AW_AF_INET6 10
+
+#ifdef AW_PY_SIZEOF_EXEC_EVENT
+_Static_assert(sizeof(struct aw_header) == AW_PY_SIZEOF_HEADER, "aw_header layout drifted from monitor/events.py");
+_Static_assert(sizeof(struct aw_proc) == AW_PY_SIZEOF_PROC, "aw_proc layout drifted from monitor/events.py");
+_Static_assert(sizeof(struct aw_fork_event) == AW_PY_SIZEOF_FORK_EVENT, "aw_fork_event drifted");
+_Static_assert(sizeof(struct aw_exec_event) == AW_PY_SIZEOF_EXEC_EVENT, "aw_exec_event drifted");
+_Static_assert(sizeof(struct aw_connect_event) == AW_PY_SIZEOF_CONNECT_EVENT, "aw_connect_event drifted");
+_Static_assert(sizeof(struct aw_exit_event) == AW_PY_SIZEOF_EXIT_EVENT, "aw_exit_event drifted");
+#endif
+
+BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
+BPF_HASH(procs, u32, struct aw_proc, AW_MAX_PROCS);
+BPF_HASH(match_comm, struct aw_comm_key, struct aw_match, 1024);
+BPF_HASH(match_uid, u32, struct aw_match, 1024);
+BPF_TABLE("lru_hash", u32, struct aw_exec_args, pending_exec, AW_PENDING_MAX);
+BPF_TABLE("lru_hash", u32, struct aw_connect_args, pending_connect, AW_PENDING_MAX);
+BPF_PERCPU_ARRAY(exec_scratch, struct aw_exec_event, 1);
+BPF_PERCPU_ARRAY(args_scratch, struct aw_exec_args, 1);
+BPF_PERCPU_ARRAY(last_switch, u64, 1);
+BPF_PERCPU_ARRAY(counters, u64, AW_CNT_MAX);
+BPF_ARRAY(settings, u32, AW_SET_MAX);
+BPF_PERCPU_ARRAY(session_seq, u32, 1);
+
+static __always_inline void count(u32 idx)
+{
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        *c += 1;
+}
+
+static __always_inline void fill_header(struct aw_header *h, u32 type, u64 pid_tgid,
+                                        const struct aw_proc *p)
+{
+    h->ts_ns = bpf_ktime_get_boot_ns();
+    h->type = type;
+    h->pid = pid_tgid >> 32;
+    h->tid = (u32)pid_tgid;
+    h->session = p ? p->session : 0;
+    h->agent = p ? p->agent : 0;
+    h->uid = (u32)bpf_get_current_uid_gid();
+    bpf_get_current_comm(h->comm, sizeof(h->comm));
+}
+
+/* New processes (not threads) of a tracked process join its tree before they run. */
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    if (args->clone_flags & AW_CLONE_THREAD)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    struct aw_proc *parent = procs.lookup(&tgid);
+    if (!parent && !AW_TRACE_ALL)
+        return 0;
+    u32 child = args->pid;
+    if (parent) {
+        struct aw_proc c = {};
+        c.session = parent->session;
+        c.agent = parent->agent;
+        c.ppid = tgid;
+        c.exit_status = AW_STATUS_UNSET;
+        c.start_ns = bpf_ktime_get_boot_ns();
+        if (procs.update(&child, &c) != 0) {
+            count(AW_CNT_PROC_FULL);
+            return 0;
+        }
+        count(AW_CNT_FORKS);
+    }
+    struct aw_fork_event *ev = events.ringbuf_reserve(sizeof(struct aw_fork_event));
+    if (!ev) {
+        count(AW_CNT_LOST);
+        return 0;
+    }
+    fill_header(&ev->h, AW_EV_FORK, pid_tgid, parent);
+    ev->child_pid = child;
+    ev->_pad = 0;
+    events.ringbuf_submit(ev, 0);
+    return 0;
+}
+
+static __always_inline int capture_argv(const char *const *argv)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!procs.lookup(&tgid) && !AW_TRACE_ALL) {
+        /* untracked: argv only matters when userspace matchers judge exec candidates */
+        u32 key = AW_SET_EXEC_CANDIDATES;
+        u32 *cand = settings.lookup(&key);
+        if (!(cand && *cand))
+            return 0;
+    }
+    u32 zero = 0;
+    struct aw_exec_args *a = args_scratch.lookup(&zero);
+    if (!a)
+        return 0;
+    a->argc = 0;
+    a->flags = 0;
+    u32 off = 0;
+    int i;
+    for (i = 0; i < AW_MAX_ARGS; i++) {
+        const char *arg = NULL;
+        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) != 0) {
+            a->flags |= AW_EXEC_ARGV_FAULT;
+            goto done;
+        }
+        if (!arg)
+            goto done;
+        if (off > AW_ARGS_SIZE - AW_ARG_LEN)
+            goto done;
+        long n = bpf_probe_read_user_str(&a->args[off], AW_ARG_LEN, arg);
+        if (n <= 0) {
+            a->flags |= AW_EXEC_ARGV_FAULT;
+            goto done;
+        }
+        if (n == AW_ARG_LEN) {
+            char last = 0;
+            bpf_probe_read_user(&last, 1, arg + AW_ARG_LEN - 1);
+            if (last)
+                a->flags |= AW_EXEC_ARGV_TRUNC_LEN;
+        }
+        off += n;
+        a->argc++;
+    }
+    {
+        const char *more = NULL;
+        if (bpf_probe_read_user(&more, sizeof(more), &argv[AW_MAX_ARGS]) == 0 && more)
+            a->flags |= AW_EXEC_ARGV_TRUNC_COUNT;
+    }
+done:
+    a->args_len = off;
+    u32 tid = (u32)pid_tgid;
+    pending_exec.update(&tid, a);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+    return capture_argv((const char *const *)args->argv);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+    return capture_argv((const char *const *)args->argv);
+}
+
+/* A process that is not tracked yet becomes an agent root here when an in-kernel matcher
+ * (comm, optionally with a uid; or uid alone) recognises it: before its first instruction. */
+static __always_inline struct aw_proc *match_new_root(u32 tgid)
+{
+    u32 key = AW_SET_MONITOR_TGID;
+    u32 *self = settings.lookup(&key);
+    if (self && *self == tgid)
+        return NULL;
+    struct aw_comm_key ck = {};
+    bpf_get_current_comm(ck.comm, sizeof(ck.comm));
+    u32 uid = (u32)bpf_get_current_uid_gid();
+    struct aw_match *m = match_comm.lookup(&ck);
+    if (m && m->uid != AW_ANY_UID && m->uid != uid)
+        m = NULL;
+    if (!m)
+        m = match_uid.lookup(&uid);
+    if (!m)
+        return NULL;
+    u32 zero = 0;
+    u32 *seq = session_seq.lookup(&zero);
+    if (!seq)
+        return NULL;
+    struct aw_proc r = {};
+    /* per-CPU sequence (no atomics with a return value in BCC's LLVM): cpu in bits 24-30 */
+    *seq += 1;
+    r.session = AW_SESSION_KERNEL_BIT | ((bpf_get_smp_processor_id() & 0x7f) << 24) |
+                (*seq & 0xffffff);
+    r.agent = m->agent;
+    r.exit_status = AW_STATUS_UNSET;
+    r.start_ns = bpf_ktime_get_boot_ns();
+    if (procs.update(&tgid, &r) != 0) {
+        count(AW_CNT_PROC_FULL);
+        return NULL;
+    }
+    count(AW_CNT_ROOTS);
+    return procs.lookup(&tgid);
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    u32 flags = 0;
+    struct aw_proc *p = procs.lookup(&tgid);
+    if (!p) {
+        p = match_new_root(tgid);
+        if (p) {
+            flags |= AW_EXEC_NEW_ROOT;
+        } else {
+            u32 key = AW_SET_EXEC_CANDIDATES;
+            u32 *cand = settings.lookup(&key);
+            if (!AW_TRACE_ALL && !(cand && *cand))
+                return 0;
+            flags |= AW_EXEC_UNTRACKED;
+        }
+    }
+    u32 zero = 0;
+    struct aw_exec_event *ev = exec_scratch.lookup(&zero);
+    if (!ev)
+        return 0;
+    fill_header(&ev->h, AW_EV_EXEC, pid_tgid, p);
+    ev->old_tid = args->old_pid;
+    ev->ppid = p ? p->ppid : 0;
+    ev->cgroup_id = bpf_get_current_cgroup_id();
+    ev->_pad = 0;
+    u16 loc = args->data_loc_filename & 0xFFFF;
+    bpf_probe_read_kernel_str(ev->filename, sizeof(ev->filename), (void *)args + loc);
+
+    u32 old = args->old_pid;
+    struct aw_exec_args *a = pending_exec.lookup(&old);
+    u32 len = 0;
+    if (a) {
+        len = a->args_len;
+        if (len > AW_ARGS_SIZE)
+            len = AW_ARGS_SIZE;
+        bpf_probe_read_kernel(ev->args, len, a->args);
+        ev->argc = a->argc;
+        flags |= a->flags;
+        pending_exec.delete(&old);
+    } else {
+        ev->argc = 0;
+        flags |= AW_EXEC_ARGV_MISSING;
+    }
+    ev->flags = flags;
+    ev->args_len = len;
+    u32 size = offsetof(struct aw_exec_event, args) + len;
+    if (size > sizeof(*ev))
+        size = sizeof(*ev);
+    if (events.ringbuf_output(ev, size, 0) != 0)
+        count(AW_CNT_LOST);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    struct aw_proc *p = procs.lookup(&tgid);
+    if (!p && !AW_TRACE_ALL)
+        return 0;
+    const u8 *sa = (const u8 *)args->uservaddr;
+    u16 family = 0;
+    if (bpf_probe_read_user(&family, sizeof(family), sa) != 0)
+        return 0;
+    struct aw_connect_args c = {};
+    c.family = family;
+    if (family == AW_AF_INET) {
+        bpf_probe_read_user(&c.port, 2, sa + 2);
+        bpf_probe_read_user(c.addr, 4, sa + 4);
+    } else if (family == AW_AF_INET6) {
+        bpf_probe_read_user(&c.port, 2, sa + 2);
+        bpf_probe_read_user(c.addr, 16, sa + 8);
+    } else {
+        if (p)
+            count(family == AW_AF_UNIX ? AW_CNT_UNIX_CONNECT : AW_CNT_OTHER_CONNECT);
+        return 0;
+    }
+    c.port = (c.port >> 8) | (c.port << 8);
+    c.start_ns = bpf_ktime_get_ns();
+    u32 tid = (u32)pid_tgid;
+    pending_connect.update(&tid, &c);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    struct aw_proc *p = procs.lookup(&tgid);
+    if (!p && !AW_TRACE_ALL)
+        return 0;
+    u32 tid = (u32)pid_tgid;
+    struct aw_connect_args *c = pending_connect.lookup(&tid);
+    if (!c)
+        return 0;
+    struct aw_connect_event *ev = events.ringbuf_reserve(sizeof(struct aw_connect_event));
+    if (!ev) {
+        count(AW_CNT_LOST);
+        pending_connect.delete(&tid);
+        return 0;
+    }
+    fill_header(&ev->h, AW_EV_CONNECT, pid_tgid, p);
+    ev->family = c->family;
+    ev->port = c->port;
+    ev->ret = (s32)args->ret;
+    __builtin_memcpy(ev->addr, c->addr, sizeof(ev->addr));
+    ev->latency_ns = bpf_ktime_get_ns() - c->start_ns;
+    events.ringbuf_submit(ev, 0);
+    pending_connect.delete(&tid);
+    return 0;
+}
+
+/* Exit status: exit_group's code, or the first fatal signal with the default action. */
+TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct aw_proc *p = procs.lookup(&tgid);
+    if (p && p->exit_status == AW_STATUS_UNSET)
+        p->exit_status = (args->error_code & 0xff) << 8;
+    return 0;
+}
+
+TRACEPOINT_PROBE(signal, signal_deliver)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct aw_proc *p = procs.lookup(&tgid);
+    if (!p || args->sa_handler != 0 /* SIG_DFL */)
+        return 0;
+    int sig = args->sig;
+    /* default action ignore (CHLD, CONT, URG, WINCH) or stop (STOP, TSTP, TTIN, TTOU) */
+    if (sig == 17 || sig == 18 || sig == 23 || sig == 28 || (sig >= 19 && sig <= 22))
+        return 0;
+    if (sig <= 0 || sig >= 32)
+        return 0;
+    if (p->exit_status == AW_STATUS_UNSET)
+        p->exit_status = sig;
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    if (!args->group_dead)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    struct aw_proc *p = procs.lookup(&tgid);
+    if (!p && !AW_TRACE_ALL)
+        return 0;
+    struct aw_exit_event *ev = events.ringbuf_reserve(sizeof(struct aw_exit_event));
+    if (ev) {
+        fill_header(&ev->h, AW_EV_EXIT, pid_tgid, p);
+        ev->exit_status = p ? p->exit_status : AW_STATUS_UNSET;
+        ev->ppid = p ? p->ppid : 0;
+        ev->cpu_ns = p ? p->cpu_ns : 0;
+        events.ringbuf_submit(ev, 0);
+    } else {
+        count(AW_CNT_LOST);
+    }
+    if (p)
+        procs.delete(&tgid);
+    return 0;
+}
+
+/* On-CPU time: the task being switched out (current) ran since the previous switch on
+ * this CPU. One per-CPU slot write and one lookup per context switch. */
+TRACEPOINT_PROBE(sched, sched_switch)
+{
+    u32 zero = 0;
+    u64 *last = last_switch.lookup(&zero);
+    if (!last)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u64 since = *last;
+    *last = now;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!tgid || !since)
+        return 0;
+    struct aw_proc *p = procs.lookup(&tgid);
+    if (p)
+        __sync_fetch_and_add(&p->cpu_ns, now - since);
+    return 0;
+}

@@ -1,0 +1,137 @@
+/* agentwatch.h — the one definition of every event and map value shared between the
+ * BPF probes (agentwatch.bpf.c) and the Python decoder (monitor/events.py mirrors it; a
+ * kernel test compares the mirror with the layout clang compiled, and the loader passes
+ * the mirror's sizes as -DAW_PY_SIZEOF_* so a drift fails the build, never the decode).
+ *
+ * Only fixed-width types, every field naturally aligned, explicit padding.
+ */
+#ifndef AGENTWATCH_H
+#define AGENTWATCH_H
+
+#define AW_COMM_LEN 16
+#define AW_PATH_LEN 256
+#define AW_MAX_ARGS 20
+#define AW_ARG_LEN 128
+#define AW_ARGS_SIZE (AW_MAX_ARGS * AW_ARG_LEN)
+
+/* Event types (monitor/events.py: EventType). */
+#define AW_EV_FORK 1
+#define AW_EV_EXEC 2
+#define AW_EV_CONNECT 3
+#define AW_EV_EXIT 4
+
+/* Exec flags (monitor/events.py: ExecFlag). */
+#define AW_EXEC_ARGV_TRUNC_COUNT 0x1 /* more than AW_MAX_ARGS arguments */
+#define AW_EXEC_ARGV_TRUNC_LEN 0x2   /* an argument longer than AW_ARG_LEN - 1 bytes */
+#define AW_EXEC_ARGV_MISSING 0x4     /* argv was not captured (process not tracked at entry) */
+#define AW_EXEC_NEW_ROOT 0x8         /* the exec made the process an agent root (in-kernel match) */
+#define AW_EXEC_UNTRACKED 0x10       /* process is not tracked: candidate for userspace matchers */
+#define AW_EXEC_ARGV_FAULT 0x20      /* reading argv from user memory failed part way */
+
+/* Per-CPU counters (monitor/events.py: Counter). */
+#define AW_CNT_LOST 0          /* events dropped: ring buffer full */
+#define AW_CNT_UNIX_CONNECT 1  /* connect() on AF_UNIX sockets by tracked processes */
+#define AW_CNT_OTHER_CONNECT 2 /* connect() with another family (netlink, packet...) */
+#define AW_CNT_FORKS 3         /* tracked processes created by fork */
+#define AW_CNT_ROOTS 4         /* agent roots recognised in the kernel */
+#define AW_CNT_PROC_FULL 5     /* a child could not be tracked: process map full */
+#define AW_CNT_MAX 8
+
+/* Settings array indices (monitor/events.py: Setting). */
+#define AW_SET_EXEC_CANDIDATES 0 /* 1: untracked execs are sent as candidates */
+#define AW_SET_MONITOR_TGID 1    /* the monitor's own tgid, never tracked */
+#define AW_SET_MAX 4
+
+/* Session ids made in the kernel have this bit; userspace ones never do. */
+#define AW_SESSION_KERNEL_BIT 0x80000000u
+
+/* exit_status value while unknown. */
+#define AW_STATUS_UNSET (-1)
+
+/* Value of the `procs` map, keyed by tgid: one tracked process. */
+struct aw_proc {
+    __u32 session;     /* agent session (tree) id */
+    __u32 agent;       /* index of the agent definition (userspace table) */
+    __u32 ppid;        /* parent tgid at fork (0 for roots) */
+    __s32 exit_status; /* wait(2)-style status, AW_STATUS_UNSET until known */
+    __u64 cpu_ns;      /* on-CPU time summed at sched_switch */
+    __u64 start_ns;    /* bpf_ktime_get_boot_ns() when tracking began */
+};
+
+/* Value of the `match_comm` / `match_uid` maps: an agent recognised in the kernel. */
+struct aw_match {
+    __u32 agent;
+    __u32 uid; /* for match_comm: required uid, or AW_ANY_UID */
+};
+#define AW_ANY_UID 0xffffffffu
+
+struct aw_comm_key {
+    char comm[AW_COMM_LEN];
+};
+
+/* Common head of every event. */
+struct aw_header {
+    __u64 ts_ns; /* bpf_ktime_get_boot_ns() */
+    __u32 type;
+    __u32 pid;   /* tgid */
+    __u32 tid;
+    __u32 session;
+    __u32 agent;
+    __u32 uid;
+    char comm[AW_COMM_LEN];
+};
+
+struct aw_fork_event {
+    struct aw_header h;
+    __u32 child_pid;
+    __u32 _pad;
+};
+
+/* Pending argv of a tracked thread between sys_enter_execve and sched_process_exec. */
+struct aw_exec_args {
+    __u32 argc;     /* arguments captured */
+    __u32 flags;    /* AW_EXEC_ARGV_* */
+    __u32 args_len; /* bytes used in args: NUL-terminated strings back to back */
+    __u32 _pad;
+    char args[AW_ARGS_SIZE];
+};
+
+/* Sent with only the used part of args (size = offsetof(args) + args_len). */
+struct aw_exec_event {
+    struct aw_header h;
+    __u32 old_tid;   /* thread that called exec */
+    __u32 ppid;
+    __u64 cgroup_id;
+    __u32 argc;
+    __u32 flags;
+    __u32 args_len;
+    __u32 _pad;
+    char filename[AW_PATH_LEN];
+    char args[AW_ARGS_SIZE];
+};
+
+struct aw_connect_args {
+    __u16 family;
+    __u16 port; /* host byte order */
+    __u32 _pad;
+    __u8 addr[16]; /* IPv4 in the first 4 bytes */
+    __u64 start_ns;
+};
+
+struct aw_connect_event {
+    struct aw_header h;
+    __u16 family;
+    __u16 port;
+    __s32 ret;
+    __u8 addr[16];
+    __u64 latency_ns; /* syscall entry to exit */
+};
+
+struct aw_exit_event {
+    struct aw_header h;
+    __s32 exit_status; /* wait(2)-style, or AW_STATUS_UNSET */
+    __u32 ppid;
+    __u64 cpu_ns;
+};
+
+#endif /* AGENTWATCH_H */
