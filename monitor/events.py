@@ -21,6 +21,7 @@ ARGS_SIZE = MAX_ARGS * ARG_LEN
 SESSION_KERNEL_BIT = 0x80000000
 STATUS_UNSET = -1
 ANY_UID = 0xFFFFFFFF
+AGENT_PENDING = 0xFFFFFFFF
 
 
 class EventType(IntEnum):
@@ -37,6 +38,7 @@ class ExecFlag(IntFlag):
     NEW_ROOT = 0x8
     UNTRACKED = 0x10
     ARGV_FAULT = 0x20
+    CANDIDATE = 0x40
 
 
 class Counter(IntEnum):
@@ -72,6 +74,8 @@ class CProc(ct.Structure):
         ("exit_status", ct.c_int32),
         ("cpu_ns", ct.c_uint64),
         ("start_ns", ct.c_uint64),
+        ("last_sig", ct.c_int32),
+        ("_pad", ct.c_uint32),
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import platform
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,12 @@ def check_host(tracefs: Path = TRACEFS, modules: Path = Path("/lib/modules")) ->
             "run it with sudo or as the systemd service"
         )
     if not (tracefs / "events").is_dir():
-        tracefs.mkdir(parents=True, exist_ok=True)
-        rc = os.system(f"mount -t tracefs nodev {tracefs} 2>/dev/null")
+        try:
+            tracefs.mkdir(parents=True, exist_ok=True)
+            rc = subprocess.run(["mount", "-t", "tracefs", "nodev", str(tracefs)],
+                                capture_output=True).returncode
+        except OSError:
+            rc = -1
         if rc != 0 or not (tracefs / "events").is_dir():
             raise EnvironmentProblem(
                 f"tracefs is not mounted at {tracefs} and mounting it failed: run "
@@ -159,7 +164,7 @@ class Probes:
             callback(ct.string_at(data, size))
             return 0
 
-        self.bpf["events"].open_ring_buffer(_cb)
+        self.bpf[b"events"].open_ring_buffer(_cb)
 
     def poll(self, timeout_ms: int = 100) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)
@@ -171,35 +176,47 @@ class Probes:
 
     def track(self, pid: int, session: int, agent: int, ppid: int = 0,
               start_ns: int = 0) -> None:
-        value = CProc(session, agent, ppid, events.STATUS_UNSET, 0, start_ns)
-        self.bpf["procs"][ct.c_uint32(pid)] = value
+        value = CProc(session, agent, ppid, events.STATUS_UNSET, 0, start_ns, 0, 0)
+        self.bpf[b"procs"][ct.c_uint32(pid)] = value
 
     def untrack(self, pid: int) -> None:
         try:
-            del self.bpf["procs"][ct.c_uint32(pid)]
+            del self.bpf[b"procs"][ct.c_uint32(pid)]
         except KeyError:
             pass
 
+    def retag(self, pid: int, agent: int) -> None:
+        """Set the agent index of a tracked process (a pending session was accepted)."""
+        table = self.bpf[b"procs"]
+        key = ct.c_uint32(pid)
+        try:
+            value = table[key]
+        except KeyError:
+            return
+        if value.agent != agent:
+            value.agent = agent
+            table[key] = value
+
     def is_tracked(self, pid: int) -> bool:
         try:
-            self.bpf["procs"][ct.c_uint32(pid)]
+            self.bpf[b"procs"][ct.c_uint32(pid)]
         except KeyError:
             return False
         return True
 
     def tracked(self) -> list[TrackedProc]:
         out = []
-        for k, v in self.bpf["procs"].items():
+        for k, v in self.bpf[b"procs"].items():
             out.append(TrackedProc(k.value, v.session, v.agent, v.ppid, v.exit_status,
                                    v.cpu_ns, v.start_ns))
         return out
 
     def counters(self) -> dict[Counter, int]:
-        table = self.bpf["counters"]
+        table = self.bpf[b"counters"]
         return {c: int(sum(table[ct.c_int(int(c))])) for c in Counter}
 
     def set_setting(self, setting: Setting, value: int) -> None:
-        self.bpf["settings"][ct.c_int(int(setting))] = ct.c_uint32(value)
+        self.bpf[b"settings"][ct.c_int(int(setting))] = ct.c_uint32(value)
 
     def set_matchers(self, comms: Iterable[tuple[str, int, int]],
                      uids: Iterable[tuple[int, int]]) -> None:
@@ -207,8 +224,8 @@ class Probes:
 
         comms: (comm, agent index, required uid or events.ANY_UID); uids: (uid, agent index).
         """
-        comm_table = self.bpf["match_comm"]
-        uid_table = self.bpf["match_uid"]
+        comm_table = self.bpf[b"match_comm"]
+        uid_table = self.bpf[b"match_uid"]
         comm_table.clear()
         uid_table.clear()
         for comm, agent, uid in comms:

@@ -21,7 +21,7 @@ from monitor import events
 from monitor.config import Config, ProcessFacts
 from monitor.control import ControlServer, Subscribers
 from monitor.errors import ControlError
-from monitor.events import DecodeError, Event, ExecEvent, ExecFlag, Setting
+from monitor.events import DecodeError, Event, ExecEvent, ExecFlag, ExitEvent, ForkEvent, Setting
 from monitor.loader import Probes
 from monitor.output import record
 from monitor.procfs import ProcFS, ProcInfo, plan_adoption
@@ -91,6 +91,7 @@ class Monitor:
         self.decode_errors = 0
         self._next_session = 1
         self._control: ControlServer | None = None
+        self._decided: dict[int, int | None] = {}  # pending session -> agent index or None
         self._userspace_matchers = any(not m.in_kernel for a in config.agents
                                        for m in a.matchers)
 
@@ -228,11 +229,12 @@ class Monitor:
     def register(self, pid: int, agent: str) -> Session:
         """Make `pid` the root of a new session of `agent` (agentwatch exec)."""
         with self.lock:
-            if self.probes.is_tracked(pid):
-                known = self.tracker.process(pid)
-                sess = self.tracker.session(known.session) if known else None
-                name = f"agent {sess.agent!r}" if sess else "an agent"
-                raise ControlError(f"process {pid} is already tracked as part of {name}")
+            known = self.tracker.process(pid)
+            sess = self.tracker.session(known.session) if known else None
+            if sess is not None and self.probes.is_tracked(pid):
+                # (a pid still in a pending candidate session is not an agent yet: allowed)
+                raise ControlError(f"process {pid} is already tracked as part of agent "
+                                   f"{sess.agent!r}")
             if pid in self._excluded():
                 raise ControlError(f"process {pid} is the monitor or one of its ancestors")
             info = self.procfs.read(pid)
@@ -272,38 +274,72 @@ class Monitor:
         self.events += 1
         with self.lock:
             if isinstance(ev, ExecEvent):
-                ev = self._prepare_exec(ev)
+                ev = self._complete_exec(ev)
+            if ev.h.agent == events.AGENT_PENDING:
+                settled = self._settle_pending(ev)
+                if settled is None:
+                    return
+                ev = settled
             proc = self.tracker.apply(ev)
             agent = self.agents.name(ev.h.agent) if ev.h.session else ""
             if isinstance(ev, ExecEvent) and ev.flags & ExecFlag.NEW_ROOT:
                 self.log("agent session started", agent=agent, session=ev.h.session,
                          root_pid=ev.h.pid, exe=ev.filename, via="kernel match")
         if proc is None and not self.probes.options.trace_all:
-            return  # an untracked exec candidate that no agent matcher recognised
+            return
         if self.sink is not None:
             self.sink(ev, agent)
         if self.subscribers:
             self.subscribers.send(json.dumps(record(ev, agent), separators=(",", ":")))
 
-    def _prepare_exec(self, ev: ExecEvent) -> ExecEvent:
-        if ev.flags & ExecFlag.UNTRACKED:
-            info = self.procfs.read(ev.h.pid)
-            if info is not None and ev.argv:
-                info = replace(info, argv=ev.argv)
-            agent = self._recognise(info) if info is not None else None
-            if info is not None and agent is not None and ev.h.pid not in self._excluded():
-                sid = self.new_session_id()
-                if self._adopt(ev.h.pid, info.ppid, sid, agent, info.start_ticks, root=True):
-                    self._adopt_stragglers(self._excluded())
-                    self.log("agent session started", agent=agent, session=sid,
-                             root_pid=ev.h.pid, exe=info.exe, via="userspace match")
-                    h = replace(ev.h, session=sid, agent=self.agents.index(agent))
-                    return replace(ev, h=h, flags=ev.flags & ~ExecFlag.UNTRACKED)
-            return ev
-        if ev.flags & ExecFlag.ARGV_MISSING and not ev.argv:
+    def _settle_pending(self, ev: Event) -> Event | None:
+        """Events of a candidate's pending session: decide it on its first exec, then name
+        (accept) or untrack (reject) every process of it that shows up."""
+        sid = ev.h.session
+        if isinstance(ev, ExecEvent) and ev.flags & ExecFlag.CANDIDATE:
+            agent = self._recognise_exec(ev)
+            if agent is None:
+                self._decided[sid] = None
+            else:
+                self._decided[sid] = self.agents.index(agent)
+                self.tracker.start_session(sid, agent, ev.h.pid, ev.h.ts_ns)
+                self.log("agent session started", agent=agent, session=sid,
+                         root_pid=ev.h.pid, exe=ev.filename, via="userspace match")
+            while len(self._decided) > 65536:
+                self._decided.pop(next(iter(self._decided)))
+        idx = self._decided.get(sid)
+        pids = [ev.h.pid, ev.child_pid] if isinstance(ev, ForkEvent) else [ev.h.pid]
+        if idx is None:  # rejected, or a session whose deciding exec was lost
+            if not isinstance(ev, ExitEvent):
+                for pid in pids:
+                    self.probes.untrack(pid)
+            return None
+        if not isinstance(ev, ExitEvent):
+            for pid in pids:
+                self.probes.retag(pid, idx)
+        return replace(ev, h=replace(ev.h, agent=idx))
+
+    def _recognise_exec(self, ev: ExecEvent) -> str | None:
+        if ev.h.pid in self._excluded():
+            return None
+        info = self.procfs.read(ev.h.pid)
+        facts = ProcessFacts(ev.h.pid, ev.h.comm, info.exe if info else ev.filename,
+                             ev.argv or (info.argv if info else ()), ev.h.uid,
+                             info.cgroup if info else "")
+        spec = self.config.recognise(facts)
+        return spec.name if spec else None
+
+    def _complete_exec(self, ev: ExecEvent) -> ExecEvent:
+        if ev.filename.startswith("/dev/fd/") or (ev.flags & ExecFlag.ARGV_MISSING
+                                                  and not ev.argv):
+            # fexecve/execveat(AT_EMPTY_PATH) name the file by descriptor, and roots made in
+            # the kernel were not tracked at syscall entry: /proc has the rest while alive.
             info = self.procfs.read(ev.h.pid)
             if info is not None:
-                return replace(ev, argv=info.argv)
+                if ev.filename.startswith("/dev/fd/") and info.exe:
+                    ev = replace(ev, filename=info.exe)
+                if not ev.argv:
+                    ev = replace(ev, argv=info.argv)
         return ev
 
     # --- status ------------------------------------------------------------------------

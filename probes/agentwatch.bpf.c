@@ -171,9 +171,33 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
     return capture_argv((const char *const *)args->argv);
 }
 
-/* A process that is not tracked yet becomes an agent root here when an in-kernel matcher
- * (comm, optionally with a uid; or uid alone) recognises it: before its first instruction. */
-static __always_inline struct aw_proc *match_new_root(u32 tgid)
+static __always_inline struct aw_proc *new_root(u32 tgid, u32 agent)
+{
+    u32 zero = 0;
+    u32 *seq = session_seq.lookup(&zero);
+    if (!seq)
+        return NULL;
+    struct aw_proc r = {};
+    /* per-CPU sequence (no atomics with a return value in BCC's LLVM): cpu in bits 24-30 */
+    *seq += 1;
+    r.session = AW_SESSION_KERNEL_BIT | ((bpf_get_smp_processor_id() & 0x7f) << 24) |
+                (*seq & 0xffffff);
+    r.agent = agent;
+    r.exit_status = AW_STATUS_UNSET;
+    r.start_ns = bpf_ktime_get_boot_ns();
+    if (procs.update(&tgid, &r) != 0) {
+        count(AW_CNT_PROC_FULL);
+        return NULL;
+    }
+    return procs.lookup(&tgid);
+}
+
+/* An exec by a process that is not tracked yet. In-kernel matchers (comm, optionally with a
+ * uid; or uid alone) make it an agent root here, before its first instruction. When the
+ * config has userspace matchers (exe glob, cmdline, cgroup), every other exec becomes a
+ * candidate: tracked at once in a pending session, so its children are caught too, until
+ * userspace accepts the session (names its agent) or rejects it (untracks it). */
+static __always_inline struct aw_proc *match_new_root(u32 tgid, u32 *flags)
 {
     u32 key = AW_SET_MONITOR_TGID;
     u32 *self = settings.lookup(&key);
@@ -187,26 +211,22 @@ static __always_inline struct aw_proc *match_new_root(u32 tgid)
         m = NULL;
     if (!m)
         m = match_uid.lookup(&uid);
-    if (!m)
-        return NULL;
-    u32 zero = 0;
-    u32 *seq = session_seq.lookup(&zero);
-    if (!seq)
-        return NULL;
-    struct aw_proc r = {};
-    /* per-CPU sequence (no atomics with a return value in BCC's LLVM): cpu in bits 24-30 */
-    *seq += 1;
-    r.session = AW_SESSION_KERNEL_BIT | ((bpf_get_smp_processor_id() & 0x7f) << 24) |
-                (*seq & 0xffffff);
-    r.agent = m->agent;
-    r.exit_status = AW_STATUS_UNSET;
-    r.start_ns = bpf_ktime_get_boot_ns();
-    if (procs.update(&tgid, &r) != 0) {
-        count(AW_CNT_PROC_FULL);
-        return NULL;
+    if (m) {
+        struct aw_proc *p = new_root(tgid, m->agent);
+        if (p) {
+            count(AW_CNT_ROOTS);
+            *flags |= AW_EXEC_NEW_ROOT;
+        }
+        return p;
     }
-    count(AW_CNT_ROOTS);
-    return procs.lookup(&tgid);
+    key = AW_SET_EXEC_CANDIDATES;
+    u32 *cand = settings.lookup(&key);
+    if (!(cand && *cand))
+        return NULL;
+    struct aw_proc *p = new_root(tgid, AW_AGENT_PENDING);
+    if (p)
+        *flags |= AW_EXEC_CANDIDATE;
+    return p;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
@@ -216,13 +236,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u32 flags = 0;
     struct aw_proc *p = procs.lookup(&tgid);
     if (!p) {
-        p = match_new_root(tgid);
-        if (p) {
-            flags |= AW_EXEC_NEW_ROOT;
-        } else {
-            u32 key = AW_SET_EXEC_CANDIDATES;
-            u32 *cand = settings.lookup(&key);
-            if (!AW_TRACE_ALL && !(cand && *cand))
+        p = match_new_root(tgid, &flags);
+        if (!p) {
+            if (!AW_TRACE_ALL)
                 return 0;
             flags |= AW_EXEC_UNTRACKED;
         }
@@ -333,6 +349,17 @@ TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
     return 0;
 }
 
+/* A default-action fatal signal reaches signal_deliver as SIGKILL (the kernel turns it into
+ * a group kill), so remember what was sent; kill(2) targets the leader, whose pid is the tgid. */
+TRACEPOINT_PROBE(signal, signal_generate)
+{
+    u32 target = args->pid;
+    struct aw_proc *p = procs.lookup(&target);
+    if (p && (args->result == 0 /* delivered */ || args->result == 2 /* already pending */))
+        p->last_sig = args->sig;
+    return 0;
+}
+
 TRACEPOINT_PROBE(signal, signal_deliver)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -345,6 +372,8 @@ TRACEPOINT_PROBE(signal, signal_deliver)
         return 0;
     if (sig <= 0 || sig >= 32)
         return 0;
+    if (sig == 9 && p->last_sig > 0 && p->last_sig < 32)
+        sig = p->last_sig;
     if (p->exit_status == AW_STATUS_UNSET)
         p->exit_status = sig;
     return 0;

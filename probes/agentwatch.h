@@ -25,7 +25,9 @@
 #define AW_EXEC_ARGV_TRUNC_LEN 0x2   /* an argument longer than AW_ARG_LEN - 1 bytes */
 #define AW_EXEC_ARGV_MISSING 0x4     /* argv was not captured (process not tracked at entry) */
 #define AW_EXEC_NEW_ROOT 0x8         /* the exec made the process an agent root (in-kernel match) */
-#define AW_EXEC_UNTRACKED 0x10       /* process is not tracked: candidate for userspace matchers */
+#define AW_EXEC_UNTRACKED 0x10       /* not tracked (trace --all) */
+#define AW_EXEC_CANDIDATE 0x40       /* tracked from now on in a pending session until the
+                                      * userspace matchers accept or reject it */
 #define AW_EXEC_ARGV_FAULT 0x20      /* reading argv from user memory failed part way */
 
 /* Per-CPU counters (monitor/events.py: Counter). */
@@ -45,6 +47,9 @@
 /* Session ids made in the kernel have this bit; userspace ones never do. */
 #define AW_SESSION_KERNEL_BIT 0x80000000u
 
+/* `agent` of a candidate's pending session, until userspace decides. */
+#define AW_AGENT_PENDING 0xffffffffu
+
 /* exit_status value while unknown. */
 #define AW_STATUS_UNSET (-1)
 
@@ -56,6 +61,8 @@ struct aw_proc {
     __s32 exit_status; /* wait(2)-style status, AW_STATUS_UNSET until known */
     __u64 cpu_ns;      /* on-CPU time summed at sched_switch */
     __u64 start_ns;    /* bpf_ktime_get_boot_ns() when tracking began */
+    __s32 last_sig;    /* last signal sent to it (a fatal one shows up as SIGKILL) */
+    __u32 _pad;
 };
 
 /* Value of the `match_comm` / `match_uid` maps: an agent recognised in the kernel. */

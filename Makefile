@@ -1,0 +1,45 @@
+# agentwatch — `make run` and `make test` set up whatever is missing first.
+PY        := /usr/bin/python3
+VENV      := .venv
+VPY       := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup host venv run test test-unit test-kernel lint bench bench-quick clean
+
+setup: host venv
+
+host:
+	@bash packaging/setup-host.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PY) -m venv --system-site-packages $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/agentwatch run $(ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check monitor tests bench
+	$(VENV)/bin/mypy monitor
+
+test: setup lint
+	$(VPY) -m pytest tests -ra $(PYTEST_ARGS)
+
+test-unit: venv
+	$(VPY) -m pytest tests/unit -q $(PYTEST_ARGS)
+
+test-kernel: setup
+	$(VPY) -m pytest tests/kernel -ra $(PYTEST_ARGS)
+
+bench: setup
+	$(VPY) bench/run.py $(ARGS)
+
+bench-quick: setup
+	$(VPY) bench/run.py --quick $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,142 @@
+"""Kernel-test harness: one real monitor (real BPF probes) shared by the kernel tests.
+
+These tests need root and a BPF-capable kernel. Where they cannot run they skip on a
+developer's laptop, but fail loudly when CI=true: a kernel test skipped in CI is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from monitor.config import Config, load_config_text
+from monitor.errors import EnvironmentProblem
+from monitor.events import Event
+from monitor.runtime import Monitor
+
+IN_CI = os.environ.get("CI") == "true"
+SOCKET = "/run/agentwatch-test/control.sock"
+
+SHARED_CONFIG = f"""
+agents:
+  - name: kbot
+    match:
+      - comm: awkbot
+monitor:
+  control_socket: {SOCKET}
+  tick_seconds: 0.2
+"""
+
+
+def cannot_run(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"kernel test cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
+@dataclass
+class EventLog:
+    """Thread-safe list of (event, agent) with waiting on a predicate."""
+
+    items: list[tuple[Event, str]] = field(default_factory=list)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def add(self, ev: Event, agent: str) -> None:
+        with self.cond:
+            self.items.append((ev, agent))
+            self.cond.notify_all()
+
+    def snapshot(self) -> list[tuple[Event, str]]:
+        with self.cond:
+            return list(self.items)
+
+    def wait_for(self, pred: Callable[[Event, str], bool], timeout: float = 10.0
+                 ) -> tuple[Event, str]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            seen = 0
+            while True:
+                for ev, agent in self.items[seen:]:
+                    if pred(ev, agent):
+                        return ev, agent
+                seen = len(self.items)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    tail = "\n".join(repr(e) for e, _ in self.items[-15:])
+                    raise AssertionError(f"no matching event within {timeout}s; last:\n{tail}")
+                self.cond.wait(left)
+
+    def for_pid(self, pid: int) -> list[Event]:
+        return [e for e, _ in self.snapshot() if e.h.pid == pid]
+
+
+class Running:
+    """A Monitor running its loop in a background thread."""
+
+    def __init__(self, config: Config, control_path: str | None) -> None:
+        self.log = EventLog()
+        self.lines: list[dict[str, object]] = []
+        self.monitor = Monitor(config, sink=self.log.add, control_path=control_path,
+                               log=lambda msg, level="info", **f: self.lines.append(
+                                   {"msg": msg, **f}))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Running:
+        try:
+            self.monitor.start()
+        except EnvironmentProblem as e:
+            cannot_run(str(e))
+        self._thread = threading.Thread(target=self.monitor.run, args=(self._stop,),
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.monitor.stop()
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        cannot_run("kernel tests need root")
+
+
+@pytest.fixture(scope="session")
+def running() -> Iterator[Running]:
+    require_root()
+    r = Running(load_config_text(SHARED_CONFIG, "<kernel-tests>"), SOCKET).start()
+    yield r
+    r.stop()
+
+
+def agent_exec(argv: list[str], agent: str = "test", **kw: object) -> subprocess.Popen[bytes]:
+    """Start argv as an agent root through the real `agentwatch exec` path."""
+    cmd = [sys.executable, "-m", "monitor.cli", "exec", "--socket", SOCKET, "--agent", agent,
+           "--", *argv]
+    return subprocess.Popen(cmd, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def wait_exit(p: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise
+
+
+@pytest.fixture
+def tmpdir_exec(tmp_path: Path) -> Path:
+    """A temp dir whose files may be executed (tmp_path is, on this host)."""
+    return tmp_path

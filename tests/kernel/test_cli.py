@@ -1,0 +1,79 @@
+"""The command line as a user meets it: bad config exits 2 naming file and line, a host
+that lacks something exits 3 with one sentence (never a traceback), a missing monitor 4."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import require_root
+
+from monitor.errors import EnvironmentProblem
+from monitor.loader import check_host
+
+CLI = [sys.executable, "-m", "monitor.cli"]
+
+
+def run(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60,
+                          **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def test_bad_config_is_refused_at_start_with_file_line_and_reason(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("agents:\n  - name: bot\n    match:\n      - cmdline: '(unclosed'\n"
+                   "        colour: red\n")
+    r = run(["run", "--config", str(bad)])
+    assert r.returncode == 2
+    assert f"{bad}:4" in r.stderr and "cmdline" in r.stderr
+    assert f"{bad}:5" in r.stderr and "colour" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run(["config", "check", str(bad)])
+    assert r.returncode == 2 and "colour" in r.stderr
+
+
+def test_not_root_is_one_clear_sentence_and_exit_3(tmp_path: Path) -> None:
+    require_root()
+    from monitor.cli import main
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to nobody, run the real CLI entry point, report its exit code
+        os.close(r)
+        sys.stderr = os.fdopen(w, "w", buffering=1)
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        code = main(["run", "--socket", str(tmp_path / "nobody.sock")])
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 3, err
+    assert "needs root" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_headers_and_tracefs_say_what_to_do(tmp_path: Path) -> None:
+    require_root()
+    with pytest.raises(EnvironmentProblem, match="make setup"):
+        check_host(modules=tmp_path / "modules")
+    with pytest.raises(EnvironmentProblem, match="mount -t tracefs"):
+        check_host(tracefs=Path("/proc/self/agentwatch-no-such-dir"))
+
+
+def test_exec_without_a_monitor_exits_4(tmp_path: Path) -> None:
+    r = run(["exec", "--socket", str(tmp_path / "none.sock"), "--agent", "x", "--", "true"])
+    assert r.returncode == 4
+    assert "no agentwatch monitor is listening" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_teaches_with_examples() -> None:
+    for cmd in ("run", "trace", "exec"):
+        r = run([cmd, "--help"])
+        assert r.returncode == 0 and "examples:" in r.stdout, cmd

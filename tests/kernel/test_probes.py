@@ -1,0 +1,251 @@
+"""Kernel tests: real probes, real processes, one shared monitor (see conftest.py).
+
+Each test starts its agent through `agentwatch exec`, the path a user takes, and checks what
+a user of `agentwatch trace` would check: the right events, for the right processes, with
+the right arguments, addresses and results — and nothing for processes that are not agents.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from conftest import Running, agent_exec, wait_exit
+
+from monitor.events import (
+    ConnectEvent,
+    Counter,
+    ExecEvent,
+    ExecFlag,
+    ExitEvent,
+    Family,
+    ForkEvent,
+)
+
+
+def execs_of(r: Running, pid: int) -> list[ExecEvent]:
+    return [e for e in r.log.for_pid(pid) if isinstance(e, ExecEvent)]
+
+
+def test_exec_argv_of_a_process_that_exits_at_once(running: Running) -> None:
+    p = agent_exec(["/bin/true", "alpha", "beta gamma", ""])
+    assert wait_exit(p) == 0
+    ev, agent = running.log.wait_for(
+        lambda e, a: isinstance(e, ExecEvent) and e.h.pid == p.pid and e.filename == "/bin/true")
+    assert agent == "test"
+    assert isinstance(ev, ExecEvent)
+    assert ev.argv == ("/bin/true", "alpha", "beta gamma", "")
+    assert not ev.argv_truncated
+    ex, _ = running.log.wait_for(lambda e, a: isinstance(e, ExitEvent) and e.h.pid == p.pid)
+    assert isinstance(ex, ExitEvent) and ex.exit_code == 0
+
+
+def test_argv_limits_are_flagged_never_silently_cut(running: Running) -> None:
+    exact = ["/bin/true", "x" * 127] + [str(i) for i in range(18)]  # 20 args, longest fits
+    over_len = ["/bin/true", "y" * 300]
+    over_count = ["/bin/true"] + [f"a{i}" for i in range(30)]
+    results = {}
+    for name, argv in (("exact", exact), ("len", over_len), ("count", over_count)):
+        p = agent_exec(argv)
+        assert wait_exit(p) == 0
+        ev, _ = running.log.wait_for(
+            lambda e, a, pid=p.pid: isinstance(e, ExecEvent) and e.h.pid == pid
+            and e.filename == "/bin/true")
+        assert isinstance(ev, ExecEvent)
+        results[name] = ev
+    assert results["exact"].argv == tuple(exact)
+    assert not results["exact"].argv_truncated
+    assert results["len"].flags & ExecFlag.ARGV_TRUNC_LEN
+    assert results["len"].argv[1] == "y" * 127
+    assert results["count"].flags & ExecFlag.ARGV_TRUNC_COUNT
+    assert results["count"].argv == tuple(over_count[:20])
+
+
+def test_exec_through_fexecve_reports_the_real_binary(running: Running) -> None:
+    code = textwrap.dedent("""
+        import os
+        fd = os.open("/bin/sleep", os.O_RDONLY)
+        os.execve(fd, ["sleep-by-fd", "0.5"], {})
+    """)
+    p = agent_exec([sys.executable, "-c", code])
+    ev, _ = running.log.wait_for(
+        lambda e, a: isinstance(e, ExecEvent) and e.h.pid == p.pid
+        and e.argv[:1] == ("sleep-by-fd",))
+    assert isinstance(ev, ExecEvent)
+    assert ev.argv == ("sleep-by-fd", "0.5")
+    assert os.path.realpath(ev.filename) == os.path.realpath("/bin/sleep")
+    assert wait_exit(p) == 0
+
+
+def test_connect_ipv4_and_ipv6_address_port_and_result(running: Running) -> None:
+    l4 = socket.socket(socket.AF_INET)
+    l4.bind(("127.0.0.1", 0))
+    l4.listen()
+    l6 = socket.socket(socket.AF_INET6)
+    l6.bind(("::1", 0))
+    l6.listen()
+    closed = socket.socket(socket.AF_INET)
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    port4, port6 = l4.getsockname()[1], l6.getsockname()[1]
+    code = textwrap.dedent(f"""
+        import socket
+        a = socket.create_connection(("127.0.0.1", {port4}))
+        b = socket.socket(socket.AF_INET6); b.connect(("::1", {port6}))
+        c = socket.socket(); print(c.connect_ex(("127.0.0.1", {closed_port})))
+        u = socket.socket(socket.AF_UNIX); u.connect_ex("/nonexistent-agentwatch-test")
+    """)
+    unix_before = running.monitor.probes.counters()[Counter.UNIX_CONNECT]
+    p = agent_exec([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
+    assert wait_exit(p) == 0
+    l4.close()
+    l6.close()
+
+    def conn(addr: str, port: int) -> ConnectEvent:
+        ev, _ = running.log.wait_for(
+            lambda e, a: isinstance(e, ConnectEvent) and e.h.pid == p.pid
+            and e.address == addr and e.port == port)
+        assert isinstance(ev, ConnectEvent)
+        return ev
+
+    v4 = conn("127.0.0.1", port4)
+    assert v4.family == Family.INET and v4.ret == 0
+    v6 = conn("::1", port6)
+    assert v6.family == Family.INET6 and v6.ret == 0
+    refused = conn("127.0.0.1", closed_port)
+    assert refused.ret == -111  # ECONNREFUSED
+    assert running.monitor.probes.counters()[Counter.UNIX_CONNECT] > unix_before
+    assert not any(isinstance(e, ConnectEvent) and e.family not in (Family.INET, Family.INET6)
+                   for e in running.log.for_pid(p.pid))
+
+
+def test_children_stay_in_the_tree_through_double_fork_and_setsid(running: Running,
+                                                                  tmp_path: Path) -> None:
+    pidfile = tmp_path / "daemon.pid"
+    script = f"(setsid sh -c 'echo $$ > {pidfile}; exec sleep 3' &) ; exit 0"
+    p = agent_exec(["/bin/sh", "-c", script])
+    assert wait_exit(p) == 0
+    deadline = time.monotonic() + 5
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline, "daemon never wrote its pid"
+        time.sleep(0.02)
+    daemon = int(pidfile.read_text())
+    try:
+        root_exec, _ = running.log.wait_for(
+            lambda e, a: isinstance(e, ExecEvent) and e.h.pid == p.pid)
+        ev, agent = running.log.wait_for(
+            lambda e, a: isinstance(e, ExecEvent) and e.h.pid == daemon
+            and e.filename.endswith("sleep"))
+        assert agent == "test"
+        assert ev.h.session == root_exec.h.session
+        # reparented away from the agent, still tracked in the kernel under the same session
+        with open(f"/proc/{daemon}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        assert ppid != p.pid
+        assert running.monitor.probes.is_tracked(daemon)
+        session = running.monitor.tracker.session(ev.h.session)
+        assert session is not None and session.root_pid == p.pid
+        assert daemon in session.processes
+    finally:
+        os.kill(daemon, signal.SIGKILL)
+
+
+def test_exit_code_signal_and_map_entry_freed(running: Running) -> None:
+    p = agent_exec(["/bin/sh", "-c", "exit 7"])
+    assert wait_exit(p) == 7
+    ev, _ = running.log.wait_for(lambda e, a: isinstance(e, ExitEvent) and e.h.pid == p.pid)
+    assert isinstance(ev, ExitEvent) and ev.exit_code == 7 and ev.signal is None
+    assert not running.monitor.probes.is_tracked(p.pid)
+
+    q = agent_exec(["/bin/sleep", "30"])
+    running.log.wait_for(lambda e, a: isinstance(e, ExecEvent) and e.h.pid == q.pid
+                         and e.filename == "/bin/sleep")
+    q.send_signal(signal.SIGTERM)
+    assert wait_exit(q) == -signal.SIGTERM
+    ev, _ = running.log.wait_for(lambda e, a: isinstance(e, ExitEvent) and e.h.pid == q.pid)
+    assert isinstance(ev, ExitEvent) and ev.signal == signal.SIGTERM and ev.exit_code is None
+    assert not running.monitor.probes.is_tracked(q.pid)
+
+
+def test_untracked_processes_emit_nothing(running: Running, monkeypatch) -> None:
+    raw: list[object] = []
+    original = running.monitor.handle
+
+    def tap(ev):  # every decoded record, before the monitor filters anything
+        raw.append(ev)
+        original(ev)
+
+    monkeypatch.setattr(running.monitor, "handle", tap)
+    marker = f"untracked-{os.getpid()}-{time.monotonic_ns()}"
+    plain = subprocess.run(["/bin/sh", "-c", f"/bin/true {marker}; (sleep 0.01 &); exit 3"])
+    assert plain.returncode == 3
+    s = socket.socket()
+    s.connect_ex(("127.0.0.1", 9))
+    s.close()
+    # A tracked sentinel afterwards: the ring buffer is ordered, so anything the untracked
+    # work had emitted would already be in the log when the sentinel's exit arrives.
+    sentinel = agent_exec(["/bin/true", "sentinel"])
+    wait_exit(sentinel)
+    running.log.wait_for(lambda e, a: isinstance(e, ExitEvent) and e.h.pid == sentinel.pid)
+    assert raw, "the tap saw nothing at all: the test would prove nothing"
+    for ev in raw:
+        assert ev.h.pid == sentinel.pid and ev.h.session != 0, f"untracked event leaked: {ev}"
+
+
+def test_cpu_time_of_a_cpu_bound_child_matches_proc(running: Running) -> None:
+    code = textwrap.dedent("""
+        import os, sys, time
+        end = time.process_time() + 1.5
+        while time.process_time() < end:
+            pass
+        sys.stdout.write("done\\n"); sys.stdout.flush()
+        sys.stdin.read()
+    """)
+    p = agent_exec([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"done\n"
+        time.sleep(0.1)  # now blocked in read(): its last slice has been switched out
+        with open(f"/proc/{p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        proc_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        kernel = {t.pid: t.cpu_ns for t in running.monitor.probes.tracked()}
+        bpf_s = kernel[p.pid] / 1e9
+        assert proc_s >= 1.4
+        assert abs(bpf_s - proc_s) <= 0.10 * proc_s, (bpf_s, proc_s)
+        running.monitor.tick()
+        tracked = running.monitor.tracker.process(p.pid)
+        assert tracked is not None and abs(tracked.cpu_ns / 1e9 - proc_s) <= 0.10 * proc_s
+    finally:
+        assert p.stdin is not None
+        p.stdin.close()
+        wait_exit(p)
+
+
+def test_kernel_matcher_makes_a_root_before_its_first_instruction(running: Running,
+                                                                  tmp_path: Path) -> None:
+    shell = tmp_path / "awkbot"
+    shell.write_bytes(Path("/bin/sh").read_bytes())
+    shell.chmod(0o755)
+    p = subprocess.Popen([str(shell), "-c", "/bin/true child-of-kbot; exit 0"])
+    assert wait_exit(p) == 0
+    root, agent = running.log.wait_for(lambda e, a: isinstance(e, ExecEvent) and e.h.pid == p.pid)
+    assert agent == "kbot"
+    assert isinstance(root, ExecEvent) and root.flags & ExecFlag.NEW_ROOT
+    # its very first fork is already in the tree: nothing ran untracked in between
+    fork, _ = running.log.wait_for(lambda e, a: isinstance(e, ForkEvent) and e.h.pid == p.pid)
+    child, _ = running.log.wait_for(
+        lambda e, a: isinstance(e, ExecEvent) and e.argv[-1:] == ("child-of-kbot",))
+    assert isinstance(fork, ForkEvent) and child.h.pid == fork.child_pid
+    assert child.h.session == root.h.session
+
+
+def test_no_ring_buffer_loss_in_these_tests(running: Running) -> None:
+    assert running.monitor.probes.counters()[Counter.LOST] == 0
+    assert running.monitor.decode_errors == 0
