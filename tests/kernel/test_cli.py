@@ -77,3 +77,34 @@ def test_help_teaches_with_examples() -> None:
     for cmd in ("run", "trace", "exec"):
         r = run([cmd, "--help"])
         assert r.returncode == 0 and "examples:" in r.stdout, cmd
+
+
+def test_run_detaches_cleanly_on_sigterm_and_sigint(tmp_path: Path) -> None:
+    require_root()
+    import json
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        sock = tmp_path / f"ctl-{sig}.sock"
+        p = subprocess.Popen([*CLI, "run", "--socket", str(sock)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout is not None
+            started = json.loads(p.stdout.readline())
+            assert started["msg"] == "monitor started" and started["probes"] >= 10
+            deadline = time.monotonic() + 10
+            while not sock.exists():
+                assert time.monotonic() < deadline, "control socket never appeared"
+                time.sleep(0.05)
+            assert (sock.stat().st_mode & 0o777) == 0o600
+            p.send_signal(sig)
+            out, err = p.communicate(timeout=20)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 0, err
+        assert "Traceback" not in err
+        assert any(json.loads(line)["msg"] == "monitor stopped" for line in out.splitlines())
+        assert not sock.exists(), "the control socket was left behind"

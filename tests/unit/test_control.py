@@ -185,6 +185,7 @@ def test_request_to_unresponsive_monitor_raises_control_error(tmp_path: Path) ->
             request(path, {"op": "ping"}, timeout=0.3)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.xfail(strict=True, reason="bug: ControlServer._serve catches only OSError, so a "
                    "handler that raises kills the control thread; every later request hangs")
 def test_handler_exception_does_not_stop_the_server(tmp_path: Path, calls: Calls) -> None:
@@ -196,7 +197,7 @@ def test_handler_exception_does_not_stop_the_server(tmp_path: Path, calls: Calls
     try:
         with pytest.raises(ControlError):
             request(srv.path, {"op": "broken"}, timeout=2)
-        assert request(srv.path, {"op": "ping"}, timeout=2) == {"ok": True}
+        assert request(srv.path, {"op": "ping"}, timeout=1) == {"ok": True}
     finally:
         srv.stop()
 
