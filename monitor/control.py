@@ -156,7 +156,11 @@ class ControlServer:
             known = ", ".join(sorted([*self.handlers, "subscribe"]))
             _reply(conn, {"ok": False, "error": f"unknown op {op!r} (known: {known})"})
             return False
-        _reply(conn, handler(req, pid))
+        try:
+            reply = handler(req, pid)
+        except Exception as e:  # a handler bug must not take the control thread down
+            reply = {"ok": False, "error": f"internal error in {op!r}: {e!r}"}
+        _reply(conn, reply)
         return False
 
 
@@ -185,8 +189,12 @@ def _answers(path: Path) -> bool:
 def request(path: str | Path, req: dict[str, Any], timeout: float = 5) -> dict[str, Any]:
     """Send one request; return the reply, or raise ControlError with the monitor's reason."""
     with _connect(path, timeout) as s:
-        s.sendall((json.dumps(req) + "\n").encode())
-        reply = _read_reply(s)
+        try:
+            s.sendall((json.dumps(req) + "\n").encode())
+            reply = _read_reply(s)
+        except OSError as e:  # includes TimeoutError: accepted but never answered
+            raise ControlError(f"the monitor on {path} did not answer ({e or 'timed out'})"
+                               ) from None
     if not reply.get("ok"):
         raise ControlError(str(reply.get("error", "request refused")))
     return reply

@@ -282,9 +282,10 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
     if etype == EventType.CONNECT:
         c = _fixed(CConnectEvent, buf)
         raw = bytes(c.addr)
+        if c.family not in _FAMILIES:
+            raise DecodeError(f"connect record with unknown address family {c.family}")
         fam = Family(c.family)
-        addr = str(ipaddress.IPv4Address(raw[:4]) if fam == Family.INET
-                   else ipaddress.IPv6Address(raw))
+        addr = _address(fam, raw)
         return ConnectEvent(_header(c.h), fam, addr, c.port, c.ret, c.latency_ns)
     if etype == EventType.FORK:
         f = _fixed(CForkEvent, buf)
@@ -293,6 +294,18 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
         x = _fixed(CExitEvent, buf)
         return ExitEvent(_header(x.h), x.exit_status, x.ppid, x.cpu_ns)
     raise DecodeError(f"unknown event type {etype}")
+
+
+_FAMILIES = frozenset(int(f) for f in Family)
+
+
+def _address(fam: Family, raw: bytes) -> str:
+    if fam == Family.INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    v6 = ipaddress.IPv6Address(raw)
+    if v6.ipv4_mapped is not None:  # RFC 5952 form, as Python 3.13+ prints it
+        return f"::ffff:{v6.ipv4_mapped}"
+    return str(v6)
 
 
 def _fixed(cls: type[ct.Structure], buf: bytes) -> ct.Structure:

@@ -125,7 +125,7 @@ class Tracker:
                     execs=deque(maxlen=self._history), connects=deque(maxlen=self._history))
         old = self._procs.get(pid)
         if old is not None and old.session != session_id:
-            self._drop(old, 0)
+            self._drop(old, start_ns)
         self._procs[pid] = p
         s.processes[pid] = p
         return p

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from monitor.events import (
     SESSION_KERNEL_BIT,
     STATUS_UNSET,
@@ -298,15 +296,14 @@ def test_pid_reuse_ends_a_session_that_had_only_that_process() -> None:
     assert s2 is not None and set(s2.processes) == {100}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Tracker.add_process calls self._drop(old, 0), "
-                   "so a session ended by pid reuse gets ended_ns == 0 (before it started)")
 def test_session_ended_by_pid_reuse_has_a_plausible_end_time() -> None:
     t = Tracker(names)
     root_exec(t, pid=100, session=S1)
     t.apply(exec_ev(100, 5_000, "/usr/local/bin/codex", ("codex",), comm="codex",
                     flags=ExecFlag.NEW_ROOT, session=S2, agent=1))
     ended = t.ended[0]
-    assert ended.ended_ns is not None and ended.ended_ns >= ended.started_ns
+    # not 0 ("ended at boot"): between its start and when the pid was seen reused
+    assert ended.ended_ns is not None and ended.started_ns <= ended.ended_ns <= 5_000
 
 
 def test_start_session_and_add_process_for_adoption() -> None:

@@ -1,0 +1,192 @@
+"""Unit tests for monitor.output: JSON records and the one-line column format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from monitor.events import (
+    STATUS_UNSET,
+    ConnectEvent,
+    Event,
+    ExecEvent,
+    ExecFlag,
+    ExitEvent,
+    Family,
+    ForkEvent,
+    Header,
+)
+from monitor.output import HEADER, columns, describe_status, record, to_json
+
+H = Header(ts_ns=12_345_678_901, pid=4242, tid=4243, session=0x80000005, agent=0, uid=1000,
+           comm="node")
+COMMON = {"ts_ns": 12_345_678_901, "agent": "claude-code", "session": 0x80000005, "pid": 4242,
+          "tid": 4243, "uid": 1000, "comm": "node"}
+
+
+def exec_ev(argv: tuple[str, ...] = ("git", "commit", "-m", "fix it"),
+            flags: int = 0, filename: str = "/usr/bin/git") -> ExecEvent:
+    return ExecEvent(H, old_tid=4243, ppid=4000, cgroup_id=9, flags=ExecFlag(flags),
+                     filename=filename, argv=argv)
+
+
+def connect_ev(family: Family, address: str, port: int = 443, ret: int = 0) -> ConnectEvent:
+    return ConnectEvent(H, family, address, port, ret, latency_ns=1500)
+
+
+def exit_ev(status: int, cpu_ns: int = 1_250_000_000) -> ExitEvent:
+    return ExitEvent(H, exit_status=status, ppid=4000, cpu_ns=cpu_ns)
+
+
+def roundtrip(ev: Event, agent: str = "claude-code") -> dict[str, object]:
+    """What a program reading `trace --json` gets back."""
+    out = json.loads(to_json(ev, agent))
+    assert isinstance(out, dict)
+    assert out == record(ev, agent)
+    return out
+
+
+# --- record --------------------------------------------------------------------------------
+
+
+def test_record_exec() -> None:
+    out = roundtrip(exec_ev(flags=ExecFlag.NEW_ROOT | ExecFlag.ARGV_TRUNC_LEN))
+    assert out == {
+        **COMMON, "event": "exec", "filename": "/usr/bin/git",
+        "argv": ["git", "commit", "-m", "fix it"], "ppid": 4000, "argv_truncated": True,
+        "flags": ["argv_trunc_len", "new_root"],
+    }
+
+
+def test_record_exec_without_flags() -> None:
+    out = roundtrip(exec_ev())
+    assert out["flags"] == []
+    assert out["argv_truncated"] is False
+
+
+def test_record_exec_with_non_utf8_argument_is_still_json() -> None:
+    arg = b"\xff\xfe".decode("utf-8", "surrogateescape")
+    line = to_json(exec_ev(argv=("cat", arg)), "claude-code")
+    line.encode("ascii")  # safe to write to any stream
+    out = json.loads(line)
+    assert out["argv"][0] == "cat"
+    assert out["argv"][1].encode("utf-8", "surrogateescape") == b"\xff\xfe"
+
+
+@pytest.mark.parametrize(
+    ("family", "address", "name"),
+    [(Family.INET, "93.184.216.34", "ipv4"), (Family.INET6, "2001:db8::1", "ipv6"),
+     (Family.INET6, "::1", "ipv6")],
+)
+def test_record_connect(family: Family, address: str, name: str) -> None:
+    out = roundtrip(connect_ev(family, address, 8443, -111))
+    assert out == {**COMMON, "event": "connect", "family": name, "address": address,
+                   "port": 8443, "result": -111, "latency_ns": 1500}
+
+
+def test_record_fork() -> None:
+    out = roundtrip(ForkEvent(H, child_pid=4300))
+    assert out == {**COMMON, "event": "fork", "child_pid": 4300}
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "sig"),
+    [(3 << 8, 3, None), (0, 0, None), (9, None, 9), (STATUS_UNSET, None, None)],
+)
+def test_record_exit(status: int, code: int | None, sig: int | None) -> None:
+    out = roundtrip(exit_ev(status))
+    assert out == {**COMMON, "event": "exit", "exit_status": status, "exit_code": code,
+                   "signal": sig, "ppid": 4000, "cpu_ns": 1_250_000_000}
+
+
+def test_record_untracked_event_has_null_agent() -> None:
+    out = roundtrip(ForkEvent(H, child_pid=1), agent="")
+    assert out["agent"] is None
+
+
+def test_to_json_is_one_line() -> None:
+    line = to_json(exec_ev(argv=("sh", "-c", "echo a\nb")), "claude-code")
+    assert "\n" not in line
+    assert json.loads(line)["argv"][2] == "echo a\nb"
+
+
+# --- columns -------------------------------------------------------------------------------
+
+
+def test_columns_layout() -> None:
+    line = columns(ForkEvent(H, child_pid=4300), "claude-code")
+    fields = line.split()
+    assert fields == ["12.345679", "claude-code", "fork", "4242", "node", "child", "4300"]
+    # the columns line up with the header
+    assert line.index("claude-code") == HEADER.index("AGENT")
+    assert line.index("fork") == HEADER.index("EVENT")
+    assert line.index("node") == HEADER.index("COMM")
+
+
+def test_columns_untracked_agent_is_dash() -> None:
+    assert columns(ForkEvent(H, child_pid=1), "").split()[1] == "-"
+
+
+def test_columns_exec() -> None:
+    line = columns(exec_ev(), "claude-code")
+    assert line.endswith("/usr/bin/git commit -m 'fix it'")
+    assert "truncated" not in line
+
+
+def test_columns_exec_argv_truncated_marker() -> None:
+    for flag in (ExecFlag.ARGV_TRUNC_COUNT, ExecFlag.ARGV_TRUNC_LEN):
+        assert "[argv truncated]" in columns(exec_ev(flags=flag), "claude-code")
+    assert "[argv truncated]" not in columns(exec_ev(flags=ExecFlag.ARGV_FAULT), "x")
+
+
+def test_columns_exec_new_root_marker() -> None:
+    assert "[new agent root]" in columns(exec_ev(flags=ExecFlag.NEW_ROOT), "claude-code")
+
+
+def test_columns_exec_empty_argument_is_visible() -> None:
+    line = columns(exec_ev(argv=("sh", "-c", "")), "x")
+    assert line.endswith("/usr/bin/git -c ''")
+
+
+def test_columns_ipv6_in_brackets() -> None:
+    line = columns(connect_ev(Family.INET6, "2001:db8::1", 443, 0), "claude-code")
+    assert line.endswith("[2001:db8::1]:443 ok")
+
+
+def test_columns_ipv4_mapped_ipv6_in_brackets() -> None:
+    line = columns(connect_ev(Family.INET6, "::ffff:1.2.3.4", 80, -115), "claude-code")
+    assert line.endswith("[::ffff:1.2.3.4]:80 EINPROGRESS")
+
+
+def test_columns_ipv4_without_brackets() -> None:
+    line = columns(connect_ev(Family.INET, "10.0.0.1", 22, -111), "claude-code")
+    assert line.endswith("10.0.0.1:22 ECONNREFUSED")
+
+
+@pytest.mark.parametrize(
+    ("ret", "shown"),
+    [(0, "ok"), (-115, "EINPROGRESS"), (-110, "ETIMEDOUT"), (-101, "ENETUNREACH"),
+     (-22, "-22")],
+)
+def test_columns_connect_result(ret: int, shown: str) -> None:
+    line = columns(connect_ev(Family.INET, "1.1.1.1", 53, ret), "x")
+    assert line.split()[-1] == shown
+
+
+@pytest.mark.parametrize(
+    ("status", "shown"),
+    [(7 << 8, "exit 7"), (0, "exit 0"), (9, "signal 9"), (15, "signal 15"),
+     (STATUS_UNSET, "unknown")],
+)
+def test_columns_exit(status: int, shown: str) -> None:
+    line = columns(exit_ev(status, cpu_ns=1_250_000_000), "claude-code")
+    assert line.endswith(f" {shown} cpu 1.250s")
+    assert describe_status(status) == shown
+
+
+def test_columns_long_agent_and_comm_are_cut() -> None:
+    h = Header(ts_ns=0, pid=1, tid=1, session=1, agent=0, uid=0, comm="x" * 16)
+    line = columns(ForkEvent(h, child_pid=2), "a-very-long-agent-name")
+    assert line.split()[1] == "a-very-long-ag"
+    assert line.split()[4] == "x" * 16
