@@ -131,11 +131,11 @@ class ControlServer:
     def _handle(self, conn: socket.socket) -> bool:
         conn.settimeout(2)
         pid, uid, _ = peer_credentials(conn)
+        line = _read_line(conn)  # read first, so a refused client can still read why
         if uid != 0:
             _reply(conn, {"ok": False, "error": "permission denied: the control socket "
                                                 "accepts root only"})
             return False
-        line = _read_line(conn)
         try:
             req = json.loads(line) if line else None
         except json.JSONDecodeError as e:
@@ -148,8 +148,10 @@ class ControlServer:
             return False
         op = req["op"]
         if op == "subscribe":
+            self.subscribers.add(conn)  # before the reply: no event falls in between
+            conn.setblocking(True)
             _reply(conn, {"ok": True})
-            self.subscribers.add(conn)
+            conn.setblocking(False)
             return True
         handler = self.handlers.get(op)
         if handler is None:
@@ -190,7 +192,10 @@ def request(path: str | Path, req: dict[str, Any], timeout: float = 5) -> dict[s
     """Send one request; return the reply, or raise ControlError with the monitor's reason."""
     with _connect(path, timeout) as s:
         try:
-            s.sendall((json.dumps(req) + "\n").encode())
+            try:
+                s.sendall((json.dumps(req) + "\n").encode())
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the monitor may have refused us already: its reason is still readable
             reply = _read_reply(s)
         except OSError as e:  # includes TimeoutError: accepted but never answered
             raise ControlError(f"the monitor on {path} did not answer ({e or 'timed out'})"

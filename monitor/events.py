@@ -80,11 +80,11 @@ class CProc(ct.Structure):
 
 
 class CMatch(ct.Structure):
-    _fields_ = [("agent", ct.c_uint32), ("uid", ct.c_uint32)]
+    _fields_ = [("agent", ct.c_uint32), ("_pad", ct.c_uint32)]
 
 
 class CCommKey(ct.Structure):
-    _fields_ = [("comm", ct.c_char * COMM_LEN)]
+    _fields_ = [("comm", ct.c_char * COMM_LEN), ("uid", ct.c_uint32)]
 
 
 class CHeader(ct.Structure):
@@ -142,6 +142,8 @@ class CExitEvent(ct.Structure):
 # C struct name -> mirror, for the layout test and the -D size flags.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "aw_proc": CProc,
+    "aw_match": CMatch,
+    "aw_comm_key": CCommKey,
     "aw_header": CHeader,
     "aw_fork_event": CForkEvent,
     "aw_exec_event": CExecEvent,

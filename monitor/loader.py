@@ -222,13 +222,15 @@ class Probes:
                      uids: Iterable[tuple[int, int]]) -> None:
         """Replace the in-kernel agent matchers.
 
-        comms: (comm, agent index, required uid or events.ANY_UID); uids: (uid, agent index).
+        comms: (comm, agent index, uid or events.ANY_UID); uids: (uid, agent index). The
+        kernel looks up (comm, uid), then (comm, ANY_UID), then uid: overlaps must already be
+        resolved (monitor.runtime.kernel_matchers) so each key appears once.
         """
         comm_table = self.bpf[b"match_comm"]
         uid_table = self.bpf[b"match_uid"]
         comm_table.clear()
         uid_table.clear()
         for comm, agent, uid in comms:
-            comm_table[CCommKey(comm.encode()[: events.COMM_LEN - 1])] = CMatch(agent, uid)
+            comm_table[CCommKey(comm.encode()[: events.COMM_LEN - 1], uid)] = CMatch(agent, 0)
         for uid, agent in uids:
-            uid_table[ct.c_uint32(uid)] = CMatch(agent, events.ANY_UID)
+            uid_table[ct.c_uint32(uid)] = CMatch(agent, 0)

@@ -13,12 +13,12 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from monitor import events
-from monitor.config import Config, ProcessFacts
+from monitor.config import AgentSpec, Config, ProcessFacts
 from monitor.control import ControlServer, Subscribers
 from monitor.errors import ControlError
 from monitor.events import DecodeError, Event, ExecEvent, ExecFlag, ExitEvent, ForkEvent, Setting
@@ -28,6 +28,36 @@ from monitor.procfs import ProcFS, ProcInfo, plan_adoption
 from monitor.tracker import Session, Tracker
 
 Sink = Callable[[Event, str], None]
+
+
+def kernel_matchers(agents: Sequence[AgentSpec]
+                    ) -> tuple[list[tuple[str, int, int]], list[tuple[int, int]]]:
+    """The in-kernel matcher tables, so the kernel picks what Config.recognise picks.
+
+    The kernel looks up (comm, uid), then (comm, any uid), then uid alone; the config says
+    the first agent in file order wins. Entries shadowed by an earlier one are dropped, and
+    an any-uid comm entry gets explicit (comm, uid) entries for the uids that earlier
+    uid-only agents claim.
+    """
+    comm_tab: dict[tuple[str, int], int] = {}
+    uid_tab: dict[int, int] = {}
+    for idx, agent in enumerate(agents):
+        for m in agent.matchers:
+            if not m.in_kernel:
+                continue
+            if m.comm is None:
+                if m.uid is not None:
+                    uid_tab.setdefault(m.uid, idx)
+                continue
+            comm = m.comm.encode()[: events.COMM_LEN - 1].decode("utf-8", "ignore")
+            if m.uid is None:
+                comm_tab.setdefault((comm, events.ANY_UID), idx)
+                for uid, earlier in uid_tab.items():
+                    comm_tab.setdefault((comm, uid), earlier)
+            elif m.uid not in uid_tab and (comm, events.ANY_UID) not in comm_tab:
+                comm_tab.setdefault((comm, m.uid), idx)
+    return ([(c, idx, uid) for (c, uid), idx in comm_tab.items()],
+            list(uid_tab.items()))
 
 
 class AgentTable:
@@ -91,7 +121,6 @@ class Monitor:
         self.decode_errors = 0
         self._next_session = 1
         self._control: ControlServer | None = None
-        self._decided: dict[int, int | None] = {}  # pending session -> agent index or None
         self._userspace_matchers = any(not m.in_kernel for a in config.agents
                                        for m in a.matchers)
 
@@ -139,16 +168,7 @@ class Monitor:
     # --- recognition -------------------------------------------------------------------
 
     def install_matchers(self) -> None:
-        comms: list[tuple[str, int, int]] = []
-        uids: list[tuple[int, int]] = []
-        for idx, agent in enumerate(self.config.agents):
-            for m in agent.matchers:
-                if not m.in_kernel:
-                    continue
-                if m.comm is not None:
-                    comms.append((m.comm, idx, events.ANY_UID if m.uid is None else m.uid))
-                elif m.uid is not None:
-                    uids.append((m.uid, idx))
+        comms, uids = kernel_matchers(self.config.agents)
         self.probes.set_matchers(comms, uids)
         self.probes.set_setting(Setting.EXEC_CANDIDATES, 1 if self._userspace_matchers else 0)
 
@@ -201,6 +221,7 @@ class Monitor:
         if root:
             self.tracker.start_session(sid, agent, pid, time.monotonic_ns())
         elif self.tracker.session(sid) is None:
+            self.probes.untrack(pid)
             return False
         self.tracker.add_process(sid, pid, 0 if root else ppid, comm=info.comm,
                                  exe=info.exe, argv=info.argv, uid=info.uid)
@@ -276,10 +297,7 @@ class Monitor:
             if isinstance(ev, ExecEvent):
                 ev = self._complete_exec(ev)
             if ev.h.agent == events.AGENT_PENDING:
-                settled = self._settle_pending(ev)
-                if settled is None:
-                    return
-                ev = settled
+                ev = self._settle_pending(ev)
             proc = self.tracker.apply(ev)
             agent = self.agents.name(ev.h.agent) if ev.h.session else ""
             if isinstance(ev, ExecEvent) and ev.flags & ExecFlag.NEW_ROOT:
@@ -292,28 +310,27 @@ class Monitor:
         if self.subscribers:
             self.subscribers.send(json.dumps(record(ev, agent), separators=(",", ":")))
 
-    def _settle_pending(self, ev: Event) -> Event | None:
-        """Events of a candidate's pending session: decide it on its first exec, then name
-        (accept) or untrack (reject) every process of it that shows up."""
+    def _settle_pending(self, ev: Event) -> Event:
+        """Events of a candidate's pending session: decide it on its first exec (which the
+        ring buffer delivers before anything its process does), then name every process of
+        an accepted session, or untrack every process of a rejected one. A rejected event
+        comes back untracked (session 0): only `trace --all` shows it."""
         sid = ev.h.session
         if isinstance(ev, ExecEvent) and ev.flags & ExecFlag.CANDIDATE:
             agent = self._recognise_exec(ev)
-            if agent is None:
-                self._decided[sid] = None
-            else:
-                self._decided[sid] = self.agents.index(agent)
+            if agent is not None:
                 self.tracker.start_session(sid, agent, ev.h.pid, ev.h.ts_ns)
                 self.log("agent session started", agent=agent, session=sid,
                          root_pid=ev.h.pid, exe=ev.filename, via="userspace match")
-            while len(self._decided) > 65536:
-                self._decided.pop(next(iter(self._decided)))
-        idx = self._decided.get(sid)
+        session = self.tracker.session(sid)
         pids = [ev.h.pid, ev.child_pid] if isinstance(ev, ForkEvent) else [ev.h.pid]
-        if idx is None:  # rejected, or a session whose deciding exec was lost
+        if session is None:  # rejected, or its deciding exec was lost
             if not isinstance(ev, ExitEvent):
                 for pid in pids:
-                    self.probes.untrack(pid)
-            return None
+                    if self.tracker.process(pid) is None:  # not registered/adopted since
+                        self.probes.untrack(pid)
+            return replace(ev, h=replace(ev.h, session=0, agent=0))
+        idx = self.agents.index(session.agent)
         if not isinstance(ev, ExitEvent):
             for pid in pids:
                 self.probes.retag(pid, idx)

@@ -206,9 +206,12 @@ static __always_inline struct aw_proc *match_new_root(u32 tgid, u32 *flags)
     struct aw_comm_key ck = {};
     bpf_get_current_comm(ck.comm, sizeof(ck.comm));
     u32 uid = (u32)bpf_get_current_uid_gid();
+    ck.uid = uid;
     struct aw_match *m = match_comm.lookup(&ck);
-    if (m && m->uid != AW_ANY_UID && m->uid != uid)
-        m = NULL;
+    if (!m) {
+        ck.uid = AW_ANY_UID;
+        m = match_comm.lookup(&ck);
+    }
     if (!m)
         m = match_uid.lookup(&uid);
     if (m) {

@@ -68,12 +68,15 @@ struct aw_proc {
 /* Value of the `match_comm` / `match_uid` maps: an agent recognised in the kernel. */
 struct aw_match {
     __u32 agent;
-    __u32 uid; /* for match_comm: required uid, or AW_ANY_UID */
+    __u32 _pad;
 };
 #define AW_ANY_UID 0xffffffffu
 
+/* Key of `match_comm`: looked up with the process's uid, then with AW_ANY_UID. Userspace
+ * resolves overlapping entries so the first agent in config order wins (monitor/runtime.py). */
 struct aw_comm_key {
     char comm[AW_COMM_LEN];
+    __u32 uid;
 };
 
 /* Common head of every event. */

@@ -372,10 +372,6 @@ def test_server_refuses_non_root_peer_even_if_socket_is_opened_up(
         srv.stop()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: the server sends the "
-                   "non-root refusal and closes without reading the request; when that wins "
-                   "the race with the client's send, request() gets EPIPE and reports 'did "
-                   "not answer (Broken pipe)' instead of reading the refusal already received")
 def test_request_reports_a_refusal_sent_before_its_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -143,7 +143,7 @@ class FakeProbes:
         self.retag_calls: list[tuple[int, int]] = []
         self.settings: dict[Setting, int] = {}
         # match_comm keyed by the 16-byte comm, match_uid keyed by uid, as in the probes
-        self.match_comm: dict[bytes, tuple[int, int]] = {}
+        self.match_comm: dict[tuple[bytes, int], int] = {}
         self.match_uid: dict[int, int] = {}
         self.polls = 0
         self.calls: list[str] = []  # order of the lifecycle and map-writing calls
@@ -199,19 +199,21 @@ class FakeProbes:
         self.calls.append("set_matchers")
         self.match_comm.clear()
         self.match_uid.clear()
-        for comm, agent, uid in comms:  # same truncation and overwrite as Probes
-            self.match_comm[comm.encode()[: events.COMM_LEN - 1].ljust(16, b"\0")] = (agent,
-                                                                                       uid)
+        for comm, agent, uid in comms:  # same truncation and key as Probes
+            key = (comm.encode()[: events.COMM_LEN - 1].ljust(16, b"\0"), uid)
+            assert key not in self.match_comm, f"duplicate kernel key {key}"
+            self.match_comm[key] = agent
         for uid, agent in uids:
             self.match_uid[uid] = agent
 
     def kernel_match(self, comm: str, uid: int) -> int | None:
         """The agent index match_new_root() in the probes would pick, or None."""
-        m = self.match_comm.get(comm.encode()[:15].ljust(16, b"\0"))
-        if m is not None and m[1] != ANY_UID and m[1] != uid:
-            m = None
+        key = comm.encode()[:15].ljust(16, b"\0")
+        m = self.match_comm.get((key, uid))
+        if m is None:
+            m = self.match_comm.get((key, ANY_UID))
         if m is not None:
-            return m[0]
+            return m
         return self.match_uid.get(uid)
 
 
@@ -260,8 +262,8 @@ def test_install_matchers_fills_kernel_tables(tmp_path: Path) -> None:
     r = rig(tmp_path)
     r.mon.install_matchers()
     assert r.probes.match_comm == {
-        b"claude".ljust(16, b"\0"): (CLAUDE, ANY_UID),
-        b"node".ljust(16, b"\0"): (SCOPED_NODE, USERS["agent"]),
+        (b"claude".ljust(16, b"\0"), ANY_UID): CLAUDE,
+        (b"node".ljust(16, b"\0"), USERS["agent"]): SCOPED_NODE,
     }
     assert r.probes.match_uid == {USERS["ci"]: CI_BOT}
     # exe/cmdline/cgroup need userspace: untracked execs must be sent as candidates
@@ -302,7 +304,7 @@ def test_any_userspace_key_turns_candidates_on(tmp_path: Path, key: str) -> None
         """))
     r.mon.install_matchers()
     assert r.probes.settings[Setting.EXEC_CANDIDATES] == 1
-    assert list(r.probes.match_comm.values()) == [(0, ANY_UID)]
+    assert list(r.probes.match_comm.items()) == [((b"claude".ljust(16, b"\0"), ANY_UID), 0)]
     assert r.probes.match_uid == {}
 
 
@@ -317,12 +319,32 @@ def test_long_comm_is_cut_like_the_kernel_cuts_it(tmp_path: Path) -> None:
     assert r.probes.kernel_match("abcdefghijklmno", 0) == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: Monitor.install_matchers passes one entry per comm matcher and match_comm is keyed "
-    "by comm alone, so the LAST agent with that comm wins in the kernel, while "
-    "Config.recognise picks the FIRST in file order (and a uid-restricted later entry hides "
-    "an any-uid one)"
-))
+def test_kernel_matchers_follow_file_order_across_comm_and_uid(tmp_path: Path) -> None:
+    cfg = config("""\
+        agents:
+          - name: by-uid
+            match:
+              - uid: 1500
+          - name: by-comm
+            match:
+              - comm: claude
+          - name: scoped
+            match:
+              - comm: claude
+                uid: 1600
+              - comm: node
+                uid: 1500
+        """)
+    r = rig(tmp_path, cfg)
+    r.mon.install_matchers()
+    for comm, uid in (("claude", 1500), ("claude", 1600), ("claude", 7), ("node", 1500),
+                      ("node", 1600), ("sh", 1500), ("sh", 7)):
+        facts = ProcInfo(1, 0, comm, "/x", (comm,), uid, "/", 1, False)
+        spec = cfg.recognise(r.mon._facts(facts))
+        want = None if spec is None else [a.name for a in cfg.agents].index(spec.name)
+        assert r.probes.kernel_match(comm, uid) == want, (comm, uid)
+
+
 def test_kernel_matchers_agree_with_file_order(tmp_path: Path) -> None:
     cfg = config("""\
         agents:
@@ -649,10 +671,6 @@ def test_register_accepts_a_pid_still_in_a_pending_session(tmp_path: Path) -> No
     assert r.probes.procs[B + 10].agent == r.mon.agents.index("my-tool")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: Monitor._settle_pending untracks every pid named by an event of a rejected pending "
-    "session, even when that pid has since been registered (or adopted) into a real session"
-))
 def test_late_rejection_does_not_untrack_a_registered_process(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc)
@@ -675,11 +693,6 @@ def test_trace_all_reports_untracked_events(tmp_path: Path) -> None:
     assert r.probes.track_calls == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: with trace_all and any userspace matcher, Monitor.handle returns before the sink "
-    "for events of a rejected pending session, so `trace --all` never shows the exec of a "
-    "non-agent process"
-))
 def test_trace_all_reports_rejected_candidates(tmp_path: Path) -> None:
     r = rig(tmp_path, trace_all=True)
     agent_tree(r.proc)
