@@ -20,7 +20,7 @@ from monitor.config import Config, default_config, load_config
 from monitor.errors import AgentwatchError, ControlError
 from monitor.events import Event
 from monitor.loader import ProbeOptions, Probes
-from monitor.output import HEADER, columns, record, to_json
+from monitor.output import HEADER, columns, columns_of, record, to_json
 
 DEFAULT_SOCKET = "/run/agentwatch/control.sock"
 
@@ -133,19 +133,7 @@ def _print_record(item: dict[str, object], as_json: bool, rec: IO[str] | None) -
     line = json.dumps(item, separators=(",", ":"))
     if rec is not None:
         rec.write(line + "\n")
-    if as_json:
-        print(line, flush=True)
-        return
-    detail = item.get("filename") or item.get("address") or item.get("child_pid") or ""
-    if item.get("event") == "exec":
-        detail = " ".join(str(a) for a in item.get("argv") or []) or detail  # type: ignore
-    elif item.get("event") == "connect":
-        detail = f"{item.get('address')}:{item.get('port')} result={item.get('result')}"
-    elif item.get("event") == "exit":
-        detail = f"status={item.get('exit_status')} cpu_ns={item.get('cpu_ns')}"
-    print(f"{int(item.get('ts_ns', 0)) / 1e9:12.6f} {str(item.get('agent') or '-')[:14]:<14} "  # type: ignore
-          f"{item.get('event', ''):<7} {item.get('pid', 0):>7} {str(item.get('comm'))[:16]:<16} "
-          f"{detail}", flush=True)
+    print(line if as_json else columns_of(item), flush=True)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

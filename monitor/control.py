@@ -72,7 +72,7 @@ class ControlServer:
                  subscribers: Subscribers | None = None) -> None:
         self.path = Path(path)
         self.handlers = handlers
-        self.subscribers = subscribers or Subscribers()
+        self.subscribers = subscribers if subscribers is not None else Subscribers()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()

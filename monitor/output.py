@@ -60,20 +60,30 @@ def _quote(arg: str) -> str:
 
 def columns(ev: Event, agent: str) -> str:
     """One human-readable line per event."""
-    h = ev.h
-    if isinstance(ev, ExecEvent):
-        detail = f"{ev.filename} " + " ".join(_quote(a) for a in ev.argv[1:])
-        if ev.argv_truncated:
+    return columns_of(record(ev, agent))
+
+
+def columns_of(rec: dict[str, Any]) -> str:
+    """The column line of a record (as `record()` makes it, or as a monitor streams it)."""
+    kind = str(rec.get("event", ""))
+    if kind == "exec":
+        argv = [str(a) for a in rec.get("argv") or []]
+        detail = f"{rec.get('filename')} " + " ".join(_quote(a) for a in argv[1:])
+        if rec.get("argv_truncated"):
             detail += " [argv truncated]"
-        if ev.flags & ExecFlag.NEW_ROOT:
+        if "new_root" in (rec.get("flags") or []):
             detail += " [new agent root]"
-    elif isinstance(ev, ConnectEvent):
-        host = f"[{ev.address}]" if ev.family == 10 else ev.address
-        result = "ok" if ev.ret == 0 else _ERRNO_NAMES.get(ev.ret, str(ev.ret))
-        detail = f"{host}:{ev.port} {result}"
-    elif isinstance(ev, ForkEvent):
-        detail = f"child {ev.child_pid}"
+    elif kind == "connect":
+        host = f"[{rec.get('address')}]" if rec.get("family") == "ipv6" else rec.get("address")
+        ret = int(rec.get("result") or 0)
+        result = "ok" if ret == 0 else _ERRNO_NAMES.get(ret, str(ret))
+        detail = f"{host}:{rec.get('port')} {result}"
+    elif kind == "fork":
+        detail = f"child {rec.get('child_pid')}"
     else:
-        detail = f"{describe_status(ev.exit_status)} cpu {ev.cpu_ns / 1e9:.3f}s"
-    return (f"{h.ts_ns / 1e9:12.6f} {(agent or '-')[:14]:<14} {ev.kind.name.lower():<7} "
-            f"{h.pid:>7} {h.comm[:16]:<16} {detail.rstrip()}")
+        detail = (f"{describe_status(int(rec.get('exit_status', -1)))} "
+                  f"cpu {int(rec.get('cpu_ns') or 0) / 1e9:.3f}s")
+    agent = str(rec.get("agent") or "-")
+    return (f"{int(rec.get('ts_ns') or 0) / 1e9:12.6f} {agent[:14]:<14} {kind:<7} "
+            f"{int(rec.get('pid') or 0):>7} {str(rec.get('comm', ''))[:16]:<16} "
+            f"{detail.rstrip()}")
