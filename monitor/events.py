@@ -29,6 +29,37 @@ class EventType(IntEnum):
     EXEC = 2
     CONNECT = 3
     EXIT = 4
+    VERDICT = 5
+
+
+MAX_RULES = 64
+MAX_AGENTS = 256
+
+
+class KAction(IntEnum):
+    ALERT = 1
+    DENY = 2
+    KILL = 3
+    KILL_AGENT = 4
+
+
+class VerdictKind(IntEnum):
+    EXEC = 1
+    CONNECT = 2
+    DOOMED = 3
+
+
+class RuleMask(IntEnum):
+    ANY_ADDR = 0
+    ANY_PORT = 1
+    INET = 2
+    INET6 = 3
+    OUTSIDE = 4
+    KILL = 5
+    DENY = 6
+
+
+RULE_MASK_SLOTS = 8
 
 
 class ExecFlag(IntFlag):
@@ -48,6 +79,8 @@ class Counter(IntEnum):
     FORKS = 3
     ROOTS = 4
     PROC_FULL = 5
+    DENIED = 6
+    KILLS = 7
 
 
 COUNTER_SLOTS = 8
@@ -56,6 +89,7 @@ COUNTER_SLOTS = 8
 class Setting(IntEnum):
     EXEC_CANDIDATES = 0
     MONITOR_TGID = 1
+    ENFORCE = 2
 
 
 class Family(IntEnum):
@@ -139,6 +173,29 @@ class CExitEvent(ct.Structure):
     ]
 
 
+class CNetKey(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 16)]
+
+
+class CNameKey(ct.Structure):
+    _fields_ = [("comm", ct.c_char * COMM_LEN)]
+
+
+class CVerdictEvent(ct.Structure):
+    _fields_ = [
+        ("h", CHeader),
+        ("kind", ct.c_uint32),
+        ("rule", ct.c_uint32),
+        ("mask", ct.c_uint64),
+        ("action", ct.c_uint32),
+        ("enforced", ct.c_uint32),
+        ("family", ct.c_uint16),
+        ("port", ct.c_uint16),
+        ("_pad", ct.c_uint32),
+        ("addr", ct.c_uint8 * 16),
+    ]
+
+
 # C struct name -> mirror, for the layout test and the -D size flags.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "aw_proc": CProc,
@@ -149,6 +206,9 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "aw_exec_event": CExecEvent,
     "aw_connect_event": CConnectEvent,
     "aw_exit_event": CExitEvent,
+    "aw_net_key": CNetKey,
+    "aw_name_key": CNameKey,
+    "aw_verdict_event": CVerdictEvent,
 }
 
 EXEC_ARGS_OFFSET = CExecEvent.args.offset
@@ -163,6 +223,7 @@ def size_cflags() -> list[str]:
         "EXEC_EVENT": CExecEvent,
         "CONNECT_EVENT": CConnectEvent,
         "EXIT_EVENT": CExitEvent,
+        "VERDICT_EVENT": CVerdictEvent,
     }
     return [f"-DAW_PY_SIZEOF_{k}={ct.sizeof(v)}" for k, v in names.items()]
 
@@ -244,7 +305,26 @@ class ExitEvent:
         return (self.exit_status & 0x7F) or None
 
 
-Event = ForkEvent | ExecEvent | ConnectEvent | ExitEvent
+@dataclass(frozen=True, slots=True)
+class VerdictEvent:
+    """A kernel rule matched; `enforced` says whether the kernel killed/refused."""
+
+    h: Header
+    verdict: VerdictKind
+    rule: int
+    mask: int
+    action: KAction | None
+    enforced: bool
+    family: int
+    address: str
+    port: int
+    kind = EventType.VERDICT
+
+    def rules(self) -> list[int]:
+        return [i for i in range(MAX_RULES) if self.mask >> i & 1]
+
+
+Event = ForkEvent | ExecEvent | ConnectEvent | ExitEvent | VerdictEvent
 
 
 class DecodeError(ValueError):
@@ -295,10 +375,25 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
     if etype == EventType.EXIT:
         x = _fixed(CExitEvent, buf)
         return ExitEvent(_header(x.h), x.exit_status, x.ppid, x.cpu_ns)
+    if etype == EventType.VERDICT:
+        v = _fixed(CVerdictEvent, buf)
+        try:
+            kind = VerdictKind(v.kind)
+        except ValueError:
+            raise DecodeError(f"verdict record with unknown kind {v.kind}") from None
+        action = KAction(v.action) if v.action in _ACTIONS else None
+        address = ""
+        if kind == VerdictKind.CONNECT and v.family in _FAMILIES:
+            raw = bytes(v.addr)
+            address = _address(Family.INET, raw[12:]) if v.family == Family.INET \
+                else _address(Family.INET6, raw)
+        return VerdictEvent(_header(v.h), kind, v.rule, v.mask, action, bool(v.enforced),
+                            v.family, address, v.port)
     raise DecodeError(f"unknown event type {etype}")
 
 
 _FAMILIES = frozenset(int(f) for f in Family)
+_ACTIONS = frozenset(int(a) for a in KAction)
 
 
 def _address(fam: Family, raw: bytes) -> str:

@@ -14,13 +14,42 @@ import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monitor import events
 from monitor.errors import EnvironmentProblem
-from monitor.events import CCommKey, CMatch, Counter, CProc, Setting
+from monitor.events import (
+    MAX_AGENTS,
+    MAX_RULES,
+    RULE_MASK_SLOTS,
+    CCommKey,
+    CMatch,
+    CNameKey,
+    CNetKey,
+    Counter,
+    CProc,
+    Setting,
+)
+
+if TYPE_CHECKING:
+    from monitor.kpolicy import KernelTables
 
 TRACEFS = Path("/sys/kernel/tracing")
+_BPF_F_ALLOW_MULTI = 2
+
+
+def cgroup2_root(mounts: Path = Path("/proc/self/mounts")) -> str | None:
+    """Mount point of the cgroup v2 hierarchy (/sys/fs/cgroup, or .../unified on hybrid
+    hosts), or None."""
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "cgroup2":
+            return parts[1]
+    return None
 BPF_SOURCE = "agentwatch.bpf.c"
 
 
@@ -115,6 +144,7 @@ class Probes:
         self.options = options or ProbeOptions()
         self._bpf: Any = None
         self.attached = 0
+        self._cgroup: tuple[int, list[tuple[Any, int]]] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -138,9 +168,53 @@ class Probes:
 
     def close(self) -> None:
         if self._bpf is not None:
+            self._detach_cgroup()
             self._bpf.cleanup()
             self._bpf = None
             self.attached = 0
+
+    # --- cgroup connect hooks ----------------------------------------------------------
+
+    def attach_cgroup(self, path: str | None = None) -> str:
+        """Attach the connect4/connect6 deny hooks at the cgroup v2 root (shared with other
+        programs: BPF_F_ALLOW_MULTI). Returns the cgroup path."""
+        from bcc import BPF, BPFAttachType
+
+        root = path or cgroup2_root()
+        if root is None:
+            raise EnvironmentProblem("no cgroup v2 hierarchy is mounted: mount one with "
+                                     "`mount -t cgroup2 none /sys/fs/cgroup/unified` to let "
+                                     "agentwatch refuse connects in the kernel")
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        hooks = []
+        try:
+            for name, kind in ((b"aw_connect4", BPFAttachType.CGROUP_INET4_CONNECT),
+                               (b"aw_connect6", BPFAttachType.CGROUP_INET6_CONNECT)):
+                fn = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, None, kind)
+                BPF.attach_func(fn, fd, kind, _BPF_F_ALLOW_MULTI)
+                hooks.append((fn, kind))
+        except Exception as e:  # BCC raises bare Exception
+            for fn, kind in hooks:
+                BPF.detach_func(fn, fd, kind)
+            os.close(fd)
+            raise EnvironmentProblem(f"attaching the cgroup connect hooks at {root} failed "
+                                     f"({e})") from None
+        self._cgroup = (fd, hooks)
+        return root
+
+    def _detach_cgroup(self) -> None:
+        if self._cgroup is None:
+            return
+        from bcc import BPF
+
+        fd, hooks = self._cgroup
+        for fn, kind in hooks:
+            try:
+                BPF.detach_func(fn, fd, kind)
+            except Exception:  # noqa: BLE001 — best effort at exit; the fd closes anyway
+                continue
+        os.close(fd)
+        self._cgroup = None
 
     def __enter__(self) -> Probes:
         self.open()
@@ -234,3 +308,58 @@ class Probes:
             comm_table[CCommKey(comm.encode()[: events.COMM_LEN - 1], uid)] = CMatch(agent, 0)
         for uid, agent in uids:
             uid_table[ct.c_uint32(uid)] = CMatch(agent, 0)
+
+    # --- kernel rules ------------------------------------------------------------------
+
+    def install_rules(self, tables: KernelTables, agent_names: list[str]) -> None:
+        """Write the compiled kernel rules; agent_names[i] is the agent of index i."""
+        b = self.bpf
+        n = MAX_RULES
+        acts = [int(a) for a in tables.actions]
+        actions = (ct.c_uint32 * n)(*acts + [0] * (n - len(acts)))
+        b[b"rule_action"].items_update_batch((ct.c_int * n)(*range(n)), actions)
+        masks = [0] * RULE_MASK_SLOTS
+        for k, v in tables.masks.items():
+            masks[int(k)] = v
+        b[b"rule_masks"].items_update_batch((ct.c_int * RULE_MASK_SLOTS)(*range(RULE_MASK_SLOTS)),
+                                            (ct.c_uint64 * RULE_MASK_SLOTS)(*masks))
+        scopes = [tables.scope(agent_names[i]) if i < len(agent_names) else tables.all_agents
+                  for i in range(MAX_AGENTS)]
+        b[b"rule_scope"].items_update_batch((ct.c_int * MAX_AGENTS)(*range(MAX_AGENTS)),
+                                            (ct.c_uint64 * MAX_AGENTS)(*scopes))
+        ports = [0] * 65536
+        for port, mask in tables.ports.items():
+            ports[port] = mask
+        b[b"port_rules"].items_update_batch((ct.c_int * 65536)(*range(65536)),
+                                            (ct.c_uint64 * 65536)(*ports))
+        nets = b[b"net_rules"]
+        nets.clear()
+        for addr, plen, mask in tables.networks:
+            nets[CNetKey(plen, (ct.c_uint8 * 16)(*addr))] = ct.c_uint64(mask)
+        names = b[b"exec_rules"]
+        names.clear()
+        for comm, mask in tables.exec_names.items():
+            names[CNameKey(comm)] = ct.c_uint64(mask)
+
+    def set_scope(self, agent_index: int, mask: int) -> None:
+        if 0 <= agent_index < MAX_AGENTS:
+            self.bpf[b"rule_scope"][ct.c_int(agent_index)] = ct.c_uint64(mask)
+
+    def doom(self, session: int) -> None:
+        """Every process of the session gets SIGKILL at its next trip through the kernel."""
+        self.bpf[b"doomed"][ct.c_uint32(session)] = ct.c_uint32(1)
+
+    def undoom(self, session: int) -> None:
+        try:
+            del self.bpf[b"doomed"][ct.c_uint32(session)]
+        except KeyError:
+            pass
+
+    def session_pids(self, session: int) -> list[int]:
+        return [k.value for k, v in self.bpf[b"procs"].items() if v.session == session]
+
+    def session_of(self, pid: int) -> int | None:
+        try:
+            return int(self.bpf[b"procs"][ct.c_uint32(pid)].session)
+        except KeyError:
+            return None

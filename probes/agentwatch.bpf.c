@@ -35,6 +35,7 @@ _Static_assert(sizeof(struct aw_fork_event) == AW_PY_SIZEOF_FORK_EVENT, "aw_fork
 _Static_assert(sizeof(struct aw_exec_event) == AW_PY_SIZEOF_EXEC_EVENT, "aw_exec_event drifted");
 _Static_assert(sizeof(struct aw_connect_event) == AW_PY_SIZEOF_CONNECT_EVENT, "aw_connect_event drifted");
 _Static_assert(sizeof(struct aw_exit_event) == AW_PY_SIZEOF_EXIT_EVENT, "aw_exit_event drifted");
+_Static_assert(sizeof(struct aw_verdict_event) == AW_PY_SIZEOF_VERDICT_EVENT, "aw_verdict_event drifted");
 #endif
 
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
@@ -50,11 +51,78 @@ BPF_PERCPU_ARRAY(counters, u64, AW_CNT_MAX);
 BPF_ARRAY(settings, u32, AW_SET_MAX);
 BPF_PERCPU_ARRAY(session_seq, u32, 1);
 
+/* Kernel-enforced rules (monitor/kpolicy.py). */
+BPF_ARRAY(rule_action, u32, AW_MAX_RULES);
+BPF_ARRAY(rule_masks, u64, AW_MASK_MAX);
+BPF_ARRAY(rule_scope, u64, AW_MAX_AGENTS);
+BPF_LPM_TRIE(net_rules, struct aw_net_key, u64, 4096);
+BPF_ARRAY(port_rules, u64, 65536);
+BPF_HASH(exec_rules, struct aw_name_key, u64, 1024);
+BPF_HASH(doomed, u32, u32, 1024); /* sessions being killed whole (kill-agent) */
+
 static __always_inline void count(u32 idx)
 {
     u64 *c = counters.lookup(&idx);
     if (c)
         *c += 1;
+}
+
+static __always_inline u64 mask_at(u32 idx)
+{
+    u64 *m = rule_masks.lookup(&idx);
+    return m ? *m : 0;
+}
+
+static __always_inline int enforcing(void)
+{
+    u32 key = AW_SET_ENFORCE;
+    u32 *e = settings.lookup(&key);
+    return e && *e;
+}
+
+static __always_inline u32 lowest_bit(u64 m)
+{
+    u32 n = 0;
+    if (!(m & 0xffffffffULL)) { n += 32; m >>= 32; }
+    if (!(m & 0xffffULL)) { n += 16; m >>= 16; }
+    if (!(m & 0xffULL)) { n += 8; m >>= 8; }
+    if (!(m & 0xfULL)) { n += 4; m >>= 4; }
+    if (!(m & 0x3ULL)) { n += 2; m >>= 2; }
+    if (!(m & 0x1ULL)) n += 1;
+    return n;
+}
+
+static __always_inline u64 scope_of(u32 agent)
+{
+    if (agent >= AW_MAX_AGENTS) /* includes pending candidates: not an agent yet */
+        return 0;
+    u64 *scope = rule_scope.lookup(&agent);
+    return scope ? *scope : 0;
+}
+
+/* Which kernel connect rules a destination breaks, for this agent. addr16 is IPv6 or
+ * IPv4-mapped; v4 says whether it is (an) IPv4 (address). */
+static __always_inline u64 connect_hits(u32 agent, const u8 *addr16, u16 port, int v4)
+{
+    u64 scope = scope_of(agent);
+    if (!scope)
+        return 0;
+    struct aw_net_key k = {};
+    k.prefixlen = 128;
+    __builtin_memcpy(k.addr, addr16, 16);
+    u64 *a = net_rules.lookup(&k);
+    u32 pk = port;
+    u64 *p = port_rules.lookup(&pk);
+    u64 inside = ((a ? *a : 0) | mask_at(AW_MASK_ANY_ADDR)) &
+                 ((p ? *p : 0) | mask_at(AW_MASK_ANY_PORT));
+    u64 fam = mask_at(v4 ? AW_MASK_INET : AW_MASK_INET6);
+    return (inside ^ mask_at(AW_MASK_OUTSIDE)) & fam & scope;
+}
+
+static __always_inline int is_v4mapped(const u8 *a)
+{
+    return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0 && a[4] == 0 && a[5] == 0 &&
+           a[6] == 0 && a[7] == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0xff && a[11] == 0xff;
 }
 
 static __always_inline void fill_header(struct aw_header *h, u32 type, u64 pid_tgid,
@@ -68,6 +136,53 @@ static __always_inline void fill_header(struct aw_header *h, u32 type, u64 pid_t
     h->agent = p ? p->agent : 0;
     h->uid = (u32)bpf_get_current_uid_gid();
     bpf_get_current_comm(h->comm, sizeof(h->comm));
+}
+
+/* Enforce (unless in monitor mode) and report the rules `hit` matched. */
+static __always_inline void verdict(u64 pid_tgid, const struct aw_proc *p, u32 kind, u64 hit,
+                                    u16 family, u16 port, const u8 *addr16)
+{
+    u64 kill = hit & mask_at(AW_MASK_KILL);
+    u32 enforced = 0;
+    if (kill && enforcing()) {
+        bpf_send_signal(9);
+        count(AW_CNT_KILLS);
+        enforced = 1;
+    }
+    u32 rule = lowest_bit(kill ? kill : hit);
+    u32 *act = rule_action.lookup(&rule);
+    if (!enforced && act && *act == AW_ACT_DENY && enforcing())
+        enforced = 1; /* refused by the cgroup hook */
+    struct aw_verdict_event *ev = events.ringbuf_reserve(sizeof(struct aw_verdict_event));
+    if (!ev) {
+        count(AW_CNT_LOST);
+        return;
+    }
+    fill_header(&ev->h, AW_EV_VERDICT, pid_tgid, p);
+    ev->kind = kind;
+    ev->rule = rule;
+    ev->mask = hit;
+    ev->action = act ? *act : 0;
+    ev->enforced = enforced;
+    ev->family = family;
+    ev->port = port;
+    ev->_pad = 0;
+    if (addr16)
+        __builtin_memcpy(ev->addr, addr16, 16);
+    else
+        __builtin_memset(ev->addr, 0, 16);
+    events.ringbuf_submit(ev, 0);
+}
+
+/* kill-agent: every process of a doomed session dies at its next trip through the kernel. */
+static __always_inline int doom_check(const struct aw_proc *p)
+{
+    if (p && doomed.lookup((u32 *)&p->session) && enforcing()) {
+        bpf_send_signal(9);
+        count(AW_CNT_KILLS);
+        return 1;
+    }
+    return 0;
 }
 
 /* New processes (not threads) of a tracked process join its tree before they run. */
@@ -246,6 +361,14 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
             flags |= AW_EXEC_UNTRACKED;
         }
     }
+    if (p && !doom_check(p)) {
+        struct aw_name_key nk = {};
+        bpf_get_current_comm(nk.comm, sizeof(nk.comm));
+        u64 *names = exec_rules.lookup(&nk);
+        u64 hit = names ? (*names & scope_of(p->agent)) : 0;
+        if (hit) /* killed here, the new program never runs an instruction */
+            verdict(pid_tgid, p, AW_VERDICT_EXEC, hit, 0, 0, NULL);
+    }
     u32 zero = 0;
     struct aw_exec_event *ev = exec_scratch.lookup(&zero);
     if (!ev)
@@ -308,6 +431,21 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
         return 0;
     }
     c.port = (c.port >> 8) | (c.port << 8);
+    if (p) {
+        u8 a16[16] = {};
+        int v4 = family == AW_AF_INET;
+        if (v4) {
+            a16[10] = 0xff;
+            a16[11] = 0xff;
+            __builtin_memcpy(a16 + 12, c.addr, 4);
+        } else {
+            __builtin_memcpy(a16, c.addr, 16);
+            v4 = is_v4mapped(a16);
+        }
+        u64 hit = connect_hits(p->agent, a16, c.port, v4);
+        if (hit) /* a kill lands before connect returns; the cgroup hook refuses it */
+            verdict(pid_tgid, p, AW_VERDICT_CONNECT, hit, family, c.port, a16);
+    }
     c.start_ns = bpf_ktime_get_ns();
     u32 tid = (u32)pid_tgid;
     pending_connect.update(&tid, &c);
@@ -421,7 +559,61 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (!tgid || !since)
         return 0;
     struct aw_proc *p = procs.lookup(&tgid);
-    if (p)
+    if (p) {
         __sync_fetch_and_add(&p->cpu_ns, now - since);
+        doom_check(p);
+    }
     return 0;
+}
+
+/* A child of a doomed session dies on its way out of fork, before its first instruction. */
+static __always_inline int fork_exit_check(void)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    doom_check(procs.lookup(&tgid));
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_clone) { return fork_exit_check(); }
+TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { return fork_exit_check(); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fork) { return fork_exit_check(); }
+TRACEPOINT_PROBE(syscalls, sys_exit_vfork) { return fork_exit_check(); }
+
+/* cgroup connect4/connect6: refuse, before any packet leaves, a connect that a kill or deny
+ * rule forbids (also catches io_uring connects, which skip the syscall tracepoints). */
+static __always_inline int cgroup_connect(const u8 *a16, u16 port, int v4)
+{
+    if (!enforcing())
+        return 1;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct aw_proc *p = procs.lookup(&tgid);
+    if (!p)
+        return 1;
+    if (connect_hits(p->agent, a16, port, v4) & mask_at(AW_MASK_DENY)) {
+        count(AW_CNT_DENIED);
+        return 0;
+    }
+    return 1;
+}
+
+int aw_connect4(struct bpf_sock_addr *ctx)
+{
+    u8 a16[16] = {};
+    a16[10] = 0xff;
+    a16[11] = 0xff;
+    u32 ip = ctx->user_ip4;
+    __builtin_memcpy(a16 + 12, &ip, 4);
+    return cgroup_connect(a16, bpf_ntohs((u16)ctx->user_port), 1);
+}
+
+int aw_connect6(struct bpf_sock_addr *ctx)
+{
+    u32 w[4];
+    w[0] = ctx->user_ip6[0];
+    w[1] = ctx->user_ip6[1];
+    w[2] = ctx->user_ip6[2];
+    w[3] = ctx->user_ip6[3];
+    u8 a16[16];
+    __builtin_memcpy(a16, w, 16);
+    return cgroup_connect(a16, bpf_ntohs((u16)ctx->user_port), is_v4mapped(a16));
 }

@@ -19,6 +19,32 @@
 #define AW_EV_EXEC 2
 #define AW_EV_CONNECT 3
 #define AW_EV_EXIT 4
+#define AW_EV_VERDICT 5
+
+/* Kernel-enforced rules (monitor/kpolicy.py compiles the policy into these maps). */
+#define AW_MAX_RULES 64   /* one bit each in a u64 mask */
+#define AW_MAX_AGENTS 256 /* agent indices with in-kernel rules */
+
+/* Rule actions (monitor/events.py: KAction). */
+#define AW_ACT_ALERT 1
+#define AW_ACT_DENY 2
+#define AW_ACT_KILL 3
+#define AW_ACT_KILL_AGENT 4
+
+/* Verdict kinds (monitor/events.py: VerdictKind). */
+#define AW_VERDICT_EXEC 1
+#define AW_VERDICT_CONNECT 2
+#define AW_VERDICT_DOOMED 3 /* a process of a session being killed whole */
+
+/* Index of the `rule_masks` array (monitor/events.py: RuleMask). */
+#define AW_MASK_ANY_ADDR 0 /* connect rules without an address condition */
+#define AW_MASK_ANY_PORT 1 /* connect rules without a port condition */
+#define AW_MASK_INET 2     /* connect rules that apply to IPv4 (incl. IPv4-mapped IPv6) */
+#define AW_MASK_INET6 3    /* connect rules that apply to IPv6 */
+#define AW_MASK_OUTSIDE 4  /* allow-list rules: fire when the destination is NOT inside */
+#define AW_MASK_KILL 5     /* rules whose action kills (kill, kill-agent) */
+#define AW_MASK_DENY 6     /* rules whose action refuses the connect (deny, and kills) */
+#define AW_MASK_MAX 8
 
 /* Exec flags (monitor/events.py: ExecFlag). */
 #define AW_EXEC_ARGV_TRUNC_COUNT 0x1 /* more than AW_MAX_ARGS arguments */
@@ -37,11 +63,14 @@
 #define AW_CNT_FORKS 3         /* tracked processes created by fork */
 #define AW_CNT_ROOTS 4         /* agent roots recognised in the kernel */
 #define AW_CNT_PROC_FULL 5     /* a child could not be tracked: process map full */
+#define AW_CNT_DENIED 6        /* connects refused by the cgroup hook */
+#define AW_CNT_KILLS 7         /* SIGKILLs sent from the kernel */
 #define AW_CNT_MAX 8
 
 /* Settings array indices (monitor/events.py: Setting). */
 #define AW_SET_EXEC_CANDIDATES 0 /* 1: untracked execs are sent as candidates */
 #define AW_SET_MONITOR_TGID 1    /* the monitor's own tgid, never tracked */
+#define AW_SET_ENFORCE 2         /* 1: enforce (kill, deny); 0: monitor mode, verdicts only */
 #define AW_SET_MAX 4
 
 /* Session ids made in the kernel have this bit; userspace ones never do. */
@@ -77,6 +106,17 @@ struct aw_match {
 struct aw_comm_key {
     char comm[AW_COMM_LEN];
     __u32 uid;
+};
+
+/* Key of `net_rules` (LPM trie): IPv4 is stored IPv4-mapped (::ffff:a.b.c.d), prefix + 96. */
+struct aw_net_key {
+    __u32 prefixlen;
+    __u8 addr[16];
+};
+
+/* Key of `exec_rules`: the comm a program gets at exec (basename, 15 chars). */
+struct aw_name_key {
+    char comm[AW_COMM_LEN];
 };
 
 /* Common head of every event. */
@@ -142,6 +182,20 @@ struct aw_exit_event {
     __s32 exit_status; /* wait(2)-style, or AW_STATUS_UNSET */
     __u32 ppid;
     __u64 cpu_ns;
+};
+
+/* A rule matched in the kernel (and, unless in monitor mode, was enforced there). */
+struct aw_verdict_event {
+    struct aw_header h;
+    __u32 kind;     /* AW_VERDICT_* */
+    __u32 rule;     /* lowest matching rule index (monitor/kpolicy.py names it) */
+    __u64 mask;     /* every matching rule */
+    __u32 action;   /* AW_ACT_* of `rule` */
+    __u32 enforced; /* 1: SIGKILL sent / connect refused; 0: monitor mode */
+    __u16 family;
+    __u16 port;
+    __u32 _pad;
+    __u8 addr[16];
 };
 
 #endif /* AGENTWATCH_H */

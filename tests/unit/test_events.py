@@ -336,7 +336,7 @@ def test_truncated_record(raw: bytes) -> None:
         decode(raw)
 
 
-@pytest.mark.parametrize("etype", [0, 5, 99, 0xFFFFFFFF])
+@pytest.mark.parametrize("etype", [0, 6, 99, 0xFFFFFFFF])
 def test_unknown_event_type(etype: int) -> None:
     raw = bytes(header(etype)) + bytes(64)
     with pytest.raises(DecodeError, match=f"unknown event type {etype}"):
