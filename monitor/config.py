@@ -152,6 +152,18 @@ def glob_problem(pattern: str) -> str | None:
     return None
 
 
+def parse_agents(node: Node, problems: Problems, *,
+                 user_lookup: UserLookup | None = None) -> tuple[AgentSpec, ...]:
+    """Validate an ``agents:`` list node (the config's syntax, key path ``agents``).
+
+    Used by the policy loader, whose ``agents:`` section is the same. Problems are added
+    to ``problems``; agents with problems are left out of the result.
+    """
+    loader = _Loader(problems.source, user_lookup or _pwd_lookup)
+    loader.problems = problems
+    return loader.agents(node)
+
+
 def _pwd_lookup(name: str) -> int:
     return pwd.getpwnam(name).pw_uid
 
