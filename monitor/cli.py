@@ -21,11 +21,13 @@ from monitor.errors import AgentwatchError, ControlError
 from monitor.events import Event
 from monitor.loader import ProbeOptions, Probes
 from monitor.output import HEADER, columns, columns_of, record, to_json
+from monitor.policy import Policy, default_policy, load_policy
 
 DEFAULT_SOCKET = "/run/agentwatch/control.sock"
 
 EPILOG_RUN = """examples:
-  agentwatch run                         # embedded default config, logs JSON lines to stdout
+  agentwatch run                         # embedded default config and policy; JSON log lines
+  agentwatch run --policy my-policy.yaml # check it first: agentwatch policy check FILE
   agentwatch run --config /etc/agentwatch/config.yaml --verbose
 """
 EPILOG_TRACE = """examples:
@@ -45,6 +47,10 @@ def _load(path: str | None) -> Config:
     return load_config(path) if path else default_config()
 
 
+def _policy(path: str | None, default: Policy | None) -> Policy | None:
+    return load_policy(path) if path else default
+
+
 def _socket(args: argparse.Namespace, cfg: Config | None = None) -> str:
     if args.socket:
         return str(args.socket)
@@ -62,13 +68,14 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _run_monitor(cfg: Config, sock: str | None, sink: Callable[[Event, str], None] | None,
-                 trace_all: bool = False, log: Callable[..., None] | None = None) -> int:
+def _run_monitor(cfg: Config, policy: Policy | None, sock: str | None,
+                 sink: Callable[[Event, str], None] | None, trace_all: bool = False,
+                 log: Callable[..., None] | None = None) -> int:
     from monitor.runtime import Monitor
 
     probes = Probes(ProbeOptions(max_procs=cfg.monitor.max_processes,
                                  ringbuf_mib=cfg.monitor.ring_buffer_mib, trace_all=trace_all))
-    mon = Monitor(cfg, probes=probes, sink=sink, control_path=sock, log=log)
+    mon = Monitor(cfg, policy, probes=probes, sink=sink, control_path=sock, log=log)
     stop = _stop_on_signals()
     mon.start()
     try:
@@ -84,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.verbose:
         def sink(ev: Event, agent: str) -> None:
             print(json.dumps({"msg": "event", **record(ev, agent)}), flush=True)
-    return _run_monitor(cfg, _socket(args, cfg), sink)
+    return _run_monitor(cfg, _policy(args.policy, default_policy()), _socket(args, cfg), sink)
 
 
 def _printer(as_json: bool, out: IO[str], rec: IO[str] | None
@@ -118,8 +125,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
             print(HEADER, flush=True)
         serve = None if args.all else sock
         quiet = _quiet_log
-        return _run_monitor(cfg, serve, _printer(args.json, sys.stdout, rec),
-                            trace_all=args.all, log=quiet)
+        return _run_monitor(cfg, _policy(args.policy, None), serve,
+                            _printer(args.json, sys.stdout, rec), trace_all=args.all, log=quiet)
     finally:
         if rec is not None:
             rec.close()
@@ -162,6 +169,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from monitor.kpolicy import compile_kernel
+
+    policy = load_policy(args.file)
+    tables = compile_kernel(policy)
+    print(f"{args.file}: ok — mode {policy.mode.value}, {len(policy.agents)} agents, "
+          f"{len(policy.rules)} rules ({len(tables.rules)} enforced in the kernel), "
+          f"sha256 {policy.sha256[:16]}")
+    for rule in policy.rules:
+        where = "kernel" if rule in tables.rules else "userspace"
+        print(f"  {rule.name:<32} {rule.event.value:<9} {rule.action.value:<10} {where}")
+    return 0
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from monitor.replay import read_recording, replay
+
+    policy = load_policy(args.file) if args.file != "default" else default_policy()
+    verdicts = replay(policy, read_recording(args.events))
+    for v in verdicts:
+        what = {"alert": "alert", "deny": "would refuse"}.get(v.action.value, "would kill")
+        target = "agent session" if v.action.value == "kill-agent" else f"pid {v.pid}"
+        print(f"{what:<12} {v.rule:<32} {v.agent:<14} {target}: {v.reason}")
+    kills = sum(1 for v in verdicts if v.action.value in ("kill", "kill-agent"))
+    print(f"{len(verdicts)} verdicts, {kills} kills (cpu rules are not replayed: a "
+          "recording has no CPU samples)")
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
     print(f"{args.file}: ok ({len(cfg.agents)} agents)")
@@ -185,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = add("run", "run the monitor in the foreground", EPILOG_RUN)
     r.add_argument("--config", help="config file (default: the embedded default config)")
+    r.add_argument("--policy", help="policy file (default: the embedded default policy)")
     r.add_argument("--socket", help=f"control socket path (default from config: {DEFAULT_SOCKET})")
     r.add_argument("--verbose", action="store_true", help="log every agent event too")
     r.set_defaults(func=cmd_run)
@@ -192,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = add("trace", "print a live stream of agent events", EPILOG_TRACE)
     t.add_argument("--config", help="config file used when no monitor is running")
     t.add_argument("--socket", help="control socket of the running monitor")
+    t.add_argument("--policy", help="when no monitor runs: enforce this policy too "
+                   "(default: none, trace only)")
     t.add_argument("--json", action="store_true", help="JSON lines instead of columns")
     t.add_argument("--all", action="store_true",
                    help="include processes that are not agents (loads its own probes)")
@@ -208,6 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("status", "show the running monitor's probes, agents and counters")
     s.add_argument("--socket", help="control socket of the running monitor")
     s.set_defaults(func=cmd_status)
+
+    pol = add("policy", "work with policy files")
+    psub = pol.add_subparsers(dest="policy_command", required=True)
+    pc = psub.add_parser("check", help="validate a policy: exit 0 with a summary, or 2 with "
+                         "every error (file:line: key: reason)")
+    pc.add_argument("file")
+    pc.set_defaults(func=cmd_policy_check)
+    pt = psub.add_parser("test", help="replay recorded events (trace --record) against a "
+                         "policy and print what would have been killed, and why",
+                         epilog="example:\n  agentwatch trace --record /tmp/ev.jsonl\n"
+                         "  agentwatch policy test my-policy.yaml --events /tmp/ev.jsonl",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    pt.add_argument("file", help="policy file, or `default` for the embedded policy")
+    pt.add_argument("--events", required=True, metavar="RECORDING")
+    pt.set_defaults(func=cmd_policy_test)
 
     c = add("config", "work with config files")
     csub = c.add_subparsers(dest="config_command", required=True)

@@ -20,14 +20,29 @@ from typing import IO, Any
 from monitor import events
 from monitor.config import AgentSpec, Config, ProcessFacts
 from monitor.control import ControlServer, Subscribers
-from monitor.errors import ControlError
+from monitor.enforcer import Enforcer
+from monitor.errors import ConfigError, ControlError, EnvironmentProblem, Location
 from monitor.events import DecodeError, Event, ExecEvent, ExecFlag, ExitEvent, ForkEvent, Setting
+from monitor.judge import Judge
+from monitor.kpolicy import compile_kernel
 from monitor.loader import Probes
 from monitor.output import record
+from monitor.policy import Mode, Policy, load_policy_text
 from monitor.procfs import ProcFS, ProcInfo, plan_adoption
 from monitor.tracker import Session, Tracker
 
 Sink = Callable[[Event, str], None]
+
+
+def merged_agents(config: Config, policy: Policy) -> tuple[AgentSpec, ...]:
+    """Agents from the config, then from the policy; a name defined twice is an error."""
+    seen = {a.name for a in config.agents}
+    dup = [a.name for a in policy.agents if a.name in seen]
+    if dup:
+        raise ConfigError([(Location(policy.source), f"agent {n!r} is defined in both "
+                            f"{config.source} and the policy: define it once")
+                           for n in dup])
+    return (*config.agents, *policy.agents)
 
 
 def kernel_matchers(agents: Sequence[AgentSpec]
@@ -103,31 +118,49 @@ class Stats:
 
 
 class Monitor:
-    def __init__(self, config: Config, *, probes: Probes | None = None,
-                 procfs: ProcFS | None = None, sink: Sink | None = None,
-                 log: Callable[..., None] | None = None, control_path: str | None = None
-                 ) -> None:
+    def __init__(self, config: Config, policy: Policy | None = None, *,
+                 probes: Probes | None = None, procfs: ProcFS | None = None,
+                 sink: Sink | None = None, log: Callable[..., None] | None = None,
+                 control_path: str | None = None) -> None:
         self.config = config
+        self.policy = policy or load_policy_text("mode: monitor\n", "<no policy>")
+        self.specs = merged_agents(config, self.policy)
         self.probes = probes or Probes()
         self.procfs = procfs or ProcFS()
         self.sink = sink
         self.log = log or JsonLog()
         self.control_path = control_path
-        self.agents = AgentTable([a.name for a in config.agents])
+        self.agents = AgentTable([a.name for a in self.specs])
         self.tracker = Tracker(self.agents.name, history=config.monitor.history)
+        self.tables = compile_kernel(self.policy)
+        self.enforcer = Enforcer(self.probes, self.procfs, self._excluded)
+        self.judge = Judge(self.policy, self.tables, self.enforcer, self.tracker, self.log)
         self.subscribers = Subscribers()
         self.lock = threading.RLock()
         self.events = 0
         self.decode_errors = 0
         self._next_session = 1
         self._control: ControlServer | None = None
-        self._userspace_matchers = any(not m.in_kernel for a in config.agents
+        self._userspace_matchers = any(not m.in_kernel for a in self.specs
                                        for m in a.matchers)
+        self.cgroup: str | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         self.probes.open()
+        enforce = self.policy.mode == Mode.ENFORCE
+        self.probes.set_setting(Setting.ENFORCE, 1 if enforce else 0)
+        self.probes.install_rules(self.tables, self.agents.names())
+        try:
+            self.cgroup = self.probes.attach_cgroup()
+        except EnvironmentProblem as e:
+            self.log("connect deny hooks not attached: deny rules only kill", level="warning",
+                     reason=str(e))
+        if self.tables.userspace_only:
+            self.log("more kernel-enforceable rules than the kernel holds; these are "
+                     "evaluated in userspace", level="warning",
+                     rules=[r.name for r in self.tables.userspace_only])
         self.install_matchers()
         self.probes.on_record(self._on_record)
         self.adopt_running()
@@ -140,7 +173,10 @@ class Monitor:
             self._control.start()
         self.log("monitor started", probes=self.probes.attached,
                  agents=self.agents.names(), sessions=len(self.tracker.sessions()),
-                 control_socket=self.control_path)
+                 control_socket=self.control_path, policy=self.policy.source,
+                 policy_sha256=self.policy.sha256, mode=self.policy.mode.value,
+                 rules=len(self.policy.rules), kernel_rules=len(self.tables.rules),
+                 cgroup=self.cgroup)
 
     def stop(self) -> None:
         if self._control is not None:
@@ -164,20 +200,26 @@ class Monitor:
         readings = [(t.pid, t.cpu_ns) for t in self.probes.tracked()]
         with self.lock:
             self.tracker.set_cpu(readings)
+            self.judge.on_tick()
 
     # --- recognition -------------------------------------------------------------------
 
     def install_matchers(self) -> None:
-        comms, uids = kernel_matchers(self.config.agents)
+        comms, uids = kernel_matchers(self.specs)
         self.probes.set_matchers(comms, uids)
         self.probes.set_setting(Setting.EXEC_CANDIDATES, 1 if self._userspace_matchers else 0)
 
     def _facts(self, info: ProcInfo) -> ProcessFacts:
         return ProcessFacts(info.pid, info.comm, info.exe, info.argv, info.uid, info.cgroup)
 
+    def _recognise_facts(self, facts: ProcessFacts) -> str | None:
+        for spec in self.specs:
+            if spec.matches(facts):
+                return spec.name
+        return None
+
     def _recognise(self, info: ProcInfo) -> str | None:
-        spec = self.config.recognise(self._facts(info))
-        return spec.name if spec else None
+        return self._recognise_facts(self._facts(info))
 
     def _excluded(self) -> set[int]:
         """The monitor and its ancestors: never adopted, never killed."""
@@ -303,6 +345,14 @@ class Monitor:
             if isinstance(ev, ExecEvent) and ev.flags & ExecFlag.NEW_ROOT:
                 self.log("agent session started", agent=agent, session=ev.h.session,
                          root_pid=ev.h.pid, exe=ev.filename, via="kernel match")
+            if ev.h.session:
+                session = self.tracker.session(ev.h.session)
+                if session is not None:
+                    agent = session.agent
+                self.judge.on_event(ev, agent, proc)
+                if isinstance(ev, ExitEvent) and session is None:
+                    self.probes.undoom(ev.h.session)
+                    self.judge.forget_session(ev.h.session)
         if proc is None and not self.probes.options.trace_all:
             return
         if self.sink is not None:
@@ -343,8 +393,7 @@ class Monitor:
         facts = ProcessFacts(ev.h.pid, ev.h.comm, info.exe if info else ev.filename,
                              ev.argv or (info.argv if info else ()), ev.h.uid,
                              info.cgroup if info else "")
-        spec = self.config.recognise(facts)
-        return spec.name if spec else None
+        return self._recognise_facts(facts)
 
     def _complete_exec(self, ev: ExecEvent) -> ExecEvent:
         if ev.filename.startswith("/dev/fd/") or (ev.flags & ExecFlag.ARGV_MISSING
@@ -370,6 +419,12 @@ class Monitor:
                 for s in self.tracker.sessions()
             ]
         counters = {c.name.lower(): v for c, v in self.probes.counters().items()}
-        return {"probes": self.probes.attached, "events": self.events,
+        policy = {"source": self.policy.source, "sha256": self.policy.sha256,
+                  "mode": self.policy.mode.value, "rules": len(self.policy.rules),
+                  "kernel_rules": [r.name for r in self.tables.rules]}
+        verdicts = [{"agent": a, "rule": r, "action": act, "mode": m, "count": n}
+                    for (a, r, act, m), n in sorted(self.judge.counts.items())]
+        return {"probes": self.probes.attached, "events": self.events, "policy": policy,
+                "verdicts": verdicts,
                 "decode_errors": self.decode_errors, "sessions": sessions,
                 "counters": counters, "agents": self.agents.names()}

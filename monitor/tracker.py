@@ -13,7 +13,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from monitor.events import ConnectEvent, Event, ExecEvent, ExecFlag, ExitEvent, ForkEvent
+from monitor.events import (
+    ConnectEvent,
+    Event,
+    ExecEvent,
+    ExecFlag,
+    ExitEvent,
+    ForkEvent,
+    VerdictEvent,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +151,8 @@ class Tracker:
         h = ev.h
         if h.session == 0:
             return None
+        if isinstance(ev, VerdictEvent):  # a rule matched: judged elsewhere, no state here
+            return self._procs.get(h.pid)
         s = self._sessions.get(h.session)
         if s is None:
             s = self.start_session(h.session, self._agent_name(h.agent), h.pid, h.ts_ns)

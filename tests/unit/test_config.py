@@ -214,12 +214,16 @@ def test_literal_bracket_glob_is_fine() -> None:
 
 
 def test_embedded_default_loads() -> None:
+    from monitor.policy import default_policy
+
     cfg = default_config()
-    names = {a.name for a in cfg.agents}
-    assert {"claude-code", "codex", "aider", "gemini", "goose", "opencode"} <= names
-    assert all(m.in_kernel for a in cfg.agents for m in a.matchers)
+    assert cfg.agents == ()  # the default agents live in the default policy
     assert cfg.monitor == MonitorSettings()
-    found = cfg.recognise(facts(comm="claude"))
+    policy = default_policy()
+    names = {a.name for a in policy.agents}
+    assert {"claude-code", "codex", "aider", "gemini", "goose", "opencode"} <= names
+    assert all(m.in_kernel for a in policy.agents for m in a.matchers)
+    found = policy.recognise(facts(comm="claude"))
     assert found is not None and found.name == "claude-code"
 
 

@@ -6,7 +6,6 @@ import hashlib
 import ipaddress
 import re
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -492,11 +491,12 @@ def test_default_policy_loads_in_enforce_mode() -> None:
     assert {r.event for r in p.rules} == set(EventKind)
 
 
-def test_default_policy_agents_are_the_default_configs() -> None:
-    def unlined(agents: tuple[AgentSpec, ...]) -> list[tuple[str, list[Matcher]]]:
-        return [(a.name, [replace(m, line=0) for m in a.matchers]) for a in agents]
+def test_default_agents_are_defined_once_across_default_config_and_policy() -> None:
+    from monitor.runtime import merged_agents
 
-    assert unlined(default_policy().agents) == unlined(default_config().agents)
+    merged = merged_agents(default_config(), default_policy())  # raises on a duplicate
+    assert [a.name for a in merged] == [a.name for a in default_policy().agents]
+    assert {"claude-code", "codex", "aider"} <= {a.name for a in merged}
 
 
 def test_every_default_rule_is_documented() -> None:

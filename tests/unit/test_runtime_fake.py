@@ -146,6 +146,7 @@ class FakeProbes:
         self.match_comm: dict[tuple[bytes, int], int] = {}
         self.match_uid: dict[int, int] = {}
         self.polls = 0
+        self.doomed: set[int] = set()
         self.calls: list[str] = []  # order of the lifecycle and map-writing calls
 
     def open(self) -> None:
@@ -205,6 +206,27 @@ class FakeProbes:
             self.match_comm[key] = agent
         for uid, agent in uids:
             self.match_uid[uid] = agent
+
+    def install_rules(self, tables: object, agent_names: list[str]) -> None:
+        self.calls.append("install_rules")
+        self.tables = tables
+
+    def attach_cgroup(self, path: str | None = None) -> str:
+        self.calls.append("attach_cgroup")
+        return "/fake/cgroup"
+
+    def doom(self, session: int) -> None:
+        self.doomed.add(session)
+
+    def undoom(self, session: int) -> None:
+        self.doomed.discard(session)
+
+    def session_of(self, pid: int) -> int | None:
+        t = self.procs.get(pid)
+        return t.session if t else None
+
+    def session_pids(self, session: int) -> list[int]:
+        return [p for p, t in self.procs.items() if t.session == session]
 
     def kernel_match(self, comm: str, uid: int) -> int | None:
         """The agent index match_new_root() in the probes would pick, or None."""

@@ -1,0 +1,184 @@
+"""Apply the policy to what agents do: evaluate (monitor/engine.py), log every verdict as
+one structured line, count it, and carry it out (monitor/enforcer.py) in enforce mode.
+
+Kernel verdicts (rules the probes enforce themselves) arrive as VerdictEvents just before
+the event they concern; they are logged and counted here, never enforced twice. In monitor
+mode nothing is killed: every verdict is logged as "would kill". This module does no
+matching of its own and never signals a process except through the Enforcer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+from monitor.enforcer import Enforcer, KillResult, Outcome
+from monitor.engine import (
+    CpuWindows,
+    Verdict,
+    destination_address,
+    evaluate_connect,
+    evaluate_cpu,
+    evaluate_exec,
+    evaluate_processes,
+    format_destination,
+)
+from monitor.events import (
+    ConnectEvent,
+    Event,
+    ExecEvent,
+    ForkEvent,
+    VerdictEvent,
+    VerdictKind,
+)
+from monitor.kpolicy import KernelTables, rules_of
+from monitor.policy import Action, EventKind, Mode, Policy
+from monitor.tracker import Process, Tracker
+
+Log = Callable[..., None]
+
+
+def boot_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+class Judge:
+    def __init__(self, policy: Policy, tables: KernelTables, enforcer: Enforcer,
+                 tracker: Tracker, log: Log) -> None:
+        self.policy = policy
+        self.tables = tables
+        self.enforcer = enforcer
+        self.tracker = tracker
+        self.log = log
+        self.kernel_rules = frozenset(r.name for r in tables.rules)
+        self.counts: Counter[tuple[str, str, str, str]] = Counter()  # agent, rule, action, mode
+        self.kills: Counter[tuple[str, str]] = Counter()  # agent, rule
+        self.kill_latency_ns: deque[int] = deque(maxlen=10_000)
+        self.cpu = CpuWindows()
+        self._kernel_seen: OrderedDict[tuple[int, str], None] = OrderedDict()
+        self._once: set[tuple[str, int, int]] = set()  # (rule, session, pid) of repeating rules
+
+    # --- events ------------------------------------------------------------------------
+
+    def on_event(self, ev: Event, agent: str, proc: Process | None) -> None:
+        if isinstance(ev, VerdictEvent):
+            self._kernel_verdict(ev, agent)
+            return
+        if proc is None:
+            return
+        h = ev.h
+        verdicts: list[Verdict] = []
+        if isinstance(ev, ExecEvent):
+            verdicts = [v for v in evaluate_exec(
+                self.policy, agent=agent, session=h.session, pid=h.pid, exe=proc.exe,
+                comm=h.comm, argv=ev.argv) if (h.pid, v.rule) not in self._kernel_seen]
+        elif isinstance(ev, ConnectEvent):
+            verdicts = [v for v in evaluate_connect(
+                self.policy, agent=agent, session=h.session, pid=h.pid, family=ev.family,
+                address=ev.address, port=ev.port) if (h.pid, v.rule) not in self._kernel_seen]
+        elif isinstance(ev, ForkEvent):
+            session = self.tracker.session(h.session)
+            live = len(session.processes) if session else 0
+            verdicts = [v for v in evaluate_processes(
+                self.policy, agent=agent, session=h.session, live=live, pid=h.pid)
+                if self._first(v)]
+        for v in verdicts:
+            self.act(v, h.ts_ns)
+
+    def on_tick(self, now_ns: int | None = None) -> None:
+        if not self.policy.rules_for(EventKind.CPU):
+            return
+        sessions = [(s.id, s.agent, s.cpu_ns, [(p.pid, p.cpu_ns) for p in s.processes.values()])
+                    for s in self.tracker.sessions()]
+        for v in evaluate_cpu(self.policy, self.cpu, now_ns=now_ns or boot_ns(),
+                              sessions=sessions):
+            if self._first(v):
+                self.act(v, None)
+
+    def forget_session(self, session: int) -> None:
+        self._once = {k for k in self._once if k[1] != session}
+
+    def _first(self, v: Verdict) -> bool:
+        key = (v.rule, v.session, v.pid if v.action != Action.KILL_AGENT else 0)
+        if key in self._once:
+            return False
+        self._once.add(key)
+        return True
+
+    # --- kernel verdicts -----------------------------------------------------------------
+
+    def _kernel_verdict(self, ev: VerdictEvent, agent: str) -> None:
+        h = ev.h
+        proc = self.tracker.process(h.pid)
+        for rule in rules_of(ev.mask, self.tables.rules):
+            self._kernel_seen[(h.pid, rule.name)] = None
+            while len(self._kernel_seen) > 4096:
+                self._kernel_seen.popitem(last=False)
+            if ev.verdict == VerdictKind.CONNECT:
+                dest = format_destination(destination_address(ev.address), ev.port)
+                reason = f"connect to {dest} (enforced in the kernel)"
+            else:
+                dest = None
+                reason = f"exec of {h.comm!r} (enforced in the kernel)"
+            v = Verdict(rule.name, rule.action, self.policy.mode, agent, h.session, h.pid,
+                        reason, exe=proc.exe if proc else None,
+                        argv=proc.argv if proc else None, destination=dest)
+            outcome = "would kill" if self.policy.mode == Mode.MONITOR else (
+                "killed in the kernel" if ev.enforced and rule.action != Action.DENY
+                else "refused in the kernel" if ev.enforced else "alert")
+            self._record(v, outcome)
+            if ev.enforced and rule.action in (Action.KILL, Action.KILL_AGENT):
+                self.kills[(agent, rule.name)] += 1
+                self.kill_latency_ns.append(max(0, boot_ns() - h.ts_ns))
+            if rule.action == Action.KILL_AGENT and self.policy.mode == Mode.ENFORCE:
+                self._kill_session(v)
+
+    # --- acting --------------------------------------------------------------------------
+
+    def act(self, v: Verdict, event_ts_ns: int | None) -> None:
+        if self.policy.mode == Mode.MONITOR and v.action != Action.ALERT:
+            self._record(v, "would kill" if v.action != Action.DENY else "would refuse")
+            return
+        if v.action == Action.ALERT:
+            self._record(v, "alert")
+        elif v.action == Action.KILL:
+            if v.pid <= 0:
+                self._record(v, "not enforced: no process named")
+                return
+            result = self.enforcer.kill(v.pid, v.session, event_ts_ns)
+            self._record(v, self._outcome(result))
+            if result.outcome == Outcome.KILLED:
+                self.kills[(v.agent, v.rule)] += 1
+                if event_ts_ns is not None:
+                    self.kill_latency_ns.append(max(0, boot_ns() - event_ts_ns))
+        elif v.action == Action.KILL_AGENT:
+            self._kill_session(v)
+        else:  # deny outside the kernel: only when over the kernel rule limit
+            self._record(v, "not enforced: deny rules beyond the kernel's rule limit")
+
+    def _kill_session(self, v: Verdict) -> None:
+        session = self.tracker.session(v.session)
+        known = list(session.processes) if session else []
+        results = self.enforcer.kill_session(v.session, known)
+        killed = sum(1 for r in results if r.outcome == Outcome.KILLED)
+        self._record(v, f"agent session killed ({killed} processes)",
+                     refused=[f"{r.pid}: {r.reason}" for r in results
+                              if r.outcome == Outcome.REFUSED])
+        self.kills[(v.agent, v.rule)] += 1
+
+    @staticmethod
+    def _outcome(r: KillResult) -> str:
+        return "killed" if r.outcome == Outcome.KILLED else f"{r.outcome.value}: {r.reason}"
+
+    def _record(self, v: Verdict, outcome: str, **extra: Any) -> None:
+        self.counts[(v.agent, v.rule, v.action.value, v.mode.value)] += 1
+        ancestry = [{"pid": p.pid, "comm": p.comm, "exe": p.exe}
+                    for p in self.tracker.ancestry(v.pid)] if v.pid > 0 else []
+        self.log("verdict", level="warning", agent=v.agent, rule=v.rule, action=v.action.value,
+                 mode=v.mode.value, outcome=outcome, session=v.session, pid=v.pid,
+                 reason=v.reason, exe=v.exe, argv=list(v.argv) if v.argv else None,
+                 destination=v.destination, cpu_cores=v.cpu_cores, processes=v.processes,
+                 ancestry=ancestry, **extra)
+
