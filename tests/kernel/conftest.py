@@ -20,6 +20,7 @@ import pytest
 from monitor.config import Config, load_config_text
 from monitor.errors import EnvironmentProblem
 from monitor.events import Event
+from monitor.policy import Policy
 from monitor.runtime import Monitor
 
 IN_CI = os.environ.get("CI") == "true"
@@ -81,10 +82,11 @@ class EventLog:
 class Running:
     """A Monitor running its loop in a background thread."""
 
-    def __init__(self, config: Config, control_path: str | None) -> None:
+    def __init__(self, config: Config, control_path: str | None,
+                 policy: Policy | None = None) -> None:
         self.log = EventLog()
         self.lines: list[dict[str, object]] = []
-        self.monitor = Monitor(config, sink=self.log.add, control_path=control_path,
+        self.monitor = Monitor(config, policy, sink=self.log.add, control_path=control_path,
                                log=lambda msg, level="info", **f: self.lines.append(
                                    {"msg": msg, **f}))
         self._stop = threading.Event()
@@ -99,6 +101,20 @@ class Running:
                                         daemon=True)
         self._thread.start()
         return self
+
+    def verdicts(self, **match: object) -> list[dict[str, object]]:
+        return [ln for ln in list(self.lines) if ln.get("msg") == "verdict"
+                and all(ln.get(k) == v for k, v in match.items())]
+
+    def wait_verdict(self, timeout: float = 10, **match: object) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.verdicts(**match)
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError(f"no verdict {match} within {timeout}s; verdicts: "
+                             f"{self.verdicts()[-5:]}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -120,9 +136,10 @@ def running() -> Iterator[Running]:
     r.stop()
 
 
-def agent_exec(argv: list[str], agent: str = "test", **kw: object) -> subprocess.Popen[bytes]:
+def agent_exec(argv: list[str], agent: str = "test", socket: str = SOCKET,
+               **kw: object) -> subprocess.Popen[bytes]:
     """Start argv as an agent root through the real `agentwatch exec` path."""
-    cmd = [sys.executable, "-m", "monitor.cli", "exec", "--socket", SOCKET, "--agent", agent,
+    cmd = [sys.executable, "-m", "monitor.cli", "exec", "--socket", socket, "--agent", agent,
            "--", *argv]
     return subprocess.Popen(cmd, **kw)  # type: ignore[call-overload, no-any-return]
 
