@@ -83,7 +83,7 @@ class Judge:
             live = len(session.processes) if session else 0
             verdicts = [v for v in evaluate_processes(
                 self.policy, agent=agent, session=h.session, live=live, pid=h.pid)
-                if self._first(v)]
+                if self._first(v, per_process=False)]
         for v in verdicts:
             self.act(v, h.ts_ns)
 
@@ -94,14 +94,18 @@ class Judge:
                     for s in self.tracker.sessions()]
         for v in evaluate_cpu(self.policy, self.cpu, now_ns=now_ns or boot_ns(),
                               sessions=sessions):
-            if self._first(v):
+            rule = self.policy.rule(v.rule)
+            per_process = rule is not None and getattr(rule.match, "scope", "") == "process"
+            if self._first(v, per_process=per_process):
                 self.act(v, None)
 
     def forget_session(self, session: int) -> None:
         self._once = {k for k in self._once if k[1] != session}
 
-    def _first(self, v: Verdict) -> bool:
-        key = (v.rule, v.session, v.pid if v.action != Action.KILL_AGENT else 0)
+    def _first(self, v: Verdict, per_process: bool) -> bool:
+        """Repeating rules (cpu, processes) speak once per session, or once per process
+        for process-scope cpu rules, not on every tick or fork while the condition holds."""
+        key = (v.rule, v.session, v.pid if per_process and v.action != Action.KILL_AGENT else 0)
         if key in self._once:
             return False
         self._once.add(key)
@@ -128,12 +132,14 @@ class Judge:
             outcome = "would kill" if self.policy.mode == Mode.MONITOR else (
                 "killed in the kernel" if ev.enforced and rule.action != Action.DENY
                 else "refused in the kernel" if ev.enforced else "alert")
-            self._record(v, outcome)
             if ev.enforced and rule.action in (Action.KILL, Action.KILL_AGENT):
-                self.kills[(agent, rule.name)] += 1
                 self.kill_latency_ns.append(max(0, boot_ns() - h.ts_ns))
             if rule.action == Action.KILL_AGENT and self.policy.mode == Mode.ENFORCE:
-                self._kill_session(v)
+                self._kill_session(v, first="the offending process killed in the kernel; ")
+                continue
+            self._record(v, outcome)
+            if ev.enforced and rule.action == Action.KILL:
+                self.kills[(agent, rule.name)] += 1
 
     # --- acting --------------------------------------------------------------------------
 
@@ -158,12 +164,12 @@ class Judge:
         else:  # deny outside the kernel: only when over the kernel rule limit
             self._record(v, "not enforced: deny rules beyond the kernel's rule limit")
 
-    def _kill_session(self, v: Verdict) -> None:
+    def _kill_session(self, v: Verdict, first: str = "") -> None:
         session = self.tracker.session(v.session)
         known = list(session.processes) if session else []
         results = self.enforcer.kill_session(v.session, known)
         killed = sum(1 for r in results if r.outcome == Outcome.KILLED)
-        self._record(v, f"agent session killed ({killed} processes)",
+        self._record(v, f"agent session killed ({first}{killed} processes signalled)",
                      refused=[f"{r.pid}: {r.reason}" for r in results
                               if r.outcome == Outcome.REFUSED])
         self.kills[(v.agent, v.rule)] += 1
@@ -174,11 +180,13 @@ class Judge:
 
     def _record(self, v: Verdict, outcome: str, **extra: Any) -> None:
         self.counts[(v.agent, v.rule, v.action.value, v.mode.value)] += 1
-        ancestry = [{"pid": p.pid, "comm": p.comm, "exe": p.exe}
-                    for p in self.tracker.ancestry(v.pid)] if v.pid > 0 else []
+        chain = self.tracker.ancestry(v.pid) if v.pid > 0 else []
+        ancestry = [{"pid": p.pid, "comm": p.comm, "exe": p.exe} for p in chain]
+        exe = v.exe if v.exe is not None else (chain[0].exe if chain else None)
+        argv = v.argv if v.argv is not None else (chain[0].argv if chain else None)
         self.log("verdict", level="warning", agent=v.agent, rule=v.rule, action=v.action.value,
                  mode=v.mode.value, outcome=outcome, session=v.session, pid=v.pid,
-                 reason=v.reason, exe=v.exe, argv=list(v.argv) if v.argv else None,
+                 reason=v.reason, exe=exe, argv=list(argv) if argv else None,
                  destination=v.destination, cpu_cores=v.cpu_cores, processes=v.processes,
                  ancestry=ancestry, **extra)
 

@@ -97,7 +97,8 @@ Via: TypeAlias = tuple[tuple[str, str, str], ...]
 
 def comm_of(name: str) -> str:
     """What the kernel's comm is for a program of this name (first 15 bytes)."""
-    return name.encode()[:COMM_MAX].decode(errors="ignore")
+    # the bytes the kernel keeps, decoded as monitor/events.py decodes comm
+    return name.encode()[:COMM_MAX].decode("utf-8", "surrogateescape")
 
 
 def normalise_network(net: Network) -> Network:

@@ -14,34 +14,58 @@ from typing import Any
 
 from monitor.engine import Verdict, evaluate_connect, evaluate_exec, evaluate_processes
 from monitor.errors import ConfigError, Location
-from monitor.policy import Action, Policy
+from monitor.policy import Policy
+
+_REQUIRED = {
+    "exec": ("filename", "argv"),
+    "connect": ("address", "port", "family"),
+    "fork": ("child_pid",),
+    "exit": (),
+    "verdict": (),
+}
 
 
 def read_recording(path: str) -> Iterator[dict[str, Any]]:
+    """Records of a recording, checked: a malformed line is a ConfigError naming it."""
     try:
-        f = open(path, encoding="utf-8")  # noqa: SIM115 — closed by the generator below
+        f = open(path, "rb")  # noqa: SIM115 — closed by the generator below
     except OSError as e:
         raise ConfigError([(Location(path), f"cannot read the recording: {e.strerror}")]
                           ) from None
     with f:
-        for n, line in enumerate(f, 1):
+        for n, raw in enumerate(f, 1):
+            def bad(reason: str, n: int = n) -> ConfigError:
+                return ConfigError([(Location(path, n), reason)])
+
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise bad("not UTF-8 text: a recording is JSON lines from "
+                          "`agentwatch trace --record`") from None
             if not line.strip() or line.startswith("#"):
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError([(Location(path, n), f"not a JSON event record: {e.msg}")]
-                                  ) from None
-            if not isinstance(rec, dict) or "event" not in rec:
-                raise ConfigError([(Location(path, n), "not an agentwatch event record "
-                                    "(expected an object with an 'event' key)")])
+                raise bad(f"not a JSON event record: {e.msg}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("event"), str):
+                raise bad("not an agentwatch event record (expected an object with an "
+                          "'event' key)")
+            kind = rec["event"]
+            if kind not in _REQUIRED:
+                raise bad(f"unknown event {kind!r} (known: {', '.join(_REQUIRED)})")
+            missing = [k for k in ("pid", "session", *_REQUIRED[kind]) if k not in rec]
+            if missing:
+                raise bad(f"{kind} record lacks {', '.join(missing)}")
+            if not isinstance(rec["pid"], int) or not isinstance(rec["session"], int):
+                raise bad("pid and session must be integers")
             yield rec
 
 
 def replay(policy: Policy, records: Iterable[dict[str, Any]]) -> list[Verdict]:
     verdicts: list[Verdict] = []
     live: dict[int, set[int]] = {}
-    once: set[tuple[str, int, int]] = set()
+    once: set[tuple[str, int]] = set()
     for rec in records:
         agent, session, pid = rec.get("agent"), int(rec.get("session") or 0), int(rec["pid"])
         if not agent or not session:
@@ -62,7 +86,7 @@ def replay(policy: Policy, records: Iterable[dict[str, Any]]) -> list[Verdict]:
             members.update((pid, int(rec["child_pid"])))
             for v in evaluate_processes(policy, agent=agent, session=session,
                                         live=len(members), pid=pid):
-                key = (v.rule, v.session, 0 if v.action == Action.KILL_AGENT else v.pid)
+                key = (v.rule, v.session)  # once per session, as the live monitor does
                 if key not in once:
                     once.add(key)
                     verdicts.append(v)
