@@ -70,6 +70,7 @@ class ExecFlag(IntFlag):
     UNTRACKED = 0x10
     ARGV_FAULT = 0x20
     CANDIDATE = 0x40
+    ARGV_FROM_MM = 0x80
 
 
 class Counter(IntEnum):
@@ -354,9 +355,12 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
             raise DecodeError(f"exec record of {len(buf)} bytes is truncated")
         e = CExecEvent.from_buffer_copy(buf.ljust(ct.sizeof(CExecEvent), b"\0"))
         used = buf[EXEC_ARGS_OFFSET : EXEC_ARGS_OFFSET + e.args_len]
-        argv = tuple(
-            a.decode("utf-8", "surrogateescape") for a in used.split(b"\0")[: e.argc]
-        )
+        pieces = used.split(b"\0")
+        if e.flags & ExecFlag.ARGV_FROM_MM:  # NUL-terminated block, argc not counted
+            pieces = pieces[:-1] if used.endswith(b"\0") else pieces
+        else:
+            pieces = pieces[: e.argc]
+        argv = tuple(a.decode("utf-8", "surrogateescape") for a in pieces)
         return ExecEvent(
             _header(e.h), e.old_tid, e.ppid, e.cgroup_id, ExecFlag(e.flags),
             _text(e.filename), argv,

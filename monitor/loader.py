@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monitor import events
+from monitor.btf import exec_argv_offsets
 from monitor.errors import EnvironmentProblem
 from monitor.events import (
     MAX_AGENTS,
@@ -145,6 +146,7 @@ class Probes:
         self._bpf: Any = None
         self.attached = 0
         self._cgroup: tuple[int, list[tuple[Any, int]]] | None = None
+        self.argv_from_mm = False
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -153,10 +155,13 @@ class Probes:
         from bcc import BPF  # imported here: only the loader needs BCC
 
         src = probes_dir()
+        offsets = exec_argv_offsets()  # None without BTF: argv only from syscall entry
+        self.argv_from_mm = offsets is not None
+        extra = [f"-D{k}={v}" for k, v in (offsets or {}).items()]
         try:
             self._bpf = BPF(
                 src_file=str(src / BPF_SOURCE).encode(),
-                cflags=self.options.cflags(src),
+                cflags=self.options.cflags(src) + extra,
             )
         except Exception as e:  # BCC raises bare Exception for compile and load failures
             raise EnvironmentProblem(

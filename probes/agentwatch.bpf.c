@@ -286,6 +286,35 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
     return capture_argv((const char *const *)args->argv);
 }
 
+#ifdef AW_TASK_MM_OFF
+/* The new program's argv, straight from its memory (mm->arg_start..arg_end, offsets from
+ * the running kernel's BTF, see monitor/btf.py): the kernel has just written those pages,
+ * so this read cannot fault the way a read at syscall entry can (a fresh fork child's
+ * argv in not-yet-faulted file pages, an exec by a process not tracked yet). */
+static __always_inline u32 argv_from_mm(char *dst, u32 *flags)
+{
+    void *task = (void *)bpf_get_current_task();
+    void *mm = NULL;
+    unsigned long start = 0, end = 0;
+    if (bpf_probe_read_kernel(&mm, sizeof(mm), task + AW_TASK_MM_OFF) != 0 || !mm)
+        return 0;
+    bpf_probe_read_kernel(&start, sizeof(start), mm + AW_MM_ARG_START_OFF);
+    bpf_probe_read_kernel(&end, sizeof(end), mm + AW_MM_ARG_END_OFF);
+    if (end <= start)
+        return 0;
+    u64 len = end - start;
+    if (len > AW_ARGS_SIZE) {
+        len = AW_ARGS_SIZE;
+        *flags |= AW_EXEC_ARGV_TRUNC_LEN;
+    }
+    if (bpf_probe_read_user(dst, (u32)len, (void *)start) != 0)
+        return 0;
+    *flags |= AW_EXEC_ARGV_FROM_MM;
+    *flags &= ~(AW_EXEC_ARGV_FAULT | AW_EXEC_ARGV_MISSING);
+    return (u32)len;
+}
+#endif
+
 static __always_inline struct aw_proc *new_root(u32 tgid, u32 agent)
 {
     u32 zero = 0;
@@ -396,6 +425,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         ev->argc = 0;
         flags |= AW_EXEC_ARGV_MISSING;
     }
+#ifdef AW_TASK_MM_OFF
+    if (flags & (AW_EXEC_ARGV_MISSING | AW_EXEC_ARGV_FAULT))
+        len = argv_from_mm(ev->args, &flags);
+#endif
     ev->flags = flags;
     ev->args_len = len;
     u32 size = offsetof(struct aw_exec_event, args) + len;

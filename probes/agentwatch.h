@@ -54,6 +54,9 @@
 #define AW_EXEC_UNTRACKED 0x10       /* not tracked (trace --all) */
 #define AW_EXEC_CANDIDATE 0x40       /* tracked from now on in a pending session until the
                                       * userspace matchers accept or reject it */
+#define AW_EXEC_ARGV_FROM_MM 0x80    /* argv read from the new program's memory at exec (the
+                                      * syscall entry could not read it): NUL-separated,
+                                      * argc not counted */
 #define AW_EXEC_ARGV_FAULT 0x20      /* reading argv from user memory failed part way */
 
 /* Per-CPU counters (monitor/events.py: Counter). */

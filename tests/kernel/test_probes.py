@@ -238,6 +238,8 @@ def test_kernel_matcher_makes_a_root_before_its_first_instruction(running: Runni
     root, agent = running.log.wait_for(lambda e, a: isinstance(e, ExecEvent) and e.h.pid == p.pid)
     assert agent == "kbot"
     assert isinstance(root, ExecEvent) and root.flags & ExecFlag.NEW_ROOT
+    # not tracked at syscall entry, yet its argv is exact (read from its new memory)
+    assert root.argv == (str(shell), "-c", "/bin/true child-of-kbot; exit 0")
     # its very first fork is already in the tree: nothing ran untracked in between
     fork, _ = running.log.wait_for(lambda e, a: isinstance(e, ForkEvent) and e.h.pid == p.pid)
     child, _ = running.log.wait_for(
@@ -249,3 +251,29 @@ def test_kernel_matcher_makes_a_root_before_its_first_instruction(running: Runni
 def test_no_ring_buffer_loss_in_these_tests(running: Running) -> None:
     assert running.monitor.probes.counters()[Counter.LOST] == 0
     assert running.monitor.decode_errors == 0
+
+
+def test_argv_in_pages_a_fresh_fork_child_has_not_touched(running: Running,
+                                                          tmp_path: Path) -> None:
+    """execve right after fork with argv in .rodata: those pages are not mapped in the child
+    yet, so a read at syscall entry faults; the exec hook still reports the exact argv."""
+    src = tmp_path / "spawn.c"
+    src.write_text(textwrap.dedent("""
+        #include <unistd.h>
+        #include <sys/wait.h>
+        static char *const A[] = {"/bin/true", "--from-rodata", "x", 0};
+        static char *const E[] = {0};
+        int main(void) {
+            pid_t p = fork();
+            if (p == 0) { execve(A[0], A, E); _exit(127); }
+            int st; waitpid(p, &st, 0);
+            return WEXITSTATUS(st);
+        }
+    """))
+    exe = tmp_path / "spawn"
+    subprocess.run(["cc", "-O2", "-o", str(exe), str(src)], check=True)
+    p = agent_exec([str(exe)])
+    assert wait_exit(p) == 0
+    ev, _ = running.log.wait_for(lambda e, a: isinstance(e, ExecEvent) and e.h.pid != p.pid
+                                 and e.filename == "/bin/true")
+    assert isinstance(ev, ExecEvent) and ev.argv == ("/bin/true", "--from-rodata", "x")

@@ -501,3 +501,23 @@ def test_size_cflags_match_the_static_asserts() -> None:
     assert {flag for _, flag in pairs} == used  # every flag is checked by a static assert
     for struct, flag in pairs:
         assert int(flags[flag]) == ct.sizeof(MIRRORS[struct]), (struct, flag)
+
+
+def test_argv_read_from_the_new_programs_memory_is_split_on_nuls() -> None:
+    from monitor.events import EXEC_ARGS_OFFSET, CExecEvent, EventType, ExecFlag, decode
+
+    block = b"/bin/true\0--from-rodata\0\0x\0"
+    e = CExecEvent()
+    e.h.type = EventType.EXEC
+    e.h.pid = e.h.tid = 7
+    e.h.session = 1
+    e.flags = ExecFlag.ARGV_FROM_MM
+    e.argc = 0  # not counted by the kernel on this path
+    e.args_len = len(block)
+    e.filename = b"/bin/true"
+    raw = bytes(e)[:EXEC_ARGS_OFFSET] + block
+    ev = decode(raw)
+    assert ev.argv == ("/bin/true", "--from-rodata", "", "x")
+    e.args_len = 13  # cut at the buffer's end: the last argument is kept, partial
+    ev = decode(bytes(e)[:EXEC_ARGS_OFFSET] + b"/bin/true\0abc")
+    assert ev.argv == ("/bin/true", "abc")
