@@ -12,6 +12,7 @@ log: it runs on the hot path (a few microseconds per event) and is replayed on r
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import os.path
@@ -148,6 +149,7 @@ def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: st
 # --- connect -----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)  # pure: the hot path sees the same few addresses
 def destination_address(address: str) -> Address:
     """The destination as an address object, IPv4-mapped IPv6 folded into IPv4 (so its
     family is the destination's, whatever the socket's)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+import socket
+import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
@@ -332,84 +334,117 @@ class DecodeError(ValueError):
     """A ring-buffer record that does not fit any event layout."""
 
 
+_COMMS: dict[bytes, str] = {}
+
+
 def _text(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _header(c: CHeader) -> Header:
-    return Header(c.ts_ns, c.pid, c.tid, c.session, c.agent, c.uid, _text(c.comm))
+def _comm(raw: bytes) -> str:
+    """Decoded comm, interned: the hot path sees the same few names again and again."""
+    s = _COMMS.get(raw)
+    if s is None:
+        if len(_COMMS) > 4096:
+            _COMMS.clear()
+        s = _COMMS[raw] = _text(raw)
+    return s
 
 
-_HEADER_SIZE = ct.sizeof(CHeader)
+# struct layouts of the same records (the decoder's fast path); sizes are checked against
+# the ctypes mirror at import, and the mirror against the compiled C in a kernel test.
+_HDR = struct.Struct("<QIIIIII16s")
+_FORK = struct.Struct("<II")
+_EXEC = struct.Struct("<IIQIIII256s")
+_CONNECT = struct.Struct("<HHi16sQ")
+_EXIT = struct.Struct("<iIQ")
+_VERDICT = struct.Struct("<IIQIIHHI16s")
+_HEADER_SIZE = _HDR.size
 _TYPE_OFFSET = CHeader.type.offset
+assert _HEADER_SIZE == ct.sizeof(CHeader)
+assert _HEADER_SIZE + _FORK.size == ct.sizeof(CForkEvent)
+assert _HEADER_SIZE + _EXEC.size == EXEC_ARGS_OFFSET
+assert _HEADER_SIZE + _CONNECT.size == ct.sizeof(CConnectEvent)
+assert _HEADER_SIZE + _EXIT.size == ct.sizeof(CExitEvent)
+assert _HEADER_SIZE + _VERDICT.size == ct.sizeof(CVerdictEvent)
+
+
+def _header(buf: bytes) -> Header:
+    ts, _type, pid, tid, session, agent, uid, comm = _HDR.unpack_from(buf)
+    return Header(ts, pid, tid, session, agent, uid, _comm(comm))
 
 
 def decode(data: bytes | bytearray | memoryview) -> Event:
     """Decode one ring-buffer record into a typed event."""
     buf = bytes(data)
-    if len(buf) < _HEADER_SIZE:
-        raise DecodeError(f"record of {len(buf)} bytes is shorter than the event header")
+    n = len(buf)
+    if n < _HEADER_SIZE:
+        raise DecodeError(f"record of {n} bytes is shorter than the event header")
     etype = int.from_bytes(buf[_TYPE_OFFSET : _TYPE_OFFSET + 4], "little")
+    if etype == EventType.CONNECT:
+        _need(buf, _CONNECT, "connect")
+        family, port, ret, raw, latency = _CONNECT.unpack_from(buf, _HEADER_SIZE)
+        if family not in _FAMILIES:
+            raise DecodeError(f"connect record with unknown address family {family}")
+        fam = Family(family)
+        return ConnectEvent(_header(buf), fam, _address(fam, raw), port, ret, latency)
     if etype == EventType.EXEC:
-        if len(buf) < EXEC_ARGS_OFFSET:
-            raise DecodeError(f"exec record of {len(buf)} bytes is truncated")
-        e = CExecEvent.from_buffer_copy(buf.ljust(ct.sizeof(CExecEvent), b"\0"))
-        used = buf[EXEC_ARGS_OFFSET : EXEC_ARGS_OFFSET + e.args_len]
+        if n < EXEC_ARGS_OFFSET:
+            raise DecodeError(f"exec record of {n} bytes is truncated")
+        old_tid, ppid, cgroup_id, argc, flags, args_len, _pad, filename = _EXEC.unpack_from(
+            buf, _HEADER_SIZE)
+        used = buf[EXEC_ARGS_OFFSET : EXEC_ARGS_OFFSET + args_len]
         pieces = used.split(b"\0")
-        if e.flags & ExecFlag.ARGV_FROM_MM:  # NUL-terminated block, argc not counted
+        if flags & ExecFlag.ARGV_FROM_MM:  # NUL-terminated block, argc not counted
             pieces = pieces[:-1] if used.endswith(b"\0") else pieces
         else:
-            pieces = pieces[: e.argc]
+            pieces = pieces[:argc]
         argv = tuple(a.decode("utf-8", "surrogateescape") for a in pieces)
-        return ExecEvent(
-            _header(e.h), e.old_tid, e.ppid, e.cgroup_id, ExecFlag(e.flags),
-            _text(e.filename), argv,
-        )
-    if etype == EventType.CONNECT:
-        c = _fixed(CConnectEvent, buf)
-        raw = bytes(c.addr)
-        if c.family not in _FAMILIES:
-            raise DecodeError(f"connect record with unknown address family {c.family}")
-        fam = Family(c.family)
-        addr = _address(fam, raw)
-        return ConnectEvent(_header(c.h), fam, addr, c.port, c.ret, c.latency_ns)
+        return ExecEvent(_header(buf), old_tid, ppid, cgroup_id, ExecFlag(flags),
+                         _text(filename), argv)
     if etype == EventType.FORK:
-        f = _fixed(CForkEvent, buf)
-        return ForkEvent(_header(f.h), f.child_pid)
+        _need(buf, _FORK, "fork")
+        child, _pad = _FORK.unpack_from(buf, _HEADER_SIZE)
+        return ForkEvent(_header(buf), child)
     if etype == EventType.EXIT:
-        x = _fixed(CExitEvent, buf)
-        return ExitEvent(_header(x.h), x.exit_status, x.ppid, x.cpu_ns)
+        _need(buf, _EXIT, "exit")
+        status, ppid, cpu = _EXIT.unpack_from(buf, _HEADER_SIZE)
+        return ExitEvent(_header(buf), status, ppid, cpu)
     if etype == EventType.VERDICT:
-        v = _fixed(CVerdictEvent, buf)
+        _need(buf, _VERDICT, "verdict")
+        vkind, rule, mask, action, enforced, family, port, _pad, raw = _VERDICT.unpack_from(
+            buf, _HEADER_SIZE)
         try:
-            kind = VerdictKind(v.kind)
+            kind = VerdictKind(vkind)
         except ValueError:
-            raise DecodeError(f"verdict record with unknown kind {v.kind}") from None
-        action = KAction(v.action) if v.action in _ACTIONS else None
+            raise DecodeError(f"verdict record with unknown kind {vkind}") from None
         address = ""
-        if kind == VerdictKind.CONNECT and v.family in _FAMILIES:
-            raw = bytes(v.addr)
-            address = _address(Family.INET, raw[12:]) if v.family == Family.INET \
+        if kind == VerdictKind.CONNECT and family in _FAMILIES:
+            address = _address(Family.INET, raw[12:]) if family == Family.INET \
                 else _address(Family.INET6, raw)
-        return VerdictEvent(_header(v.h), kind, v.rule, v.mask, action, bool(v.enforced),
-                            v.family, address, v.port)
+        return VerdictEvent(_header(buf), kind, rule, mask,
+                            KAction(action) if action in _ACTIONS else None, bool(enforced),
+                            family, address, port)
     raise DecodeError(f"unknown event type {etype}")
+
+
+def _need(buf: bytes, layout: struct.Struct, what: str) -> None:
+    want = _HEADER_SIZE + layout.size
+    if len(buf) < want:
+        raise DecodeError(f"{what} record of {len(buf)} bytes, expected {want}")
 
 
 _FAMILIES = frozenset(int(f) for f in Family)
 _ACTIONS = frozenset(int(a) for a in KAction)
 
 
+_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+
 def _address(fam: Family, raw: bytes) -> str:
+    """RFC 5952 text (IPv4-mapped as ::ffff:a.b.c.d, as Python 3.13+ prints it)."""
     if fam == Family.INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    v6 = ipaddress.IPv6Address(raw)
-    if v6.ipv4_mapped is not None:  # RFC 5952 form, as Python 3.13+ prints it
-        return f"::ffff:{v6.ipv4_mapped}"
-    return str(v6)
-
-
-def _fixed(cls: type[ct.Structure], buf: bytes) -> ct.Structure:
-    if len(buf) < ct.sizeof(cls):
-        raise DecodeError(f"{cls.__name__} record of {len(buf)} bytes, expected {ct.sizeof(cls)}")
-    return cls.from_buffer_copy(buf)
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if raw[:12] == _MAPPED_PREFIX:
+        return "::ffff:" + socket.inet_ntop(socket.AF_INET, raw[12:16])
+    return str(ipaddress.IPv6Address(raw))

@@ -1,0 +1,193 @@
+"""Kill latency: from the offending syscall's entry to the process's death, for an in-kernel
+rule (connect to a forbidden destination: SIGKILL at syscall entry) and a userspace rule
+(exec of `ssh -R`: decided from argv in Python, killed through a pidfd), idle and while
+another agent generates 10,000 other events per second.
+
+t0 is stamped by the victim (CLOCK_BOOTTIME) right before the syscall; the death time is the
+kernel's timestamp of the victim's exit event (same clock), read from the monitor's stream.
+For the in-kernel rule the victim also records whether connect() ever returned: it must not.
+
+Usage: .venv/bin/python bench/kill_latency.py [--quick] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+AGENTWATCH = [str(VENV_BIN / "agentwatch")]
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return int(port)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Monitor:
+    def __init__(self, tmp: Path, kill_port: int) -> None:
+        self.sock = str(tmp / "ctl.sock")
+        policy = tmp / "policy.yaml"
+        policy.write_text(f"""mode: enforce
+rules:
+  - name: bench-userspace-kill
+    event: exec
+    action: kill
+    match: {{ssh: [remote_forward]}}
+  - name: bench-kernel-kill
+    event: connect
+    action: kill
+    match: {{address: [127.0.0.1], port: [{kill_port}]}}
+""")
+        config = tmp / "config.yaml"
+        config.write_text("monitor: {ring_buffer_mib: 16}\n")
+        self.proc = subprocess.Popen([*AGENTWATCH, "run", "--config", str(config), "--policy",
+                                      str(policy), "--socket", self.sock],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        first = json.loads(self.proc.stdout.readline())
+        assert first["msg"] == "monitor started", first
+        threading.Thread(target=self._drain_log, daemon=True).start()
+        while not os.path.exists(self.sock):
+            time.sleep(0.05)
+        self.exits: dict[int, int] = {}
+        self._cond = threading.Condition()
+        from monitor import control
+
+        self._stream = control.stream(self.sock)
+        threading.Thread(target=self._follow, daemon=True).start()
+
+    def _drain_log(self) -> None:
+        assert self.proc.stdout is not None
+        for _ in self.proc.stdout:
+            pass
+
+    def _follow(self) -> None:
+        for item in self._stream:
+            if item.get("event") == "exit":
+                with self._cond:
+                    self.exits[int(item["pid"])] = int(item["ts_ns"])
+                    self._cond.notify_all()
+
+    def exit_ts(self, pid: int, timeout: float = 5) -> int | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while pid not in self.exits:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self.exits[pid]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def agent(mon: Monitor, name: str, argv: list[str], **kw: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen([*AGENTWATCH, "exec", "--socket", mon.sock, "--agent", name, "--",
+                             *argv], text=True, **kw)
+
+
+def measure(mon: Monitor, victim: str, mode: str, n: int, arg: str) -> dict[str, Any]:
+    p = agent(mon, "bench", [victim, mode, str(n), arg], stdout=subprocess.PIPE)
+    out, _ = p.communicate(timeout=300)
+    lat, not_killed, completed, missing = [], 0, 0, 0
+    for line in out.splitlines():
+        rec = json.loads(line)
+        if rec["status"] != signal.SIGKILL:  # wait status: killed by signal 9
+            not_killed += 1
+        completed += rec["returned"]
+        ts = mon.exit_ts(rec["pid"])
+        if ts is None or not rec["t0_ns"]:
+            missing += 1
+            continue
+        lat.append((ts - rec["t0_ns"]) / 1e6)
+    return {"n": n, "measured": len(lat), "not_killed": not_killed, "missing": missing,
+            "forbidden_step_completed": completed,
+            "p50_ms": round(pct(lat, 0.5), 3) if lat else None,
+            "p99_ms": round(pct(lat, 0.99), 3) if lat else None,
+            "max_ms": round(max(lat), 3) if lat else None,
+            "mean_ms": round(statistics.fmean(lat), 3) if lat else None,
+            "samples_ms": [round(x, 4) for x in lat]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="100 kills per case instead of 500")
+    ap.add_argument("--output", default=str(ROOT / "bench" / "results-kill.json"))
+    args = ap.parse_args()
+    n = 100 if args.quick else 500
+    tmp = Path(tempfile.mkdtemp(prefix="agentwatch-kill-"))
+    victim = tmp / "victim"
+    subprocess.run(["cc", "-O2", "-o", str(victim), str(ROOT / "bench" / "victim.c")],
+                   check=True)
+    ssh = tmp / "ssh"
+    shutil.copy(victim, ssh)
+    kill_port, load_port = free_port(), free_port()
+    mon = Monitor(tmp, kill_port)
+    results: dict[str, Any] = {"kills_per_case": n, "load_events_per_s": 10_000}
+    try:
+        for load in (False, True):
+            bg = None
+            if load:
+                seconds = n * 0.02 + 30
+                bg = agent(mon, "background", [str(victim), "load", "10000", str(seconds),
+                                               str(load_port)], stdout=subprocess.PIPE)
+                time.sleep(1)
+            tag = "loaded" if load else "idle"
+            results[f"userspace_{tag}"] = measure(mon, str(victim), "exec-kill", n, str(ssh))
+            results[f"kernel_{tag}"] = measure(mon, str(victim), "connect-kill", n,
+                                               str(kill_port))
+            if bg is not None:
+                bg.kill()
+                bg.wait()
+    finally:
+        mon.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{'case':<18} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+          f"{'not killed':>10} {'step done':>9}")
+    for key, r in results.items():
+        if isinstance(r, dict):
+            print(f"{key:<18} {r['measured']:>5} {r['p50_ms']!s:>8} {r['p99_ms']!s:>8} "
+                  f"{r['max_ms']!s:>8} {r['not_killed']:>10} {r['forbidden_step_completed']:>9}")
+    goal_user = all(results[f"userspace_{t}"]["p99_ms"] is not None
+                    and results[f"userspace_{t}"]["p99_ms"] <= 5 for t in ("idle", "loaded"))
+    goal_kernel = all(results[f"kernel_{t}"]["forbidden_step_completed"] == 0
+                      and results[f"kernel_{t}"]["not_killed"] == 0 for t in ("idle", "loaded"))
+    results["goals"] = {"userspace_p99_le_5ms": goal_user, "kernel_step_never_completes":
+                        goal_kernel}
+    print(f"goals: userspace p99 <= 5 ms: {goal_user}; in-kernel step never completes: "
+          f"{goal_kernel}")
+    Path(args.output).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
