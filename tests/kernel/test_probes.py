@@ -274,6 +274,8 @@ def test_argv_in_pages_a_fresh_fork_child_has_not_touched(running: Running,
     subprocess.run(["cc", "-O2", "-o", str(exe), str(src)], check=True)
     p = agent_exec([str(exe)])
     assert wait_exit(p) == 0
-    ev, _ = running.log.wait_for(lambda e, a: isinstance(e, ExecEvent) and e.h.pid != p.pid
-                                 and e.filename == "/bin/true")
+    fork, _ = running.log.wait_for(lambda e, a: isinstance(e, ForkEvent) and e.h.pid == p.pid)
+    assert isinstance(fork, ForkEvent)
+    ev, _ = running.log.wait_for(lambda e, a: isinstance(e, ExecEvent)
+                                 and e.h.pid == fork.child_pid)
     assert isinstance(ev, ExecEvent) and ev.argv == ("/bin/true", "--from-rodata", "x")
