@@ -37,9 +37,11 @@ test-kernel: setup
 
 bench: setup
 	$(VPY) bench/run.py $(ARGS)
+	$(VPY) bench/kill_latency.py
 
 bench-quick: setup
 	$(VPY) bench/run.py --quick $(ARGS)
+	$(VPY) bench/kill_latency.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
