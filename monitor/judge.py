@@ -46,7 +46,8 @@ def boot_ns() -> int:
 
 class Judge:
     def __init__(self, policy: Policy, tables: KernelTables, enforcer: Enforcer,
-                 tracker: Tracker, log: Log) -> None:
+                 tracker: Tracker, log: Log,
+                 on_kill_latency: Callable[[str, float], None] | None = None) -> None:
         self.policy = policy
         self.tables = tables
         self.enforcer = enforcer
@@ -56,18 +57,20 @@ class Judge:
         self.counts: Counter[tuple[str, str, str, str]] = Counter()  # agent, rule, action, mode
         self.kills: Counter[tuple[str, str]] = Counter()  # agent, rule
         self.kill_latency_ns: deque[int] = deque(maxlen=10_000)
+        self.on_kill_latency = on_kill_latency
         self.cpu = CpuWindows()
         self._kernel_seen: OrderedDict[tuple[int, str], None] = OrderedDict()
         self._once: set[tuple[str, int, int]] = set()  # (rule, session, pid) of repeating rules
 
     # --- events ------------------------------------------------------------------------
 
-    def on_event(self, ev: Event, agent: str, proc: Process | None) -> None:
+    def on_event(self, ev: Event, agent: str, proc: Process | None) -> list[Verdict]:
+        """Judge one event; returns the userspace verdicts acted on (for the metrics)."""
         if isinstance(ev, VerdictEvent):
             self._kernel_verdict(ev, agent)
-            return
+            return []
         if proc is None:
-            return
+            return []
         h = ev.h
         verdicts: list[Verdict] = []
         if isinstance(ev, ExecEvent):
@@ -86,6 +89,13 @@ class Judge:
                 if self._first(v, per_process=False)]
         for v in verdicts:
             self.act(v, h.ts_ns)
+        return verdicts
+
+    def _latency(self, path: str, event_ts_ns: int) -> None:
+        ns = max(0, boot_ns() - event_ts_ns)
+        self.kill_latency_ns.append(ns)
+        if self.on_kill_latency is not None:
+            self.on_kill_latency(path, ns / 1e9)
 
     def on_tick(self, now_ns: int | None = None) -> None:
         if not self.policy.rules_for(EventKind.CPU):
@@ -133,7 +143,7 @@ class Judge:
                 "killed in the kernel" if ev.enforced and rule.action != Action.DENY
                 else "refused in the kernel" if ev.enforced else "alert")
             if ev.enforced and rule.action in (Action.KILL, Action.KILL_AGENT):
-                self.kill_latency_ns.append(max(0, boot_ns() - h.ts_ns))
+                self._latency("kernel", h.ts_ns)
             if rule.action == Action.KILL_AGENT and self.policy.mode == Mode.ENFORCE:
                 self._kill_session(v, first="the offending process killed in the kernel; ")
                 continue
@@ -158,7 +168,7 @@ class Judge:
             if result.outcome == Outcome.KILLED:
                 self.kills[(v.agent, v.rule)] += 1
                 if event_ts_ns is not None:
-                    self.kill_latency_ns.append(max(0, boot_ns() - event_ts_ns))
+                    self._latency("userspace", event_ts_ns)
         elif v.action == Action.KILL_AGENT:
             self._kill_session(v)
         else:  # deny outside the kernel: only when over the kernel rule limit

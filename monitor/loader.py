@@ -145,6 +145,7 @@ class Probes:
         self.options = options or ProbeOptions()
         self._bpf: Any = None
         self.attached = 0
+        self.expected = 0
         self._cgroup: tuple[int, list[tuple[Any, int]]] | None = None
         self.argv_from_mm = False
 
@@ -169,6 +170,7 @@ class Probes:
                 "tracepoints enabled and that `make setup` installed matching headers"
             ) from None
         self.attached = int(self._bpf.num_open_tracepoints())
+        self.expected = (src / BPF_SOURCE).read_text().count("\nTRACEPOINT_PROBE(")
         self.set_setting(Setting.MONITOR_TGID, os.getpid())
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
@@ -21,15 +21,36 @@ from monitor import events
 from monitor.config import AgentSpec, Config, ProcessFacts
 from monitor.control import ControlServer, Subscribers
 from monitor.enforcer import Enforcer
+from monitor.engine import Verdict
 from monitor.errors import ConfigError, ControlError, EnvironmentProblem, Location
-from monitor.events import DecodeError, Event, ExecEvent, ExecFlag, ExitEvent, ForkEvent, Setting
+from monitor.events import (
+    ConnectEvent,
+    DecodeError,
+    Event,
+    ExecEvent,
+    ExecFlag,
+    ExitEvent,
+    ForkEvent,
+    Setting,
+    VerdictEvent,
+    VerdictKind,
+)
 from monitor.judge import Judge
 from monitor.kpolicy import compile_kernel
 from monitor.loader import Probes
+from monitor.metrics import (
+    AgentUsage,
+    MetricsState,
+    PolicyInfo,
+    connect_verdict,
+    kernel_connect_verdict,
+    rule_verdict,
+    usage_of,
+)
 from monitor.output import record
-from monitor.policy import Mode, Policy, load_policy_text
+from monitor.policy import Action, Mode, Policy, load_policy_text
 from monitor.procfs import ProcFS, ProcInfo, plan_adoption
-from monitor.tracker import Session, Tracker
+from monitor.tracker import Process, Session, Tracker
 
 Sink = Callable[[Event, str], None]
 
@@ -132,9 +153,13 @@ class Monitor:
         self.control_path = control_path
         self.agents = AgentTable([a.name for a in self.specs])
         self.tracker = Tracker(self.agents.name, history=config.monitor.history)
+        self.metrics = MetricsState(self.agents.names())  # configured agents label first
+        self._connect_verdicts: dict[int, str] = {}  # tid -> kernel verdict, connect in flight
         self.tables = compile_kernel(self.policy)
         self.enforcer = Enforcer(self.probes, self.procfs, self._excluded)
-        self.judge = Judge(self.policy, self.tables, self.enforcer, self.tracker, self.log)
+        self.judge = Judge(self.policy, self.tables, self.enforcer, self.tracker, self.log,
+                           on_kill_latency=self.metrics.observe_kill_latency)
+        self.notifier: Any = None  # monitor.alerts.Notifier, when alerts are configured
         self.subscribers = Subscribers()
         self.lock = threading.RLock()
         self.events = 0
@@ -349,7 +374,8 @@ class Monitor:
                 session = self.tracker.session(ev.h.session)
                 if session is not None:
                     agent = session.agent
-                self.judge.on_event(ev, agent, proc)
+                acted = self.judge.on_event(ev, agent, proc)
+                self._observe(ev, agent, proc, acted)
                 if isinstance(ev, ExitEvent) and session is None:
                     self.probes.undoom(ev.h.session)
                     self.judge.forget_session(ev.h.session)
@@ -359,6 +385,62 @@ class Monitor:
             self.sink(ev, agent)
         if self.subscribers:
             self.subscribers.send(json.dumps(record(ev, agent), separators=(",", ":")))
+
+    def _observe(self, ev: Event, agent: str, proc: Process | None,
+                 acted: list[Verdict]) -> None:
+        m = self.metrics
+        m.observe_event(ev.kind, agent)
+        if isinstance(ev, ExecEvent):
+            m.observe_exec(agent, ev.filename)
+        elif isinstance(ev, ConnectEvent):
+            enforce = self.policy.mode == Mode.ENFORCE
+            done = [rule_verdict(v.action.value, enforce and v.action != Action.DENY)
+                    for v in acted]
+            kernel = self._connect_verdicts.pop(ev.h.tid, None)
+            if kernel:
+                done.append(kernel)
+            m.observe_connect(agent, ev.address, connect_verdict(ev.ret, *done))
+        elif isinstance(ev, VerdictEvent) and ev.verdict == VerdictKind.CONNECT:
+            if len(self._connect_verdicts) > 4096:  # their connect events were lost
+                self._connect_verdicts.clear()
+            self._connect_verdicts[ev.h.tid] = kernel_connect_verdict(ev)
+        elif isinstance(ev, ExitEvent) and proc is not None:
+            m.observe_exit(agent, proc.cpu_ns)
+
+    # --- metrics source (monitor/metrics.py MetricsSource) ------------------------------
+
+    def agent_usage(self) -> Mapping[str, AgentUsage]:
+        with self.lock:
+            return usage_of(self.tracker.sessions())
+
+    def verdict_counts(self) -> Mapping[tuple[str, str, str, str], int]:
+        with self.lock:
+            return dict(self.judge.counts)
+
+    def kill_counts(self) -> Mapping[tuple[str, str], int]:
+        with self.lock:
+            return dict(self.judge.kills)
+
+    def bpf_counters(self) -> Mapping[events.Counter, int]:
+        try:
+            return self.probes.counters()
+        except RuntimeError:  # not loaded yet, or closed
+            return {}
+
+    def probes_attached(self) -> int:
+        return int(self.probes.attached)
+
+    def probes_expected(self) -> int:
+        return int(getattr(self.probes, "expected", self.probes.attached))
+
+    def policy_info(self) -> PolicyInfo:
+        return PolicyInfo(self.policy.sha256, self.policy.mode.value)
+
+    def alerts_spooled(self) -> int:
+        return int(self.notifier.spooled()) if self.notifier is not None else 0
+
+    def alert_deliveries(self) -> Mapping[tuple[str, str], int]:
+        return dict(self.notifier.deliveries) if self.notifier is not None else {}
 
     def _settle_pending(self, ev: Event) -> Event:
         """Events of a candidate's pending session: decide it on its first exec (which the

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.errors import AgentwatchError, ConfigError, EnvironmentProblem
 from monitor.events import Counter as BpfCounter
-from monitor.events import EventType
+from monitor.events import EventType, Header, KAction, VerdictEvent, VerdictKind
 from monitor.metrics import (
     DEFAULT_ADDRESS,
     KILL_LATENCY_BUCKETS,
@@ -32,7 +32,9 @@ from monitor.metrics import (
     PolicyInfo,
     connect_verdict,
     destination_class,
+    kernel_connect_verdict,
     parse_address,
+    rule_verdict,
     serve,
     usage_of,
 )
@@ -494,9 +496,34 @@ def test_connect_verdict_says_what_the_policy_did_first() -> None:
     assert connect_verdict(0) == "allowed"
     assert connect_verdict(-115) == "allowed"  # EINPROGRESS: a non-blocking connect started
     assert connect_verdict(-111) == "failed"   # ECONNREFUSED
-    assert connect_verdict(0, alerted=True) == "alerted"
-    assert connect_verdict(-1, refused=True) == "denied"
-    assert connect_verdict(-1, refused=True, killed=True) == "killed"
+    assert connect_verdict(-111, "alerted") == "alerted"
+    assert connect_verdict(-1, "denied", "alerted") == "denied"
+    assert connect_verdict(-1, "alerted", "killed", "denied") == "killed"
+
+
+@pytest.mark.parametrize("action, enforced, expected", [
+    ("alert", True, "alerted"),
+    ("deny", True, "denied"),
+    ("kill", True, "killed"),
+    ("kill-agent", True, "killed"),
+    ("kill", False, "alerted"),   # monitor mode: nothing was killed
+    ("deny", False, "alerted"),   # deny beyond the kernel's rule limit is not carried out
+])
+def test_rule_verdict(action: str, enforced: bool, expected: str) -> None:
+    assert rule_verdict(action, enforced) == expected
+
+
+@pytest.mark.parametrize("action, enforced, expected", [
+    (KAction.KILL, True, "killed"),
+    (KAction.KILL_AGENT, True, "killed"),
+    (KAction.DENY, True, "denied"),
+    (KAction.KILL, False, "alerted"),
+    (None, False, "alerted"),
+])
+def test_kernel_connect_verdict(action: KAction | None, enforced: bool, expected: str) -> None:
+    ev = VerdictEvent(Header(1, 2, 2, 3, 0, 1000, "curl"), VerdictKind.CONNECT, 0, 1, action,
+                      enforced, 2, "1.2.3.4", 443)
+    assert kernel_connect_verdict(ev) == expected
 
 
 # --- serving --------------------------------------------------------------------------------
