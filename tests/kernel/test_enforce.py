@@ -34,8 +34,8 @@ def scaled_default_policy_text() -> str:
     """The default policy with the CPU windows scaled from minutes to seconds and the
     thresholds to what this 2-core machine's tests can hold; every other rule as shipped."""
     text = Path(default_policy().source).read_text()
-    for rule, new in (("cpu-sustained-alert", "cores: 0.8\n      scope: agent\n      for: 3s"),
-                      ("cpu-saturation", "cores: 1.2\n      scope: agent\n      for: 5s"),
+    for rule, new in (("cpu-sustained-alert", "cores: 0.6\n      scope: agent\n      for: 3s"),
+                      ("cpu-saturation", "cores: 0.9\n      scope: agent\n      for: 4s"),
                       ("cpu-one-process-alert",
                        "cores: 0.8\n      scope: process\n      for: 3s")):
         pattern = re.compile(rf"(- name: {rule}\n(?:.*\n)*?    match:\n)\s+cores: [\d.]+\n"
