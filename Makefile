@@ -5,12 +5,15 @@ VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup host venv run test test-unit test-kernel lint bench bench-quick clean
+.PHONY: setup host observability venv run test test-unit test-kernel lint bench bench-quick clean
 
 setup: host venv
 
 host:
 	@bash packaging/setup-host.sh
+
+observability:
+	@bash packaging/setup-observability.sh >/dev/null
 
 venv: $(STAMP)
 
@@ -23,10 +26,10 @@ run: setup
 	$(VENV)/bin/agentwatch run $(ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check monitor tests bench
+	$(VENV)/bin/ruff check monitor tests bench dashboards
 	$(VENV)/bin/mypy monitor
 
-test: setup lint
+test: setup observability lint
 	$(VPY) -m pytest tests -ra $(PYTEST_ARGS)
 
 test-unit: venv
