@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import IO
 
@@ -47,8 +48,12 @@ def _load(path: str | None) -> Config:
     return load_config(path) if path else default_config()
 
 
-def _policy(path: str | None, default: Policy | None) -> Policy | None:
-    return load_policy(path) if path else default
+def _policy(path: str | None, default: Callable[[], Policy] | None) -> tuple[Policy | None,
+                                                                              float]:
+    """The policy (from the file, else the default) and how long loading it took."""
+    start = time.monotonic()
+    policy = load_policy(path) if path else (default() if default else None)
+    return policy, time.monotonic() - start
 
 
 def _socket(args: argparse.Namespace, cfg: Config | None = None) -> str:
@@ -68,19 +73,33 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _run_monitor(cfg: Config, policy: Policy | None, sock: str | None,
+def _run_monitor(cfg: Config, loaded: tuple[Policy | None, float], sock: str | None,
                  sink: Callable[[Event, str], None] | None, trace_all: bool = False,
-                 log: Callable[..., None] | None = None) -> int:
+                 log: Callable[..., None] | None = None, serve_metrics: bool = False) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from monitor.metrics import AgentwatchCollector, serve
     from monitor.runtime import Monitor
 
+    policy, load_seconds = loaded
     probes = Probes(ProbeOptions(max_procs=cfg.monitor.max_processes,
                                  ringbuf_mib=cfg.monitor.ring_buffer_mib, trace_all=trace_all))
     mon = Monitor(cfg, policy, probes=probes, sink=sink, control_path=sock, log=log)
+    mon.metrics.observe_policy_loaded(load_seconds)
     stop = _stop_on_signals()
+    server = None
     mon.start()
     try:
+        if serve_metrics:
+            registry = CollectorRegistry()
+            registry.register(AgentwatchCollector(mon))
+            server, _ = serve(registry, cfg.metrics.listen)
+            mon.log("metrics served", address=cfg.metrics.listen)
         mon.run(stop)
     finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         mon.stop()
     return 0
 
@@ -91,7 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.verbose:
         def sink(ev: Event, agent: str) -> None:
             print(json.dumps({"msg": "event", **record(ev, agent)}), flush=True)
-    return _run_monitor(cfg, _policy(args.policy, default_policy()), _socket(args, cfg), sink)
+    return _run_monitor(cfg, _policy(args.policy, default_policy), _socket(args, cfg), sink,
+                        serve_metrics=True)
 
 
 def _printer(as_json: bool, out: IO[str], rec: IO[str] | None

@@ -1,9 +1,11 @@
 """The monitor's configuration: how AI agents are recognised, plus monitor settings.
 
 A config file lists agents, each with match entries (OR-ed; the keys inside one entry are
-AND-ed) over a process's comm, executable path, command line, uid and cgroup, and a
-``monitor`` section with sizes and intervals. Loading validates everything, collects every
-problem with its file, line and key path, and raises them together as one ConfigError.
+AND-ed) over a process's comm, executable path, command line, uid and cgroup, a
+``monitor`` section with sizes and intervals, an ``alerts`` section (where kill alerts are
+pushed: Alertmanager, a webhook, the on-disk spool) and a ``metrics`` section (the
+Prometheus listen address). Loading validates everything, collects every problem with its
+file, line and key path, and raises them together as one ConfigError.
 
 This module must never touch the kernel, BPF or /proc (it decides from ProcessFacts it is
 given), never accept a config that silently means something other than what it says, and
@@ -13,12 +15,14 @@ never do work on import.
 from __future__ import annotations
 
 import importlib.resources
+import ipaddress
 import pwd
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from monitor.errors import ConfigError, Location
 from monitor.yamlsource import (
@@ -41,10 +45,14 @@ COMM_MAX = 15  # TASK_COMM_LEN is 16 bytes including the terminating NUL
 UID_MAX = 4294967294  # (uid_t)-1 is reserved
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) minus the terminating NUL
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
-_TOP_KEYS = ("agents", "monitor")
+_HOST_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+_TOP_KEYS = ("agents", "monitor", "alerts", "metrics")
 _AGENT_KEYS = ("name", "match")
 _MATCH_KEYS = ("comm", "exe", "cmdline", "user", "uid", "cgroup")
 _MONITOR_KEYS = ("control_socket", "ring_buffer_mib", "max_processes", "tick_seconds", "history")
+_ALERTS_KEYS = ("alertmanager_url", "webhook_url", "spool_dir", "timeout_seconds",
+                "resolve_after_seconds", "instance", "runbook_url")
+_METRICS_KEYS = ("listen",)
 
 
 @dataclass(frozen=True)
@@ -114,10 +122,47 @@ class MonitorSettings:
 
 
 @dataclass(frozen=True)
+class AlertSettings:
+    """Where kill alerts go (monitor/alerts.py). No URL set: no alert is pushed."""
+
+    alertmanager_url: str | None = None  # base URL; alerts go to {url}/api/v2/alerts
+    webhook_url: str | None = None  # alerts are POSTed to this URL as is
+    spool_dir: str = "/var/lib/agentwatch/spool"  # undelivered alerts, kept across restarts
+    timeout_seconds: float = 2.0  # per HTTP request, 0.1..60
+    resolve_after_seconds: float = 300.0  # endsAt = startsAt + this, 10..604800
+    instance: str = ""  # the instance label; "" = the host name
+    runbook_url: str = ""  # the runbook_url annotation; "" = none
+
+    @property
+    def receivers(self) -> dict[str, str]:
+        """The configured receivers by name ("alertmanager", "webhook") and URL."""
+        found = {"alertmanager": self.alertmanager_url, "webhook": self.webhook_url}
+        return {name: url for name, url in found.items() if url}
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where the Prometheus exporter listens."""
+
+    listen: str = "127.0.0.1:9464"  # host:port, IPv6 as [::1]:9464
+
+    @property
+    def host(self) -> str:
+        """The host part, without the brackets of an IPv6 address."""
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+@dataclass(frozen=True)
 class Config:
     agents: tuple[AgentSpec, ...]
     monitor: MonitorSettings
     source: str
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def recognise(self, p: ProcessFacts) -> AgentSpec | None:
         """The first agent, in file order, that p matches; None if it matches none."""
@@ -152,6 +197,66 @@ def glob_problem(pattern: str) -> str | None:
     return None
 
 
+def split_listen(listen: str) -> tuple[str, int]:
+    """("host", port) of a "host:port" listen address ("[::1]:9464" gives ("::1", 9464)).
+
+    Raises ValueError, saying what is wrong, unless the host is an IPv4 address, a
+    bracketed IPv6 address or a host name, and the port is 1..65535.
+    """
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{listen!r} is not host:port (for example 127.0.0.1:9464, "
+                         "[::1]:9464, or 0.0.0.0:9464 for every interface)")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port {port_text!r} in {listen!r}: use 1..65535")
+    if host.startswith("[") and host.endswith("]"):
+        if not _is_ipv6(host[1:-1]):
+            raise ValueError(f"{host} in {listen!r} is not an IPv6 address")
+        return host[1:-1], int(port_text)
+    if ":" in host and _is_ipv6(host):
+        raise ValueError(f"write the IPv6 address in {listen!r} in brackets, "
+                         f"as [{host}]:{port_text}")
+    if not _HOST_RE.fullmatch(host) or len(host) > 253:
+        raise ValueError(f"{host!r} in {listen!r} is neither an IP address nor a host name")
+    if host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in {listen!r} is not an IPv4 address") from None
+    return host, int(port_text)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def url_problem(url: str) -> str | None:
+    """Why url is not a usable http(s) URL with a host, or None if it is fine."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"{url!r} is not a valid URL: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return f"{url!r} must start with http:// or https://"
+    if not parts.hostname:
+        return f"{url!r} has no host"
+    if parts.username is not None or parts.password is not None:
+        return (f"{url!r} carries credentials, which are not sent (put the receiver "
+                "behind a proxy that adds them, or use a URL without user:password@)")
+    if port == 0:
+        return f"{url!r} has port 0"
+    if parts.fragment or url.endswith("#"):
+        return f"{url!r} has a fragment (#...), which is never sent"
+    if any(c.isspace() for c in url):
+        return f"{url!r} contains white space"
+    return None
+
+
 def parse_agents(node: Node, problems: Problems, *,
                  user_lookup: UserLookup | None = None) -> tuple[AgentSpec, ...]:
     """Validate an ``agents:`` list node (the config's syntax, key path ``agents``).
@@ -175,17 +280,19 @@ class _Loader:
         self.problems = Problems(source)
         self.user_lookup = user_lookup
 
-    def config(self, root: Node) -> tuple[tuple[AgentSpec, ...], MonitorSettings]:
+    def config(self, root: Node, source: str) -> Config:
         if root.value is None:  # empty file, or only comments
-            return (), MonitorSettings()
+            return Config((), MonitorSettings(), source)
         if not isinstance(root.value, dict):
             self.problems.add(root.line, "", "the top level must be a mapping (keys: "
                               f"{', '.join(_TOP_KEYS)}), got {type_name(root.value)}")
-            return (), MonitorSettings()
+            return Config((), MonitorSettings(), source)
         top = check_mapping(root, "", self.problems, allowed=_TOP_KEYS) or {}
         agents = self.agents(top["agents"]) if "agents" in top else ()
         monitor = self.monitor(top["monitor"]) if "monitor" in top else MonitorSettings()
-        return agents, monitor
+        alerts = self.alerts(top["alerts"]) if "alerts" in top else AlertSettings()
+        metrics = self.metrics(top["metrics"]) if "metrics" in top else MetricsSettings()
+        return Config(agents, monitor, source, alerts=alerts, metrics=metrics)
 
     def agents(self, node: Node) -> tuple[AgentSpec, ...]:
         if node.value is None:  # "agents:" with every entry commented out
@@ -360,15 +467,99 @@ class _Loader:
         return MonitorSettings(control_socket=socket, ring_buffer_mib=ring,
                                max_processes=max_processes, tick_seconds=tick, history=history)
 
+    def alerts(self, node: Node) -> AlertSettings:
+        default = AlertSettings()
+        if node.value is None:  # "alerts:" with every setting commented out
+            return default
+        fields = check_mapping(node, "alerts", self.problems, allowed=_ALERTS_KEYS)
+        if fields is None:
+            return default
+        p = self.problems
+
+        def path(key: str) -> str:
+            return child_path("alerts", key)
+
+        urls: dict[str, str | None] = {}
+        for key in ("alertmanager_url", "webhook_url", "runbook_url"):
+            if key not in fields or fields[key].value is None:  # "key:" alone = not set
+                urls[key] = None
+                continue
+            n = fields[key]
+            url = expect_str(n, path(key), p)
+            reason = url_problem(url) if url is not None else None
+            if reason is not None:
+                p.add(n.line, path(key), reason)
+                url = None
+            elif url is not None and key == "alertmanager_url":
+                url = url.rstrip("/")
+                if urlsplit(url).query:
+                    p.add(n.line, path(key), f"{url!r} has a query (?...): give the "
+                          "Alertmanager base URL, for example http://127.0.0.1:9093")
+                    url = None
+                elif url.endswith("/api/v2/alerts") or url.endswith("/api/v1/alerts"):
+                    p.add(n.line, path(key), f"give the Alertmanager base URL without "
+                          f"the API path (alerts go to {{url}}/api/v2/alerts), for example "
+                          f"{url.rsplit('/api/', 1)[0]!r}")
+                    url = None
+            urls[key] = url
+        spool = default.spool_dir
+        if "spool_dir" in fields:
+            n = fields["spool_dir"]
+            value = expect_str(n, path("spool_dir"), p)
+            if value is not None and not value.startswith("/"):
+                p.add(n.line, path("spool_dir"), f"{value!r} must be an absolute path")
+            elif value is not None:
+                spool = value
+        timeout, resolve = default.timeout_seconds, default.resolve_after_seconds
+        if "timeout_seconds" in fields:
+            got = expect_number(fields["timeout_seconds"], path("timeout_seconds"), p,
+                                minimum=0.1, maximum=60)
+            timeout = timeout if got is None else got
+        if "resolve_after_seconds" in fields:
+            got = expect_number(fields["resolve_after_seconds"], path("resolve_after_seconds"),
+                                p, minimum=10, maximum=604800)
+            resolve = resolve if got is None else got
+        instance = default.instance
+        if "instance" in fields:
+            n = fields["instance"]
+            value = expect_str(n, path("instance"), p, allow_empty=True)
+            if value is not None and (value != value.strip() or len(value) > 253):
+                p.add(n.line, path("instance"), f"{value!r}: at most 253 characters, "
+                      "without leading or trailing white space")
+            elif value is not None:
+                instance = value
+        return AlertSettings(alertmanager_url=urls["alertmanager_url"],
+                             webhook_url=urls["webhook_url"], spool_dir=spool,
+                             timeout_seconds=timeout, resolve_after_seconds=resolve,
+                             instance=instance, runbook_url=urls["runbook_url"] or "")
+
+    def metrics(self, node: Node) -> MetricsSettings:
+        default = MetricsSettings()
+        if node.value is None:  # "metrics:" with every setting commented out
+            return default
+        fields = check_mapping(node, "metrics", self.problems, allowed=_METRICS_KEYS)
+        if fields is None or "listen" not in fields:
+            return default
+        n = fields["listen"]
+        listen = expect_str(n, "metrics.listen", self.problems)
+        if listen is None:
+            return default
+        try:
+            split_listen(listen)
+        except ValueError as exc:
+            self.problems.add(n.line, "metrics.listen", str(exc))
+            return default
+        return MetricsSettings(listen=listen)
+
 
 def load_config_text(text: str, source: str = "<string>", *,
                      user_lookup: UserLookup | None = None) -> Config:
     """Parse and validate config text; raises ConfigError listing every problem."""
     root = parse_yaml(text, source)
     loader = _Loader(source, user_lookup or _pwd_lookup)
-    agents, monitor = loader.config(root)
+    config = loader.config(root, source)
     loader.problems.raise_if_any()
-    return Config(agents=agents, monitor=monitor, source=source)
+    return config
 
 
 def load_config(path: str | Path, *, user_lookup: UserLookup | None = None) -> Config:

@@ -14,6 +14,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from monitor.alerts import Notifier
 from monitor.enforcer import Enforcer, KillResult, Outcome
 from monitor.engine import (
     CpuWindows,
@@ -47,8 +48,10 @@ def boot_ns() -> int:
 class Judge:
     def __init__(self, policy: Policy, tables: KernelTables, enforcer: Enforcer,
                  tracker: Tracker, log: Log,
-                 on_kill_latency: Callable[[str, float], None] | None = None) -> None:
+                 on_kill_latency: Callable[[str, float], None] | None = None,
+                 alerts: Notifier | None = None) -> None:
         self.policy = policy
+        self.alerts = alerts
         self.tables = tables
         self.enforcer = enforcer
         self.tracker = tracker
@@ -147,7 +150,7 @@ class Judge:
             if rule.action == Action.KILL_AGENT and self.policy.mode == Mode.ENFORCE:
                 self._kill_session(v, first="the offending process killed in the kernel; ")
                 continue
-            self._record(v, outcome)
+            self._record(v, outcome, kill=outcome == "killed in the kernel")
             if ev.enforced and rule.action == Action.KILL:
                 self.kills[(agent, rule.name)] += 1
 
@@ -164,7 +167,7 @@ class Judge:
                 self._record(v, "not enforced: no process named")
                 return
             result = self.enforcer.kill(v.pid, v.session, event_ts_ns)
-            self._record(v, self._outcome(result))
+            self._record(v, self._outcome(result), kill=result.outcome == Outcome.KILLED)
             if result.outcome == Outcome.KILLED:
                 self.kills[(v.agent, v.rule)] += 1
                 if event_ts_ns is not None:
@@ -180,7 +183,7 @@ class Judge:
         results = self.enforcer.kill_session(v.session, known)
         killed = sum(1 for r in results if r.outcome == Outcome.KILLED)
         self._record(v, f"agent session killed ({first}{killed} processes signalled)",
-                     refused=[f"{r.pid}: {r.reason}" for r in results
+                     kill=True, refused=[f"{r.pid}: {r.reason}" for r in results
                               if r.outcome == Outcome.REFUSED])
         self.kills[(v.agent, v.rule)] += 1
 
@@ -188,7 +191,7 @@ class Judge:
     def _outcome(r: KillResult) -> str:
         return "killed" if r.outcome == Outcome.KILLED else f"{r.outcome.value}: {r.reason}"
 
-    def _record(self, v: Verdict, outcome: str, **extra: Any) -> None:
+    def _record(self, v: Verdict, outcome: str, *, kill: bool = False, **extra: Any) -> None:
         self.counts[(v.agent, v.rule, v.action.value, v.mode.value)] += 1
         chain = self.tracker.ancestry(v.pid) if v.pid > 0 else []
         ancestry = [{"pid": p.pid, "comm": p.comm, "exe": p.exe} for p in chain]
@@ -199,4 +202,6 @@ class Judge:
                  reason=v.reason, exe=exe, argv=list(argv) if argv else None,
                  destination=v.destination, cpu_cores=v.cpu_cores, processes=v.processes,
                  ancestry=ancestry, **extra)
+        if kill and self.alerts is not None:
+            self.alerts.kill(v, outcome, exe=exe, argv=argv)
 

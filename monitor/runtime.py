@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from monitor import events
+from monitor.alerts import Notifier
 from monitor.config import AgentSpec, Config, ProcessFacts
 from monitor.control import ControlServer, Subscribers
 from monitor.enforcer import Enforcer
@@ -157,9 +158,10 @@ class Monitor:
         self._connect_verdicts: dict[int, str] = {}  # tid -> kernel verdict, connect in flight
         self.tables = compile_kernel(self.policy)
         self.enforcer = Enforcer(self.probes, self.procfs, self._excluded)
+        self.notifier = Notifier(config.alerts, log=self.log)
         self.judge = Judge(self.policy, self.tables, self.enforcer, self.tracker, self.log,
-                           on_kill_latency=self.metrics.observe_kill_latency)
-        self.notifier: Any = None  # monitor.alerts.Notifier, when alerts are configured
+                           on_kill_latency=self.metrics.observe_kill_latency,
+                           alerts=self.notifier)
         self.subscribers = Subscribers()
         self.lock = threading.RLock()
         self.events = 0
@@ -173,6 +175,7 @@ class Monitor:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
+        self.notifier.start()
         self.probes.open()
         enforce = self.policy.mode == Mode.ENFORCE
         self.probes.set_setting(Setting.ENFORCE, 1 if enforce else 0)
@@ -208,6 +211,7 @@ class Monitor:
             self._control.stop()
             self._control = None
         self.probes.close()
+        self.notifier.close()
         self.log("monitor stopped", events=self.events)
 
     def run(self, stop: threading.Event) -> None:
@@ -437,10 +441,10 @@ class Monitor:
         return PolicyInfo(self.policy.sha256, self.policy.mode.value)
 
     def alerts_spooled(self) -> int:
-        return int(self.notifier.spooled()) if self.notifier is not None else 0
+        return self.notifier.spooled()
 
     def alert_deliveries(self) -> Mapping[tuple[str, str], int]:
-        return dict(self.notifier.deliveries) if self.notifier is not None else {}
+        return dict(self.notifier.deliveries)
 
     def _settle_pending(self, ev: Event) -> Event:
         """Events of a candidate's pending session: decide it on its first exec (which the

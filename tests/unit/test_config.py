@@ -10,13 +10,16 @@ import pytest
 
 from monitor.config import (
     AgentSpec,
+    AlertSettings,
     Config,
     Matcher,
+    MetricsSettings,
     MonitorSettings,
     ProcessFacts,
     default_config,
     load_config,
     load_config_text,
+    split_listen,
 )
 from monitor.errors import ConfigError, Location
 from monitor.yamlsource import parse_yaml
@@ -509,3 +512,170 @@ def test_multiple_errors_reported_at_once() -> None:
     rendered = str(ConfigError(found))
     assert rendered.splitlines()[0].startswith("agents.yaml:4: agents[0].match[0].cmdline: ")
     assert re.search(r"agents\.yaml:15: extra: unknown key 'extra'", rendered)
+
+
+# --- alerts and metrics ------------------------------------------------------------------
+
+
+def test_alerts_and_metrics_sections_parse() -> None:
+    cfg = load("""\
+        alerts:
+          alertmanager_url: http://127.0.0.1:9093/
+          webhook_url: https://hooks.example.org/agentwatch?token=abc
+          spool_dir: /var/spool/aw
+          timeout_seconds: 0.5
+          resolve_after_seconds: 600
+          instance: build-7
+          runbook_url: https://wiki.example.org/aw
+        metrics:
+          listen: "[::1]:9464"
+    """)
+    assert cfg.alerts == AlertSettings(
+        alertmanager_url="http://127.0.0.1:9093",  # the trailing slash dropped
+        webhook_url="https://hooks.example.org/agentwatch?token=abc",
+        spool_dir="/var/spool/aw", timeout_seconds=0.5, resolve_after_seconds=600.0,
+        instance="build-7", runbook_url="https://wiki.example.org/aw")
+    assert cfg.alerts.receivers == {
+        "alertmanager": "http://127.0.0.1:9093",
+        "webhook": "https://hooks.example.org/agentwatch?token=abc"}
+    assert (cfg.metrics.listen, cfg.metrics.host, cfg.metrics.port) == ("[::1]:9464", "::1",
+                                                                         9464)
+
+
+@pytest.mark.parametrize("text", ["", "alerts:\nmetrics:\n", "alerts: {}\nmetrics: {}\n",
+                                  "alerts:\n  alertmanager_url:\n  webhook_url: null\n"])
+def test_alerts_and_metrics_defaults(text: str) -> None:
+    cfg = load(text)
+    assert cfg.alerts == AlertSettings()
+    assert cfg.alerts.receivers == {}  # no URL: no alert is pushed
+    assert cfg.alerts.spool_dir == "/var/lib/agentwatch/spool"
+    assert (cfg.alerts.timeout_seconds, cfg.alerts.resolve_after_seconds) == (2.0, 300.0)
+    assert cfg.alerts.instance == ""
+    assert cfg.metrics == MetricsSettings()
+    assert (cfg.metrics.host, cfg.metrics.port) == ("127.0.0.1", 9464)
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("alertmanager_url", "ftp://am:9093", "must start with http:// or https://"),
+    ("alertmanager_url", "127.0.0.1:9093", "must start with http:// or https://"),
+    ("alertmanager_url", "am.example.org", "must start with http:// or https://"),
+    ("webhook_url", "http://", "has no host"),
+    ("webhook_url", "http:///hook", "has no host"),
+    ("webhook_url", "https://:8080/hook", "has no host"),
+    ("webhook_url", "http://h:99999/hook", "is not a valid URL"),
+    ("webhook_url", "http://h:port/hook", "is not a valid URL"),
+    ("webhook_url", "http://h:0/hook", "has port 0"),
+    ("webhook_url", "http://user:secret@h/hook", "carries credentials"),
+    ("webhook_url", "http://h/hook#frag", "has a fragment"),
+    ("webhook_url", "http://h/a hook", "white space"),
+    ("webhook_url", "''", "must not be empty"),
+    ("webhook_url", "8080", "expected a string, got int"),
+    ("alertmanager_url", "http://am:9093/api/v2/alerts", "without the API path"),
+    ("alertmanager_url", "http://am:9093/?x=1", "has a query"),
+    ("runbook_url", "wiki/agentwatch", "must start with http:// or https://"),
+])
+def test_bad_alert_urls(key: str, value: str, fragment: str) -> None:
+    loc, reason = only_problem(f"alerts:\n  spool_dir: /s\n  {key}: {value}\n")
+    assert loc == Location(SRC, 3, f"alerts.{key}")
+    assert fragment in reason
+
+
+@pytest.mark.parametrize(("text", "key", "fragment"), [
+    ("spool_dir: spool", "spool_dir", "must be an absolute path"),
+    ("timeout_seconds: 0", "timeout_seconds", "out of range"),
+    ("timeout_seconds: 61", "timeout_seconds", "allowed: 0.1..60"),
+    ("resolve_after_seconds: 5", "resolve_after_seconds", "out of range"),
+    ("resolve_after_seconds: 5m", "resolve_after_seconds", "expected a number, got str"),
+    ("instance: ' host'", "instance", "without leading or trailing white space"),
+    ("instance: 7", "instance", "expected a string, got int"),
+    ("alertmanager: http://am:9093", "alertmanager", "unknown key 'alertmanager'"),
+])
+def test_bad_alert_settings(text: str, key: str, fragment: str) -> None:
+    loc, reason = only_problem(f"alerts:\n  {text}\n")
+    assert loc == Location(SRC, 2, f"alerts.{key}")
+    assert fragment in reason
+
+
+@pytest.mark.parametrize(("listen", "host", "port"), [
+    ("127.0.0.1:9464", "127.0.0.1", 9464), ("[::1]:9464", "::1", 9464),
+    ("0.0.0.0:80", "0.0.0.0", 80), ("[::]:9464", "::", 9464),
+    ("localhost:9464", "localhost", 9464), ("metrics.example.org:1", "metrics.example.org", 1),
+    ("[fe80::1%eth0]:9464", "fe80::1%eth0", 9464),
+])
+def test_good_listen_addresses(listen: str, host: str, port: int) -> None:
+    assert split_listen(listen) == (host, port)
+    assert load(f"metrics:\n  listen: '{listen}'\n").metrics.port == port
+
+
+@pytest.mark.parametrize(("listen", "fragment"), [
+    ("9464", "is not host:port"),
+    (":9464", "is not host:port"),
+    ("127.0.0.1", "is not host:port"),
+    ("::1:9464", "in brackets, as [::1]:9464"),
+    ("[::1]", "bad port"),
+    ("[zz::1]:9464", "is not an IPv6 address"),
+    ("[127.0.0.1]:9464", "is not an IPv6 address"),
+    ("127.0.0.1:0", "bad port"),
+    ("127.0.0.1:65536", "bad port"),
+    ("127.0.0.1:-1", "bad port"),
+    ("127.0.0.1:http", "bad port"),
+    ("256.1.1.1:9464", "is not an IPv4 address"),
+    ("1.2.3:9464", "is not an IPv4 address"),
+    ("my_host:9464", "neither an IP address nor a host name"),
+    ("http://127.0.0.1:9464", "neither an IP address nor a host name"),
+])
+def test_bad_listen_addresses(listen: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        split_listen(listen)
+    loc, reason = only_problem(f"metrics:\n  listen: '{listen}'\n")
+    assert loc == Location(SRC, 2, "metrics.listen")
+    assert fragment in reason
+
+
+def test_bad_metrics_section() -> None:
+    found = problems("metrics:\n  listen: 9464\n  port: 9464\n")
+    assert [(loc.line, loc.key) for loc, _ in found] == [(2, "metrics.listen"),
+                                                         (3, "metrics.port")]
+    assert "expected a string, got int" in found[0][1]
+    assert "unknown key 'port' (allowed: listen)" in found[1][1]
+
+
+def test_alert_and_metrics_errors_reported_with_the_rest() -> None:
+    found = problems("""\
+        monitor:
+          history: 0
+        alerts:
+          alertmanager_url: am:9093
+          webhook_url: http://user:pw@hooks/x
+          spool_dir: relative
+        metrics:
+          listen: "::1:9464"
+        extra: 1
+    """)
+    assert [(loc.line, loc.key) for loc, _ in found] == [
+        (2, "monitor.history"), (4, "alerts.alertmanager_url"), (5, "alerts.webhook_url"),
+        (6, "alerts.spool_dir"), (8, "metrics.listen"), (9, "extra")]
+    assert "allowed: agents, monitor, alerts, metrics" in found[-1][1]
+
+
+def test_embedded_default_alert_and_metrics_examples_are_valid_when_uncommented() -> None:
+    lines = Path(default_config().source).read_text(encoding="utf-8").splitlines()
+    sections: dict[str, list[str]] = {}
+    current = ""
+    for line in lines:
+        if line in ("alerts:", "metrics:"):
+            current = line[:-1]
+            sections[current] = []
+        elif current and line.startswith("  # "):
+            sections[current].append("  " + line[4:])
+        elif current and not line.strip():
+            current = ""
+    cfg = load("".join(f"{name}:\n" + "\n".join(body) + "\n"
+                       for name, body in sections.items()))
+    assert cfg.alerts.receivers == {"alertmanager": "http://127.0.0.1:9093",
+                                    "webhook": "http://127.0.0.1:8080/hook"}
+    assert cfg.alerts.runbook_url.startswith("https://")
+    settings = {k: v for k, v in vars(cfg.alerts).items() if k in ("spool_dir",
+                "timeout_seconds", "resolve_after_seconds", "instance")}
+    assert settings == {k: getattr(AlertSettings(), k) for k in settings}  # the defaults
+    assert cfg.metrics == MetricsSettings()
