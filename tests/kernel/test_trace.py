@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import select
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,17 +18,36 @@ from conftest import SOCKET, Running, agent_exec, require_root, wait_exit
 CLI = [sys.executable, "-m", "monitor.cli"]
 
 
+_readers: dict[int, queue.Queue[str | None]] = {}
+
+
+def _lines(p: subprocess.Popen[str]) -> queue.Queue[str | None]:
+    """Lines of p's stdout, read by a thread (select() on a buffered pipe misses lines
+    already sitting in Python's buffer)."""
+    q = _readers.get(p.pid)
+    if q is None:
+        q = _readers[p.pid] = queue.Queue()
+
+        def pump(out: Any = p.stdout, q: queue.Queue[str | None] = q) -> None:
+            for line in out:
+                q.put(line)
+            q.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+    return q
+
+
 def read_until(p: subprocess.Popen[str], pred: Callable[[dict[str, Any]], bool],
                timeout: float = 15) -> dict[str, Any]:
-    assert p.stdout is not None
+    q = _lines(p)
     deadline = time.monotonic() + timeout
     seen = []
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([p.stdout], [], [], 0.2)
-        if not ready:
-            continue
-        line = p.stdout.readline()
-        if not line:
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = q.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
             break
         if line.startswith("{"):
             item = json.loads(line)
