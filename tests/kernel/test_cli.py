@@ -83,12 +83,19 @@ def test_run_detaches_cleanly_on_sigterm_and_sigint(tmp_path: Path) -> None:
     require_root()
     import json
     import signal
+    import socket as so
     import time
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         sock = tmp_path / f"ctl-{sig}.sock"
-        p = subprocess.Popen([*CLI, "run", "--socket", str(sock)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+        s = so.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        cfg = tmp_path / f"config-{sig}.yaml"
+        cfg.write_text(f"metrics: {{listen: '127.0.0.1:{port}'}}\n")
+        p = subprocess.Popen([*CLI, "run", "--config", str(cfg), "--socket", str(sock)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert p.stdout is not None
             started = json.loads(p.stdout.readline())
