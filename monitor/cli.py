@@ -1,4 +1,5 @@
-"""The `agentwatch` command line: run, trace, exec, status, config check.
+"""The `agentwatch` command line: run, trace, exec, status, top, killswitch, reload,
+policy check/test, config check.
 
 Turns every AgentwatchError into one sentence on stderr and its exit code (2 bad config,
 3 host lacks something, 4 control socket refused); never prints a traceback for those.
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import IO
 
 from monitor import __version__, control
-from monitor.config import Config, default_config, load_config
+from monitor.config import Config, check_trusted, default_config, load_config
 from monitor.errors import AgentwatchError, ControlError
 from monitor.events import Event
 from monitor.loader import ProbeOptions, Probes
@@ -36,6 +37,12 @@ EPILOG_TRACE = """examples:
   agentwatch trace --json                # one JSON object per line
   agentwatch trace --all                 # every process on the host (loads its own probes)
   agentwatch trace --record events.jsonl # also record events to a file
+"""
+EPILOG_TOP = """examples:
+  agentwatch top                         # live view, redrawn every second; Ctrl-C quits
+  agentwatch top --interval 2            # poll the monitor every 2 seconds
+  agentwatch top --once                  # one frame on the normal screen (rates over 1 s)
+  agentwatch top --once --interval 0     # one frame from a single snapshot, at once
 """
 EPILOG_EXEC = """examples:
   agentwatch exec --agent ci-bot -- ./run-agent.sh --task 42
@@ -62,7 +69,7 @@ def _socket(args: argparse.Namespace, cfg: Config | None = None) -> str:
     return cfg.monitor.control_socket if cfg else DEFAULT_SOCKET
 
 
-def _stop_on_signals() -> threading.Event:
+def _stop_on_signals(reload: threading.Event | None = None) -> threading.Event:
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
@@ -70,12 +77,15 @@ def _stop_on_signals() -> threading.Event:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
     return stop
 
 
 def _run_monitor(cfg: Config, loaded: tuple[Policy | None, float], sock: str | None,
                  sink: Callable[[Event, str], None] | None, trace_all: bool = False,
-                 log: Callable[..., None] | None = None, serve_metrics: bool = False) -> int:
+                 log: Callable[..., None] | None = None, serve_metrics: bool = False,
+                 reloader: Callable[[], tuple[Config, Policy]] | None = None) -> int:
     from prometheus_client import CollectorRegistry
 
     from monitor.metrics import AgentwatchCollector, serve
@@ -86,7 +96,8 @@ def _run_monitor(cfg: Config, loaded: tuple[Policy | None, float], sock: str | N
                                  ringbuf_mib=cfg.monitor.ring_buffer_mib, trace_all=trace_all))
     mon = Monitor(cfg, policy, probes=probes, sink=sink, control_path=sock, log=log)
     mon.metrics.observe_policy_loaded(load_seconds)
-    stop = _stop_on_signals()
+    mon.reloader = reloader
+    stop = _stop_on_signals(mon.reload_requested if reloader else None)
     server = None
     mon.start()
     try:
@@ -104,14 +115,29 @@ def _run_monitor(cfg: Config, loaded: tuple[Policy | None, float], sock: str | N
     return 0
 
 
+def _trusted(*paths: str | None) -> None:
+    """As root, refuse config/policy files an agent could have edited."""
+    if os.geteuid() == 0:
+        for path in paths:
+            if path:
+                check_trusted(path)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _trusted(args.config, args.policy)
     cfg = _load(args.config)
+
+    def reloader() -> tuple[Config, Policy]:
+        _trusted(args.config, args.policy)
+        policy = load_policy(args.policy) if args.policy else default_policy()
+        return _load(args.config), policy
+
     sink = None
     if args.verbose:
         def sink(ev: Event, agent: str) -> None:
             print(json.dumps({"msg": "event", **record(ev, agent)}), flush=True)
     return _run_monitor(cfg, _policy(args.policy, default_policy), _socket(args, cfg), sink,
-                        serve_metrics=True)
+                        serve_metrics=True, reloader=reloader)
 
 
 def _printer(as_json: bool, out: IO[str], rec: IO[str] | None
@@ -182,11 +208,48 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_killswitch(args: argparse.Namespace) -> int:
+    req: dict[str, object] = {"op": "killswitch", "latch": args.latch, "release": args.release}
+    if args.agent:
+        req["agent"] = args.agent
+    reply = control.request(_socket(args), req, timeout=30)
+    if args.release:
+        print(f"kill switch released for {reply.get('released')}; still latched: "
+              f"{', '.join(reply.get('latched') or []) or 'nothing'}")
+    else:
+        print(f"kill switch: {reply.get('sessions')} agent sessions, {reply.get('killed')} "
+              f"processes killed" + (f"; latched: {', '.join(reply.get('latched') or [])}"
+                                     if args.latch else ""))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    reply = control.request(_socket(args), {"op": "reload"}, timeout=30)
+    print(f"policy reloaded: sha256 {reply.get('policy_sha256')}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     reply = control.request(_socket(args), {"op": "status"})
     reply.pop("ok", None)
     print(json.dumps(reply, indent=2))
     return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (e.g. 0.5)")
+    return value
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from monitor.top import run_top  # rich is imported by this command only
+
+    return run_top(_socket(args), interval=args.interval, once=args.once)
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
@@ -264,9 +327,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     e.set_defaults(func=cmd_exec)
 
+    k = add("killswitch", "kill every process of every (or one) agent now",
+            "examples:\n  agentwatch killswitch                 # every agent, now\n"
+            "  agentwatch killswitch --agent ci-bot  # one agent\n"
+            "  agentwatch killswitch --latch         # and keep killing new agent processes\n"
+            "  agentwatch killswitch --release       # stop latching\n"
+            "Each use raises the kill-switch alert. It works in monitor mode too.")
+    k.add_argument("--agent", help="only this agent (default: every agent)")
+    group = k.add_mutually_exclusive_group()
+    group.add_argument("--latch", action="store_true",
+                       help="keep killing any new process of the agent(s) until --release")
+    group.add_argument("--release", action="store_true", help="release a latched kill switch")
+    k.add_argument("--socket", help="control socket of the running monitor")
+    k.set_defaults(func=cmd_killswitch)
+
+    rl = add("reload", "reload config and policy in the running monitor (like SIGHUP)")
+    rl.add_argument("--socket", help="control socket of the running monitor")
+    rl.set_defaults(func=cmd_reload)
+
     s = add("status", "show the running monitor's probes, agents and counters")
     s.add_argument("--socket", help="control socket of the running monitor")
     s.set_defaults(func=cmd_status)
+
+    tp = add("top", "live view of agent sessions, verdicts and connections", EPILOG_TOP)
+    tp.add_argument("--socket", help="control socket of the running monitor")
+    tp.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
+                    help="seconds between status polls (default 1); with --once, the "
+                    "sample for CPU and event rates (0: one snapshot, no rates)")
+    tp.add_argument("--once", action="store_true",
+                    help="print one frame on the normal screen and exit (for scripts)")
+    tp.set_defaults(func=cmd_top)
 
     pol = add("policy", "work with policy files")
     psub = pol.add_subparsers(dest="policy_command", required=True)

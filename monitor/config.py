@@ -49,7 +49,8 @@ _HOST_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63
 _TOP_KEYS = ("agents", "monitor", "alerts", "metrics")
 _AGENT_KEYS = ("name", "match")
 _MATCH_KEYS = ("comm", "exe", "cmdline", "user", "uid", "cgroup")
-_MONITOR_KEYS = ("control_socket", "ring_buffer_mib", "max_processes", "tick_seconds", "history")
+_MONITOR_KEYS = ("control_socket", "ring_buffer_mib", "max_processes", "tick_seconds", "history",
+                 "audit_log")
 _ALERTS_KEYS = ("alertmanager_url", "webhook_url", "spool_dir", "timeout_seconds",
                 "resolve_after_seconds", "instance", "runbook_url")
 _METRICS_KEYS = ("listen",)
@@ -119,6 +120,7 @@ class MonitorSettings:
     max_processes: int = 65536  # entries in the in-kernel process map, 1024..4194304
     tick_seconds: float = 1.0  # 0.05..60
     history: int = 32  # exec/connect records kept per process, 1..10000
+    audit_log: str = ""  # JSON lines of every verdict and kill (rotated); "" = off
 
 
 @dataclass(frozen=True)
@@ -459,13 +461,23 @@ class _Loader:
         if "history" in fields:
             got = expect_int(fields["history"], path("history"), p, minimum=1, maximum=10000)
             history = history if got is None else got
+        audit = default.audit_log
+        if "audit_log" in fields:
+            n = fields["audit_log"]
+            value = expect_str(n, path("audit_log"), p, allow_empty=True)
+            if value and not value.startswith("/"):
+                p.add(n.line, path("audit_log"), f"{value!r} must be an absolute path "
+                      "(or empty to turn the audit log off)")
+            elif value is not None:
+                audit = value
         tick = default.tick_seconds
         if "tick_seconds" in fields:
             seconds = expect_number(fields["tick_seconds"], path("tick_seconds"), p,
                                     minimum=0.05, maximum=60)
             tick = tick if seconds is None else seconds
         return MonitorSettings(control_socket=socket, ring_buffer_mib=ring,
-                               max_processes=max_processes, tick_seconds=tick, history=history)
+                               max_processes=max_processes, tick_seconds=tick, history=history,
+                               audit_log=audit)
 
     def alerts(self, node: Node) -> AlertSettings:
         default = AlertSettings()
@@ -580,3 +592,26 @@ def default_config() -> Config:
     """The embedded default config (monitor/defaults/config.yaml)."""
     resource = importlib.resources.files("monitor.defaults").joinpath("config.yaml")
     return load_config_text(resource.read_text(encoding="utf-8"), str(resource))
+
+
+def check_trusted(path: str | Path) -> None:
+    """Refuse a config or policy file an agent could have edited: it must be owned by root
+    and writable by nobody else, and so must its directory (unless sticky, like /tmp).
+    An agent that can edit the policy can allow itself anything."""
+    problems: list[tuple[Location, str]] = []
+    target = Path(path)
+    for item, what in ((target, "file"), (target.resolve().parent, "directory")):
+        try:
+            st = item.stat()
+        except OSError as e:
+            problems.append((Location(str(path)), f"cannot stat the {what} {item}: "
+                             f"{e.strerror}"))
+            continue
+        sticky_dir = what == "directory" and st.st_mode & 0o1000
+        if st.st_uid != 0 or (st.st_mode & 0o022 and not sticky_dir):
+            problems.append((Location(str(path)), (
+                f"the {what} {item} must be owned by root and writable by nobody else "
+                f"(owner uid {st.st_uid}, mode {st.st_mode & 0o7777:04o}): "
+                f"`chown root:root {item} && chmod go-w {item}`")))
+    if problems:
+        raise ConfigError(problems)

@@ -39,7 +39,7 @@ class SessionMap(Protocol):
 
     def session_of(self, pid: int) -> int | None: ...
     def session_pids(self, session: int) -> list[int]: ...
-    def doom(self, session: int) -> None: ...
+    def doom(self, session: int, manual: bool = False) -> None: ...
 
 
 class Signaller(Protocol):
@@ -101,14 +101,17 @@ class Enforcer:
             self.signaller.close(fd)
 
     def kill_session(self, session: int, known: Iterable[int] = (),
-                     rounds: int = 20) -> list[KillResult]:
+                     rounds: int = 20, manual: bool = False) -> list[KillResult]:
         """kill-agent: leave no process of the session alive, even one forking right now.
 
         The kernel is told first (every process of the session then dies at its next fork
         exit or context switch, and children die before their first instruction); then each
         process the kernel still lists is killed through a pidfd, until none is left.
         """
-        self.kernel.doom(session)
+        if manual:  # the operator's kill switch: doomed in monitor mode too
+            self.kernel.doom(session, manual=True)
+        else:
+            self.kernel.doom(session)
         results = {pid: self.kill(pid, session) for pid in known}
         for _ in range(rounds):
             live = self.kernel.session_pids(session)

@@ -59,6 +59,7 @@ class RuleMask(IntEnum):
     OUTSIDE = 4
     KILL = 5
     DENY = 6
+    ENFORCE = 7
 
 
 RULE_MASK_SLOTS = 8
@@ -92,7 +93,7 @@ COUNTER_SLOTS = 8
 class Setting(IntEnum):
     EXEC_CANDIDATES = 0
     MONITOR_TGID = 1
-    ENFORCE = 2
+    GEN = 2
 
 
 class Family(IntEnum):
@@ -121,7 +122,11 @@ class CMatch(ct.Structure):
 
 
 class CCommKey(ct.Structure):
-    _fields_ = [("comm", ct.c_char * COMM_LEN), ("uid", ct.c_uint32)]
+    _fields_ = [("comm", ct.c_char * COMM_LEN), ("uid", ct.c_uint32), ("gen", ct.c_uint32)]
+
+
+class CUidKey(ct.Structure):
+    _fields_ = [("uid", ct.c_uint32), ("gen", ct.c_uint32)]
 
 
 class CHeader(ct.Structure):
@@ -177,11 +182,12 @@ class CExitEvent(ct.Structure):
 
 
 class CNetKey(ct.Structure):
-    _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 16)]
+    _fields_ = [("prefixlen", ct.c_uint32), ("gen", ct.c_uint8), ("addr", ct.c_uint8 * 16),
+                ("_pad", ct.c_uint8 * 3)]
 
 
 class CNameKey(ct.Structure):
-    _fields_ = [("comm", ct.c_char * COMM_LEN)]
+    _fields_ = [("comm", ct.c_char * COMM_LEN), ("gen", ct.c_uint32)]
 
 
 class CVerdictEvent(ct.Structure):
@@ -204,6 +210,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "aw_proc": CProc,
     "aw_match": CMatch,
     "aw_comm_key": CCommKey,
+    "aw_uid_key": CUidKey,
     "aw_header": CHeader,
     "aw_fork_event": CForkEvent,
     "aw_exec_event": CExecEvent,

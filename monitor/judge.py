@@ -65,6 +65,11 @@ class Judge:
         self._kernel_seen: OrderedDict[tuple[int, str], None] = OrderedDict()
         self._once: set[tuple[str, int, int]] = set()  # (rule, session, pid) of repeating rules
 
+    def use(self, policy: Policy, tables: KernelTables) -> None:
+        """A reloaded policy: judge from now on by it (counters and windows carry over)."""
+        self.policy, self.tables = policy, tables
+        self.kernel_rules = frozenset(r.name for r in tables.rules)
+
     # --- events ------------------------------------------------------------------------
 
     def on_event(self, ev: Event, agent: str, proc: Process | None) -> list[Verdict]:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from monitor.events import COMM_LEN, MAX_RULES, KAction, RuleMask
-from monitor.policy import Action, ConnectMatch, EventKind, ExecMatch, Policy, Rule
+from monitor.policy import Action, ConnectMatch, EventKind, ExecMatch, Mode, Policy, Rule
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -113,6 +113,7 @@ def compile_kernel(policy: Policy) -> KernelTables:
                     ports[port] = ports.get(port, 0) | bit
         else:
             masks[RuleMask.ANY_PORT] |= bit
+    masks[RuleMask.ENFORCE] = 1 if policy.mode == Mode.ENFORCE else 0
     return KernelTables(rules, tuple(_KACTION[r.action] for r in rules), masks,
                         _lpm_entries(prefix_bits), ports, names, all_agents, by_agent,
                         overflow)

@@ -29,6 +29,7 @@ from monitor.events import (
     CNetKey,
     Counter,
     CProc,
+    CUidKey,
     Setting,
 )
 
@@ -300,7 +301,7 @@ class Probes:
         self.bpf[b"settings"][ct.c_int(int(setting))] = ct.c_uint32(value)
 
     def set_matchers(self, comms: Iterable[tuple[str, int, int]],
-                     uids: Iterable[tuple[int, int]]) -> None:
+                     uids: Iterable[tuple[int, int]], gen: int = 0) -> None:
         """Replace the in-kernel agent matchers.
 
         comms: (comm, agent index, uid or events.ANY_UID); uids: (uid, agent index). The
@@ -309,52 +310,80 @@ class Probes:
         """
         comm_table = self.bpf[b"match_comm"]
         uid_table = self.bpf[b"match_uid"]
-        comm_table.clear()
-        uid_table.clear()
+        self._clear_gen(b"match_comm", gen)
+        self._clear_gen(b"match_uid", gen)
         for comm, agent, uid in comms:
-            comm_table[CCommKey(comm.encode()[: events.COMM_LEN - 1], uid)] = CMatch(agent, 0)
+            key = CCommKey(comm.encode()[: events.COMM_LEN - 1], uid, gen)
+            comm_table[key] = CMatch(agent, 0)
         for uid, agent in uids:
-            uid_table[ct.c_uint32(uid)] = CMatch(agent, 0)
+            uid_table[CUidKey(uid, gen)] = CMatch(agent, 0)
 
     # --- kernel rules ------------------------------------------------------------------
 
-    def install_rules(self, tables: KernelTables, agent_names: list[str]) -> None:
-        """Write the compiled kernel rules; agent_names[i] is the agent of index i."""
+    def install_rules(self, tables: KernelTables, agent_names: list[str], gen: int) -> None:
+        """Write the compiled kernel rules into generation `gen` (0/1) of the rule maps; they
+        take effect at flip(gen). agent_names[i] is the agent of index i."""
         b = self.bpf
         n = MAX_RULES
         acts = [int(a) for a in tables.actions]
-        actions = (ct.c_uint32 * n)(*acts + [0] * (n - len(acts)))
-        b[b"rule_action"].items_update_batch((ct.c_int * n)(*range(n)), actions)
+        b[b"rule_action"].items_update_batch((ct.c_int * n)(*range(gen * n, gen * n + n)),
+                                             (ct.c_uint32 * n)(*acts + [0] * (n - len(acts))))
         masks = [0] * RULE_MASK_SLOTS
         for k, v in tables.masks.items():
             masks[int(k)] = v
-        b[b"rule_masks"].items_update_batch((ct.c_int * RULE_MASK_SLOTS)(*range(RULE_MASK_SLOTS)),
-                                            (ct.c_uint64 * RULE_MASK_SLOTS)(*masks))
+        m = RULE_MASK_SLOTS
+        b[b"rule_masks"].items_update_batch((ct.c_int * m)(*range(gen * m, gen * m + m)),
+                                            (ct.c_uint64 * m)(*masks))
         scopes = [tables.scope(agent_names[i]) if i < len(agent_names) else tables.all_agents
                   for i in range(MAX_AGENTS)]
-        b[b"rule_scope"].items_update_batch((ct.c_int * MAX_AGENTS)(*range(MAX_AGENTS)),
-                                            (ct.c_uint64 * MAX_AGENTS)(*scopes))
+        a = MAX_AGENTS
+        b[b"rule_scope"].items_update_batch((ct.c_int * a)(*range(gen * a, gen * a + a)),
+                                            (ct.c_uint64 * a)(*scopes))
         ports = [0] * 65536
         for port, mask in tables.ports.items():
             ports[port] = mask
-        b[b"port_rules"].items_update_batch((ct.c_int * 65536)(*range(65536)),
-                                            (ct.c_uint64 * 65536)(*ports))
+        b[b"port_rules"].items_update_batch(
+            (ct.c_int * 65536)(*range(gen * 65536, gen * 65536 + 65536)),
+            (ct.c_uint64 * 65536)(*ports))
+        self._clear_gen(b"net_rules", gen)
         nets = b[b"net_rules"]
-        nets.clear()
         for addr, plen, mask in tables.networks:
-            nets[CNetKey(plen, (ct.c_uint8 * 16)(*addr))] = ct.c_uint64(mask)
+            nets[CNetKey(8 + plen, gen, (ct.c_uint8 * 16)(*addr))] = ct.c_uint64(mask)
+        self._clear_gen(b"exec_rules", gen)
         names = b[b"exec_rules"]
-        names.clear()
         for comm, mask in tables.exec_names.items():
-            names[CNameKey(comm)] = ct.c_uint64(mask)
+            names[CNameKey(comm, gen)] = ct.c_uint64(mask)
+
+    def _clear_gen(self, table: bytes, gen: int) -> None:
+        t = self.bpf[table]
+        for key in [k for k in t.keys() if k.gen == gen]:
+            try:
+                del t[key]
+            except KeyError:
+                continue
+
+    def generation(self) -> int:
+        return int(self.bpf[b"settings"][ct.c_int(int(Setting.GEN))].value) & 1
+
+    def flip(self, gen: int) -> None:
+        """Make generation `gen` of the rule and matcher maps the one in force: a single
+        word write, so every probe sees either the old policy or the new one, never a mix."""
+        self.set_setting(Setting.GEN, gen & 1)
 
     def set_scope(self, agent_index: int, mask: int) -> None:
         if 0 <= agent_index < MAX_AGENTS:
             self.bpf[b"rule_scope"][ct.c_int(agent_index)] = ct.c_uint64(mask)
 
-    def doom(self, session: int) -> None:
-        """Every process of the session gets SIGKILL at its next trip through the kernel."""
-        self.bpf[b"doomed"][ct.c_uint32(session)] = ct.c_uint32(1)
+    def doom(self, session: int, manual: bool = False) -> None:
+        """Every process of the session gets SIGKILL at its next trip through the kernel
+        (in monitor mode too when `manual`: the operator's kill switch)."""
+        self.bpf[b"doomed"][ct.c_uint32(session)] = ct.c_uint32(2 if manual else 1)
+
+    def latch(self, agent_index: int | None, on: bool) -> None:
+        """Latch (or release) the kill switch for one agent index, or for all (None)."""
+        idx = MAX_AGENTS if agent_index is None else agent_index
+        if 0 <= idx <= MAX_AGENTS:
+            self.bpf[b"latched"][ct.c_int(idx)] = ct.c_uint32(1 if on else 0)
 
     def undoom(self, session: int) -> None:
         try:

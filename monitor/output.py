@@ -9,7 +9,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from monitor.events import ConnectEvent, Event, ExecEvent, ExecFlag, ExitEvent, ForkEvent
+from monitor.events import (
+    ConnectEvent,
+    Event,
+    ExecEvent,
+    ExecFlag,
+    ExitEvent,
+    ForkEvent,
+    VerdictEvent,
+)
 
 _ERRNO_NAMES = {
     -1: "EPERM", -13: "EACCES", -101: "ENETUNREACH", -104: "ECONNRESET", -110: "ETIMEDOUT",
@@ -41,6 +49,10 @@ def record(ev: Event, agent: str) -> dict[str, Any]:
                    port=ev.port, result=ev.ret, latency_ns=ev.latency_ns)
     elif isinstance(ev, ForkEvent):
         out.update(child_pid=ev.child_pid)
+    elif isinstance(ev, VerdictEvent):
+        out.update(rule=ev.rule, rules_mask=ev.mask, verdict=ev.verdict.name.lower(),
+                   action=ev.action.name.lower() if ev.action else None,
+                   enforced=ev.enforced, address=ev.address or None, port=ev.port or None)
     elif isinstance(ev, ExitEvent):
         out.update(exit_status=ev.exit_status, exit_code=ev.exit_code, signal=ev.signal,
                    ppid=ev.ppid, cpu_ns=ev.cpu_ns)
@@ -80,6 +92,11 @@ def columns_of(rec: dict[str, Any]) -> str:
         detail = f"{host}:{rec.get('port')} {result}"
     elif kind == "fork":
         detail = f"child {rec.get('child_pid')}"
+    elif kind == "policy_verdict":
+        detail = (f"rule {rec.get('rule')}: {rec.get('action')} -> {rec.get('outcome')} "
+                  f"({rec.get('reason')})")
+    elif kind == "verdict":
+        detail = f"kernel rule #{rec.get('rule')} matched"
     else:
         detail = (f"{describe_status(int(rec.get('exit_status', -1)))} "
                   f"cpu {int(rec.get('cpu_ns') or 0) / 1e9:.3f}s")

@@ -9,6 +9,8 @@ caught by the second). It never signals a process: enforcement lives elsewhere.
 from __future__ import annotations
 
 import json
+import logging
+import logging.handlers
 import os
 import sys
 import threading
@@ -21,7 +23,7 @@ from monitor import events
 from monitor.alerts import Notifier
 from monitor.config import AgentSpec, Config, ProcessFacts
 from monitor.control import ControlServer, Subscribers
-from monitor.enforcer import Enforcer
+from monitor.enforcer import Enforcer, Outcome
 from monitor.engine import Verdict
 from monitor.errors import ConfigError, ControlError, EnvironmentProblem, Location
 from monitor.events import (
@@ -51,6 +53,7 @@ from monitor.metrics import (
 from monitor.output import record
 from monitor.policy import Action, Mode, Policy, load_policy_text
 from monitor.procfs import ProcFS, ProcInfo, plan_adoption
+from monitor.sdnotify import SystemdNotifier
 from monitor.tracker import Process, Session, Tracker
 
 Sink = Callable[[Event, str], None]
@@ -67,7 +70,7 @@ def merged_agents(config: Config, policy: Policy) -> tuple[AgentSpec, ...]:
     return (*config.agents, *policy.agents)
 
 
-def kernel_matchers(agents: Sequence[AgentSpec]
+def kernel_matchers(agents: Sequence[AgentSpec], index: Callable[[str], int] | None = None
                     ) -> tuple[list[tuple[str, int, int]], list[tuple[int, int]]]:
     """The in-kernel matcher tables, so the kernel picks what Config.recognise picks.
 
@@ -78,7 +81,8 @@ def kernel_matchers(agents: Sequence[AgentSpec]
     """
     comm_tab: dict[tuple[str, int], int] = {}
     uid_tab: dict[int, int] = {}
-    for idx, agent in enumerate(agents):
+    for pos, agent in enumerate(agents):
+        idx = index(agent.name) if index is not None else pos
         for m in agent.matchers:
             if not m.in_kernel:
                 continue
@@ -115,12 +119,29 @@ class AgentTable:
         return list(self._names)
 
 
-class JsonLog:
-    """Structured log lines (one JSON object each) for stdout / journald."""
+AUDITED = frozenset({"verdict", "killswitch", "policy reloaded", "policy reload refused"})
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+
+class JsonLog:
+    """Structured log lines (one JSON object each) for stdout / journald; verdicts, kills
+    and policy changes also go to the audit log (JSON lines, rotated) when one is set."""
+
+    def __init__(self, stream: IO[str] | None = None, audit_path: str = "",
+                 audit_bytes: int = 10 * 1024 * 1024, audit_keep: int = 5) -> None:
         self.stream = stream or sys.stdout
         self._lock = threading.Lock()
+        self.audit: logging.Logger | None = None
+        if audit_path:
+            try:
+                os.makedirs(os.path.dirname(audit_path), mode=0o750, exist_ok=True)
+                handler = logging.handlers.RotatingFileHandler(
+                    audit_path, maxBytes=audit_bytes, backupCount=audit_keep)
+            except OSError as e:
+                raise EnvironmentProblem(f"cannot open the audit log {audit_path}: "
+                                         f"{e.strerror}; fix monitor.audit_log") from None
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            self.audit = logging.Logger("agentwatch.audit")
+            self.audit.addHandler(handler)
 
     def __call__(self, msg: str, level: str = "info", **fields: Any) -> None:
         line = json.dumps({"ts": round(time.time(), 6), "level": level, "msg": msg, **fields},
@@ -128,6 +149,8 @@ class JsonLog:
         with self._lock:
             self.stream.write(line + "\n")
             self.stream.flush()
+            if self.audit is not None and msg in AUDITED:
+                self.audit.warning(line)
 
 
 @dataclass(frozen=True)
@@ -150,7 +173,11 @@ class Monitor:
         self.probes = probes or Probes()
         self.procfs = procfs or ProcFS()
         self.sink = sink
-        self.log = log or JsonLog()
+        self.log = log or JsonLog(audit_path=config.monitor.audit_log)
+        self.sd = SystemdNotifier()
+        self.reload_requested = threading.Event()
+        self.reloader: Callable[[], tuple[Config, Policy]] | None = None
+        self._latched: set[str] = set()  # agent names, "*" = every agent
         self.control_path = control_path
         self.agents = AgentTable([a.name for a in self.specs])
         self.tracker = Tracker(self.agents.name, history=config.monitor.history)
@@ -159,7 +186,8 @@ class Monitor:
         self.tables = compile_kernel(self.policy)
         self.enforcer = Enforcer(self.probes, self.procfs, self._excluded)
         self.notifier = Notifier(config.alerts, log=self.log)
-        self.judge = Judge(self.policy, self.tables, self.enforcer, self.tracker, self.log,
+        self.judge = Judge(self.policy, self.tables, self.enforcer, self.tracker,
+                           self._verdict_log,
                            on_kill_latency=self.metrics.observe_kill_latency,
                            alerts=self.notifier)
         self.subscribers = Subscribers()
@@ -168,18 +196,25 @@ class Monitor:
         self.decode_errors = 0
         self._next_session = 1
         self._control: ControlServer | None = None
+        self.gen = 0
         self._userspace_matchers = any(not m.in_kernel for a in self.specs
                                        for m in a.matchers)
         self.cgroup: str | None = None
+
+    def _verdict_log(self, msg: str, level: str = "info", **fields: Any) -> None:
+        """The judge's log lines; verdicts also stream to subscribers (agentwatch top)."""
+        self.log(msg, level=level, **fields)
+        if msg == "verdict" and self.subscribers:
+            self.subscribers.send(json.dumps({"event": "policy_verdict", **fields},
+                                             default=str, separators=(",", ":")))
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
         self.notifier.start()
         self.probes.open()
-        enforce = self.policy.mode == Mode.ENFORCE
-        self.probes.set_setting(Setting.ENFORCE, 1 if enforce else 0)
-        self.probes.install_rules(self.tables, self.agents.names())
+        self.gen = 0
+        self.probes.install_rules(self.tables, self.agents.names(), self.gen)
         try:
             self.cgroup = self.probes.attach_cgroup()
         except EnvironmentProblem as e:
@@ -197,6 +232,8 @@ class Monitor:
                 "ping": lambda req, pid: {"ok": True, "pid": os.getpid()},
                 "register": self._op_register,
                 "status": lambda req, pid: {"ok": True, **self.status()},
+                "killswitch": self._op_killswitch,
+                "reload": self._op_reload,
             }, self.subscribers)
             self._control.start()
         self.log("monitor started", probes=self.probes.attached,
@@ -207,6 +244,7 @@ class Monitor:
                  cgroup=self.cgroup)
 
     def stop(self) -> None:
+        self.sd.stopping()
         if self._control is not None:
             self._control.stop()
             self._control = None
@@ -217,12 +255,127 @@ class Monitor:
     def run(self, stop: threading.Event) -> None:
         tick = self.config.monitor.tick_seconds
         next_tick = time.monotonic() + tick
+        self.sd.ready(self._status_line())
         while not stop.is_set():
             self.probes.poll(100)
             now = time.monotonic()
+            self.sd.watchdog(now)  # from the loop itself: a stuck loop stops pinging
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload_from_files()
             if now >= next_tick:
                 self.tick()
+                self.sd.status(self._status_line())
                 next_tick = now + tick
+
+    def _status_line(self) -> str:
+        sessions = self.tracker.sessions()
+        kills = sum(self.judge.kills.values())
+        return (f"{self.policy.mode.value}: {len(sessions)} agent sessions, "
+                f"{sum(len(s.processes) for s in sessions)} processes, {kills} kills, "
+                f"policy {self.policy.sha256[:12]}")
+
+    # --- reload --------------------------------------------------------------------------
+
+    def reload_from_files(self) -> bool:
+        """SIGHUP: load config and policy again; a bad one is refused and the old stays."""
+        if self.reloader is None:
+            return False
+        self.sd.reloading()
+        start = time.monotonic()
+        try:
+            config, policy = self.reloader()
+            self.reload(config, policy)
+        except (ConfigError, EnvironmentProblem) as e:
+            self.metrics.observe_reload(False, time.monotonic() - start)
+            self.log("policy reload refused", level="error", reason=str(e),
+                     kept=self.policy.sha256)
+            self.sd.ready(self._status_line())
+            return False
+        self.metrics.observe_reload(True, time.monotonic() - start)
+        self.sd.ready(self._status_line())
+        return True
+
+    def reload(self, config: Config, policy: Policy) -> None:
+        """Swap in a new config and policy at once: the kernel rule and matcher maps are
+        written into the idle generation and flipped in one word write."""
+        specs = merged_agents(config, policy)
+        tables = compile_kernel(policy)
+        with self.lock:
+            for spec in specs:
+                self.agents.index(spec.name)
+            gen = 1 - self.gen
+            self.probes.install_rules(tables, self.agents.names(), gen)
+            comms, uids = kernel_matchers(specs, self.agents.index)
+            self.probes.set_matchers(comms, uids, gen)
+            self.probes.flip(gen)
+            self.gen = gen
+            old = self.policy.sha256
+            self.config, self.policy, self.specs, self.tables = config, policy, specs, tables
+            self._userspace_matchers = any(not m.in_kernel for a in specs for m in a.matchers)
+            self.probes.set_setting(Setting.EXEC_CANDIDATES,
+                                    1 if self._userspace_matchers else 0)
+            self.judge.use(policy, tables)
+        self.log("policy reloaded", previous=old, policy=policy.source, policy_sha256=policy.sha256,
+                 mode=policy.mode.value, rules=len(policy.rules), kernel_rules=len(tables.rules))
+
+    def _op_reload(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
+        ok = self.reload_from_files()
+        return {"ok": ok, "policy_sha256": self.policy.sha256} if ok else {
+            "ok": False, "error": "reload refused: see the monitor's log (the old policy stays)"}
+
+    # --- kill switch ---------------------------------------------------------------------
+
+    def killswitch(self, agent: str | None, latch: bool = False, release: bool = False,
+                   requested_by: str = "") -> dict[str, Any]:
+        """Kill every process of every (or one) agent now; `latch` keeps killing any new
+        agent process until released. Works in monitor mode too: it is the operator's."""
+        names = self.agents.names()
+        if agent is not None and agent not in names:
+            raise ControlError(f"unknown agent {agent!r} (known: {', '.join(names) or 'none'})")
+        key = agent or "*"
+        index = None if agent is None else self.agents.index(agent)
+        if release:
+            self.probes.latch(index, False)
+            self._latched.discard(key)
+            self.log("killswitch", agent=key, action="release", requested_by=requested_by)
+            return {"released": key, "latched": sorted(self._latched)}
+        if latch:
+            self.probes.latch(index, True)
+            self._latched.add(key)
+        with self.lock:
+            targets = [(s.id, list(s.processes)) for s in self.tracker.sessions()
+                       if agent is None or s.agent == agent]
+        killed = 0
+        for sid, known in targets:
+            results = self.enforcer.kill_session(sid, known, manual=True)
+            killed += sum(1 for r in results if r.outcome == Outcome.KILLED)
+        outcome = f"{len(targets)} agent sessions killed ({killed} processes signalled)"
+        self.log("killswitch", agent=key, action="latch" if latch else "kill",
+                 sessions=[t[0] for t in targets], killed=killed, requested_by=requested_by)
+        self.metrics.observe_killswitch(agent or "all")
+        self.notifier.kill_switch(agent=key, outcome=outcome, requested_by=requested_by,
+                                  reason="manual kill switch" + (" (latched)" if latch else ""))
+        return {"sessions": len(targets), "killed": killed, "latched": sorted(self._latched)}
+
+    def latched(self, agent: str) -> bool:
+        return "*" in self._latched or agent in self._latched
+
+    def _op_killswitch(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
+        agent = req.get("agent")
+        if agent is not None and not isinstance(agent, str):
+            return {"ok": False, "error": "killswitch: 'agent' must be a string"}
+        flags = {k: req.get(k, False) for k in ("latch", "release")}
+        if not all(isinstance(v, bool) for v in flags.values()):
+            return {"ok": False, "error": "killswitch: 'latch' and 'release' must be booleans"}
+        if flags["latch"] and flags["release"]:
+            return {"ok": False, "error": "killswitch: give --latch or --release, not both"}
+        try:
+            result = self.killswitch(agent, flags["latch"], flags["release"],
+                                     requested_by=f"pid {peer_pid}")
+        except ControlError as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, **result}
 
     def tick(self) -> None:
         """Read what the kernel sums (CPU time per process) into the tracker."""
@@ -234,8 +387,9 @@ class Monitor:
     # --- recognition -------------------------------------------------------------------
 
     def install_matchers(self) -> None:
-        comms, uids = kernel_matchers(self.specs)
-        self.probes.set_matchers(comms, uids)
+        comms, uids = kernel_matchers(self.specs, self.agents.index)
+        self.probes.set_matchers(comms, uids, self.gen)
+        self.probes.flip(self.gen)
         self.probes.set_setting(Setting.EXEC_CANDIDATES, 1 if self._userspace_matchers else 0)
 
     def _facts(self, info: ProcInfo) -> ProcessFacts:
@@ -329,6 +483,9 @@ class Monitor:
                                    f"{sess.agent!r}")
             if pid in self._excluded():
                 raise ControlError(f"process {pid} is the monitor or one of its ancestors")
+            if self.latched(agent):
+                raise ControlError(f"the kill switch is latched for {agent!r}: release it "
+                                   "with `agentwatch killswitch --release` first")
             info = self.procfs.read(pid)
             if info is None:
                 raise ControlError(f"process {pid} is gone")
@@ -458,6 +615,8 @@ class Monitor:
                 self.tracker.start_session(sid, agent, ev.h.pid, ev.h.ts_ns)
                 self.log("agent session started", agent=agent, session=sid,
                          root_pid=ev.h.pid, exe=ev.filename, via="userspace match")
+                if self.latched(agent):
+                    self.enforcer.kill_session(sid, [ev.h.pid], manual=True)
         session = self.tracker.session(sid)
         pids = [ev.h.pid, ev.child_pid] if isinstance(ev, ForkEvent) else [ev.h.pid]
         if session is None:  # rejected, or its deciding exec was lost

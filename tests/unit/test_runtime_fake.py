@@ -196,7 +196,7 @@ class FakeProbes:
         self.settings[setting] = value
 
     def set_matchers(self, comms: Iterable[tuple[str, int, int]],
-                     uids: Iterable[tuple[int, int]]) -> None:
+                     uids: Iterable[tuple[int, int]], gen: int = 0) -> None:
         self.calls.append("set_matchers")
         self.match_comm.clear()
         self.match_uid.clear()
@@ -207,9 +207,12 @@ class FakeProbes:
         for uid, agent in uids:
             self.match_uid[uid] = agent
 
-    def install_rules(self, tables: object, agent_names: list[str]) -> None:
+    def install_rules(self, tables: object, agent_names: list[str], gen: int = 0) -> None:
         self.calls.append("install_rules")
         self.tables = tables
+
+    def flip(self, gen: int) -> None:
+        self.gen = gen
 
     def attach_cgroup(self, path: str | None = None) -> str:
         self.calls.append("attach_cgroup")
