@@ -40,8 +40,8 @@ _Static_assert(sizeof(struct aw_verdict_event) == AW_PY_SIZEOF_VERDICT_EVENT, "a
 
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
 BPF_HASH(procs, u32, struct aw_proc, AW_MAX_PROCS);
-BPF_HASH(match_comm, struct aw_comm_key, struct aw_match, 1024);
-BPF_HASH(match_uid, u32, struct aw_match, 1024);
+BPF_HASH(match_comm, struct aw_comm_key, struct aw_match, 2048);
+BPF_HASH(match_uid, struct aw_uid_key, struct aw_match, 2048);
 BPF_TABLE("lru_hash", u32, struct aw_exec_args, pending_exec, AW_PENDING_MAX);
 BPF_TABLE("lru_hash", u32, struct aw_connect_args, pending_connect, AW_PENDING_MAX);
 BPF_PERCPU_ARRAY(exec_scratch, struct aw_exec_event, 1);
@@ -52,13 +52,14 @@ BPF_ARRAY(settings, u32, AW_SET_MAX);
 BPF_PERCPU_ARRAY(session_seq, u32, 1);
 
 /* Kernel-enforced rules (monitor/kpolicy.py). */
-BPF_ARRAY(rule_action, u32, AW_MAX_RULES);
-BPF_ARRAY(rule_masks, u64, AW_MASK_MAX);
-BPF_ARRAY(rule_scope, u64, AW_MAX_AGENTS);
-BPF_LPM_TRIE(net_rules, struct aw_net_key, u64, 4096);
-BPF_ARRAY(port_rules, u64, 65536);
-BPF_HASH(exec_rules, struct aw_name_key, u64, 1024);
+BPF_ARRAY(rule_action, u32, 2 * AW_MAX_RULES);
+BPF_ARRAY(rule_masks, u64, 2 * AW_MASK_MAX);
+BPF_ARRAY(rule_scope, u64, 2 * AW_MAX_AGENTS);
+BPF_LPM_TRIE(net_rules, struct aw_net_key, u64, 8192);
+BPF_ARRAY(port_rules, u64, 2 * 65536);
+BPF_HASH(exec_rules, struct aw_name_key, u64, 2048);
 BPF_HASH(doomed, u32, u32, 1024); /* sessions being killed whole (kill-agent) */
+BPF_ARRAY(latched, u32, AW_MAX_AGENTS + 1); /* kill switch latched: per agent, [MAX] = all */
 
 static __always_inline void count(u32 idx)
 {
@@ -67,17 +68,25 @@ static __always_inline void count(u32 idx)
         *c += 1;
 }
 
-static __always_inline u64 mask_at(u32 idx)
+/* The generation of rule maps in force; read once per program run, passed down, so one
+ * decision never mixes an old and a new policy. */
+static __always_inline u32 gen(void)
 {
-    u64 *m = rule_masks.lookup(&idx);
+    u32 key = AW_SET_GEN;
+    u32 *g = settings.lookup(&key);
+    return g ? (*g & 1) : 0;
+}
+
+static __always_inline u64 mask_at(u32 g, u32 idx)
+{
+    u32 key = g * AW_MASK_MAX + idx;
+    u64 *m = rule_masks.lookup(&key);
     return m ? *m : 0;
 }
 
-static __always_inline int enforcing(void)
+static __always_inline int enforcing(u32 g)
 {
-    u32 key = AW_SET_ENFORCE;
-    u32 *e = settings.lookup(&key);
-    return e && *e;
+    return mask_at(g, AW_MASK_ENFORCE) != 0;
 }
 
 static __always_inline u32 lowest_bit(u64 m)
@@ -92,31 +101,33 @@ static __always_inline u32 lowest_bit(u64 m)
     return n;
 }
 
-static __always_inline u64 scope_of(u32 agent)
+static __always_inline u64 scope_of(u32 g, u32 agent)
 {
     if (agent >= AW_MAX_AGENTS) /* includes pending candidates: not an agent yet */
         return 0;
-    u64 *scope = rule_scope.lookup(&agent);
+    u32 key = g * AW_MAX_AGENTS + agent;
+    u64 *scope = rule_scope.lookup(&key);
     return scope ? *scope : 0;
 }
 
 /* Which kernel connect rules a destination breaks, for this agent. addr16 is IPv6 or
  * IPv4-mapped; v4 says whether it is (an) IPv4 (address). */
-static __always_inline u64 connect_hits(u32 agent, const u8 *addr16, u16 port, int v4)
+static __always_inline u64 connect_hits(u32 g, u32 agent, const u8 *addr16, u16 port, int v4)
 {
-    u64 scope = scope_of(agent);
+    u64 scope = scope_of(g, agent);
     if (!scope)
         return 0;
     struct aw_net_key k = {};
-    k.prefixlen = 128;
+    k.prefixlen = 8 + 128;
+    k.gen = g;
     __builtin_memcpy(k.addr, addr16, 16);
     u64 *a = net_rules.lookup(&k);
-    u32 pk = port;
+    u32 pk = g * 65536 + port;
     u64 *p = port_rules.lookup(&pk);
-    u64 inside = ((a ? *a : 0) | mask_at(AW_MASK_ANY_ADDR)) &
-                 ((p ? *p : 0) | mask_at(AW_MASK_ANY_PORT));
-    u64 fam = mask_at(v4 ? AW_MASK_INET : AW_MASK_INET6);
-    return (inside ^ mask_at(AW_MASK_OUTSIDE)) & fam & scope;
+    u64 inside = ((a ? *a : 0) | mask_at(g, AW_MASK_ANY_ADDR)) &
+                 ((p ? *p : 0) | mask_at(g, AW_MASK_ANY_PORT));
+    u64 fam = mask_at(g, v4 ? AW_MASK_INET : AW_MASK_INET6);
+    return (inside ^ mask_at(g, AW_MASK_OUTSIDE)) & fam & scope;
 }
 
 static __always_inline int is_v4mapped(const u8 *a)
@@ -139,19 +150,20 @@ static __always_inline void fill_header(struct aw_header *h, u32 type, u64 pid_t
 }
 
 /* Enforce (unless in monitor mode) and report the rules `hit` matched. */
-static __always_inline void verdict(u64 pid_tgid, const struct aw_proc *p, u32 kind, u64 hit,
-                                    u16 family, u16 port, const u8 *addr16)
+static __always_inline void verdict(u32 g, u64 pid_tgid, const struct aw_proc *p, u32 kind,
+                                    u64 hit, u16 family, u16 port, const u8 *addr16)
 {
-    u64 kill = hit & mask_at(AW_MASK_KILL);
+    u64 kill = hit & mask_at(g, AW_MASK_KILL);
     u32 enforced = 0;
-    if (kill && enforcing()) {
+    if (kill && enforcing(g)) {
         bpf_send_signal(9);
         count(AW_CNT_KILLS);
         enforced = 1;
     }
     u32 rule = lowest_bit(kill ? kill : hit);
-    u32 *act = rule_action.lookup(&rule);
-    if (!enforced && act && *act == AW_ACT_DENY && enforcing())
+    u32 akey = g * AW_MAX_RULES + (rule & (AW_MAX_RULES - 1));
+    u32 *act = rule_action.lookup(&akey);
+    if (!enforced && act && *act == AW_ACT_DENY && enforcing(g))
         enforced = 1; /* refused by the cgroup hook */
     struct aw_verdict_event *ev = events.ringbuf_reserve(sizeof(struct aw_verdict_event));
     if (!ev) {
@@ -174,10 +186,31 @@ static __always_inline void verdict(u64 pid_tgid, const struct aw_proc *p, u32 k
     events.ringbuf_submit(ev, 0);
 }
 
-/* kill-agent: every process of a doomed session dies at its next trip through the kernel. */
-static __always_inline int doom_check(const struct aw_proc *p)
+/* kill-agent: every process of a doomed session dies at its next trip through the kernel.
+ * A session doomed by the manual kill switch (value 2) dies in monitor mode too. */
+static __always_inline int doom_check(u32 g, const struct aw_proc *p)
 {
-    if (p && doomed.lookup((u32 *)&p->session) && enforcing()) {
+    if (!p)
+        return 0;
+    u32 *d = doomed.lookup((u32 *)&p->session);
+    if (d && (*d == 2 || enforcing(g))) {
+        bpf_send_signal(9);
+        count(AW_CNT_KILLS);
+        return 1;
+    }
+    return 0;
+}
+
+/* The latched kill switch: any process of a latched agent (or of any agent) that execs is
+ * killed before its first instruction, until the operator releases the switch. */
+static __always_inline int latch_check(const struct aw_proc *p)
+{
+    u32 all = AW_MAX_AGENTS;
+    u32 *l = latched.lookup(&all);
+    u32 agent = p->agent;
+    if (!(l && *l) && agent < AW_MAX_AGENTS)
+        l = latched.lookup(&agent);
+    if (l && *l) {
         bpf_send_signal(9);
         count(AW_CNT_KILLS);
         return 1;
@@ -341,7 +374,7 @@ static __always_inline struct aw_proc *new_root(u32 tgid, u32 agent)
  * config has userspace matchers (exe glob, cmdline, cgroup), every other exec becomes a
  * candidate: tracked at once in a pending session, so its children are caught too, until
  * userspace accepts the session (names its agent) or rejects it (untracks it). */
-static __always_inline struct aw_proc *match_new_root(u32 tgid, u32 *flags)
+static __always_inline struct aw_proc *match_new_root(u32 g, u32 tgid, u32 *flags)
 {
     u32 key = AW_SET_MONITOR_TGID;
     u32 *self = settings.lookup(&key);
@@ -351,13 +384,18 @@ static __always_inline struct aw_proc *match_new_root(u32 tgid, u32 *flags)
     bpf_get_current_comm(ck.comm, sizeof(ck.comm));
     u32 uid = (u32)bpf_get_current_uid_gid();
     ck.uid = uid;
+    ck.gen = g;
     struct aw_match *m = match_comm.lookup(&ck);
     if (!m) {
         ck.uid = AW_ANY_UID;
         m = match_comm.lookup(&ck);
     }
-    if (!m)
-        m = match_uid.lookup(&uid);
+    if (!m) {
+        struct aw_uid_key uk = {};
+        uk.uid = uid;
+        uk.gen = g;
+        m = match_uid.lookup(&uk);
+    }
     if (m) {
         struct aw_proc *p = new_root(tgid, m->agent);
         if (p) {
@@ -381,22 +419,24 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
     u32 flags = 0;
+    u32 g = gen();
     struct aw_proc *p = procs.lookup(&tgid);
     if (!p) {
-        p = match_new_root(tgid, &flags);
+        p = match_new_root(g, tgid, &flags);
         if (!p) {
             if (!AW_TRACE_ALL)
                 return 0;
             flags |= AW_EXEC_UNTRACKED;
         }
     }
-    if (p && !doom_check(p)) {
+    if (p && !doom_check(g, p) && !latch_check(p)) {
         struct aw_name_key nk = {};
         bpf_get_current_comm(nk.comm, sizeof(nk.comm));
+        nk.gen = g;
         u64 *names = exec_rules.lookup(&nk);
-        u64 hit = names ? (*names & scope_of(p->agent)) : 0;
+        u64 hit = names ? (*names & scope_of(g, p->agent)) : 0;
         if (hit) /* killed here, the new program never runs an instruction */
-            verdict(pid_tgid, p, AW_VERDICT_EXEC, hit, 0, 0, NULL);
+            verdict(g, pid_tgid, p, AW_VERDICT_EXEC, hit, 0, 0, NULL);
     }
     u32 zero = 0;
     struct aw_exec_event *ev = exec_scratch.lookup(&zero);
@@ -475,9 +515,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
             __builtin_memcpy(a16, c.addr, 16);
             v4 = is_v4mapped(a16);
         }
-        u64 hit = connect_hits(p->agent, a16, c.port, v4);
+        u32 g = gen();
+        u64 hit = connect_hits(g, p->agent, a16, c.port, v4);
         if (hit) /* a kill lands before connect returns; the cgroup hook refuses it */
-            verdict(pid_tgid, p, AW_VERDICT_CONNECT, hit, family, c.port, a16);
+            verdict(g, pid_tgid, p, AW_VERDICT_CONNECT, hit, family, c.port, a16);
     }
     c.start_ns = bpf_ktime_get_ns();
     u32 tid = (u32)pid_tgid;
@@ -594,7 +635,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
     struct aw_proc *p = procs.lookup(&tgid);
     if (p) {
         __sync_fetch_and_add(&p->cpu_ns, now - since);
-        doom_check(p);
+        doom_check(gen(), p);
     }
     return 0;
 }
@@ -603,7 +644,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
 static __always_inline int fork_exit_check(void)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    doom_check(procs.lookup(&tgid));
+    doom_check(gen(), procs.lookup(&tgid));
     return 0;
 }
 
@@ -616,13 +657,14 @@ TRACEPOINT_PROBE(syscalls, sys_exit_vfork) { return fork_exit_check(); }
  * rule forbids (also catches io_uring connects, which skip the syscall tracepoints). */
 static __always_inline int cgroup_connect(const u8 *a16, u16 port, int v4)
 {
-    if (!enforcing())
+    u32 g = gen();
+    if (!enforcing(g))
         return 1;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct aw_proc *p = procs.lookup(&tgid);
     if (!p)
         return 1;
-    if (connect_hits(p->agent, a16, port, v4) & mask_at(AW_MASK_DENY)) {
+    if (connect_hits(g, p->agent, a16, port, v4) & mask_at(g, AW_MASK_DENY)) {
         count(AW_CNT_DENIED);
         return 0;
     }

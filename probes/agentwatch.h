@@ -44,6 +44,7 @@
 #define AW_MASK_OUTSIDE 4  /* allow-list rules: fire when the destination is NOT inside */
 #define AW_MASK_KILL 5     /* rules whose action kills (kill, kill-agent) */
 #define AW_MASK_DENY 6     /* rules whose action refuses the connect (deny, and kills) */
+#define AW_MASK_ENFORCE 7  /* non-zero: enforce (kill, deny); zero: monitor mode */
 #define AW_MASK_MAX 8
 
 /* Exec flags (monitor/events.py: ExecFlag). */
@@ -73,7 +74,8 @@
 /* Settings array indices (monitor/events.py: Setting). */
 #define AW_SET_EXEC_CANDIDATES 0 /* 1: untracked execs are sent as candidates */
 #define AW_SET_MONITOR_TGID 1    /* the monitor's own tgid, never tracked */
-#define AW_SET_ENFORCE 2         /* 1: enforce (kill, deny); 0: monitor mode, verdicts only */
+#define AW_SET_GEN 2             /* which generation (0/1) of the rule and matcher maps is in
+                                  * force: a reload fills the other one, then flips this */
 #define AW_SET_MAX 4
 
 /* Session ids made in the kernel have this bit; userspace ones never do. */
@@ -97,6 +99,9 @@ struct aw_proc {
     __u32 _pad;
 };
 
+/* Every rule and matcher map exists twice (generation 0 and 1, see AW_SET_GEN): array maps
+ * are indexed gen * size + index, hash and LPM keys carry the generation. */
+
 /* Value of the `match_comm` / `match_uid` maps: an agent recognised in the kernel. */
 struct aw_match {
     __u32 agent;
@@ -109,17 +114,26 @@ struct aw_match {
 struct aw_comm_key {
     char comm[AW_COMM_LEN];
     __u32 uid;
+    __u32 gen;
+};
+
+struct aw_uid_key {
+    __u32 uid;
+    __u32 gen;
 };
 
 /* Key of `net_rules` (LPM trie): IPv4 is stored IPv4-mapped (::ffff:a.b.c.d), prefix + 96. */
 struct aw_net_key {
-    __u32 prefixlen;
+    __u32 prefixlen; /* 8 (the generation byte) + address prefix */
+    __u8 gen;
     __u8 addr[16];
+    __u8 _pad[3];
 };
 
 /* Key of `exec_rules`: the comm a program gets at exec (basename, 15 chars). */
 struct aw_name_key {
     char comm[AW_COMM_LEN];
+    __u32 gen;
 };
 
 /* Common head of every event. */
