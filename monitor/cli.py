@@ -93,7 +93,8 @@ def _run_monitor(cfg: Config, loaded: tuple[Policy | None, float], sock: str | N
 
     policy, load_seconds = loaded
     probes = Probes(ProbeOptions(max_procs=cfg.monitor.max_processes,
-                                 ringbuf_mib=cfg.monitor.ring_buffer_mib, trace_all=trace_all))
+                                 ringbuf_mib=cfg.monitor.ring_buffer_mib, trace_all=trace_all,
+                                 pin_dir="" if trace_all else cfg.monitor.pin_dir))
     mon = Monitor(cfg, policy, probes=probes, sink=sink, control_path=sock, log=log)
     mon.metrics.observe_policy_loaded(load_seconds)
     mon.reloader = reloader
@@ -229,6 +230,18 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detach(args: argparse.Namespace) -> int:
+    from monitor.pinning import detach
+
+    pin_dir = args.pin_dir or _load(args.config).monitor.pin_dir
+    if not pin_dir:
+        print("nothing pinned: monitor.pin_dir is not set", file=sys.stderr)
+        return 0
+    removed = detach(pin_dir)
+    print(f"detached: {len(removed)} pins removed under {pin_dir}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     reply = control.request(_socket(args), {"op": "status"})
     reply.pop("ok", None)
@@ -344,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     rl = add("reload", "reload config and policy in the running monitor (like SIGHUP)")
     rl.add_argument("--socket", help="control socket of the running monitor")
     rl.set_defaults(func=cmd_reload)
+
+    d = add("detach", "remove the pinned probes that outlive the monitor (uninstall, or "
+            "a deliberate stop)", "examples:\n  agentwatch detach --pin-dir /sys/fs/bpf/agentwatch")
+    d.add_argument("--pin-dir", help="bpffs directory (default: monitor.pin_dir of --config)")
+    d.add_argument("--config", help="config file whose monitor.pin_dir to use")
+    d.set_defaults(func=cmd_detach)
 
     s = add("status", "show the running monitor's probes, agents and counters")
     s.add_argument("--socket", help="control socket of the running monitor")

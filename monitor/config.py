@@ -50,7 +50,7 @@ _TOP_KEYS = ("agents", "monitor", "alerts", "metrics")
 _AGENT_KEYS = ("name", "match")
 _MATCH_KEYS = ("comm", "exe", "cmdline", "user", "uid", "cgroup")
 _MONITOR_KEYS = ("control_socket", "ring_buffer_mib", "max_processes", "tick_seconds", "history",
-                 "audit_log")
+                 "audit_log", "pin_dir", "fail_closed_seconds")
 _ALERTS_KEYS = ("alertmanager_url", "webhook_url", "spool_dir", "timeout_seconds",
                 "resolve_after_seconds", "instance", "runbook_url")
 _METRICS_KEYS = ("listen",)
@@ -121,6 +121,8 @@ class MonitorSettings:
     tick_seconds: float = 1.0  # 0.05..60
     history: int = 32  # exec/connect records kept per process, 1..10000
     audit_log: str = ""  # JSON lines of every verdict and kill (rotated); "" = off
+    pin_dir: str = ""  # under /sys/fs/bpf: probes and tree state outlive the monitor
+    fail_closed_seconds: float = 0.0  # with pin_dir: kill agents after this long unwatched
 
 
 @dataclass(frozen=True)
@@ -470,6 +472,20 @@ class _Loader:
                       "(or empty to turn the audit log off)")
             elif value is not None:
                 audit = value
+        pin_dir = default.pin_dir
+        if "pin_dir" in fields:
+            n = fields["pin_dir"]
+            value = expect_str(n, path("pin_dir"), p, allow_empty=True)
+            if value and not value.startswith("/sys/fs/bpf/"):
+                p.add(n.line, path("pin_dir"), f"{value!r} must be a directory under "
+                      "/sys/fs/bpf/ (bpffs), e.g. /sys/fs/bpf/agentwatch, or empty")
+            elif value is not None:
+                pin_dir = value
+        fail_closed = default.fail_closed_seconds
+        if "fail_closed_seconds" in fields:
+            got_s = expect_number(fields["fail_closed_seconds"], path("fail_closed_seconds"),
+                                  p, minimum=0, maximum=86400)
+            fail_closed = fail_closed if got_s is None else got_s
         tick = default.tick_seconds
         if "tick_seconds" in fields:
             seconds = expect_number(fields["tick_seconds"], path("tick_seconds"), p,
@@ -477,7 +493,8 @@ class _Loader:
             tick = tick if seconds is None else seconds
         return MonitorSettings(control_socket=socket, ring_buffer_mib=ring,
                                max_processes=max_processes, tick_seconds=tick, history=history,
-                               audit_log=audit)
+                               audit_log=audit, pin_dir=pin_dir,
+                               fail_closed_seconds=fail_closed)
 
     def alerts(self, node: Node) -> AlertSettings:
         default = AlertSettings()

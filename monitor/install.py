@@ -304,5 +304,5 @@ class Installer:
                     + "; ".join(self.lines))
             self.lines.append(f"ran `{shown}`")
         if not self.dry_run:
-            self.lines.append(f"{UNIT_NAME} is enabled (starts at boot); start it now with "
-                              f"`systemctl start agentwatch`")
+            self.lines.append(f"{UNIT_NAME} is enabled: it starts at boot (now: "
+                              "`systemctl start agentwatch`)")

@@ -11,6 +11,7 @@ import ctypes as ct
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from monitor.events import (
     CUidKey,
     Setting,
 )
+from monitor.pinning import PinnedLinks, ensure_bpffs
 
 if TYPE_CHECKING:
     from monitor.kpolicy import KernelTables
@@ -114,6 +116,7 @@ class ProbeOptions:
     max_procs: int = 65536
     ringbuf_mib: int = 16
     trace_all: bool = False
+    pin_dir: str = ""  # bpffs dir: probes and tree state outlive the monitor (pinning.py)
 
     def cflags(self, include: Path) -> list[str]:
         pages = self.ringbuf_mib * 1024 * 1024 // 4096
@@ -125,6 +128,7 @@ class ProbeOptions:
             "-Wno-macro-redefined",
             "-Wno-ignored-attributes",
             *events.size_cflags(),
+            *([f'-DAW_PIN_DIR="{self.pin_dir}"'] if self.pin_dir else []),
         ]
 
 
@@ -148,6 +152,7 @@ class Probes:
         self.attached = 0
         self.expected = 0
         self._cgroup: tuple[int, list[tuple[Any, int]]] | None = None
+        self._links: PinnedLinks | None = None
         self.argv_from_mm = False
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -157,6 +162,8 @@ class Probes:
         from bcc import BPF  # imported here: only the loader needs BCC
 
         src = probes_dir()
+        if self.options.pin_dir:
+            ensure_bpffs(Path(self.options.pin_dir))
         offsets = exec_argv_offsets()  # None without BTF: argv only from syscall entry
         self.argv_from_mm = offsets is not None
         extra = [f"-D{k}={v}" for k, v in (offsets or {}).items()]
@@ -172,11 +179,24 @@ class Probes:
             ) from None
         self.attached = int(self._bpf.num_open_tracepoints())
         self.expected = (src / BPF_SOURCE).read_text().count("\nTRACEPOINT_PROBE(")
+        if self.options.pin_dir:
+            self._links = PinnedLinks(self.options.pin_dir)
+            try:
+                self.attached = self._links.take_over_tracepoints(self._bpf, TRACEFS)
+            except OSError as e:
+                raise EnvironmentProblem(f"pinning the probes under {self.options.pin_dir} "
+                                         f"failed ({e}); leave monitor.pin_dir empty on "
+                                         "kernels without BPF links") from None
         self.set_setting(Setting.MONITOR_TGID, os.getpid())
 
     def close(self) -> None:
+        """Detach. With a pin_dir the pinned links keep the probes attached (the service
+        never leaves agents unwatched); `agentwatch detach` removes them."""
         if self._bpf is not None:
             self._detach_cgroup()
+            if self._links is not None:
+                self._links.close()
+                self._links = None
             self._bpf.cleanup()
             self._bpf = None
             self.attached = 0
@@ -199,6 +219,9 @@ class Probes:
             for name, kind in ((b"aw_connect4", BPFAttachType.CGROUP_INET4_CONNECT),
                                (b"aw_connect6", BPFAttachType.CGROUP_INET6_CONNECT)):
                 fn = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, None, kind)
+                if self._links is not None:  # a pinned link: outlives the monitor
+                    self._links.cgroup(name.decode(), fn.fd, fd, kind)
+                    continue
                 BPF.attach_func(fn, fd, kind, _BPF_F_ALLOW_MULTI)
                 hooks.append((fn, kind))
         except Exception as e:  # BCC raises bare Exception
@@ -369,6 +392,13 @@ class Probes:
         """Make generation `gen` of the rule and matcher maps the one in force: a single
         word write, so every probe sees either the old policy or the new one, never a mix."""
         self.set_setting(Setting.GEN, gen & 1)
+
+    def beat(self, fail_closed_s: float) -> None:
+        """Heartbeat for fail-closed: if none comes for fail_closed_s (0: never), probes that
+        outlived the monitor kill every agent process."""
+        hb = self.bpf[b"heartbeat"]
+        hb[ct.c_int(0)] = ct.c_uint64(time.monotonic_ns())  # == bpf_ktime_get_ns()
+        hb[ct.c_int(1)] = ct.c_uint64(int(fail_closed_s * 1e9))
 
     def set_scope(self, agent_index: int, mask: int) -> None:
         if 0 <= agent_index < MAX_AGENTS:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import IO, Any
 
 from monitor import events
@@ -106,6 +107,7 @@ class AgentTable:
 
     def __init__(self, names: list[str]) -> None:
         self._names = list(names)
+        self.on_new: Callable[[], None] | None = None
 
     def name(self, idx: int) -> str:
         return self._names[idx] if 0 <= idx < len(self._names) else f"agent-{idx}"
@@ -113,6 +115,8 @@ class AgentTable:
     def index(self, name: str) -> int:
         if name not in self._names:
             self._names.append(name)
+            if self.on_new is not None:
+                self.on_new()
         return self._names.index(name)
 
     def names(self) -> list[str]:
@@ -180,6 +184,7 @@ class Monitor:
         self._latched: set[str] = set()  # agent names, "*" = every agent
         self.control_path = control_path
         self.agents = AgentTable([a.name for a in self.specs])
+        self.agents.on_new = self._save_agents
         self.tracker = Tracker(self.agents.name, history=config.monitor.history)
         self.metrics = MetricsState(self.agents.names())  # configured agents label first
         self._connect_verdicts: dict[int, str] = {}  # tid -> kernel verdict, connect in flight
@@ -226,6 +231,7 @@ class Monitor:
                      rules=[r.name for r in self.tables.userspace_only])
         self.install_matchers()
         self.probes.on_record(self._on_record)
+        self.recover()
         self.adopt_running()
         if self.control_path:
             self._control = ControlServer(self.control_path, {
@@ -377,8 +383,69 @@ class Monitor:
             return {"ok": False, "error": str(e)}
         return {"ok": True, **result}
 
+    # --- recovery ------------------------------------------------------------------------
+
+    def _agents_file(self) -> Path:
+        return Path(self.config.monitor.control_socket).parent / "agents.json"
+
+    def _save_agents(self) -> None:
+        if self.config.monitor.pin_dir:
+            path = self._agents_file()
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.agents.names()))
+            os.replace(tmp, path)
+
+    def recover(self) -> int:
+        """After a restart with pinned probes: rebuild the sessions from the kernel's
+        process map, which the probes kept up to date while no monitor ran (children born
+        in the gap included). Returns the processes recovered."""
+        if not self.config.monitor.pin_dir:
+            return 0
+        entries = self.probes.tracked()
+        if not entries:
+            self._save_agents()
+            return 0
+        try:
+            for name in json.loads(self._agents_file().read_text()):
+                self.agents.index(str(name))
+        except (OSError, ValueError):
+            pass  # config/policy agents keep their order; others show as agent-N
+        by_session: dict[int, list[Any]] = {}
+        for e in entries:
+            by_session.setdefault(e.session, []).append(e)
+        recovered = 0
+        with self.lock:
+            for sid, procs in by_session.items():
+                if procs[0].agent == events.AGENT_PENDING:
+                    for e in procs:
+                        self.probes.untrack(e.pid)
+                    continue
+                pids = {e.pid for e in procs}
+                procs.sort(key=lambda e: e.start_ns)
+                root = next((e for e in procs if e.ppid not in pids), procs[0])
+                self.tracker.start_session(sid, self.agents.name(root.agent), root.pid,
+                                           root.start_ns)
+                for e in procs:
+                    info = self.procfs.read(e.pid)
+                    if info is None:
+                        self.probes.untrack(e.pid)
+                        continue
+                    proc = self.tracker.add_process(sid, e.pid, e.ppid, comm=info.comm,
+                                                    exe=info.exe, argv=info.argv,
+                                                    uid=info.uid, start_ns=e.start_ns)
+                    proc.cpu_ns = e.cpu_ns
+                    recovered += 1
+                if not sid & events.SESSION_KERNEL_BIT:
+                    self._next_session = max(self._next_session, sid + 1)
+        self._save_agents()
+        self.log("recovered agent sessions from the pinned probes",
+                 sessions=len(self.tracker.sessions()), processes=recovered)
+        return recovered
+
     def tick(self) -> None:
         """Read what the kernel sums (CPU time per process) into the tracker."""
+        self.probes.beat(self.config.monitor.fail_closed_seconds)
         readings = [(t.pid, t.cpu_ns) for t in self.probes.tracked()]
         with self.lock:
             self.tracker.set_cpu(readings)

@@ -39,7 +39,19 @@ _Static_assert(sizeof(struct aw_verdict_event) == AW_PY_SIZEOF_VERDICT_EVENT, "a
 #endif
 
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
+#ifdef AW_PIN_DIR
+/* Survives the monitor (monitor/recovery.py): the tree state a restarted monitor resumes. */
+BPF_TABLE_PINNED("hash", u32, struct aw_proc, procs, AW_MAX_PROCS, AW_PIN_DIR "/procs");
+BPF_TABLE_PINNED("percpu_array", u32, u32, session_seq, 1, AW_PIN_DIR "/session_seq");
+BPF_TABLE_PINNED("hash", u32, u32, doomed, 1024, AW_PIN_DIR "/doomed");
+#else
 BPF_HASH(procs, u32, struct aw_proc, AW_MAX_PROCS);
+BPF_PERCPU_ARRAY(session_seq, u32, 1);
+BPF_HASH(doomed, u32, u32, 1024); /* sessions being killed whole (kill-agent) */
+#endif
+/* [0]: the monitor's last heartbeat (bpf_ktime_get_ns); [1]: fail-closed after this many
+ * ns without one (0: off). Agents whose monitor is gone that long are killed. */
+BPF_ARRAY(heartbeat, u64, 2);
 BPF_HASH(match_comm, struct aw_comm_key, struct aw_match, 2048);
 BPF_HASH(match_uid, struct aw_uid_key, struct aw_match, 2048);
 BPF_TABLE("lru_hash", u32, struct aw_exec_args, pending_exec, AW_PENDING_MAX);
@@ -49,7 +61,6 @@ BPF_PERCPU_ARRAY(args_scratch, struct aw_exec_args, 1);
 BPF_PERCPU_ARRAY(last_switch, u64, 1);
 BPF_PERCPU_ARRAY(counters, u64, AW_CNT_MAX);
 BPF_ARRAY(settings, u32, AW_SET_MAX);
-BPF_PERCPU_ARRAY(session_seq, u32, 1);
 
 /* Kernel-enforced rules (monitor/kpolicy.py). */
 BPF_ARRAY(rule_action, u32, 2 * AW_MAX_RULES);
@@ -58,7 +69,6 @@ BPF_ARRAY(rule_scope, u64, 2 * AW_MAX_AGENTS);
 BPF_LPM_TRIE(net_rules, struct aw_net_key, u64, 8192);
 BPF_ARRAY(port_rules, u64, 2 * 65536);
 BPF_HASH(exec_rules, struct aw_name_key, u64, 2048);
-BPF_HASH(doomed, u32, u32, 1024); /* sessions being killed whole (kill-agent) */
 BPF_ARRAY(latched, u32, AW_MAX_AGENTS + 1); /* kill switch latched: per agent, [MAX] = all */
 
 static __always_inline void count(u32 idx)
@@ -194,6 +204,21 @@ static __always_inline int doom_check(u32 g, const struct aw_proc *p)
         return 0;
     u32 *d = doomed.lookup((u32 *)&p->session);
     if (d && (*d == 2 || enforcing(g))) {
+        bpf_send_signal(9);
+        count(AW_CNT_KILLS);
+        return 1;
+    }
+    return 0;
+}
+
+/* Fail-closed: the monitor is gone (no heartbeat for longer than configured) and these
+ * programs outlived it through pinned links: every agent process dies at its next switch. */
+static __always_inline int orphan_check(u64 now)
+{
+    u32 k0 = 0, k1 = 1;
+    u64 *beat = heartbeat.lookup(&k0);
+    u64 *limit = heartbeat.lookup(&k1);
+    if (beat && limit && *limit && *beat && now > *beat + *limit) {
         bpf_send_signal(9);
         count(AW_CNT_KILLS);
         return 1;
@@ -635,7 +660,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
     struct aw_proc *p = procs.lookup(&tgid);
     if (p) {
         __sync_fetch_and_add(&p->cpu_ns, now - since);
-        doom_check(gen(), p);
+        if (!doom_check(gen(), p))
+            orphan_check(now);
     }
     return 0;
 }

@@ -147,6 +147,7 @@ class FakeProbes:
         self.match_uid: dict[int, int] = {}
         self.polls = 0
         self.doomed: set[int] = set()
+        self.beats: list[float] = []
         self.calls: list[str] = []  # order of the lifecycle and map-writing calls
 
     def open(self) -> None:
@@ -213,6 +214,9 @@ class FakeProbes:
 
     def flip(self, gen: int) -> None:
         self.gen = gen
+
+    def beat(self, fail_closed_s: float) -> None:
+        self.beats.append(fail_closed_s)
 
     def attach_cgroup(self, path: str | None = None) -> str:
         self.calls.append("attach_cgroup")
