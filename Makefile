@@ -5,7 +5,7 @@ VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup host observability venv run test test-unit test-kernel lint bench bench-quick clean
+.PHONY: setup host observability venv run test test-unit test-kernel lint bench bench-quick clean install
 
 setup: host venv
 
@@ -45,6 +45,9 @@ bench: setup
 bench-quick: setup
 	$(VPY) bench/run.py --quick $(ARGS)
 	$(VPY) bench/kill_latency.py --quick
+
+install: setup
+	@bash packaging/install.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -230,6 +230,14 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from monitor.install import install
+
+    for line in install(args.prefix, force=args.force, dry_run=args.dry_run):
+        print(line)
+    return 0
+
+
 def cmd_detach(args: argparse.Namespace) -> int:
     from monitor.pinning import detach
 
@@ -357,6 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     rl = add("reload", "reload config and policy in the running monitor (like SIGHUP)")
     rl.add_argument("--socket", help="control socket of the running monitor")
     rl.set_defaults(func=cmd_reload)
+
+    ins = add("install", "install the systemd unit, /etc/agentwatch/config.yaml and "
+              "policy.yaml (never overwriting yours)",
+              "examples:\n  agentwatch install              # then: systemctl enable --now "
+              "agentwatch\n  agentwatch install --dry-run    # say what it would do\n"
+              "  agentwatch install --force      # replace edited files (keeps .bak)")
+    ins.add_argument("--prefix", default="/", help="install under this root (default /)")
+    ins.add_argument("--force", action="store_true", help="replace edited files, keep .bak")
+    ins.add_argument("--dry-run", action="store_true", help="only say what would be done")
+    ins.set_defaults(func=cmd_install)
 
     d = add("detach", "remove the pinned probes that outlive the monitor (uninstall, or "
             "a deliberate stop)", "examples:\n  agentwatch detach --pin-dir /sys/fs/bpf/agentwatch")

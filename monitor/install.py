@@ -35,6 +35,7 @@ CONFIG_DIR = "etc/agentwatch"
 STATE_DIR = "var/lib/agentwatch"
 MANIFEST = STATE_DIR + "/installed.json"
 SHARE_UNIT = Path("/usr/share/agentwatch") / UNIT_NAME
+PIN_DIR = "/sys/fs/bpf/agentwatch"
 AUDIT_LOG = "/var/log/agentwatch/audit.jsonl"  # in the unit's LogsDirectory=
 
 _HEADER = """\
@@ -83,7 +84,8 @@ def default_text(name: str) -> str:
 
 
 def _with_audit_log(body: str) -> str:
-    setting = f"  audit_log: {AUDIT_LOG}   # set by `agentwatch install`\n"
+    setting = (f"  audit_log: {AUDIT_LOG}   # set by `agentwatch install`\n"
+               f"  pin_dir: {PIN_DIR}   # probes outlive the monitor; `agentwatch detach`\n")
     lines = body.splitlines(keepends=True)
     for i, line in enumerate(lines):
         if line.rstrip() == "monitor:":

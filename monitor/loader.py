@@ -158,6 +158,14 @@ class Probes:
     # --- lifecycle ---------------------------------------------------------------------
 
     def open(self) -> None:
+        try:
+            self._open()
+        except OSError as e:  # a sandbox hiding /lib/modules, a read-only bpffs, ...
+            self.close()
+            raise EnvironmentProblem(f"loading the probes failed: {e}; check the service's "
+                                     "sandboxing (docs/service.md) and `make setup`") from None
+
+    def _open(self) -> None:
         check_host()
         from bcc import BPF  # imported here: only the loader needs BCC
 

@@ -68,19 +68,19 @@ def unit() -> dict[str, list[str]]:
 # --- the unit as systemd sees it --------------------------------------------------------
 
 
-def test_systemd_analyze_verify_passes_on_the_installed_unit(tmp_path: Path) -> None:
-    """verify needs every Exec*= binary and the units it depends on to exist: install into a
-    temp root that has systemd's own units and stand-ins for the binaries, then verify the
-    unit exactly as install() wrote it."""
+def verify_installed(root: Path) -> None:
+    """`systemd-analyze verify` the unit install() wrote under `root` (and its drop-ins).
+
+    verify needs every Exec*= binary and the units it depends on to exist: give the temp
+    root systemd's own units and stand-ins for the binaries. It exits 0 on unknown keys and
+    bad values (it only warns), so any output is a failure."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         if IN_CI:
             pytest.fail("systemd-analyze is missing in CI: apt-get install systemd")
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
-    root = tmp_path / "root"
-    install(str(root))
-    system_units = Path("/usr/lib/systemd/system")
-    shutil.copytree(system_units, root / "usr/lib/systemd/system", symlinks=True)
+    shutil.copytree(Path("/usr/lib/systemd/system"), root / "usr/lib/systemd/system",
+                    symlinks=True, dirs_exist_ok=True)
     unit = settings((root / UNIT_PATH).read_text())
     for key in ("ExecStart", "ExecReload", "ExecStartPre", "ExecStartPost", "ExecStop"):
         for cmd in unit.get(key, []):
@@ -91,8 +91,24 @@ def test_systemd_analyze_verify_passes_on_the_installed_unit(tmp_path: Path) -> 
     done = subprocess.run([analyze, "verify", f"--root={root}", "agentwatch.service"],
                           capture_output=True, text=True, timeout=60)
     output = (done.stdout + done.stderr).strip()
-    # verify exits 0 on unknown keys and bad values (it only warns): any output is a failure
     assert done.returncode == 0 and output == "", output
+
+
+def test_systemd_analyze_verify_passes_on_the_installed_unit(tmp_path: Path) -> None:
+    install(str(tmp_path))
+    verify_installed(tmp_path)
+
+
+def test_the_pin_dir_drop_in_in_the_docs_verifies(tmp_path: Path) -> None:
+    doc = (REPO / "docs" / "service.md").read_text()
+    section = doc[doc.index("## Pinned probes"):]
+    drop_in = section[section.index("```ini\n") + 7:section.index("```\n", 10)]
+    assert "CAP_SYS_ADMIN" in drop_in and "/sys/fs/bpf" in drop_in
+    install(str(tmp_path))
+    d = tmp_path / (UNIT_PATH + ".d")
+    d.mkdir()
+    (d / "pin.conf").write_text(drop_in)
+    verify_installed(tmp_path)
 
 
 def test_unit_is_a_notify_service_with_watchdog_restart_and_reload(
