@@ -41,10 +41,12 @@ test-kernel: setup
 bench: setup
 	$(VPY) bench/run.py $(ARGS)
 	$(VPY) bench/kill_latency.py
+	$(VPY) bench/scrape.py
 
 bench-quick: setup
 	$(VPY) bench/run.py --quick $(ARGS)
 	$(VPY) bench/kill_latency.py --quick
+	$(VPY) bench/scrape.py --agents 10 --children 50
 
 install: setup
 	@bash packaging/install.sh $(ARGS)

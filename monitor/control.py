@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        sock.listen(16)
+        sock.listen(128)
         sock.settimeout(0.2)
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, name="agentwatch-control",
@@ -234,8 +235,17 @@ def stream(path: str | Path) -> Iterator[dict[str, Any]]:
 def _connect(path: str | Path, timeout: float) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     try:
-        s.connect(str(path))
+        while True:
+            try:
+                s.connect(str(path))
+                break
+            except BlockingIOError:  # the backlog is full (many clients at once): retry
+                if time.monotonic() > deadline:
+                    raise ControlError(f"the monitor on {path} is too busy to accept a "
+                                       "connection: try again") from None
+                time.sleep(0.01)
     except (FileNotFoundError, ConnectionRefusedError) as e:
         s.close()
         raise ControlError(f"no agentwatch monitor is listening on {path} ({e.strerror}): "
