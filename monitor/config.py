@@ -463,24 +463,12 @@ class _Loader:
         if "history" in fields:
             got = expect_int(fields["history"], path("history"), p, minimum=1, maximum=10000)
             history = history if got is None else got
-        audit = default.audit_log
-        if "audit_log" in fields:
-            n = fields["audit_log"]
-            value = expect_str(n, path("audit_log"), p, allow_empty=True)
-            if value and not value.startswith("/"):
-                p.add(n.line, path("audit_log"), f"{value!r} must be an absolute path "
-                      "(or empty to turn the audit log off)")
-            elif value is not None:
-                audit = value
-        pin_dir = default.pin_dir
-        if "pin_dir" in fields:
-            n = fields["pin_dir"]
-            value = expect_str(n, path("pin_dir"), p, allow_empty=True)
-            if value and not value.startswith("/sys/fs/bpf/"):
-                p.add(n.line, path("pin_dir"), f"{value!r} must be a directory under "
-                      "/sys/fs/bpf/ (bpffs), e.g. /sys/fs/bpf/agentwatch, or empty")
-            elif value is not None:
-                pin_dir = value
+        audit = self.optional_path(fields, "audit_log", default.audit_log, "/",
+                                   "must be an absolute path (or empty to turn the audit "
+                                   "log off)")
+        pin_dir = self.optional_path(fields, "pin_dir", default.pin_dir, "/sys/fs/bpf/",
+                                     "must be a directory under /sys/fs/bpf/ (bpffs), e.g. "
+                                     "/sys/fs/bpf/agentwatch, or empty")
         fail_closed = default.fail_closed_seconds
         if "fail_closed_seconds" in fields:
             got_s = expect_number(fields["fail_closed_seconds"], path("fail_closed_seconds"),
@@ -495,6 +483,18 @@ class _Loader:
                                max_processes=max_processes, tick_seconds=tick, history=history,
                                audit_log=audit, pin_dir=pin_dir,
                                fail_closed_seconds=fail_closed)
+
+    def optional_path(self, fields: dict[str, Node], key: str, default: str, prefix: str,
+                      reason: str) -> str:
+        """A monitor path setting that may be empty (off) or must start with prefix."""
+        if key not in fields:
+            return default
+        n, where = fields[key], child_path("monitor", key)
+        value = expect_str(n, where, self.problems, allow_empty=True)
+        if value and not value.startswith(prefix):
+            self.problems.add(n.line, where, f"{value!r} {reason}")
+            return default
+        return default if value is None else value
 
     def alerts(self, node: Node) -> AlertSettings:
         default = AlertSettings()

@@ -679,3 +679,40 @@ def test_embedded_default_alert_and_metrics_examples_are_valid_when_uncommented(
                 "timeout_seconds", "resolve_after_seconds", "instance")}
     assert settings == {k: getattr(AlertSettings(), k) for k in settings}  # the defaults
     assert cfg.metrics == MetricsSettings()
+
+
+def test_service_settings_parse_and_bad_ones_name_the_key() -> None:
+    from monitor.config import check_trusted  # noqa: F401 — part of the same surface
+
+    cfg = load("monitor:\n  audit_log: /var/log/agentwatch/audit.jsonl\n"
+               "  pin_dir: /sys/fs/bpf/agentwatch\n  fail_closed_seconds: 30\n")
+    assert cfg.monitor.audit_log == "/var/log/agentwatch/audit.jsonl"
+    assert cfg.monitor.pin_dir == "/sys/fs/bpf/agentwatch"
+    assert cfg.monitor.fail_closed_seconds == 30
+    found = problems("monitor:\n  audit_log: logs/audit.jsonl\n  pin_dir: /tmp/pins\n"
+                     "  fail_closed_seconds: -1\n")
+    keys = {(loc.line, loc.key): reason for loc, reason in found}
+    assert "absolute path" in keys[(2, "monitor.audit_log")]
+    assert "/sys/fs/bpf/" in keys[(3, "monitor.pin_dir")]
+    assert (4, "monitor.fail_closed_seconds") in keys
+
+
+def test_check_trusted_refuses_files_others_can_write(tmp_path: Path) -> None:
+    import os
+
+    from monitor.config import check_trusted
+
+    tmp_path.chmod(0o755)
+    f = tmp_path / "policy.yaml"
+    f.write_text("mode: monitor\n")
+    f.chmod(0o644)
+    if os.geteuid() == 0:
+        check_trusted(f)  # root-owned, 0644, in a root-owned 0755 directory: fine
+    f.chmod(0o666)
+    with pytest.raises(ConfigError, match="writable by nobody else"):
+        check_trusted(f)
+    f.chmod(0o644)
+    tmp_path.chmod(0o777)
+    with pytest.raises(ConfigError, match="directory"):
+        check_trusted(f)
+    tmp_path.chmod(0o755)
