@@ -27,7 +27,7 @@ apt_install() {
 }
 
 # 1. BCC from Debian (not on PyPI), a venv-capable python, and tools the tests use.
-apt_install python3-bpfcc python3-venv python3-pip iproute2 procps util-linux
+apt_install python3-bpfcc python3-venv python3-pip iproute2 procps util-linux systemd openssh-client gcc git
 
 # 2. Kernel headers.
 release=$(uname -r)
