@@ -44,6 +44,8 @@ OVERHEAD_GOAL = 1.02
 THROUGHPUT_GOAL = 100_000
 RATE_TOLERANCE = 0.98  # a step counts as reached when the generator issued >= 98% of it
 BUSY_LIMIT = 0.25  # CPU cores of other work above which a measurement is redone
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LOOPS = ("exec", "connect", "getppid")
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,6 @@ class Patience:
     wait_s: float  # longest wait for a quiet host before a measurement
     budget_s: float  # stop re-running disturbed overhead pairs after this long
     tries: int  # attempts per throughput step
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-LOOPS = ("exec", "connect", "getppid")
 
 
 def log(msg: str) -> None:
@@ -192,8 +192,8 @@ class OtherLoad:
     def _others(self) -> float:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         busy = (sum(fields[:3]) + sum(fields[5:7])) / CLK_TCK  # user nice system irq softirq
-        ours = sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime")
-                   for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        ours = sum(u.ru_utime + u.ru_stime for u in usage)
         return busy - ours - (self.mon.cpu_seconds() if self.mon.proc else 0.0)
 
     def start(self) -> None:
@@ -300,7 +300,7 @@ def compile_gen(tmp: Path) -> Path:
     return out
 
 
-def gen(*args: str | int | float, src: Sources | None = None) -> dict[str, Any]:
+def gen(*args: str | int | float | Path, src: Sources | None = None) -> dict[str, Any]:
     """Run a command (gen, or `agentwatch exec ... gen`) and return gen's JSON line."""
     res = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False,
                          env=src.env if src else None, cwd=src.dir if src else None)
@@ -508,18 +508,16 @@ def throughput(mon: Monitor, exe: Path, port: int, rates: list[int], seconds: fl
     steps = []
     try:
         for rate in rates:
-            redone: list[dict[str, Any]] = []
-            for _ in range(patience.tries):
+            tries: list[dict[str, Any]] = []
+            while len(tries) < patience.tries and (not tries or tries[-1]["disturbed"]):
                 s = throughput_step(mon, exe, port, rate, seconds, exec_every, workers,
                                     patience)
+                tries.append(s)
                 log(f"  {rate:>7}/s: achieved {s['achieved_rate']}/s, delivered "
                     f"{s['delivered']}/{s['issued']}, lost {s['lost']}, drain "
                     f"{s['drain_s']} s, monitor CPU {s['monitor_cpu_pct']}%, others "
                     f"{s['other_load_cores']} cores" + (" DISTURBED" if s["disturbed"] else ""))
-                if not s["disturbed"]:
-                    break
-                redone.append(s)
-            steps.append({**s, "disturbed_attempts": redone[:-1] if s["disturbed"] else redone})
+            steps.append({**tries[-1], "disturbed_attempts": tries[:-1]})
     finally:
         mon.stop()
     clean = [s for s in steps if s["clean"] and s["rate_reached"]]
