@@ -10,7 +10,7 @@ matching of its own and never signals a process except through the Enforcer.
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +59,6 @@ class Judge:
         self.kernel_rules = frozenset(r.name for r in tables.rules)
         self.counts: Counter[tuple[str, str, str, str]] = Counter()  # agent, rule, action, mode
         self.kills: Counter[tuple[str, str]] = Counter()  # agent, rule
-        self.kill_latency_ns: deque[int] = deque(maxlen=10_000)
         self.on_kill_latency = on_kill_latency
         self.cpu = CpuWindows()
         self._kernel_seen: OrderedDict[tuple[int, str], None] = OrderedDict()
@@ -101,7 +100,6 @@ class Judge:
 
     def _latency(self, path: str, event_ts_ns: int) -> None:
         ns = max(0, boot_ns() - event_ts_ns)
-        self.kill_latency_ns.append(ns)
         if self.on_kill_latency is not None:
             self.on_kill_latency(path, ns / 1e9)
 

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -155,15 +155,6 @@ class JsonLog:
             self.stream.flush()
             if self.audit is not None and msg in AUDITED:
                 self.audit.warning(line)
-
-
-@dataclass(frozen=True)
-class Stats:
-    events: int
-    decode_errors: int
-    sessions: int
-    processes: int
-    counters: dict[str, int]
 
 
 class Monitor:
