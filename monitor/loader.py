@@ -33,13 +33,12 @@ from monitor.events import (
     CUidKey,
     Setting,
 )
-from monitor.pinning import PinnedLinks, ensure_bpffs
+from monitor.pinning import PinnedLinks, ensure_bpffs, link_create
 
 if TYPE_CHECKING:
     from monitor.kpolicy import KernelTables
 
 TRACEFS = Path("/sys/kernel/tracing")
-_BPF_F_ALLOW_MULTI = 2
 
 
 def cgroup2_root(mounts: Path = Path("/proc/self/mounts")) -> str | None:
@@ -151,7 +150,7 @@ class Probes:
         self._bpf: Any = None
         self.attached = 0
         self.expected = 0
-        self._cgroup: tuple[int, list[tuple[Any, int]]] | None = None
+        self._cgroup_links: list[int] = []
         self._links: PinnedLinks | None = None
         self.argv_from_mm = False
 
@@ -212,8 +211,10 @@ class Probes:
     # --- cgroup connect hooks ----------------------------------------------------------
 
     def attach_cgroup(self, path: str | None = None) -> str:
-        """Attach the connect4/connect6 deny hooks at the cgroup v2 root (shared with other
-        programs: BPF_F_ALLOW_MULTI). Returns the cgroup path."""
+        """Attach the connect4/connect6 deny hooks at the cgroup v2 root through BPF links
+        (other programs stay attached beside them). An unpinned link detaches when the
+        monitor exits, however it exits; a pinned one (pin_dir) outlives it on purpose.
+        Returns the cgroup path."""
         from bcc import BPF, BPFAttachType
 
         root = path or cgroup2_root()
@@ -222,38 +223,29 @@ class Probes:
                                      "`mount -t cgroup2 none /sys/fs/cgroup/unified` to let "
                                      "agentwatch refuse connects in the kernel")
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        hooks = []
+        links: list[int] = []
         try:
             for name, kind in ((b"aw_connect4", BPFAttachType.CGROUP_INET4_CONNECT),
                                (b"aw_connect6", BPFAttachType.CGROUP_INET6_CONNECT)):
                 fn = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, None, kind)
-                if self._links is not None:  # a pinned link: outlives the monitor
+                if self._links is not None:
                     self._links.cgroup(name.decode(), fn.fd, fd, kind)
-                    continue
-                BPF.attach_func(fn, fd, kind, _BPF_F_ALLOW_MULTI)
-                hooks.append((fn, kind))
-        except Exception as e:  # BCC raises bare Exception
-            for fn, kind in hooks:
-                BPF.detach_func(fn, fd, kind)
-            os.close(fd)
+                else:
+                    links.append(link_create(fn.fd, fd, kind))
+        except Exception as e:  # BCC raises bare Exception; link_create raises OSError
+            for link in links:
+                os.close(link)
             raise EnvironmentProblem(f"attaching the cgroup connect hooks at {root} failed "
                                      f"({e})") from None
-        self._cgroup = (fd, hooks)
+        finally:
+            os.close(fd)  # links hold the cgroup themselves
+        self._cgroup_links = links
         return root
 
     def _detach_cgroup(self) -> None:
-        if self._cgroup is None:
-            return
-        from bcc import BPF
-
-        fd, hooks = self._cgroup
-        for fn, kind in hooks:
-            try:
-                BPF.detach_func(fn, fd, kind)
-            except Exception:  # noqa: BLE001 — best effort at exit; the fd closes anyway
-                continue
-        os.close(fd)
-        self._cgroup = None
+        for link in self._cgroup_links:
+            os.close(link)
+        self._cgroup_links = []
 
     def __enter__(self) -> Probes:
         self.open()
@@ -407,10 +399,6 @@ class Probes:
         hb = self.bpf[b"heartbeat"]
         hb[ct.c_int(0)] = ct.c_uint64(time.monotonic_ns())  # == bpf_ktime_get_ns()
         hb[ct.c_int(1)] = ct.c_uint64(int(fail_closed_s * 1e9))
-
-    def set_scope(self, agent_index: int, mask: int) -> None:
-        if 0 <= agent_index < MAX_AGENTS:
-            self.bpf[b"rule_scope"][ct.c_int(agent_index)] = ct.c_uint64(mask)
 
     def doom(self, session: int, manual: bool = False) -> None:
         """Every process of the session gets SIGKILL at its next trip through the kernel

@@ -136,3 +136,41 @@ def test_fail_closed_kills_agents_whose_monitor_stays_gone(tmp_path: Path) -> No
             agent.kill()
             agent.wait()
         subprocess.run([*CLI, "detach", "--pin-dir", pin], timeout=30)
+
+
+def test_without_pin_dir_nothing_outlives_a_killed_monitor(tmp_path: Path) -> None:
+    """The cgroup deny hooks are links held by the monitor: SIGKILL it and they go, so no
+    orphaned program keeps refusing connects on the host."""
+    require_root()
+    tmp_path.chmod(0o755)
+    sock = str(tmp_path / "ctl.sock")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(f"monitor: {{control_socket: {sock}}}\n"
+                      f"metrics: {{listen: '127.0.0.1:{free_port()}'}}\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("mode: enforce\nrules:\n  - name: no-port\n    event: connect\n"
+                      f"    action: deny\n    match: {{address: [127.0.0.1], port: [{port}]}}\n")
+    mon = start(config, policy, sock, tmp_path / "monitor.log")
+    code = (f"import socket, time\nfor _ in range(600):\n"
+            f"    print(socket.socket().connect_ex(('127.0.0.1', {port})), flush=True)\n"
+            f"    time.sleep(0.05)\n")
+    agent = subprocess.Popen([*CLI, "exec", "--socket", sock, "--agent", "probe", "--",
+                              sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert agent.stdout is not None
+        results = (int(line) for line in agent.stdout)
+        wait_for(lambda: next(results) == 1, "the deny rule never refused (EPERM)")
+        mon.send_signal(signal.SIGKILL)
+        mon.wait()
+        wait_for(lambda: next(results) == 0, "connects still refused after the monitor died")
+    finally:
+        agent.kill()
+        agent.wait()
+        listener.close()
+        if mon.poll() is None:
+            mon.kill()
+            mon.wait()
