@@ -7,6 +7,7 @@ developer's laptop, but fail loudly when CI=true: a kernel test skipped in CI is
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -134,6 +135,15 @@ def running() -> Iterator[Running]:
     r = Running(load_config_text(SHARED_CONFIG, "<kernel-tests>"), SOCKET).start()
     yield r
     r.stop()
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now (for metrics and test listeners)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
 
 
 def agent_exec(argv: list[str], agent: str = "test", socket: str = SOCKET,

@@ -14,19 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import require_root
+from conftest import free_port, require_root
 
 from monitor import control
 
 CLI = [sys.executable, "-m", "monitor.cli"]
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
 
 
 def setup(tmp: Path, fail_closed: float = 0) -> tuple[Path, Path, str, str]:

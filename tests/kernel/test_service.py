@@ -16,20 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SOCKET, Running, agent_exec, require_root, wait_exit
+from conftest import SOCKET, Running, agent_exec, free_port, require_root, wait_exit
 
 from monitor import control
 from monitor.events import ExecEvent
 
 CLI = [sys.executable, "-m", "monitor.cli"]
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
 
 
 def policy_killing(name: str, mode: str = "enforce") -> str:
