@@ -159,8 +159,9 @@ _G_KEYS = {"remoteforward": R, "dynamicforward": D, "localforward": L}
 def _ssh_says(argv: list[str], home: Path) -> set[str] | None:
     """What `ssh -G` (parse, print the resulting config, connect nowhere) reports."""
     env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    done = subprocess.run(["ssh", "-F", "/dev/null", "-G", *argv[1:]], env=env,
+    done = subprocess.run(["ssh", "-F", "/dev/null", "-G", *argv[1:]], env=env, cwd=home,
                           capture_output=True, text=True, timeout=10, check=False)
+    # (cwd: spellings like `-E log` make ssh create that log file where it runs)
     if done.returncode != 0:
         return None
     found: set[str] = set()
