@@ -302,7 +302,7 @@ def build() -> dm.Dashboard:
         [query(f"sum by (kind) ({rate(sel('agentwatch_events_total'))})", "{{kind}}")]))
     d = d.with_panel(graph(
         17, "Connections by verdict", "Connects per second: allowed, alerted, denied "
-        "(EPERM before a packet left), killed, failed.", "ops",
+        "(EPERM before a packet left), killed.", "ops",
         [query(f"sum by (verdict) ({rate(sel('agentwatch_connections_total'))})",
                "{{verdict}}")], stack=True))
     d = d.with_panel(graph(

@@ -87,15 +87,17 @@ class BTF:
         return None
 
 
-def exec_argv_offsets(path: Path = VMLINUX) -> dict[str, int] | None:
-    """-D constants for reading the new program's argv at exec, or None without BTF."""
+def task_offsets(path: Path = VMLINUX) -> dict[str, int] | None:
+    """-D constants for the probes: where the new program's argv is (task->mm,
+    mm->arg_start/arg_end) and the exit status (task->exit_code); None without BTF."""
     try:
         btf = BTF(path.read_bytes())
     except (OSError, ValueError, struct.error):
         return None
     wanted = {"AW_TASK_MM_OFF": btf.offset("task_struct", "mm"),
               "AW_MM_ARG_START_OFF": btf.offset("mm_struct", "arg_start"),
-              "AW_MM_ARG_END_OFF": btf.offset("mm_struct", "arg_end")}
+              "AW_MM_ARG_END_OFF": btf.offset("mm_struct", "arg_end"),
+              "AW_TASK_EXIT_CODE_OFF": btf.offset("task_struct", "exit_code")}
     if any(v is None for v in wanted.values()):
         return None
     return {k: int(v) for k, v in wanted.items() if v is not None}

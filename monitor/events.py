@@ -78,8 +78,8 @@ class ExecFlag(IntFlag):
 
 class Counter(IntEnum):
     LOST = 0
-    UNIX_CONNECT = 1
-    OTHER_CONNECT = 2
+    CONNECTS = 1
+    SPARE = 2
     FORKS = 3
     ROOTS = 4
     PROC_FULL = 5
@@ -112,7 +112,7 @@ class CProc(ct.Structure):
         ("exit_status", ct.c_int32),
         ("cpu_ns", ct.c_uint64),
         ("start_ns", ct.c_uint64),
-        ("last_sig", ct.c_int32),
+        ("_spare", ct.c_int32),
         ("_pad", ct.c_uint32),
     ]
 
@@ -166,9 +166,9 @@ class CConnectEvent(ct.Structure):
         ("h", CHeader),
         ("family", ct.c_uint16),
         ("port", ct.c_uint16),
-        ("ret", ct.c_int32),
+        ("protocol", ct.c_uint16),
+        ("_pad", ct.c_uint16),
         ("addr", ct.c_uint8 * 16),
-        ("latency_ns", ct.c_uint64),
     ]
 
 
@@ -285,13 +285,12 @@ class ConnectEvent:
     family: Family
     address: str
     port: int
-    ret: int
-    latency_ns: int
+    protocol: int  # IPPROTO_*: 6 TCP, 17 UDP; reported before the connect happens
     kind = EventType.CONNECT
 
     @property
-    def ok(self) -> bool:
-        return self.ret == 0 or self.ret == -115  # -EINPROGRESS: non-blocking connect started
+    def transport(self) -> str:
+        return _TRANSPORTS.get(self.protocol, str(self.protocol))
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +362,7 @@ def _comm(raw: bytes) -> str:
 _HDR = struct.Struct("<QIIIIII16s")
 _FORK = struct.Struct("<II")
 _EXEC = struct.Struct("<IIQIIII256s")
-_CONNECT = struct.Struct("<HHi16sQ")
+_CONNECT = struct.Struct("<HHHH16s")
 _EXIT = struct.Struct("<iIQ")
 _VERDICT = struct.Struct("<IIQIIHHI16s")
 _HEADER_SIZE = _HDR.size
@@ -390,11 +389,11 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
     etype = int.from_bytes(buf[_TYPE_OFFSET : _TYPE_OFFSET + 4], "little")
     if etype == EventType.CONNECT:
         _need(buf, _CONNECT, "connect")
-        family, port, ret, raw, latency = _CONNECT.unpack_from(buf, _HEADER_SIZE)
+        family, port, protocol, _pad, raw = _CONNECT.unpack_from(buf, _HEADER_SIZE)
         if family not in _FAMILIES:
             raise DecodeError(f"connect record with unknown address family {family}")
         fam = Family(family)
-        return ConnectEvent(_header(buf), fam, _address(fam, raw), port, ret, latency)
+        return ConnectEvent(_header(buf), fam, _address(fam, raw), port, protocol)
     if etype == EventType.EXEC:
         if n < EXEC_ARGS_OFFSET:
             raise DecodeError(f"exec record of {n} bytes is truncated")
@@ -442,6 +441,7 @@ def _need(buf: bytes, layout: struct.Struct, what: str) -> None:
 
 
 _FAMILIES = frozenset(int(f) for f in Family)
+_TRANSPORTS = {6: "tcp", 17: "udp", 262: "mptcp"}
 _ACTIONS = frozenset(int(a) for a in KAction)
 
 

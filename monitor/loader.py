@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monitor import events
-from monitor.btf import exec_argv_offsets
+from monitor.btf import VMLINUX, task_offsets
 from monitor.errors import EnvironmentProblem
 from monitor.events import (
     MAX_AGENTS,
@@ -53,7 +53,10 @@ def cgroup2_root(mounts: Path = Path("/proc/self/mounts")) -> str | None:
         if len(parts) >= 3 and parts[2] == "cgroup2":
             return parts[1]
     return None
+
+
 BPF_SOURCE = "agentwatch.bpf.c"
+CGROUP_HOOKS = {b"aw_connect4": "CGROUP_INET4_CONNECT", b"aw_connect6": "CGROUP_INET6_CONNECT"}
 
 
 def probes_dir() -> Path:
@@ -152,7 +155,6 @@ class Probes:
         self.expected = 0
         self._cgroup_links: list[int] = []
         self._links: PinnedLinks | None = None
-        self.argv_from_mm = False
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -171,9 +173,13 @@ class Probes:
         src = probes_dir()
         if self.options.pin_dir:
             ensure_bpffs(Path(self.options.pin_dir))
-        offsets = exec_argv_offsets()  # None without BTF: argv only from syscall entry
-        self.argv_from_mm = offsets is not None
-        extra = [f"-D{k}={v}" for k, v in (offsets or {}).items()]
+        offsets = task_offsets()
+        if offsets is None:
+            raise EnvironmentProblem(
+                f"the kernel's BTF ({VMLINUX}) is missing or lacks task_struct/mm_struct: "
+                "agentwatch reads argv and exit codes at offsets it gives; use a kernel built "
+                "with CONFIG_DEBUG_INFO_BTF=y (Debian's, Ubuntu's and RHEL's are)")
+        extra = [f"-D{k}={v}" for k, v in offsets.items()]
         try:
             self._bpf = BPF(
                 src_file=str(src / BPF_SOURCE).encode(),
@@ -185,7 +191,9 @@ class Probes:
                 "tracepoints enabled and that `make setup` installed matching headers"
             ) from None
         self.attached = int(self._bpf.num_open_tracepoints())
-        self.expected = (src / BPF_SOURCE).read_text().count("\nTRACEPOINT_PROBE(")
+        text = (src / BPF_SOURCE).read_text()
+        # tracepoints, plus the cgroup connect hooks attach_cgroup() adds
+        self.expected = text.count("\nTRACEPOINT_PROBE(") + len(CGROUP_HOOKS)
         if self.options.pin_dir:
             self._links = PinnedLinks(self.options.pin_dir)
             try:
@@ -211,7 +219,8 @@ class Probes:
     # --- cgroup connect hooks ----------------------------------------------------------
 
     def attach_cgroup(self, path: str | None = None) -> str:
-        """Attach the connect4/connect6 deny hooks at the cgroup v2 root through BPF links
+        """Attach the connect4/connect6 hooks (they report connects and enforce the kernel
+        connect rules) at the cgroup v2 root through BPF links
         (other programs stay attached beside them). An unpinned link detaches when the
         monitor exits, however it exits; a pinned one (pin_dir) outlives it on purpose.
         Returns the cgroup path."""
@@ -220,13 +229,13 @@ class Probes:
         root = path or cgroup2_root()
         if root is None:
             raise EnvironmentProblem("no cgroup v2 hierarchy is mounted: mount one with "
-                                     "`mount -t cgroup2 none /sys/fs/cgroup/unified` to let "
-                                     "agentwatch refuse connects in the kernel")
+                                     "`mount -t cgroup2 none /sys/fs/cgroup/unified`; "
+                                     "agentwatch sees connects through cgroup hooks")
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         links: list[int] = []
         try:
-            for name, kind in ((b"aw_connect4", BPFAttachType.CGROUP_INET4_CONNECT),
-                               (b"aw_connect6", BPFAttachType.CGROUP_INET6_CONNECT)):
+            for name in CGROUP_HOOKS:
+                kind = getattr(BPFAttachType, CGROUP_HOOKS[name])
                 fn = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, None, kind)
                 if self._links is not None:
                     self._links.cgroup(name.decode(), fn.fd, fd, kind)
@@ -240,6 +249,7 @@ class Probes:
         finally:
             os.close(fd)  # links hold the cgroup themselves
         self._cgroup_links = links
+        self.attached += len(CGROUP_HOOKS)
         return root
 
     def _detach_cgroup(self) -> None:

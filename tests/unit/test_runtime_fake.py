@@ -135,6 +135,7 @@ class FakeProbes:
     def __init__(self, trace_all: bool = False) -> None:
         self.options = ProbeOptions(trace_all=trace_all)
         self.attached = 0
+        self.expected = 10
         self.opened = False
         self.callback: Callable[[bytes], None] | None = None
         self.procs: dict[int, TrackedProc] = {}

@@ -37,11 +37,11 @@ def session(sid: int, agent: str, cpu: float, *, procs: int = 3) -> dict[str, An
             "cpu_seconds": cpu, "execs": 7, "connects": 2}
 
 
-def connect(port: int, result: int = 0, *, family: str = "ipv4",
+def connect(port: int, protocol: str = "tcp", *, family: str = "ipv4",
             address: str = "10.0.0.5") -> dict[str, Any]:
     return {"ts_ns": 1, "event": "connect", "agent": "claude", "session": 1, "pid": 4242,
             "tid": 4242, "uid": 0, "comm": "curl", "family": family, "address": address,
-            "port": port, "result": result, "latency_ns": 1000}
+            "port": port, "protocol": protocol}
 
 
 def verdict(outcome: str, *, rule: str = "no-ssh", action: str = "kill",
@@ -110,14 +110,12 @@ def test_recent_connections_and_verdicts_are_bounded_newest_kept() -> None:
     assert [v.pid for v in m.verdicts][-1] == 25
 
 
-def test_connection_results_and_addresses_read_like_the_trace_view() -> None:
+def test_connection_protocols_and_addresses_read_like_the_trace_view() -> None:
     m = TopModel()
     m.add_record(connect(443))
-    m.add_record(connect(22, -111))
-    m.add_record(connect(53, -1, family="ipv6", address="2001:db8::1"))
-    assert [(c.destination, c.result, c.failed) for c in m.connections] == [
-        ("10.0.0.5:443", "ok", False), ("10.0.0.5:22", "ECONNREFUSED", True),
-        ("[2001:db8::1]:53", "EPERM", True)]
+    m.add_record(connect(53, "udp", family="ipv6", address="2001:db8::1"))
+    assert [(c.destination, c.protocol) for c in m.connections] == [
+        ("10.0.0.5:443", "tcp"), ("[2001:db8::1]:53", "udp")]
 
 
 def test_kills_are_flagged_and_would_kill_is_not_a_kill() -> None:
@@ -150,7 +148,7 @@ def busy_model(mode: str = "enforce") -> TopModel:
                            verdicts=[{"agent": "claude", "rule": "no-ssh", "action": "kill",
                                       "mode": mode, "count": 2}]), now=2.0)
     m.add_record(connect(443))
-    m.add_record(connect(22, -111))
+    m.add_record(connect(22, "udp"))
     m.add_record(verdict("alert", rule="curl-pipe-sh", action="alert"))
     m.add_record(verdict("killed" if mode == "enforce" else "would kill"))
     return m
@@ -167,7 +165,7 @@ def test_the_frame_shows_sessions_by_cpu_totals_and_recent_activity() -> None:
     assert "claude" in row and "100.0" in row and "3.00s" in row
     assert "events/s 1,000" in out and "lost 3" in out and "probes 9" in out
     assert "ENFORCE" in out and "ab12cd34ef56" in out and "MONITOR" not in out
-    assert "10.0.0.5:22" in line_with(out, "ECONNREFUSED")
+    assert "udp" in line_with(out, "10.0.0.5:22")
     assert "since the monitor started: no-ssh ×2" in out
 
 

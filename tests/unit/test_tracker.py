@@ -46,10 +46,10 @@ def exit_ev(pid: int, ts: int, status: int = 0, cpu_ns: int = 0, session: int = 
     return ExitEvent(hdr(pid, ts, session), exit_status=status, ppid=ppid, cpu_ns=cpu_ns)
 
 
-def connect_ev(pid: int, ts: int, address: str = "1.2.3.4", port: int = 443, ret: int = 0,
-               session: int = S1) -> ConnectEvent:
+def connect_ev(pid: int, ts: int, address: str = "1.2.3.4", port: int = 443,
+               protocol: int = 6, session: int = S1) -> ConnectEvent:
     fam = Family.INET6 if ":" in address else Family.INET
-    return ConnectEvent(hdr(pid, ts, session), fam, address, port, ret, latency_ns=10)
+    return ConnectEvent(hdr(pid, ts, session), fam, address, port, protocol)
 
 
 def root_exec(t: Tracker, pid: int = 100, session: int = S1, agent: int = 0) -> None:
@@ -146,9 +146,9 @@ def test_history_is_bounded() -> None:
 def test_connect_recorded() -> None:
     t = Tracker(names)
     root_exec(t)
-    p = t.apply(connect_ev(100, 2_000, "::1", 8443, -111))
+    p = t.apply(connect_ev(100, 2_000, "::1", 8443, 17))
     assert p is not None and p.pid == 100
-    assert list(p.connects) == [ConnectRecord(2_000, Family.INET6, "::1", 8443, -111)]
+    assert list(p.connects) == [ConnectRecord(2_000, Family.INET6, "::1", 8443, 17)]
     s = t.session(S1)
     assert s is not None and s.connects == 1
 
