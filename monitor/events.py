@@ -241,7 +241,11 @@ def size_cflags() -> list[str]:
 # --- typed events ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+# Events are plain slotted dataclasses, not frozen ones: a frozen dataclass's __init__
+# sets each field through object.__setattr__ and costs 4x as much (1.0 vs 0.24 us for the
+# header on these machines), twice per event on the hot path. Nothing mutates an event;
+# changes go through dataclasses.replace().
+@dataclass(slots=True)
 class Header:
     ts_ns: int
     pid: int
@@ -256,14 +260,14 @@ class Header:
         return self.session != 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ForkEvent:
     h: Header
     child_pid: int
     kind = EventType.FORK
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ExecEvent:
     h: Header
     old_tid: int
@@ -279,7 +283,7 @@ class ExecEvent:
         return bool(self.flags & (ExecFlag.ARGV_TRUNC_COUNT | ExecFlag.ARGV_TRUNC_LEN))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectEvent:
     h: Header
     family: Family
@@ -293,7 +297,7 @@ class ConnectEvent:
         return _TRANSPORTS.get(self.protocol, str(self.protocol))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ExitEvent:
     h: Header
     exit_status: int
@@ -314,7 +318,7 @@ class ExitEvent:
         return (self.exit_status & 0x7F) or None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class VerdictEvent:
     """A kernel rule matched; `enforced` says whether the kernel killed/refused."""
 
@@ -380,20 +384,34 @@ def _header(buf: bytes) -> Header:
     return Header(ts, pid, tid, session, agent, uid, _comm(comm))
 
 
+_CONNECT_RECORD = struct.Struct(_HDR.format + _CONNECT.format[1:])
+_TYPE = struct.Struct("<I")
+_CONNECT_TYPE = int(EventType.CONNECT)
+
+
 def decode(data: bytes | bytearray | memoryview) -> Event:
     """Decode one ring-buffer record into a typed event."""
     buf = bytes(data)
     n = len(buf)
     if n < _HEADER_SIZE:
         raise DecodeError(f"record of {n} bytes is shorter than the event header")
-    etype = int.from_bytes(buf[_TYPE_OFFSET : _TYPE_OFFSET + 4], "little")
-    if etype == EventType.CONNECT:
-        _need(buf, _CONNECT, "connect")
-        family, port, protocol, _pad, raw = _CONNECT.unpack_from(buf, _HEADER_SIZE)
-        if family not in _FAMILIES:
+    etype = _TYPE.unpack_from(buf, _TYPE_OFFSET)[0]
+    if etype == _CONNECT_TYPE:  # most events: one unpack for the whole record
+        if n < _CONNECT_RECORD.size:
+            raise DecodeError(f"connect record of {n} bytes, expected {_CONNECT_RECORD.size}")
+        ts, _t, pid, tid, session, agent, uid, comm, family, port, protocol, _pad, raw = \
+            _CONNECT_RECORD.unpack_from(buf)
+        fam = _FAMILY_OF.get(family)
+        if fam is None:
             raise DecodeError(f"connect record with unknown address family {family}")
-        fam = Family(family)
-        return ConnectEvent(_header(buf), fam, _address(fam, raw), port, protocol)
+        cache = _ADDRESSES[fam]
+        address = cache.get(raw)
+        if address is None:
+            if len(cache) >= 4096:
+                cache.clear()
+            address = cache[raw] = _address(fam, raw)
+        return ConnectEvent(Header(ts, pid, tid, session, agent, uid, _comm(comm)), fam,
+                            address, port, protocol)
     if etype == EventType.EXEC:
         if n < EXEC_ARGS_OFFSET:
             raise DecodeError(f"exec record of {n} bytes is truncated")
@@ -441,6 +459,10 @@ def _need(buf: bytes, layout: struct.Struct, what: str) -> None:
 
 
 _FAMILIES = frozenset(int(f) for f in Family)
+_FAMILY_OF = {int(f): f for f in Family}
+# raw connect address -> text, per family (the same 16 bytes are an IPv4 address with
+# zero padding and an IPv6 one); bounded, for the hot path
+_ADDRESSES: dict[Family, dict[bytes, str]] = {f: {} for f in Family}
 _TRANSPORTS = {6: "tcp", 17: "udp", 262: "mptcp"}
 _ACTIONS = frozenset(int(a) for a in KAction)
 

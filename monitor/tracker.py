@@ -24,7 +24,7 @@ from monitor.events import (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ExecRecord:
     ts_ns: int
     filename: str
@@ -32,7 +32,7 @@ class ExecRecord:
     truncated: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectRecord:
     ts_ns: int
     family: int

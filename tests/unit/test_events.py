@@ -519,3 +519,14 @@ def test_argv_read_from_the_new_programs_memory_is_split_on_nuls() -> None:
     e.args_len = 13  # cut at the buffer's end: the last argument is kept, partial
     ev = decode(bytes(e)[:EXEC_ARGS_OFFSET] + b"/bin/true\0abc")
     assert ev.argv == ("/bin/true", "abc")
+
+
+def test_the_same_address_bytes_decode_per_family_every_time() -> None:
+    # IPv4 1.2.3.4 and IPv6 102:304:: have the same 16 bytes on the wire; the decoder's
+    # address cache must never hand one family's text to the other
+    raw = bytes([1, 2, 3, 4]) + b"\0" * 12
+    for _ in range(2):
+        v4 = decode(connect_record(socket.AF_INET, raw, 80))
+        v6 = decode(connect_record(socket.AF_INET6, raw, 80))
+        assert isinstance(v4, ConnectEvent) and isinstance(v6, ConnectEvent)
+        assert (v4.address, v6.address) == ("1.2.3.4", "102:304::")
