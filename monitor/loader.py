@@ -56,6 +56,8 @@ def cgroup2_root(mounts: Path = Path("/proc/self/mounts")) -> str | None:
 
 
 BPF_SOURCE = "agentwatch.bpf.c"
+_MADV_PAGEOUT = 21  # Linux 5.4+
+_COMPILER_LIBS = ("/libLLVM", "/libclang")
 CGROUP_HOOKS = {b"aw_connect4": "CGROUP_INET4_CONNECT", b"aw_connect6": "CGROUP_INET6_CONNECT"}
 
 
@@ -251,6 +253,34 @@ class Probes:
         self._cgroup_links = links
         self.attached += len(CGROUP_HOOKS)
         return root
+
+    def release_compiler(self) -> int:
+        """Give back the memory of the one compile: once the programs are loaded, BCC's
+        in-process clang/LLVM is not run again, yet its code pages (about 85 MiB of
+        libLLVM and libclang-cpp on Debian 12) and freed heap stay resident. malloc_trim
+        returns the heap; MADV_PAGEOUT drops the libraries' clean file-backed pages, which
+        fault back in from the page cache if ever touched again (never a correctness
+        issue: only clean pages are reclaimed). Returns the mappings paged out."""
+        libc = ct.CDLL(None, use_errno=True)
+        try:
+            libc.malloc_trim(0)
+        except AttributeError:  # not glibc
+            pass
+        madvise = libc.madvise
+        madvise.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int]
+        done = 0
+        try:
+            maps = Path("/proc/self/maps").read_text().splitlines()
+        except OSError:
+            return 0
+        for line in maps:
+            parts = line.split()
+            if len(parts) < 6 or not any(lib in parts[5] for lib in _COMPILER_LIBS):
+                continue
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if madvise(start, end - start, _MADV_PAGEOUT) == 0:
+                done += 1
+        return done
 
     def _detach_cgroup(self) -> None:
         for link in self._cgroup_links:

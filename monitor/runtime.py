@@ -213,6 +213,7 @@ class Monitor:
         self.probes.install_rules(self.tables, self.agents.names(), self.gen)
         # connect events and connect rules both come from these hooks: no hooks, no monitor
         self.cgroup = self.probes.attach_cgroup()
+        self.probes.release_compiler()  # every program is loaded: LLVM is done
         if self.tables.userspace_only:
             self.log("more kernel-enforceable rules than the kernel holds; these are "
                      "evaluated in userspace", level="warning",

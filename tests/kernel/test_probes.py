@@ -286,3 +286,27 @@ def test_argv_in_pages_a_fresh_fork_child_has_not_touched(running: Running,
     ev, _ = running.log.wait_for(lambda e, a: isinstance(e, ExecEvent)
                                  and e.h.pid == fork.child_pid)
     assert isinstance(ev, ExecEvent) and ev.argv == ("/bin/true", "--from-rodata", "x")
+
+
+def _compiler_private_kib() -> int:
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping line
+            inside = len(head) >= 6 and ("/libLLVM" in head[5] or "/libclang" in head[5])
+        elif inside and line.startswith(("Private_Clean:", "Private_Dirty:")):
+            total += int(head[1])  # pages only this process maps (another BCC user may share)
+    return total
+
+
+def test_the_compilers_memory_is_given_back_after_loading(running: Running) -> None:
+    # BCC's clang/LLVM ran once to build the probes; its pages must not stay resident
+    # (docs/benchmarks.md, footprint), and the probes must keep working without them
+    running.monitor.probes.bpf.load_func(b"aw_connect4", 18)  # touches LLVM-side code again
+    assert _compiler_private_kib() > 0
+    assert running.monitor.probes.release_compiler() > 0
+    assert _compiler_private_kib() < 16 * 1024
+    p = agent_exec(["/bin/true", "after-release"])
+    assert wait_exit(p) == 0
+    ev, _ = running.log.wait_for(lambda e, a: isinstance(e, ExecEvent) and e.h.pid == p.pid)
+    assert isinstance(ev, ExecEvent) and ev.argv == ("/bin/true", "after-release")

@@ -161,6 +161,10 @@ class FakeProbes:
         self.opened = False
         self.attached = 0
 
+    def release_compiler(self) -> int:
+        self.calls.append("release_compiler")
+        return 0
+
     def on_record(self, callback: Callable[[bytes], None]) -> None:
         self.calls.append("on_record")
         self.callback = callback
