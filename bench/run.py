@@ -1,11 +1,18 @@
 """agentwatch benchmark (`make bench`, `make bench-quick`): cost and capacity of the monitor.
 
-1. Untracked overhead: how much slower a process that is NOT an agent gets while the
-   monitor runs: a fork+exec loop, a non-blocking connect() loop and a getppid() loop (a
-   control), all in C (bench/gen.c, compiled with gcc into a temp dir). Runs alternate
-   without / with the monitor: each pair runs the loops (R times each, fastest kept) with no
-   monitor loaded, then starts `agentwatch run`, runs the same loops, and stops it again.
-   Reported as with/without ratios per pair: median and min-max.
+1. Overhead, side by side with the usual alternatives: a fork+exec loop, a non-blocking
+   connect() loop and a getppid() loop (a control), all in C (bench/gen.c, compiled with
+   gcc into a temp dir), timed under four configurations that alternate in every round:
+   none (nothing loaded), agentwatch (`agentwatch run` started and stopped per round),
+   auditd (Debian's audit daemon with an always,exit rule on execve, execveat and connect
+   for every process) and bpftrace (a script printing one line per execve/execveat/connect
+   to a file). Each loop runs R times per phase, the fastest is kept; each tool's figure is
+   its ratio to the "none" phase of the same round (median and min-max over the rounds).
+   Untracked: the loops run as ordinary processes (agentwatch must ignore them). Tracked:
+   for agentwatch the loops run as an agent (`agentwatch exec --agent bench -- gen ...`);
+   auditd and bpftrace trace every process, so their tracked figures are their untracked
+   runs. Tools that are not installed (packaging/setup-bench.sh installs them) or fail to
+   start are reported and left out; `--tools` picks a subset.
 2. Throughput: gen.c runs as an agent (`agentwatch exec --agent bench -- gen connect RATE
    SECONDS ...`) and issues connects plus some fork+exec of /bin/true at stepped rates; the
    monitor's `status` before and after (once it has drained) gives events delivered and
@@ -14,7 +21,9 @@
 The monitor runs from a copy of monitor/ and probes/ taken at start (hash in the results),
 so edits to the tree during a run cannot mix two versions into one set of numbers.
 Prints a table and writes bench/results.json. Needs root and BPF, like the monitor. Only
-127.0.0.1 is contacted; every process started here is stopped by pid in `finally`.
+127.0.0.1 is contacted; every process started here is stopped by pid in `finally` (also on
+SIGINT/SIGTERM/SIGHUP), and dies with the bench if the bench is killed (PR_SET_PDEATHSIG);
+audit rules and settings are put back as found, by a guardian process if need be.
 """
 
 from __future__ import annotations
@@ -28,15 +37,17 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -46,6 +57,8 @@ RATE_TOLERANCE = 0.98  # a step counts as reached when the generator issued >= 9
 BUSY_LIMIT = 0.25  # CPU cores of other work above which a measurement is redone
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOOPS = ("exec", "connect", "getppid")
+TOOLS = ("agentwatch", "auditd", "bpftrace")  # compared against "none", alternated per round
+TRACKED_GOALS = {"exec": 1.05, "connect": 1.10}  # and below auditd's ratio
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,7 @@ class Monitor:
             self.proc = subprocess.Popen(
                 self.src.cmd("run", "--config", str(self.config), "--socket", self.sock),
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.src.env, cwd=self.src.dir)
+                env=self.src.env, cwd=self.src.dir, preexec_fn=die_with_parent)
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the monitor exited with {self.proc.returncode}:\n"
@@ -157,12 +170,12 @@ class Monitor:
     def cpu_seconds(self) -> float:
         """utime + stime of the monitor process (all its threads), from /proc/PID/stat."""
         assert self.proc is not None
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return proc_cpu(self.proc.pid)
 
     def started_line(self) -> dict[str, Any]:
         """The monitor's own "monitor started" log record (probes, agents, policy...)."""
+        if not self.logfile.exists():
+            return {}
         for line in self.logfile.read_text(errors="replace").splitlines():
             try:
                 rec = json.loads(line)
@@ -179,14 +192,34 @@ class Monitor:
             return ""
 
 
-class OtherLoad:
-    """CPU cores the host spent on anything but this bench, its children and the monitor
-    (busy time in /proc/stat minus ours) between start() and cores(): other people's work,
-    plus the little kernel-thread time our own load causes (about 0.01 core during the
-    overhead loops, 0.1 during fast throughput steps on the reference VM)."""
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads) or kernel thread; 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
-    def __init__(self, mon: Monitor) -> None:
-        self.mon = mon
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the bench dies, even by SIGKILL."""
+    _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class OtherLoad:
+    """CPU cores the host spent on anything but this bench, its children and the tool under
+    test (busy time in /proc/stat minus ours) between start() and cores(): other people's
+    work, plus the little kernel-thread time our own load causes (about 0.01 core during
+    the overhead loops, 0.1 during fast throughput steps on the reference VM). `ours`
+    gives the pids whose CPU counts as ours besides our own and our reaped children: the
+    monitor, auditd and kauditd, bpftrace."""
+
+    def __init__(self, ours: Callable[[], list[int]]) -> None:
+        self.ours = ours
         self._t0 = self._others0 = 0.0
 
     def _others(self) -> float:
@@ -194,7 +227,7 @@ class OtherLoad:
         busy = (sum(fields[:3]) + sum(fields[5:7])) / CLK_TCK  # user nice system irq softirq
         usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
         ours = sum(u.ru_utime + u.ru_stime for u in usage)
-        return busy - ours - (self.mon.cpu_seconds() if self.mon.proc else 0.0)
+        return busy - ours - sum(proc_cpu(pid) for pid in self.ours())
 
     def start(self) -> None:
         self._t0, self._others0 = time.monotonic(), self._others()
@@ -238,11 +271,13 @@ def git_state() -> dict[str, Any]:
                          if line[3:].startswith(("monitor/", "probes/"))]}
 
 
-def bpf_holders(exclude: int | None = None) -> list[int]:
+def bpf_holders(exclude: int | list[int] | None = None) -> list[int]:
     """Pids (not ours) holding BPF programs: anything loaded skews the 'without' runs."""
+    skip = {os.getpid(), *([] if exclude is None else
+                           [exclude] if isinstance(exclude, int) else exclude)}
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in (os.getpid(), exclude):
+        if not entry.name.isdigit() or int(entry.name) in skip:
             continue
         try:
             fds = list((entry / "fd").iterdir())
@@ -300,14 +335,29 @@ def compile_gen(tmp: Path) -> Path:
     return out
 
 
-def gen(*args: str | int | float | Path, src: Sources | None = None) -> dict[str, Any]:
-    """Run a command (gen, or `agentwatch exec ... gen`) and return gen's JSON line."""
-    res = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False,
-                         env=src.env if src else None, cwd=src.dir if src else None)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, args))} failed ({res.returncode}): "
-                           f"{res.stderr.strip()}")
-    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+def gen(*args: str | int | float | Path, src: Sources | None = None,
+        tick: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run a command (gen, or `agentwatch exec ... gen`) and return gen's JSON line;
+    `tick` is called every 0.2 s while it runs."""
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env=src.env if src else None, cwd=src.dir if src else None)
+    try:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=0.2 if tick else None)
+                break
+            except subprocess.TimeoutExpired:
+                assert tick is not None
+                tick()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args))} failed ({proc.returncode}): "
+                           f"{err.strip()}")
+    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -315,30 +365,503 @@ def spread(values: list[float]) -> dict[str, Any]:
             "samples": values}
 
 
-# --- 1. untracked overhead --------------------------------------------------------------
+# --- 1. overhead: none / agentwatch / auditd / bpftrace ---------------------------------
 
 
-def run_loops(exe: Path, port: int, sizes: dict[str, int], reps: int, foreign: set[str],
-              monitor_pid: int | None = None, baseline: int | None = None
-              ) -> dict[str, list[int]]:
-    """Elapsed ns of each loop, `reps` rounds of (exec, connect, getppid). Adds to `foreign`
-    what else used BPF before or after any run: other pids holding programs and, without
-    our monitor, a host-wide program count that differs from `baseline`."""
-    out: dict[str, list[int]] = {k: [] for k in LOOPS}
+class ToolFailed(Exception):
+    """A tool could not be started or died during its phase: its column is left out."""
 
-    def check() -> None:
-        foreign.update(f"pid {p}" for p in bpf_holders(monitor_pid))
-        count = bpf_prog_count() if monitor_pid is None else baseline
-        if count != baseline:
-            foreign.add(f"{count} BPF programs loaded (baseline {baseline})")
 
-    check()
-    for _ in range(reps):
-        out["exec"].append(gen(exe, "loop-exec", sizes["exec"])["elapsed_ns"])
-        out["connect"].append(gen(exe, "loop-connect", sizes["connect"], port)["elapsed_ns"])
-        out["getppid"].append(gen(exe, "loop-getppid", sizes["getppid"])["elapsed_ns"])
-        check()
-    return out
+def loop_args(exe: Path, loop: str, sizes: dict[str, int], port: int) -> list[str | int | Path]:
+    return [exe, f"loop-{loop}", sizes[loop], *([port] if loop == "connect" else [])]
+
+
+def run(*args: str | int, check: bool = True) -> str:
+    """A short helper command (auditctl ...); its output, stdout and stderr together."""
+    res = subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                         check=False, stdin=subprocess.DEVNULL)
+    if check and res.returncode != 0:
+        raise ToolFailed(f"{' '.join(map(str, args))} failed ({res.returncode}): "
+                         f"{(res.stderr or res.stdout).strip()}")
+    return res.stdout + res.stderr
+
+
+class Tool:
+    """One configuration of the overhead comparison. "none" is this base class as is."""
+
+    name = "none"
+    loads_bpf = False  # its BPF programs are expected; do not compare the host-wide count
+    tracks_agents = False  # only agentwatch tells agents from other processes
+
+    def unavailable(self) -> str | None:
+        """Why this tool cannot be measured here, or None."""
+        return None
+
+    def start(self) -> dict[str, Any]:
+        return {}
+
+    def pids(self) -> list[int]:
+        """Processes (and kernel threads) whose CPU is the tool's, and which may hold BPF."""
+        return []
+
+    def alive(self) -> bool:
+        return True
+
+    def tick(self) -> None:
+        """Called every 0.2 s while a loop runs."""
+
+    def settle(self) -> None:
+        """After each run: let the tool catch up with the events it was given."""
+
+    def counters(self) -> dict[str, int] | None:
+        return None
+
+    def agent_cmd(self) -> list[str]:
+        return []
+
+    def finish(self) -> dict[str, Any]:
+        """After the loops: gather what the tool did, then unload it."""
+        return {}
+
+    def shutdown(self) -> None:
+        """Unload it now; idempotent, called in `finally` and on signals."""
+
+
+class Agentwatch(Tool):
+    name = "agentwatch"
+    loads_bpf = True
+    tracks_agents = True
+
+    def __init__(self, mon: Monitor, settle_s: float) -> None:
+        self.mon = mon
+        self.settle_s = settle_s
+
+    def start(self) -> dict[str, Any]:
+        try:
+            startup = self.mon.start()
+        except RuntimeError as e:
+            raise ToolFailed(f"{e}\n{self.mon.log_tail()}") from None
+        time.sleep(self.settle_s)
+        return {"monitor_start_s": round(startup, 3)}
+
+    def pids(self) -> list[int]:
+        return [self.mon.proc.pid] if self.mon.proc else []
+
+    def alive(self) -> bool:
+        return self.mon.proc is not None and self.mon.proc.poll() is None
+
+    def counters(self) -> dict[str, int]:
+        st = self.mon.status()
+        return {"events": int(st["events"]), "lost": int(st["counters"]["lost"])}
+
+    def settle(self, quiet_s: float = 0.15, timeout: float = 60) -> None:
+        """Until the monitor's event count stops moving (it has drained the ring buffer)."""
+        t0, last = time.monotonic(), self.mon.status()["events"]
+        while time.monotonic() - t0 < timeout:
+            time.sleep(quiet_s)
+            now = self.mon.status()["events"]
+            if now == last:
+                return
+            last = now
+
+    def agent_cmd(self) -> list[str]:
+        return self.mon.src.cmd("exec", "--socket", self.mon.sock, "--agent", "bench", "--")
+
+    def finish(self) -> dict[str, Any]:
+        self.mon.stop()
+        return {}
+
+    def shutdown(self) -> None:
+        self.mon.stop()
+
+
+AUDIT_KEY = "agentwatch-bench"
+AUDIT_RULE = ["-a", "always,exit", "-F", "arch=b64", "-S", "execve,execveat,connect",
+              "-k", AUDIT_KEY]
+AUDIT_NEVER_TASK = ["-a", "never,task"]
+# What Debian's packaged /etc/audit/rules.d/audit.rules sets when the service starts
+# (augenrules --load): the daemon is measured as installed. Put back as found afterwards.
+AUDIT_TUNING = {"backlog_limit": ("-b", 8192), "backlog_wait_time": ("--backlog_wait_time", 60000),
+                "failure": ("-f", 1)}
+AUDIT_LOG = Path("/var/log/audit/audit.log")
+
+
+def audit_status() -> dict[str, int]:
+    out = run("auditctl", "-s")
+    status = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].lstrip("-").isdigit():
+            status[parts[0]] = int(parts[1])
+    return status
+
+
+class AuditState:
+    """The kernel's audit settings for the whole run.
+
+    Once audit has been enabled since boot (audit_ever_enabled), the kernel gives every
+    new task the syscall-audit work flag, even with audit disabled again and no rules: all
+    of its syscalls then take the slow path (on the reference VM getppid() costs 130 ns
+    instead of 103 ns). That would slow every phase after the first auditd phase. The only
+    remedy short of a reboot is a `-a never,task` rule, which makes new tasks start without
+    the flag; it is loaded for the whole run outside the auditd phases (it has no effect
+    while audit was never enabled) and removed at the end. A guardian shell, which gets
+    SIGTERM when the bench dies (PR_SET_PDEATHSIG), removes the rules, disables audit and
+    restores the settings if the bench is killed before it can.
+    """
+
+    def __init__(self) -> None:
+        self.before: dict[str, int] | None = None
+        self.reason: str | None = None
+        self.guardian: subprocess.Popen[bytes] | None = None
+        self.never_task_rule = False
+        if shutil.which("auditctl") is None:
+            self.reason = ("auditctl not found (package auditd not installed: run "
+                           "packaging/setup-bench.sh)")
+            return
+        try:
+            st = audit_status()
+            rules = run("auditctl", "-l").strip()
+        except ToolFailed as e:
+            self.reason = f"cannot query the kernel's audit state: {e}"
+            return
+        leftover = rules in ("No rules", " ".join(AUDIT_NEVER_TASK))
+        if st.get("enabled") != 0 or st.get("pid", 0) != 0 or not leftover:
+            self.reason = (f"audit is in use (enabled {st.get('enabled')}, auditd pid "
+                           f"{st.get('pid')}, rules: {rules!r}); not touched")
+            return
+        self.before = st
+
+    def begin(self) -> None:
+        if self.before is None:
+            return
+        b = self.before
+        restore = (f"auditctl -D; auditctl -e 0; auditctl -b {b['backlog_limit']} "
+                   f"--backlog_wait_time {b['backlog_wait_time']} -f {b['failure']}")
+        script = (f"restore() {{ {restore}; }} >/dev/null 2>&1\n"
+                  "trap 'restore; exit 0' TERM HUP INT\n"
+                  "while :; do sleep 1 & wait $!; done\n")
+        self.guardian = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=die_with_parent)
+        self.neutral()
+
+    def neutral(self) -> None:
+        """State outside auditd phases: no syscall rules, audit off, new tasks unflagged."""
+        if self.before is None:
+            return
+        run("auditctl", "-D")
+        run("auditctl", "-e", "0")
+        run("auditctl", *AUDIT_NEVER_TASK)
+        self.never_task_rule = True
+
+    def restore(self) -> None:
+        if self.before is None:
+            return
+        b = self.before
+        for args in (["-D"], ["-e", "0"],
+                     ["-b", b["backlog_limit"], "--backlog_wait_time", b["backlog_wait_time"],
+                      "-f", b["failure"]]):
+            try:
+                run("auditctl", *args)
+            except ToolFailed as e:
+                log(f"WARNING: {e}")
+        self.never_task_rule = False
+        if self.guardian is not None:
+            self.guardian.terminate()  # it restores once more (harmless) and exits
+            try:
+                self.guardian.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.guardian.kill()
+                self.guardian.wait()
+            self.guardian = None
+
+
+class AuditLog:
+    """Counts what auditd appends to /var/log/audit/audit.log during a phase, across
+    rotations (8 MiB files, 5 kept, by Debian's auditd.conf): every file that appears is
+    opened at once (polled every 0.2 s) and kept open, so it can still be read when it has
+    been rotated away."""
+
+    def __init__(self) -> None:
+        self.files: dict[int, tuple[IO[bytes], int | None]] = {}  # inode -> (file, from)
+
+    def _open(self, path: Path, start: str) -> None:
+        try:
+            f = open(path, "rb")  # noqa: SIM115 (kept open on purpose)
+        except OSError:
+            return
+        st = os.fstat(f.fileno())
+        if st.st_ino in self.files:
+            f.close()
+            return
+        self.files[st.st_ino] = (f, {"end": st.st_size, "zero": 0, "skip": None}[start])
+
+    def begin(self) -> None:
+        self._open(AUDIT_LOG, "end")
+        for p in AUDIT_LOG.parent.glob(AUDIT_LOG.name + ".*"):
+            self._open(p, "skip")
+
+    def poll(self) -> None:
+        for p in AUDIT_LOG.parent.glob(AUDIT_LOG.name + "*"):
+            try:
+                ino = p.stat().st_ino
+            except OSError:
+                continue
+            if ino not in self.files:
+                self._open(p, "zero")
+
+    def size(self) -> int:
+        return sum(os.fstat(f.fileno()).st_size for f, _ in self.files.values())
+
+    def count(self) -> dict[str, int]:
+        self.poll()
+        pats = {"records": b"\n", "syscall_records": b"type=SYSCALL ",
+                "keyed_records": f'key="{AUDIT_KEY}"'.encode()}
+        out = dict.fromkeys(pats, 0) | {"bytes": 0, "files": 0}
+        for f, start in self.files.values():
+            if start is None:
+                continue
+            out["files"] += 1
+            f.seek(start)
+            tail = b""
+            while chunk := f.read(1 << 24):
+                out["bytes"] += len(chunk)
+                buf = tail + chunk
+                for k, pat in pats.items():
+                    out[k] += buf.count(pat) - tail.count(pat)
+                tail = buf[-64:]
+        return out
+
+    def close(self) -> None:
+        for f, _ in self.files.values():
+            f.close()
+        self.files.clear()
+
+
+def kauditd_pid() -> int | None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "kauditd":
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+class Auditd(Tool):
+    """Debian's auditd, started by the bench per phase (`auditd -n`, a child), with one
+    always,exit rule on execve, execveat and connect for every process."""
+
+    name = "auditd"
+
+    def __init__(self, tmp: Path, state: AuditState) -> None:
+        self.tmp = tmp
+        self.state = state
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = AuditLog()
+        self.kauditd = kauditd_pid()
+        self.lost0 = 0
+
+    def unavailable(self) -> str | None:
+        if shutil.which("auditd") is None:
+            return "auditd not found (run packaging/setup-bench.sh)"
+        if self.state.reason:
+            return self.state.reason
+        for pidfile in (Path("/run/auditd.pid"), Path("/var/run/auditd.pid")):
+            try:
+                pid = pidfile.read_text().strip()
+            except OSError:
+                continue
+            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                return f"another auditd is running (pid {pid}); not touched"
+        return None
+
+    def start(self) -> dict[str, Any]:
+        run("auditctl", "-D")  # the never,task rule would exempt the new tasks
+        with open(self.tmp / "auditd.out", "ab") as out:
+            self.proc = subprocess.Popen(["auditd", "-n"], stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=die_with_parent)
+        t0 = time.monotonic()
+        while audit_status().get("pid") != self.proc.pid:
+            if self.proc.poll() is not None or time.monotonic() - t0 > 15:
+                raise ToolFailed("auditd did not register with the kernel: "
+                                 + (self.tmp / "auditd.out").read_text(errors="replace")[-500:])
+            time.sleep(0.05)
+        for opt, value in AUDIT_TUNING.values():
+            run("auditctl", opt, value)
+        run("auditctl", *AUDIT_RULE)
+        rules = run("auditctl", "-l").strip()
+        if AUDIT_KEY not in rules:
+            raise ToolFailed(f"the audit rule did not load: {rules}")
+        st = audit_status()
+        self.lost0 = st.get("lost", 0)
+        self.log = AuditLog()
+        self.log.begin()
+        return {"auditd_pid": self.proc.pid, "rules": rules,
+                "status": {k: st[k] for k in ("enabled", "pid", "backlog_limit",
+                                              "backlog_wait_time", "failure") if k in st}}
+
+    def pids(self) -> list[int]:
+        return [p for p in (self.proc.pid if self.proc else None, self.kauditd) if p]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tick(self) -> None:
+        self.log.poll()
+
+    def settle(self, timeout: float = 30) -> None:
+        """Until the kernel's audit backlog is empty (every record handed to auditd), then
+        0.2 s for auditd to write them. Not "until the log stops growing": auditd logs what
+        other processes on the host do as well."""
+        t0 = time.monotonic()
+        while audit_status().get("backlog", 0) > 0 and time.monotonic() - t0 < timeout:
+            self.log.poll()
+            time.sleep(0.05)
+        time.sleep(0.2)
+        self.log.poll()
+
+    def finish(self) -> dict[str, Any]:
+        self.settle()
+        counts = self.log.count()
+        st = audit_status()
+        self.shutdown()
+        if counts["records"] == 0:
+            raise ToolFailed(f"auditd wrote nothing to {AUDIT_LOG} during the phase")
+        return {"audit_log": counts, "kernel_lost": st.get("lost", 0) - self.lost0,
+                "backlog_wait_time_actual": st.get("backlog_wait_time_actual")}
+
+    def shutdown(self) -> None:
+        """Rules deleted, audit disabled, the daemon stopped by pid and waited for."""
+        self.log.close()
+        if self.proc is None:
+            return
+        for args in (["-D"], ["-e", "0"]):
+            try:
+                run("auditctl", *args)
+            except ToolFailed as e:
+                log(f"WARNING: {e}")
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        self.state.neutral()
+
+
+BPFTRACE_SCRIPT = """\
+tracepoint:syscalls:sys_enter_execve
+{ printf("%d %s execve %s\\n", pid, comm, str(args->filename)); }
+tracepoint:syscalls:sys_enter_execveat
+{ printf("%d %s execveat %s\\n", pid, comm, str(args->filename)); }
+tracepoint:syscalls:sys_enter_connect
+{ printf("%d %s connect family=%d\\n", pid, comm, *(uint16 *)args->uservaddr); }
+"""
+
+
+class Bpftrace(Tool):
+    """bpftrace printing one line per execve/execveat/connect to a file."""
+
+    name = "bpftrace"
+    loads_bpf = True
+
+    def __init__(self, tmp: Path, port: int) -> None:
+        self.tmp = tmp
+        self.port = port
+        self.script = tmp / "agentwatch-bench.bt"
+        self.out = tmp / "bpftrace.out"
+        self.err = tmp / "bpftrace.err"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def unavailable(self) -> str | None:
+        if shutil.which("bpftrace") is None:
+            return "bpftrace not found (run packaging/setup-bench.sh)"
+        return None
+
+    def _output(self) -> str:
+        try:
+            return self.out.read_text(errors="replace") + self.err.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _marker(self) -> None:
+        """A connect() of our own to the closed port: the line bpftrace prints for it
+        proves the probes are attached."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", self.port))
+            except OSError:
+                pass
+
+    def start(self) -> dict[str, Any]:
+        self.script.write_text(BPFTRACE_SCRIPT)
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(["bpftrace", str(self.script)], stdout=out,
+                                         stderr=err, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=die_with_parent)
+        t0, mine = time.monotonic(), f"{os.getpid()} "
+        while True:
+            if self.proc.poll() is not None or time.monotonic() - t0 > 60:
+                raise ToolFailed(f"bpftrace did not attach: {self._output()[-500:]}")
+            text = self._output()
+            if "Attaching" in text:
+                if any(line.startswith(mine) and " connect " in line
+                       for line in text.splitlines()):
+                    break
+                self._marker()
+            time.sleep(0.1)
+        attaching = next((x for x in text.splitlines() if x.startswith("Attaching")), "")
+        return {"bpftrace_pid": self.proc.pid, "attached": attaching,
+                "attach_s": round(time.monotonic() - t0, 2)}
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc else []
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def settle(self, timeout: float = 30) -> None:
+        """Until bpftrace's output file stops growing."""
+        t0, size = time.monotonic(), -1
+        while time.monotonic() - t0 < timeout:
+            now = self.out.stat().st_size
+            if now == size:
+                return
+            size = now
+            time.sleep(0.1)
+
+    def finish(self) -> dict[str, Any]:
+        self.settle()
+        self.shutdown()
+        lines = lost = 0
+        with open(self.out, "rb") as f:
+            for line in f:
+                lines += 1
+                if line.startswith(b"Lost ") and line.split()[1].isdigit():
+                    lost += int(line.split()[1])
+        stderr = self.err.read_text(errors="replace").strip()
+        size = self.out.stat().st_size
+        self.out.unlink()
+        return {"output_lines": lines, "output_bytes": size, "lost_events": lost,
+                "stderr": stderr[-500:]}
+
+    def shutdown(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
 
 
 def wait_no_foreign_bpf(timeout: float, baseline: int | None = None,
@@ -353,77 +876,179 @@ def wait_no_foreign_bpf(timeout: float, baseline: int | None = None,
     return time.monotonic() - t0
 
 
-def overhead_pair(mon: Monitor, exe: Path, port: int, sizes: dict[str, int], reps: int,
-                  settle: float, baseline: int | None) -> dict[str, Any]:
-    """One (without, with) pair; the monitor is loaded only for the second phase."""
+def run_phase(tool: Tool, exe: Path, port: int, sizes: dict[str, int], reps: int,
+              baseline: int | None, src: Sources) -> dict[str, Any]:
+    """Load the tool, run the loops `reps` times each (round robin; for agentwatch then
+    again as an agent), unload it. Marks the phase tainted when another process held BPF
+    programs, the host-wide program count moved (tools without BPF only) or other work
+    used more than BUSY_LIMIT cores."""
     foreign: set[str] = set()
-    load = OtherLoad(mon)
+
+    def check(started: bool = True) -> None:
+        foreign.update(f"pid {p}" for p in bpf_holders(tool.pids()))
+        if not tool.loads_bpf and (count := bpf_prog_count()) != baseline:
+            foreign.add(f"{count} BPF programs loaded (baseline {baseline})")
+        if started and not tool.alive():
+            raise ToolFailed(f"{tool.name} exited during its phase")
+
+    t_start = time.monotonic()
+    load = OtherLoad(tool.pids)
+    check(started=False)
+    info = tool.start()
+    runs: dict[str, dict[str, list[int]]] = {"untracked": {k: [] for k in LOOPS}}
     load.start()
-    off_runs = run_loops(exe, port, sizes, reps, foreign, baseline=baseline)
-    busy = [load.cores()]
-    startup = mon.start()
-    assert mon.proc is not None
-    time.sleep(settle)
-    events0 = mon.status()["events"]
-    load.start()
-    on_runs = run_loops(exe, port, sizes, reps, foreign, mon.proc.pid)
-    busy.append(load.cores())
-    untracked_events = mon.status()["events"] - events0
-    mon.stop()
-    if max(busy) > BUSY_LIMIT:
-        foreign.add(f"other work used {max(busy):.2f} CPU cores")
-    off = {k: min(v) for k, v in off_runs.items()}
-    on = {k: min(v) for k, v in on_runs.items()}
-    return {"without_ns": off, "with_ns": on, "ratio": {k: on[k] / off[k] for k in LOOPS},
-            "without_runs_ns": off_runs, "with_runs_ns": on_runs,
-            "monitor_start_s": round(startup, 3),
-            "events_from_untracked_loops": untracked_events,
-            "other_load_cores": [round(b, 2) for b in busy],
-            "foreign_bpf": sorted(foreign), "tainted": bool(foreign)}
+    c0 = tool.counters()
+    for _ in range(reps):
+        for k in LOOPS:
+            runs["untracked"][k].append(
+                gen(*loop_args(exe, k, sizes, port), tick=tool.tick)["elapsed_ns"])
+            tool.settle()
+        check()
+    if c0 is not None:
+        c1 = tool.counters()
+        info["events_from_untracked_loops"] = c1["events"] - c0["events"]
+    tracked_counts: dict[str, list[dict[str, int]]] = {}
+    if tool.tracks_agents:
+        runs["tracked"] = {k: [] for k in LOOPS}
+        tracked_counts = {k: [] for k in LOOPS}
+        for _ in range(reps):
+            for k in LOOPS:
+                before = tool.counters()
+                try:
+                    g = gen(*tool.agent_cmd(), *loop_args(exe, k, sizes, port), src=src,
+                            tick=tool.tick)
+                except RuntimeError as e:  # e.g. the policy killed the agent
+                    raise ToolFailed(f"tracked {k} loop: {e}") from None
+                runs["tracked"][k].append(g["elapsed_ns"])
+                tool.settle()
+                after = tool.counters()
+                if before is not None and after is not None:
+                    tracked_counts[k].append({c: after[c] - before[c] for c in after})
+            check()
+        info["tracked_counters"] = tracked_counts
+    cores = load.cores()
+    info.update(tool.finish())
+    if cores > BUSY_LIMIT:
+        foreign.add(f"other work used {cores:.2f} CPU cores")
+    return {"runs_ns": runs, "fastest_ns": {kind: {k: min(v) for k, v in r.items()}
+                                            for kind, r in runs.items()},
+            "other_load_cores": round(cores, 2), "foreign_bpf": sorted(foreign),
+            "tainted": bool(foreign), "wall_s": round(time.monotonic() - t_start, 1),
+            "tool": info}
 
 
-def overhead(mon: Monitor, exe: Path, port: int, sizes: dict[str, int], pairs: int,
-             reps: int, settle: float, patience: Patience) -> dict[str, Any]:
-    log(f"overhead: warm-up, then {pairs} pairs of (without, with) phases, {reps} runs of "
-        f"each loop per phase; loop sizes {sizes}")
+def overhead(tools: list[Tool], failed: dict[str, str], exe: Path, port: int,
+             sizes: dict[str, int], rounds: int, reps: int, patience: Patience,
+             src: Sources) -> dict[str, Any]:
+    names = [t.name for t in tools]
+    log(f"overhead: warm-up, then {rounds} rounds of phases {['none', *names]}, {reps} runs "
+        f"of each loop per phase; loop sizes {sizes}")
     t0 = time.monotonic()
     wait_no_foreign_bpf(patience.wait_s)
     baseline = bpf_prog_count()
-    run_loops(exe, port, sizes, 1, set(), baseline=baseline)  # warm-up, discarded
+    none = Tool()
+    for k in LOOPS:  # warm-up, discarded
+        gen(*loop_args(exe, k, sizes, port))
     raw: list[dict[str, Any]] = []
+    clean = dict.fromkeys(["none", *names], 0)
     attempts = 0
-    while sum(not p["tainted"] for p in raw) < pairs and attempts < 3 * pairs and (
-            attempts < pairs or time.monotonic() - t0 < patience.budget_s):
+
+    def wanted() -> bool:
+        goal = [clean[t.name] for t in tools] or [clean["none"]]
+        return min(goal) < rounds
+    while wanted() and attempts < 3 * rounds and (
+            attempts < rounds or time.monotonic() - t0 < patience.budget_s):
         attempts += 1
-        waited = (wait_no_foreign_bpf(patience.wait_s, baseline)
-                  + OtherLoad(mon).wait_quiet(patience.wait_s))
-        pair = {"pair": attempts, "waited_for_quiet_s": round(waited, 1),
-                **overhead_pair(mon, exe, port, sizes, reps, settle, baseline)}
-        raw.append(pair)
-        r = pair["ratio"]
-        log(f"  pair {attempts}: " + "  ".join(f"{k} {r[k]:.3f}" for k in LOOPS)
-            + f"  (monitor start {pair['monitor_start_s']:.1f} s, events seen "
-            + f"{pair['events_from_untracked_loops']}"
-            + (f"; TAINTED by {pair['foreign_bpf']}: not counted"
-               if pair["tainted"] else "") + ")")
-    used = [p for p in raw if not p["tainted"]] or raw
-    summary: dict[str, Any] = {}
-    for k in LOOPS:
-        per_op_off = [p["without_ns"][k] / sizes[k] / 1000 for p in used]
-        per_op_on = [p["with_ns"][k] / sizes[k] / 1000 for p in used]
-        summary[k] = {"ratio": spread([p["ratio"][k] for p in used]),
-                      "us_per_op_without": statistics.median(per_op_off),
-                      "us_per_op_with": statistics.median(per_op_on), "n": sizes[k]}
-    met = all(summary[k]["ratio"]["median"] <= OVERHEAD_GOAL for k in LOOPS)
-    return {"method": "pairs of (without, with); monitor started and stopped in each pair; "
-                      f"per phase the fastest of {reps} runs of each loop; pairs during "
-                      f"which another process used BPF, or other work used > {BUSY_LIMIT} "
-                      "cores, are re-run and not counted",
-            "reps": reps, "goal_ratio": OVERHEAD_GOAL, "goal_met": met,
-            "bpf_programs_before": baseline,
-            "clean_pairs": sum(not p["tainted"] for p in raw),
-            "only_tainted_pairs": all(p["tainted"] for p in raw),
-            "summary": summary, "pairs": raw}
+        rnd: dict[str, Any] = {"round": attempts, "phases": {}, "ratio": {}, "clean": {}}
+        for tool in [none, *tools]:
+            waited = (wait_no_foreign_bpf(patience.wait_s, baseline)
+                      + OtherLoad(lambda: []).wait_quiet(patience.wait_s))
+            try:
+                phase = run_phase(tool, exe, port, sizes, reps, baseline, src)
+            except ToolFailed as e:
+                tool.shutdown()
+                log(f"  {tool.name}: FAILED, left out from now on: {e}")
+                failed[tool.name] = str(e)
+                tools.remove(tool)
+                continue
+            phase["waited_for_quiet_s"] = round(waited, 1)
+            rnd["phases"][tool.name] = phase
+        base = rnd["phases"]["none"]
+        clean["none"] += not base["tainted"]
+        for name, ph in rnd["phases"].items():
+            if name == "none":
+                continue
+            fast = ph["fastest_ns"]
+            rnd["ratio"][name] = {
+                kind: {k: fast[kind][k] / base["fastest_ns"]["untracked"][k] for k in LOOPS}
+                for kind in fast}
+            rnd["clean"][name] = not (base["tainted"] or ph["tainted"])
+            clean[name] += rnd["clean"][name]
+        raw.append(rnd)
+        for name, ph in rnd["phases"].items():
+            extra = phase_note(name, ph)
+            r = rnd["ratio"].get(name)
+            figures = ("  ".join(f"{kind[0]}:{k} {r[kind][k]:.3f}" for kind in r for k in LOOPS)
+                       if r else "  ".join(f"{k} {v / sizes[k] / 1000:.3f} us"
+                                           for k, v in ph["fastest_ns"]["untracked"].items()))
+            log(f"  round {attempts} {name:<10} {figures}  ({ph['wall_s']} s{extra}"
+                + (f"; TAINTED by {ph['foreign_bpf']}" if ph["tainted"] else "") + ")")
+    return {"method": "rounds of phases none, " + ", ".join(names) + " (each tool loaded only "
+                      "for its phase); per phase the fastest of "
+                      f"{reps} runs of each loop; ratio = tool / none of the same round; a "
+                      "round's ratio for a tool is not counted when its phase or the none "
+                      "phase saw another process use BPF or other work use > "
+                      f"{BUSY_LIMIT} cores",
+            "reps": reps, "rounds_wanted": rounds, "loop_sizes": sizes,
+            "bpf_programs_before": baseline, "tools": [t.name for t in tools],
+            "tools_unavailable": failed,
+            "clean_rounds": clean, "rounds": raw,
+            "summary": overhead_summary(raw, names, sizes)}
+
+
+def phase_note(name: str, ph: dict[str, Any]) -> str:
+    t = ph["tool"]
+    if name == "agentwatch":
+        lost = sum(c["lost"] for v in t.get("tracked_counters", {}).values() for c in v)
+        ev = sum(c["events"] for v in t.get("tracked_counters", {}).values() for c in v)
+        return (f"; events from untracked loops {t.get('events_from_untracked_loops')}, "
+                f"tracked {ev}, lost {lost}")
+    if name == "auditd":
+        a = t["audit_log"]
+        return (f"; audit log +{a['records']} records ({a['syscall_records']} syscall, "
+                f"{a['bytes'] / 2**20:.1f} MiB in {a['files']} file(s)), kernel lost "
+                f"{t['kernel_lost']}")
+    if name == "bpftrace":
+        return f"; {t['output_lines']} lines, lost {t['lost_events']}"
+    return ""
+
+
+def overhead_summary(raw: list[dict[str, Any]], names: list[str],
+                     sizes: dict[str, int]) -> dict[str, Any]:
+    """Per kind (untracked, tracked) and loop: the none phase's time per op and, per tool,
+    median/min/max of the clean rounds' ratios (all rounds when none was clean)."""
+    out: dict[str, Any] = {}
+    for kind in ("untracked", "tracked"):
+        out[kind] = {}
+        for k in LOOPS:
+            row: dict[str, Any] = {"n": sizes[k], "none_us_per_op": statistics.median(
+                r["phases"]["none"]["fastest_ns"]["untracked"][k] / sizes[k] / 1000
+                for r in raw)}
+            for name in names:
+                have = [r for r in raw if name in r["ratio"]]
+                if not have:
+                    continue
+                used = [r for r in have if r["clean"][name]] or have
+                src_kind = kind if kind in have[0]["ratio"][name] else "untracked"
+                row[name] = {
+                    "ratio": spread([r["ratio"][name][src_kind][k] for r in used]),
+                    "us_per_op": statistics.median(
+                        r["phases"][name]["fastest_ns"][src_kind][k] / sizes[k] / 1000
+                        for r in used),
+                    "rounds": len(used), "only_tainted": not any(r["clean"][name] for r in have),
+                    "same_as_untracked": src_kind != kind}
+            out[kind][k] = row
+    return out
 
 
 # --- 2. throughput ----------------------------------------------------------------------
@@ -460,7 +1085,7 @@ def wait_drained(mon: Monitor, base: int, expected: int, quiet_s: float = 1.0,
 def throughput_step(mon: Monitor, exe: Path, port: int, rate: int, seconds: float,
                     exec_every: int, workers: int, patience: Patience) -> dict[str, Any]:
     assert mon.proc is not None
-    load = OtherLoad(mon)
+    load = OtherLoad(lambda: [mon.proc.pid] if mon.proc else [])
     waited = wait_no_foreign_bpf(patience.wait_s, monitor_pid=mon.proc.pid)
     waited += load.wait_quiet(patience.wait_s)
     foreign = set(bpf_holders(mon.proc.pid))  # another monitor competes for the CPUs
@@ -540,6 +1165,28 @@ def throughput(mon: Monitor, exe: Path, port: int, rates: list[int], seconds: fl
 # --- report -----------------------------------------------------------------------------
 
 
+def goal_checks(o: dict[str, Any]) -> dict[str, Any]:
+    """The agentwatch goals: untracked <= OVERHEAD_GOAL for every loop; tracked exec and
+    connect within TRACKED_GOALS and below auditd's ratio (when auditd was measured)."""
+    s = o["summary"]
+    checks: dict[str, Any] = {}
+    for k in LOOPS:
+        aw = s["untracked"][k].get("agentwatch")
+        checks[f"untracked {k}"] = {
+            "goal": f"<= {OVERHEAD_GOAL}",
+            "met": None if aw is None else aw["ratio"]["median"] <= OVERHEAD_GOAL}
+    for k, limit in TRACKED_GOALS.items():
+        aw, ad = s["tracked"][k].get("agentwatch"), s["tracked"][k].get("auditd")
+        met = None
+        if aw is not None:
+            met = aw["ratio"]["median"] <= limit and (
+                ad is None or aw["ratio"]["median"] < ad["ratio"]["median"])
+        checks[f"tracked {k}"] = {
+            "goal": f"<= {limit:.2f} and < auditd" + ("" if ad else " (auditd not measured)"),
+            "met": met}
+    return checks
+
+
 def report(res: dict[str, Any]) -> str:
     m = res["machine"]
     out = [f"agentwatch benchmark  {m['date']}  kernel {m['kernel']}  {m['nproc']} CPUs  "
@@ -548,25 +1195,70 @@ def report(res: dict[str, Any]) -> str:
         out.append(f"WARNING: other monitors were running: {m['other_monitors']}")
     if "overhead" in res:
         o = res["overhead"]
-        out += ["", f"Untracked overhead (with/without, {o['clean_pairs']} alternated pairs; "
-                    f"goal <= {OVERHEAD_GOAL})",
-                f"  {'loop':<9}{'n':>10}{'us/op off':>11}{'us/op on':>10}{'median':>9}"
-                f"{'min-max':>15}"]
+        names = list(TOOLS)
+        cr = o["clean_rounds"]
+        out += ["", "Overhead: time with the tool / time with nothing loaded, same round; "
+                    "median (min-max) over clean rounds ("
+                    + ", ".join(f"{n} {cr[n]}" for n in names if n in cr) + ")",
+                f"  {'loop':<8}{'kind':<10}{'none us/op':>11}  "
+                + "".join(f"{n:<22}" for n in names) + "goal (agentwatch)"]
+        checks = o["goals"]
         for k in LOOPS:
-            s = o["summary"][k]
-            r = s["ratio"]
-            out.append(f"  {k:<9}{s['n']:>10}{s['us_per_op_without']:>11.3f}"
-                       f"{s['us_per_op_with']:>10.3f}{r['median']:>9.3f}"
-                       f"{r['min']:>8.3f}-{r['max']:.3f}")
-        tainted = [q["pair"] for q in o["pairs"] if q["tainted"]]
+            for kind in ("untracked", "tracked"):
+                row = o["summary"][kind][k]
+                cells = []
+                for n in names:
+                    c = row.get(n)
+                    if c is None:
+                        cells.append(f"{'n/a':<22}")
+                        continue
+                    r = c["ratio"]
+                    mark = "*" if c["same_as_untracked"] else ("!" if c["only_tainted"] else "")
+                    cells.append(f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f}){mark:<3}")
+                g = checks.get(f"{kind} {k}")
+                goal = "-" if g is None else (
+                    f"{g['goal']}: " + {True: "met", False: "NOT met", None: "n/a"}[g["met"]])
+                none_us = f"{row['none_us_per_op']:.3f}" if kind == "untracked" else ""
+                out.append(f"  {k:<8}{kind:<10}{none_us:>11}  {''.join(cells)}{goal}")
+        out.append("  * auditd and bpftrace trace every process: tracked = their untracked "
+                   "runs.  ! only tainted rounds.")
+        out.append("  untracked loops: gen run by the bench; tracked: for agentwatch, gen run "
+                   "as an agent through `agentwatch exec --agent bench`")
+        for n, why in o["tools_unavailable"].items():
+            out.append(f"  {n}: NOT MEASURED: {why}")
+        rounds = o["rounds"]
+        notes = []
+        aw = [r["phases"]["agentwatch"]["tool"] for r in rounds if "agentwatch" in r["phases"]]
+        if aw:
+            ev = [t.get("events_from_untracked_loops") for t in aw]
+            lost = sum(c["lost"] for t in aw for v in t["tracked_counters"].values() for c in v)
+            tracked = sum(c["events"] for t in aw for v in t["tracked_counters"].values()
+                          for c in v)
+            notes.append(f"agentwatch: events from untracked loops per round {ev} (must be 0); "
+                         f"tracked loops: {tracked} events delivered, {lost} lost")
+        ad = [r["phases"]["auditd"]["tool"] for r in rounds if "auditd" in r["phases"]]
+        if ad:
+            notes.append("auditd: records written to the audit log per phase "
+                         f"{[t['audit_log']['records'] for t in ad]} (syscall records "
+                         f"{[t['audit_log']['syscall_records'] for t in ad]}), kernel lost "
+                         f"{[t['kernel_lost'] for t in ad]}")
+        bt = [r["phases"]["bpftrace"]["tool"] for r in rounds if "bpftrace" in r["phases"]]
+        if bt:
+            notes.append(f"bpftrace: lines printed per phase {[t['output_lines'] for t in bt]}, "
+                         f"events lost {[t['lost_events'] for t in bt]}")
+        if o.get("audit_never_task_rule"):
+            notes.append("audit: `-a never,task` loaded outside the auditd phases (new tasks "
+                         "start without the syscall-audit flag, as before audit was ever "
+                         "enabled); removed at the end")
+        out += [f"  {x}" for x in notes]
+        tainted = [(r["round"], n) for r in rounds for n, ph in r["phases"].items()
+                   if ph["tainted"]]
         if tainted:
-            out.append(f"  pairs {tainted} re-run: other BPF users or CPU load meanwhile")
+            out.append(f"  tainted phases (round, config) {tainted}: other BPF users or CPU "
+                       "load meanwhile; their rounds' ratios not counted")
         if o["bpf_programs_before"]:
             out.append(f"  NOTE: {o['bpf_programs_before']} BPF programs were loaded before "
-                       "the bench (by no running process?): they ran in both phases")
-        if o["only_tainted_pairs"]:
-            out.append("  WARNING: every pair was tainted by other BPF users; numbers unreliable")
-        out.append(f"  goal met: {o['goal_met']}")
+                       "the bench (by no running process?): they ran in every phase")
     if "throughput" in res:
         t = res["throughput"]
         out += ["", f"Throughput of tracked events ({t['mix']}; goal >= "
@@ -585,11 +1277,30 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def tool_versions() -> dict[str, str | None]:
+    def version(*cmd: str) -> str | None:
+        if shutil.which(cmd[0]) is None:
+            return None
+        res = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+        return (res.stdout + res.stderr).strip() or None if res.returncode == 0 else None
+    return {"auditd": version("dpkg-query", "-W", "-f=${Version}", "auditd"),
+            "bpftrace": version("bpftrace", "--version")}
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="CI-sized run (under ~2 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized run (about 3 minutes on a quiet 2-CPU VM)")
     p.add_argument("--only", choices=("overhead", "throughput"), help="run one part only")
-    p.add_argument("--pairs", type=int, help="alternated pairs (default 7, quick 3)")
+    p.add_argument("--tools", default=",".join(TOOLS),
+                   help="comma-separated tools compared against none in the overhead part "
+                        f"(default: all of {','.join(TOOLS)} that are available)")
+    p.add_argument("--rounds", "--pairs", dest="rounds", type=int,
+                   help="alternated rounds (default 7, quick 3)")
     p.add_argument("--reps", type=int, help="runs of each loop per phase (default 3, quick 2)")
     p.add_argument("--rates", help="comma-separated throughput steps, events/s")
     p.add_argument("--step-seconds", type=float, help="seconds per step (default 10, quick 3)")
@@ -599,6 +1310,9 @@ def main() -> int:
     p.add_argument("--ring-mib", type=int, default=16, help="monitor ring buffer, MiB")
     p.add_argument("--output", default=str(BENCH / "results.json"))
     args = p.parse_args()
+    wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if unknown := [t for t in wanted if t not in TOOLS]:
+        p.error(f"--tools: unknown {unknown}; choose from {','.join(TOOLS)}")
     if os.geteuid() != 0:
         print("bench: needs root (the monitor loads BPF probes)", file=sys.stderr)
         return 3
@@ -606,7 +1320,7 @@ def main() -> int:
         print("bench: gcc is needed to build bench/gen.c", file=sys.stderr)
         return 3
     q = args.quick
-    pairs = args.pairs or (3 if q else 7)
+    rounds = args.rounds or (3 if q else 7)
     reps = args.reps or (2 if q else 3)
     sizes = ({"exec": 500, "connect": 100_000, "getppid": 3_000_000} if q else
              {"exec": 2000, "connect": 300_000, "getppid": 10_000_000})
@@ -614,19 +1328,27 @@ def main() -> int:
              [10_000, 50_000, 100_000, 200_000] if q else
              [10_000, 25_000, 50_000, 75_000, 100_000, 125_000, 150_000, 200_000, 300_000])
     seconds = args.step_seconds or (3.0 if q else 10.0)
-    patience = Patience(wait_s=10, budget_s=60, tries=2) if q else \
-        Patience(wait_s=60, budget_s=900, tries=3)
+    patience = Patience(wait_s=10, budget_s=120, tries=2) if q else \
+        Patience(wait_s=60, budget_s=1800, tries=3)
 
     res: dict[str, Any] = {"machine": machine(), "params": {
-        "quick": q, "pairs": pairs, "reps": reps, "loop_sizes": sizes, "rates": rates,
-        "step_seconds": seconds, "exec_every": args.exec_every, "workers": args.workers,
-        "patience": asdict(patience), "ring_buffer_mib": args.ring_mib}}
+        "quick": q, "rounds": rounds, "reps": reps, "loop_sizes": sizes, "rates": rates,
+        "tools": wanted, "step_seconds": seconds, "exec_every": args.exec_every,
+        "workers": args.workers, "patience": asdict(patience), "ring_buffer_mib": args.ring_mib}}
+    res["machine"]["tool_versions"] = tool_versions()
     if res["machine"]["other_monitors"]:
         log(f"WARNING: other agentwatch monitors are running: {res['machine']['other_monitors']}")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM,
+                                                       signal.SIGHUP)}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)  # so that `finally` unloads everything
     tmp = Path(tempfile.mkdtemp(prefix="agentwatch-bench-"))
     # A bound, never-listening socket reserves a port that refuses every connection.
     closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     mon: Monitor | None = None
+    audit: AuditState | None = None
+    tools: list[Tool] = []
+    t_start = time.monotonic()
     try:
         src = Sources(tmp)
         res["machine"]["sources_sha256"] = src.sha256
@@ -635,7 +1357,30 @@ def main() -> int:
         port = int(closed.getsockname()[1])
         exe = compile_gen(tmp)
         if args.only in (None, "overhead"):
-            res["overhead"] = overhead(mon, exe, port, sizes, pairs, reps, 0.5, patience)
+            audit = AuditState()
+            every: dict[str, Tool] = {"agentwatch": Agentwatch(mon, 0.5),
+                                      "auditd": Auditd(tmp, audit),
+                                      "bpftrace": Bpftrace(tmp, port)}
+            failed: dict[str, str] = {}
+            for name in wanted:
+                why = every[name].unavailable()
+                if why:
+                    failed[name] = why
+                    log(f"{name}: NOT AVAILABLE, its column is left out: {why}")
+                else:
+                    tools.append(every[name])
+            audit.begin()
+            if audit.reason:
+                log(f"audit: {audit.reason}")
+            res["overhead"] = overhead(list(tools), failed, exe, port, sizes, rounds, reps,
+                                       patience, src)
+            o = res["overhead"]
+            o["goals"] = goal_checks(o)
+            o["audit_never_task_rule"] = audit.before is not None
+            o["audit_state_before"] = audit.before
+            o["auditd_rule"] = "auditctl " + " ".join(AUDIT_RULE)
+            o["auditd_tuning"] = {k: v[1] for k, v in AUDIT_TUNING.items()}
+            o["bpftrace_script"] = BPFTRACE_SCRIPT
         if args.only in (None, "throughput"):
             res["throughput"] = throughput(mon, exe, port, rates, seconds, args.exec_every,
                                            args.workers, patience)
@@ -646,14 +1391,26 @@ def main() -> int:
             log("monitor log tail:\n" + tail)
         raise
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second ^C must not cut the clean-up short
+        for tool in tools:
+            try:
+                tool.shutdown()
+            except Exception as e:  # noqa: BLE001 (clean up the rest regardless)
+                log(f"WARNING: stopping {tool.name}: {e}")
         if mon is not None:
             mon.stop()
+        if audit is not None:
+            audit.restore()
         closed.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     res["machine"]["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    res["wall_s"] = round(time.monotonic() - t_start, 1)
     Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
     print(report(res))
-    print(f"\nraw samples: {args.output}")
+    print(f"\nraw samples: {args.output}  (run took {res['wall_s']:.0f} s)")
     return 0
 
 
