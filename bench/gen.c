@@ -7,8 +7,8 @@
  *
  * Throughput generator (run as a tracked agent through `agentwatch exec`):
  *   gen connect RATE SECONDS PORT EXEC_EVERY [WORKERS]
- *     issues RATE events per second for SECONDS: connect() calls on one non-blocking TCP
- *     socket to 127.0.0.1:PORT (a closed port), plus one fork + execve("/bin/true") after
+ *     issues RATE events per second for SECONDS: connect() calls on one UDP socket to
+ *     127.0.0.1:PORT (nothing is sent), plus one fork + execve("/bin/true") after
  *     every EXEC_EVERY connects (0 = never). A spawn counts as 3 events (fork, exec, exit).
  *     WORKERS > 1 forks that many worker processes, each pacing RATE/WORKERS.
  *
@@ -136,7 +136,10 @@ static int loop_getppid(long n)
 static void paced(double rate, double seconds, int port, long exec_every, struct counts *c)
 {
     struct sockaddr_in a = loopback(port);
-    int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    /* UDP: every connect() on the socket, even a repeated one, passes the cgroup connect
+     * hook (one event each) and sends nothing; a TCP socket reaches the hook only on its
+     * first connect, later calls just report the pending result. */
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
     if (s < 0)
         die("socket");
     const uint64_t t0 = now_ns();
@@ -162,7 +165,7 @@ static void paced(double rate, double seconds, int port, long exec_every, struct
                 since_spawn = 0;
                 continue;
             }
-            connect(s, (struct sockaddr *)&a, sizeof(a)); /* EINPROGRESS / ECONNREFUSED */
+            connect(s, (struct sockaddr *)&a, sizeof(a)); /* UDP: (re)sets the peer */
             c->connects++;
             events++;
             since_spawn++;
