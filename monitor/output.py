@@ -38,7 +38,7 @@ def record(ev: Event, agent: str) -> dict[str, Any]:
     if isinstance(ev, ExecEvent):
         out.update(filename=ev.filename, argv=list(ev.argv), ppid=ev.ppid,
                    argv_truncated=ev.argv_truncated,
-                   flags=[f.name.lower() for f in ExecFlag if f in ev.flags and f.name])
+                   flags=[f.name.lower() for f in ExecFlag if ev.flags & f and f.name])
     elif isinstance(ev, ConnectEvent):
         out.update(family="ipv4" if ev.family == 2 else "ipv6", address=ev.address,
                    port=ev.port, protocol=ev.transport)

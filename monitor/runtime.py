@@ -32,7 +32,6 @@ from monitor.events import (
     DecodeError,
     Event,
     ExecEvent,
-    ExecFlag,
     ExitEvent,
     ForkEvent,
     Setting,
@@ -595,7 +594,7 @@ class Monitor:
                 ev = self._settle_pending(ev)
             proc = self.tracker.apply(ev)
             agent = self.agents.name(ev.h.agent) if ev.h.session else ""
-            if isinstance(ev, ExecEvent) and ev.flags & ExecFlag.NEW_ROOT:
+            if isinstance(ev, ExecEvent) and ev.flags & events.FLAG_NEW_ROOT:
                 self.log("agent session started", agent=agent, session=ev.h.session,
                          root_pid=ev.h.pid, exe=ev.filename, via="kernel match")
             if ev.h.session:
@@ -676,7 +675,7 @@ class Monitor:
         an accepted session, or untrack every process of a rejected one. A rejected event
         comes back untracked (session 0): only `trace --all` shows it."""
         sid = ev.h.session
-        if isinstance(ev, ExecEvent) and ev.flags & ExecFlag.CANDIDATE:
+        if isinstance(ev, ExecEvent) and ev.flags & events.FLAG_CANDIDATE:
             agent = self._recognise_exec(ev)
             if agent is not None:
                 self.tracker.start_session(sid, agent, ev.h.pid, ev.h.ts_ns)
@@ -709,7 +708,7 @@ class Monitor:
 
     def _complete_exec(self, ev: ExecEvent) -> ExecEvent:
         if ev.filename.startswith("/dev/fd/") or ev.argv_truncated or (
-                ev.flags & ExecFlag.ARGV_MISSING and not ev.argv):
+                ev.flags & events.FLAG_ARGV_MISSING and not ev.argv):
             # fexecve/execveat(AT_EMPTY_PATH) name the file by descriptor, and the kernel
             # keeps only the first ARGS_SIZE bytes of argv (padding must not push `-R` out
             # of sight): /proc has the rest while the process is alive.

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from monitor.events import (
+    FLAG_ARGV_MISSING,
     ConnectEvent,
     Event,
     ExecEvent,
-    ExecFlag,
     ExitEvent,
     ForkEvent,
     VerdictEvent,
@@ -168,7 +168,7 @@ class Tracker:
         elif isinstance(ev, ExecEvent):
             s.execs += 1
             p.comm, p.exe, p.uid = h.comm, ev.filename, h.uid
-            if not ev.flags & ExecFlag.ARGV_MISSING or ev.argv:
+            if not ev.flags & FLAG_ARGV_MISSING or ev.argv:
                 p.argv = ev.argv
             p.execs.append(ExecRecord(h.ts_ns, ev.filename, p.argv, ev.argv_truncated))
         elif isinstance(ev, ConnectEvent):

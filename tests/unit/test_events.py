@@ -196,7 +196,7 @@ def test_exec_without_argv() -> None:
     ev = decode(raw)
     assert isinstance(ev, ExecEvent)
     assert ev.argv == ()
-    assert ExecFlag.ARGV_MISSING in ev.flags and ExecFlag.NEW_ROOT in ev.flags
+    assert ev.flags & ExecFlag.ARGV_MISSING and ev.flags & ExecFlag.NEW_ROOT
     assert not ev.argv_truncated
 
 
