@@ -8,6 +8,8 @@ kernel's timestamp of the victim's exit event (same clock), read from the monito
 For the in-kernel rule the victim also records whether connect() ever returned: it must not.
 
 Usage: .venv/bin/python bench/kill_latency.py [--quick] [--output FILE]
+
+bench/scale.py reuses build_victims(), ExitWatch and measure() against its own monitors.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,61 @@ def free_port() -> int:
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class ExitWatch:
+    """The kernel's exit timestamp of every process the monitor reports, from its event
+    stream (a `subscribe` on the control socket), while the watch is open. close() ends the
+    subscription, so a watch costs the monitor nothing outside the measurement."""
+
+    def __init__(self, sock: str) -> None:
+        self.exits: dict[int, int] = {}
+        self._cond = threading.Condition()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(5)
+            self._sock.connect(sock)
+            self._sock.sendall(b'{"op": "subscribe"}\n')
+            self._file = self._sock.makefile("rb")
+            first = json.loads(self._file.readline() or b"{}")
+            if not first.get("ok"):
+                raise RuntimeError(f"subscription to {sock} refused: {first}")
+            self._sock.settimeout(None)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        try:
+            for line in self._file:
+                item = json.loads(line)
+                if item.get("event") == "exit":
+                    with self._cond:
+                        self.exits[int(item["pid"])] = int(item["ts_ns"])
+                        self._cond.notify_all()
+        except (OSError, ValueError):
+            pass  # closed by close(), or the monitor went away
+
+    def exit_ts(self, pid: int, timeout: float = 5) -> int | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while pid not in self.exits:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self.exits[pid]
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread: EOF
+        except OSError:
+            pass
+        self._thread.join(timeout=5)
+        self._file.close()
+        self._sock.close()
 
 
 class Monitor:
@@ -72,36 +130,18 @@ rules:
         threading.Thread(target=self._drain_log, daemon=True).start()
         while not os.path.exists(self.sock):
             time.sleep(0.05)
-        self.exits: dict[int, int] = {}
-        self._cond = threading.Condition()
-        from monitor import control
-
-        self._stream = control.stream(self.sock)
-        threading.Thread(target=self._follow, daemon=True).start()
+        self.watch = ExitWatch(self.sock)
 
     def _drain_log(self) -> None:
         assert self.proc.stdout is not None
         for _ in self.proc.stdout:
             pass
 
-    def _follow(self) -> None:
-        for item in self._stream:
-            if item.get("event") == "exit":
-                with self._cond:
-                    self.exits[int(item["pid"])] = int(item["ts_ns"])
-                    self._cond.notify_all()
-
-    def exit_ts(self, pid: int, timeout: float = 5) -> int | None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while pid not in self.exits:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
-            return self.exits[pid]
+    def exec_prefix(self, name: str) -> list[str]:
+        return [*AGENTWATCH, "exec", "--socket", self.sock, "--agent", name, "--"]
 
     def stop(self) -> None:
+        self.watch.close()
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=15)
@@ -111,12 +151,27 @@ rules:
 
 
 def agent(mon: Monitor, name: str, argv: list[str], **kw: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen([*AGENTWATCH, "exec", "--socket", mon.sock, "--agent", name, "--",
-                             *argv], text=True, **kw)
+    return subprocess.Popen([*mon.exec_prefix(name), *argv], text=True, **kw)
 
 
-def measure(mon: Monitor, victim: str, mode: str, n: int, arg: str) -> dict[str, Any]:
-    p = agent(mon, "bench", [victim, mode, str(n), arg], stdout=subprocess.PIPE)
+def build_victims(tmp: Path) -> tuple[Path, Path]:
+    """Compile bench/victim.c into tmp; returns (victim, a copy named ssh: the stand-in that
+    `exec-kill` runs as `ssh -R 1:x:1 h`)."""
+    victim = tmp / "victim"
+    subprocess.run(["cc", "-O2", "-o", str(victim), str(ROOT / "bench" / "victim.c")],
+                   check=True)
+    ssh = tmp / "ssh"
+    shutil.copy(victim, ssh)
+    return victim, ssh
+
+
+def measure(watch: ExitWatch, exec_prefix: Sequence[str], victim: str, mode: str, n: int,
+            arg: str, env: Mapping[str, str] | None = None, cwd: str | Path | None = None
+            ) -> dict[str, Any]:
+    """n kills: `exec_prefix` (`agentwatch exec ... --`) runs the victim as an agent; the
+    latency of each is its exit timestamp (from `watch`) minus the victim's t0 stamp."""
+    p = subprocess.Popen([*exec_prefix, victim, mode, str(n), arg], text=True,
+                         stdout=subprocess.PIPE, env=env, cwd=cwd)
     out, _ = p.communicate(timeout=300)
     lat, not_killed, completed, missing = [], 0, 0, 0
     for line in out.splitlines():
@@ -124,7 +179,7 @@ def measure(mon: Monitor, victim: str, mode: str, n: int, arg: str) -> dict[str,
         if rec["status"] != signal.SIGKILL:  # wait status: killed by signal 9
             not_killed += 1
         completed += rec["returned"]
-        ts = mon.exit_ts(rec["pid"])
+        ts = watch.exit_ts(rec["pid"])
         if ts is None or not rec["t0_ns"]:
             missing += 1
             continue
@@ -146,11 +201,7 @@ def main() -> int:
     args = ap.parse_args()
     n = 100 if args.quick else 500
     tmp = Path(tempfile.mkdtemp(prefix="agentwatch-kill-"))
-    victim = tmp / "victim"
-    subprocess.run(["cc", "-O2", "-o", str(victim), str(ROOT / "bench" / "victim.c")],
-                   check=True)
-    ssh = tmp / "ssh"
-    shutil.copy(victim, ssh)
+    victim, ssh = build_victims(tmp)
     kill_port, load_port = free_port(), free_port()
     mon = Monitor(tmp, kill_port)
     results: dict[str, Any] = {"kills_per_case": n, "load_events_per_s": 10_000}
@@ -163,9 +214,11 @@ def main() -> int:
                                                str(load_port)], stdout=subprocess.PIPE)
                 time.sleep(1)
             tag = "loaded" if load else "idle"
-            results[f"userspace_{tag}"] = measure(mon, str(victim), "exec-kill", n, str(ssh))
-            results[f"kernel_{tag}"] = measure(mon, str(victim), "connect-kill", n,
-                                               str(kill_port))
+            prefix = mon.exec_prefix("bench")
+            results[f"userspace_{tag}"] = measure(mon.watch, prefix, str(victim), "exec-kill",
+                                                  n, str(ssh))
+            results[f"kernel_{tag}"] = measure(mon.watch, prefix, str(victim), "connect-kill",
+                                               n, str(kill_port))
             if bg is not None:
                 bg.kill()
                 bg.wait()

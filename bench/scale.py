@@ -1,0 +1,991 @@
+"""Scaling: how the monitor's costs grow with the number of tracked processes (10, 1,000,
+10,000) and with the number of policy rules (10, 100, 1,000).
+
+Processes: for each size N the script starts `agentwatch run` (default policy, a config with
+`max_processes: 65536`, its own control socket and metrics port), starts N idle tracked
+processes (agents started with `agentwatch exec` that fork sleeping children: a tiny C
+forker; at most 1,000 per agent session, because the default policy's `fork-bomb` rule
+kills a session above 2,000 live processes, so 10,000 = 10 sessions of 1,000), waits until
+the monitor tracks them all, then measures with them present:
+  * the per-operation time of bench/gen.c's `loop-connect` and `loop-exec` run as another
+    agent (tracked: every connect, fork, exec and exit is an event), fastest of R runs;
+  * the monitor's CPU per event while it takes those loops' events (µs of CPU per event);
+  * the /metrics scrape time (median of S scrapes);
+  * userspace kill latency (bench/kill_latency.py's `exec-kill`: `ssh -R` killed by the
+    default policy's ssh rule, from argv, in Python), p50 and p99;
+  * the monitor's RSS and idle CPU with the N processes present.
+Rules: for each size K a generated policy of K rules (a mix of connect rules on distinct
+networks and ports, exec rules on program names, exe globs and argv regexes, kill/deny/
+alert), checked with `agentwatch policy check`; the kernel takes at most 64 rules, the rest
+are judged in userspace (the table says how many went where). The monitor is started with
+it and the same loops are measured.
+
+Every figure is a ratio against the smallest size in the same round; sizes are alternated
+(10, 1000, 10000, 10, 1000, 10000, ...) for R rounds and the table gives the median and the
+min-max of the per-round ratios. Every phase starts a fresh monitor (the one in the tree is
+copied to a temp dir first, as bench/run.py does) and stops it at the end. Before a phase
+the script waits for a quiet host; a phase during which another process held BPF programs
+or other work used more than 0.25 cores is run again (up to 3 tries; the disturbed
+attempts stay in the JSON). Monitor CPU is read from /proc/PID/task/*/schedstat (ns), not
+from 10 ms clock ticks.
+
+Usage (needs root; wrap in the shared bench lock so runs do not overlap):
+  flock /tmp/agentwatch-bench.lock .venv/bin/python bench/scale.py [--quick]
+Writes bench/results-scale.json (every raw sample, machine, commit). Only 127.0.0.1 is
+contacted; every process started here is stopped by pid (or its own process group) in
+`finally`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import kill_latency
+import scrape
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+SESSION_MAX = 1000  # processes per idle agent session (default policy: fork-bomb above 2000)
+MAX_PROCESSES = 65536  # monitor.max_processes for every phase (room for 10,000+ and loops)
+KERNEL_MAX_RULES = 64  # rules the probes hold (monitor/events.py MAX_RULES); docs/policy.md
+# the generated rule kinds that the kernel can enforce by itself (monitor/kpolicy.py:
+# connect rules that deny/kill, exec rules on names alone that kill)
+KERNEL_KINDS = frozenset({"connect-deny-net-port", "connect-kill-host", "exec-kill-name",
+                          "connect-deny-ipv6-range", "connect-kill-cgnat-port",
+                          "exec-kill-agent-name"})
+BUSY_LIMIT = 0.25  # CPU cores of other work above which a phase is redone
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+FORKER_C = r"""
+/* forker N: fork N children that sleep until killed (they die with the forker: PDEATHSIG),
+ * print one line when all exist, then sleep too. */
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+    long n = argc > 1 ? atol(argv[1]) : 0;
+    pid_t parent = getpid();
+    for (long i = 0; i < n; i++) {
+        pid_t pid = fork();
+        if (pid < 0) {
+            perror("forker: fork");
+            return 2;
+        }
+        if (pid == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            if (getppid() != parent)
+                _exit(0);
+            for (;;)
+                pause();
+        }
+    }
+    printf("%ld\n", n);
+    fflush(stdout);
+    for (;;)
+        pause();
+}
+"""
+
+
+# --- harness: sources copy, monitor, host checks (bench/footprint.py uses these too) -----
+# Kept here rather than imported from bench/run.py, which changes with its own benchmarks.
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Sources:
+    """A copy of monitor/ and probes/ that every `agentwatch` command of this run uses, so
+    edits to the tree during a run cannot mix two versions into one set of numbers."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "src"
+        digest = hashlib.sha256()
+        for name in ("monitor", "probes"):
+            shutil.copytree(ROOT / name, self.dir / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for f in sorted(self.dir.rglob("*")):
+            if f.is_file():
+                digest.update(str(f.relative_to(self.dir)).encode() + b"\0" + f.read_bytes())
+        self.sha256 = digest.hexdigest()
+        self.env = {**os.environ, "PYTHONPATH": str(self.dir),
+                    "AGENTWATCH_PROBES": str(self.dir / "probes")}
+
+    def cmd(self, *args: str) -> list[str]:
+        """Run with env=self.env and cwd=self.dir (`-m` puts the cwd first on sys.path)."""
+        return [sys.executable, "-m", "monitor.cli", *args]
+
+
+class ControlRefused(Exception):
+    pass
+
+
+def request(sock: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request on the monitor's control socket (one JSON line each way)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(sock)
+            s.sendall((json.dumps(req) + "\n").encode())
+            buf = b""
+            while b"\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+    except OSError as e:
+        raise ControlRefused(f"{sock}: {e}") from None
+    reply = json.loads(buf.split(b"\n", 1)[0] or b"{}")
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        raise ControlRefused(f"{sock}: {reply}")
+    return reply
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the bench dies, even by SIGKILL."""
+    _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads, also exited ones); 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_status_mib(pid: int) -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem (/proc/PID/status) and Pss
+    (/proc/PID/smaps_rollup: a page mapped twice, like the ring buffer's, counted once), MiB."""
+    out = {}
+    for name in ("status", "smaps_rollup"):
+        try:
+            text = Path(f"/proc/{pid}/{name}").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "Pss"):
+                out[key] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
+class AwMonitor:
+    """One `agentwatch run` from the copied sources: a temp config (own control socket and
+    metrics port, never the default 9464 that another monitor may hold; max_processes with
+    room for 10,000+), optionally a policy file (default: the embedded policy)."""
+
+    def __init__(self, tmp: Path, src: Sources, *, policy: Path | None = None,
+                 max_processes: int = MAX_PROCESSES, ring_mib: int = 16) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.src = src
+        self.sock = str(tmp / "control.sock")
+        self.policy = policy
+        self.metrics_port = kill_latency.free_port()
+        self.config = tmp / "config.yaml"
+        self.config.write_text(
+            f"monitor:\n  control_socket: {self.sock}\n  ring_buffer_mib: {ring_mib}\n"
+            f"  max_processes: {max_processes}\n"
+            f"metrics:\n  listen: '127.0.0.1:{self.metrics_port}'\n")
+        self.logfile = tmp / "monitor.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 120) -> float:
+        """Start it and wait until it answers on its socket; returns the seconds that took."""
+        args = ["run", "--config", str(self.config), "--socket", self.sock]
+        if self.policy is not None:
+            args += ["--policy", str(self.policy)]
+        t0 = time.monotonic()
+        with open(self.logfile, "ab") as out:
+            self.proc = subprocess.Popen(self.src.cmd(*args), stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.src.env, cwd=self.src.dir,
+                                         preexec_fn=die_with_parent)
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the monitor exited with {self.proc.returncode}:\n"
+                                   + self.log_tail())
+            try:
+                request(self.sock, {"op": "ping"}, timeout=1)
+                return time.monotonic() - t0
+            except ControlRefused:
+                time.sleep(0.05)
+        raise RuntimeError(f"the monitor did not answer within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """SIGTERM by pid, wait (the probes are detached once it has exited); SIGKILL late."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def status(self) -> dict[str, Any]:
+        return request(self.sock, {"op": "status"}, timeout=30)
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the monitor (all its threads), /proc/PID/stat: 10 ms ticks."""
+        return proc_cpu(self.pid)
+
+    def started_line(self) -> dict[str, Any]:
+        """The monitor's own "monitor started" log record (probes, agents, policy...)."""
+        if not self.logfile.exists():
+            return {}
+        for line in self.logfile.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("msg") == "monitor started":
+                return rec
+        return {}
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def exec_prefix(self, agent: str) -> list[str]:
+        """`agentwatch exec` (from the copied sources) for a new session of `agent`."""
+        return self.src.cmd("exec", "--socket", self.sock, "--agent", agent, "--")
+
+    def cpu_precise(self) -> float:
+        """CPU seconds of the monitor's live threads with nanosecond resolution (the first
+        field of /proc/PID/task/*/schedstat); cpu_seconds() counts 10 ms clock ticks, too
+        coarse for a few thousand events. A thread that exits between two reads takes its
+        time with it, so use it over windows with no /metrics scrape (one thread each)."""
+        total = 0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue
+        return total / 1e9
+
+    def memory(self) -> dict[str, float]:
+        """The monitor's memory, MiB: see proc_status_mib()."""
+        return proc_status_mib(self.pid)
+
+
+def exit_on_signal() -> None:
+    """SIGTERM/SIGHUP end the bench through its `finally` blocks (processes stopped)."""
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.5) -> float:
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+    return time.monotonic() - t0
+
+
+class Group:
+    """A process started in its own process group (pgid = its pid); stop_groups() ends it
+    with every process it started."""
+
+    def __init__(self, argv: Sequence[str], src: Sources, **kw: Any) -> None:
+        self.proc = subprocess.Popen(list(argv), env=src.env, cwd=src.dir,
+                                     start_new_session=True, **kw)
+
+
+def stop_groups(groups: Sequence[Group], timeout: float = 60) -> None:
+    """SIGKILL every group, reap the leaders, then wait until no member of any group is
+    left (orphans are reaped by init, which on this VM takes about a second: so all the
+    groups are waited for together)."""
+    for g in groups:
+        try:
+            os.killpg(g.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for g in groups:
+        try:
+            g.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            g.proc.kill()
+            g.proc.wait()
+    left = [g.proc.pid for g in groups]
+    deadline = time.monotonic() + timeout
+    while left and time.monotonic() < deadline:
+        still = []
+        for pgid in left:
+            try:
+                os.killpg(pgid, 0)
+                still.append(pgid)
+            except ProcessLookupError:
+                pass
+        left = still
+        if left:
+            time.sleep(0.1)
+    if left:
+        log(f"WARNING: process groups {left} still have members after {timeout:.0f} s")
+
+
+def tracked(status: dict[str, Any], prefix: str) -> int:
+    return sum(s["processes"] for s in status["sessions"] if s["agent"].startswith(prefix))
+
+
+def tree_cpu(pid: int) -> float:
+    """utime + stime of a process plus its reaped children's (cutime + cstime)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / CLK_TCK
+
+
+class OtherLoad:
+    """CPU cores the host spent on anything but this bench between start() and cores():
+    busy time in /proc/stat minus our own, our reaped children's, and that of the pids
+    `ours` names (the monitor, agents we started: with their reaped children). What is
+    left is other people's work plus the little kernel-thread time our load causes."""
+
+    def __init__(self, ours: Callable[[], list[int]]) -> None:
+        self.ours = ours
+        self._t0 = self._others0 = 0.0
+
+    def _others(self) -> float:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (sum(fields[:3]) + sum(fields[5:7])) / CLK_TCK  # user nice system irq softirq
+        usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        mine = sum(u.ru_utime + u.ru_stime for u in usage)
+        return busy - mine - sum(tree_cpu(pid) for pid in self.ours())
+
+    def start(self) -> None:
+        self._t0, self._others0 = time.monotonic(), self._others()
+
+    def cores(self) -> float:
+        used = self._others() - self._others0
+        return max(0.0, used) / max(time.monotonic() - self._t0, 1e-3)
+
+    def wait_quiet(self, timeout: float) -> float:
+        """Wait until others use less than BUSY_LIMIT cores over 1 s; returns seconds."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            self.start()
+            time.sleep(1)
+            if self.cores() < BUSY_LIMIT:
+                break
+        return time.monotonic() - t0
+
+
+def bpf_holders(exclude: int | None = None) -> list[int]:
+    """Pids (not ours, not `exclude`) holding BPF programs: another monitor, a test run."""
+    skip = {os.getpid(), exclude}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if "bpf-prog" in os.readlink(fd):
+                    found.append(int(entry.name))
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def quiet_host(wait_s: float, monitor_pid: int | None = None) -> float:
+    """Wait (up to wait_s each) until no other process holds BPF programs and other work
+    is below BUSY_LIMIT cores; returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < wait_s and bpf_holders(monitor_pid):
+        time.sleep(0.5)
+    ours = [monitor_pid] if monitor_pid else []
+    OtherLoad(lambda: ours).wait_quiet(wait_s)
+    return time.monotonic() - t0
+
+
+def other_monitors() -> list[str]:
+    """Command lines of agentwatch monitors we did not start: they would skew the numbers."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv if a]
+        if any("agentwatch" in w for w in words[:3]) and ({"run", "trace"} & set(words)):
+            found.append(f"{entry.name}: {' '.join(words)}")
+    return found
+
+
+def machine() -> dict[str, Any]:
+    """uname -r, nproc, CPU model, date, commit (and files modified in monitor/, probes/)."""
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", "--no-optional-locks", "-C", str(ROOT), *args],
+                             capture_output=True, text=True, check=False)
+        return res.stdout.strip()
+
+    return {"kernel": platform.release(), "nproc": os.cpu_count(), "cpu_model": model,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
+            "other_monitors": other_monitors(),
+            "git": {"commit": git("rev-parse", "HEAD"),
+                    "modified": [ln[3:] for ln in git("status", "--porcelain").splitlines()
+                                 if ln[3:].startswith(("monitor/", "probes/"))]}}
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "samples": values}
+
+
+def gen(argv: Sequence[str | int | Path], src: Sources) -> dict[str, Any]:
+    """Run `agentwatch exec ... gen ...` and return gen's JSON line."""
+    res = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False,
+                         stdin=subprocess.DEVNULL, env=src.env, cwd=src.dir)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({res.returncode}): "
+                           f"{res.stderr.strip()}")
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+def wait_drained(mon: AwMonitor, base: int, expected: int, quiet_s: float = 0.5,
+                 timeout: float = 300) -> tuple[dict[str, Any], float]:
+    """Poll status until the events count reaches `expected` or stops increasing."""
+    t0 = time.monotonic()
+    last, last_change = mon.status(), time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if last["events"] - base >= expected:
+            time.sleep(0.3)  # would more arrive than were caused? then the count is wrong
+            last = mon.status()
+            break
+        time.sleep(0.1)
+        now = mon.status()
+        if now["events"] != last["events"]:
+            last_change = time.monotonic()
+        elif time.monotonic() - last_change >= quiet_s:
+            break
+        last = now
+    return last, last_change - t0
+
+
+def tracked_loop(mon: AwMonitor, exe: Path, kind: str, n: int, port: int) -> dict[str, Any]:
+    """One run of gen's loop-connect / loop-exec as a tracked agent; then wait until the
+    monitor has taken every event the loop caused (or stopped moving)."""
+    before = mon.status()
+    cpu0 = mon.cpu_precise()
+    extra = [port] if kind == "connect" else []
+    g = gen([*mon.exec_prefix("bench"), exe, f"loop-{kind}", n, *extra], mon.src)
+    # gen's own exec and exit, plus one connect event per connect, or fork+exec+exit per spawn
+    expected = 2 + (n if kind == "connect" else 3 * n)
+    after, drain_s = wait_drained(mon, before["events"], expected)
+    cpu = mon.cpu_precise() - cpu0
+    delivered = after["events"] - before["events"]
+    return {"n": n, "us_per_op": g["elapsed_ns"] / n / 1000, "expected_events": expected,
+            "delivered": delivered,
+            "lost": after["counters"]["lost"] - before["counters"]["lost"],
+            "drain_s": round(drain_s, 2), "monitor_cpu_s": round(cpu, 3),
+            "monitor_us_per_event": round(cpu * 1e6 / delivered, 2) if delivered else None}
+
+
+def loops(mon: AwMonitor, exe: Path, port: int, sizes: dict[str, int], reps: int
+          ) -> dict[str, Any]:
+    """R rounds of (connect, exec); per loop the fastest run is the figure."""
+    runs: dict[str, list[dict[str, Any]]] = {"connect": [], "exec": []}
+    for _ in range(reps):
+        for kind in runs:
+            runs[kind].append(tracked_loop(mon, exe, kind, sizes[kind], port))
+    out: dict[str, Any] = {"runs": runs}
+    for kind, rs in runs.items():
+        best = min(rs, key=lambda r: r["us_per_op"])
+        out[f"{kind}_us_per_op"] = best["us_per_op"]
+        per_ev = [r["monitor_us_per_event"] for r in rs if r["monitor_us_per_event"]]
+        out[f"{kind}_monitor_us_per_event"] = statistics.median(per_ev) if per_ev else None
+        out[f"{kind}_lost"] = sum(r["lost"] for r in rs)
+        out[f"{kind}_missing_events"] = sum(r["expected_events"] - r["delivered"] for r in rs)
+    return out
+
+
+def idle_cpu_pct(mon: AwMonitor, seconds: float) -> float:
+    cpu0, t0 = mon.cpu_precise(), time.monotonic()
+    time.sleep(seconds)
+    return round(100 * (mon.cpu_precise() - cpu0) / (time.monotonic() - t0), 2)
+
+
+def compile_c(tmp: Path, name: str, source: str) -> Path:
+    src = tmp / f"{name}.c"
+    src.write_text(source)
+    out = tmp / name
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
+    return out
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+class Env:
+    """What every phase needs: sources copy, compiled programs, a closed loopback port."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.src = Sources(tmp)
+        self.gen = compile_c(tmp, "gen", (BENCH / "gen.c").read_text())
+        self.forker = compile_c(tmp, "forker", FORKER_C)
+        self.victim, self.ssh = kill_latency.build_victims(tmp)
+        # A bound, never-listening socket reserves a port that refuses every connection.
+        self.closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.closed.bind(("127.0.0.1", 0))
+        self.port = int(self.closed.getsockname()[1])
+        self.phases = 0
+
+    def phase_dir(self, tag: str) -> Path:
+        self.phases += 1
+        return self.tmp / f"phase-{self.phases:02d}-{tag}"
+
+    def close(self) -> None:
+        self.closed.close()
+
+
+def start_idle(env: Env, mon: AwMonitor, n: int, groups: list[Group],
+               timeout: float = 180) -> None:
+    """n tracked idle processes in ceil(n / SESSION_MAX) agent sessions, appended to
+    `groups` as they start (so that the caller stops them whatever happens)."""
+    sessions = math.ceil(n / SESSION_MAX)
+    for i in range(sessions):
+        size = n // sessions + (1 if i < n % sessions else 0)
+        g = Group([*mon.exec_prefix(f"idle-{i:02d}"), str(env.forker), str(size - 1)],
+                  env.src, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        groups.append(g)
+        assert g.proc.stdout is not None
+        if not g.proc.stdout.readline():
+            raise RuntimeError(f"forker for session {i} exited with {g.proc.wait()}")
+    wait_for(f"{n} tracked idle processes",
+             lambda: tracked(mon.status(), "idle-") >= n, timeout)
+
+
+def process_phase(env: Env, n: int, p: dict[str, Any]) -> dict[str, Any]:
+    mon = AwMonitor(env.phase_dir(f"procs{n}"), env.src)
+    groups: list[Group] = []
+    waited = quiet_host(p["wait_s"])
+    load = OtherLoad(lambda: [mon.pid] if mon.proc else [])
+    load.start()
+    foreign: set[int] = set()
+    try:
+        start_s = mon.start()
+        t0 = time.monotonic()
+        start_idle(env, mon, n, groups)
+        create_s = time.monotonic() - t0
+        time.sleep(1.0)
+        res: dict[str, Any] = {"size": n, "sessions": len(groups),
+                               "monitor_start_s": round(start_s, 2),
+                               "create_s": round(create_s, 2),
+                               "idle_cpu_pct": idle_cpu_pct(mon, p["idle_s"]),
+                               "memory_mib": mon.memory()}
+        foreign.update(bpf_holders(mon.pid))
+        res.update(loops(mon, env.gen, env.port, p["loop_sizes"], p["reps"]))
+        res["scrape_ms_samples"] = [round(x, 3) for x in scrape.scrape_ms(mon.url, p["scrapes"])]
+        res["scrape_ms"] = statistics.median(res["scrape_ms_samples"])
+        watch = kill_latency.ExitWatch(mon.sock)
+        try:
+            k = kill_latency.measure(watch, mon.exec_prefix("bench"), str(env.victim),
+                                     "exec-kill", p["kills"], str(env.ssh), env=env.src.env,
+                                     cwd=env.src.dir)
+        finally:
+            watch.close()
+        res["kill"] = k
+        res["kill_p50_ms"], res["kill_p99_ms"] = k["p50_ms"], k["p99_ms"]
+        status = mon.status()
+        res["tracked_at_end"] = tracked(status, "idle-")
+        if res["tracked_at_end"] != n:
+            log(f"  WARNING: {res['tracked_at_end']} idle processes tracked at the end, not {n}")
+        res["memory_mib_end"] = mon.memory()
+        foreign.update(bpf_holders(mon.pid))
+        # before the teardown: init reaping thousands of orphans is not other people's work
+        res["other_load_cores"] = round(load.cores(), 2)
+    finally:
+        stop_groups(groups)
+        mon.stop()
+    res["foreign_bpf_pids"] = sorted(foreign)
+    res["waited_for_quiet_s"] = round(waited, 1)
+    res["disturbed"] = bool(foreign) or res["other_load_cores"] > BUSY_LIMIT
+    return res
+
+
+PROCESS_FIGURES = [  # (key, label, unit, format)
+    ("connect_us_per_op", "tracked connect loop", "µs/op", ".2f"),
+    ("exec_us_per_op", "tracked fork+exec loop", "µs/op", ".0f"),
+    ("connect_monitor_us_per_event", "monitor CPU per connect event", "µs", ".1f"),
+    ("exec_monitor_us_per_event", "monitor CPU per exec-loop event", "µs", ".1f"),
+    ("scrape_ms", "/metrics scrape, median", "ms", ".2f"),
+    ("kill_p50_ms", "userspace kill latency p50", "ms", ".2f"),
+    ("kill_p99_ms", "userspace kill latency p99", "ms", ".2f"),
+]
+PROCESS_EXTRAS = [("idle_cpu_pct", "monitor idle CPU, % of a core", ".2f"),
+                  ("rss_mib", "monitor RSS, MiB", ".1f"),
+                  ("monitor_start_s", "monitor start, s", ".1f"),
+                  ("create_s", "start + track the idle processes, s", ".1f"),
+                  ("tracked_at_end", "idle processes tracked at the end", ".0f")]
+
+
+# --- rules -------------------------------------------------------------------------------
+
+
+def make_policy(k: int) -> tuple[str, dict[str, int]]:
+    """A policy of k rules cycling through ten realistic kinds; none of them matches the
+    loops (loopback connects, /bin/true), so every event is judged against all of them.
+    Returns the YAML and how many rules of each kind it has."""
+    out = ["# generated by bench/scale.py", "mode: enforce", "rules:"]
+    kinds: dict[str, int] = {}
+    for i in range(k):
+        a, b = (i >> 8) & 255, i & 255
+        kind = i % 10
+        if kind == 0:
+            name, body = "connect-deny-net-port", (
+                "event: connect\n    action: deny\n"
+                f"    match: {{address: [10.{a}.{b}.0/24], port: [{1024 + i % 60000}]}}")
+        elif kind == 1:
+            name, body = "connect-kill-host", (
+                f"event: connect\n    action: kill\n    match: {{address: [172.16.{a}.{b}]}}")
+        elif kind == 2:
+            name, body = "exec-kill-name", (
+                f"event: exec\n    action: kill\n    match: {{name: [blocked-{i:05d}]}}")
+        elif kind == 3:
+            name, body = "exec-kill-argv", (
+                "event: exec\n    action: kill\n"
+                f"    match: {{argv: ['--upload-to=evil-{i:05d}\\.example']}}")
+        elif kind == 4:
+            name, body = "connect-deny-ipv6-range", (
+                "event: connect\n    action: deny\n"
+                f"    match: {{address: ['fd00:{i:x}::/48'], port: ['{2000 + i % 50000}-"
+                f"{2009 + i % 50000}']}}")
+        elif kind == 5:
+            name, body = "exec-kill-exe-glob", (
+                f"event: exec\n    action: kill\n    match: {{exe: ['/opt/blocked-{i:05d}/*']}}")
+        elif kind == 6:
+            name, body = "connect-alert-host-port", (
+                "event: connect\n    action: alert\n"
+                f"    match: {{address: [198.18.{a}.{b}], port: [{443 + i % 7}]}}")
+        elif kind == 7:
+            name, body = "exec-alert-argv", (
+                "event: exec\n    action: alert\n"
+                f"    match: {{argv: ['curl .*paste-{i:05d}\\.example']}}")
+        elif kind == 8:
+            name, body = "connect-kill-cgnat-port", (
+                "event: connect\n    action: kill\n"
+                f"    match: {{address: [100.64.{a}.{b}], port: [{3000 + i % 1000}]}}")
+        else:
+            name, body = "exec-kill-agent-name", (
+                f"event: exec\n    action: kill-agent\n    match: {{name: [tool-{i:05d}]}}")
+        kinds[name] = kinds.get(name, 0) + 1
+        out.append(f"  - name: r{i:04d}-{name}\n    {body}")
+    return "\n".join(out) + "\n", kinds
+
+
+def check_policy(env: Env, path: Path) -> dict[str, Any]:
+    """`agentwatch policy check FILE`: must pass; returns where the rules went."""
+    res = subprocess.run(env.src.cmd("policy", "check", str(path)), capture_output=True,
+                         text=True, env=env.src.env, cwd=env.src.dir, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"policy check {path} failed ({res.returncode}):\n"
+                           f"{res.stdout}{res.stderr}")
+    first = res.stdout.splitlines()[0]
+    m = re.search(r"(\d+) rules \((\d+) enforced in the kernel\)", first)
+    where = [line.split()[-1] for line in res.stdout.splitlines()[1:] if line.strip()]
+    return {"summary": first, "rules": int(m.group(1)) if m else None,
+            "kernel": where.count("kernel"), "userspace": where.count("userspace")}
+
+
+def rule_phase(env: Env, k: int, policy: Path, p: dict[str, Any]) -> dict[str, Any]:
+    mon = AwMonitor(env.phase_dir(f"rules{k}"), env.src, policy=policy)
+    waited = quiet_host(p["wait_s"])
+    load = OtherLoad(lambda: [mon.pid] if mon.proc else [])
+    load.start()
+    foreign: set[int] = set()
+    try:
+        start_s = mon.start()
+        time.sleep(1.0)
+        status = mon.status()
+        res: dict[str, Any] = {"size": k, "monitor_start_s": round(start_s, 2),
+                               "policy_rules": status["policy"]["rules"],
+                               "kernel_rules": len(status["policy"]["kernel_rules"]),
+                               "idle_cpu_pct": idle_cpu_pct(mon, p["idle_s"]),
+                               "memory_mib": mon.memory()}
+        foreign.update(bpf_holders(mon.pid))
+        res.update(loops(mon, env.gen, env.port, p["loop_sizes"], p["reps"]))
+        res["memory_mib_end"] = mon.memory()
+        res["verdicts"] = mon.status()["verdicts"]
+        foreign.update(bpf_holders(mon.pid))
+        res["other_load_cores"] = round(load.cores(), 2)
+    finally:
+        mon.stop()
+    res["foreign_bpf_pids"] = sorted(foreign)
+    res["waited_for_quiet_s"] = round(waited, 1)
+    res["disturbed"] = bool(foreign) or res["other_load_cores"] > BUSY_LIMIT
+    return res
+
+
+RULE_FIGURES = PROCESS_FIGURES[:4] + [
+    ("monitor_start_s", "monitor start until it answers", "s", ".2f")]
+RULE_EXTRAS = [("idle_cpu_pct", "monitor idle CPU, % of a core", ".2f"),
+               ("rss_mib", "monitor RSS, MiB", ".1f")]
+
+
+def retried(phase: Callable[[], dict[str, Any]], tries: int) -> dict[str, Any]:
+    """Run a phase; while it was disturbed by other work, run it again (up to `tries` in
+    all). The last attempt counts; the disturbed ones are kept under disturbed_attempts."""
+    attempts = [phase()]
+    while attempts[-1]["disturbed"] and len(attempts) < tries:
+        a = attempts[-1]
+        log(f"  disturbed (other work {a['other_load_cores']} cores, other BPF users "
+            f"{a['foreign_bpf_pids']}): again")
+        attempts.append(phase())
+    return {**attempts[-1], "disturbed_attempts": attempts[:-1]}
+
+
+# --- summary and report ------------------------------------------------------------------
+
+
+def summarize(phases: list[dict[str, Any]], sizes: list[int],
+              figures: list[tuple[str, str, str, str]]) -> dict[str, Any]:
+    """Per figure and size: absolute samples, and the per-round ratio against sizes[0]."""
+    base = sizes[0]
+    by_round: dict[int, dict[int, dict[str, Any]]] = {}
+    for ph in phases:
+        by_round.setdefault(ph["round"], {})[ph["size"]] = ph
+    out: dict[str, Any] = {}
+    for key, *_ in figures:
+        fig: dict[str, Any] = {}
+        for size in sizes:
+            values = [r[size][key] for r in by_round.values()
+                      if size in r and r[size].get(key) is not None]
+            ratios = [r[size][key] / r[base][key] for r in by_round.values()
+                      if size in r and base in r and r[size].get(key) is not None
+                      and r[base].get(key)]
+            fig[str(size)] = {"values": values,
+                              "median": statistics.median(values) if values else None,
+                              "ratio": spread(ratios) if ratios else None}
+        out[key] = fig
+    return out
+
+
+def table(title: str, summary: dict[str, Any], phases: list[dict[str, Any]], sizes: list[int],
+          figures: list[tuple[str, str, str, str]], extras: list[tuple[str, str, str]]
+          ) -> list[str]:
+    base = sizes[0]
+    head = f"  {'figure':<40}{base:>10,}" + "".join(
+        f"{f'{s:,}: ratio (min-max), abs':>34}" for s in sizes[1:])
+    lines = [title, head]
+    for key, label, unit, fmt in figures:
+        fig = summary[key]
+        b = fig[str(base)]["median"]
+        row = f"  {f'{label}, {unit}':<40}{format(b, fmt) if b is not None else '-':>10}"
+        for s in sizes[1:]:
+            f = fig[str(s)]
+            r = f["ratio"]
+            cell = (f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}), "
+                    f"{format(f['median'], fmt)}" if r else "-")
+            row += f"{cell:>34}"
+        lines.append(row)
+    for key, label, fmt in extras:
+        row = f"  {label:<40}"
+        for s in sizes:
+            vals = [ph["memory_mib_end"]["VmRSS"] if key == "rss_mib" else ph[key]
+                    for ph in phases if ph["size"] == s]
+            cell = format(statistics.median(vals), fmt) if vals else "-"
+            row += f"{cell:>10}" if s == base else f"{cell:>34}"
+        lines.append(row)
+    lost = sum(ph["connect_lost"] + ph["exec_lost"] for ph in phases)
+    missing = sum(ph["connect_missing_events"] + ph["exec_missing_events"] for ph in phases)
+    lines.append(f"  events lost (ring buffer): {lost}; events caused but not counted: {missing}")
+    disturbed = [f"{ph['size']}@round{ph['round']}" for ph in phases if ph["disturbed"]]
+    if disturbed:
+        lines.append(f"  DISTURBED phases (other BPF users or > {BUSY_LIMIT} cores of other "
+                     f"work): {', '.join(disturbed)}")
+    return lines
+
+
+def report(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    out = [f"agentwatch scaling bench  {m['date']}  kernel {m['kernel']}  {m['nproc']} CPUs  "
+           f"{m['cpu_model']}  commit {m['git']['commit'][:12]}"]
+    if m["other_monitors"]:
+        out.append(f"WARNING: other monitors were running: {m['other_monitors']}")
+    rounds = res["params"]["rounds"]
+    if "processes" in res:
+        pr = res["processes"]
+        out += [""] + table(
+            f"Tracked processes (default policy; ratio vs {pr['sizes'][0]} processes, median "
+            f"and min-max over {rounds} round(s); 'abs' = median absolute value)",
+            pr["summary"], pr["phases"], pr["sizes"], PROCESS_FIGURES, PROCESS_EXTRAS)
+    if "rules" in res:
+        ru = res["rules"]
+        out += [""] + table(
+            f"Policy rules (ratio vs {ru['sizes'][0]} rules, median and min-max over "
+            f"{rounds} round(s))", ru["summary"], ru["phases"], ru["sizes"], RULE_FIGURES,
+            RULE_EXTRAS)
+        for k in ru["sizes"]:
+            c = ru["policies"][str(k)]
+            out.append(f"  {k:>5} rules: {c['kernel']} in the kernel, {c['userspace']} in "
+                       f"userspace ({c['eligible_overflow']} of them kernel-eligible but over "
+                       f"the kernel's {c['kernel_max']}-rule limit)")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="1 round, smaller loops, sizes 10/1000 processes and 10/100 rules")
+    ap.add_argument("--only", choices=("processes", "rules"), help="run one part only")
+    ap.add_argument("--rounds", type=int, help="alternated rounds (default 3, quick 1)")
+    ap.add_argument("--process-sizes", help="comma-separated (default 10,1000,10000)")
+    ap.add_argument("--rule-sizes", help="comma-separated (default 10,100,1000)")
+    ap.add_argument("--output", default=str(BENCH / "results-scale.json"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("scale: needs root (the monitor loads BPF probes)", file=sys.stderr)
+        return 3
+    if shutil.which("gcc") is None:
+        print("scale: gcc is needed to build the load programs", file=sys.stderr)
+        return 3
+    exit_on_signal()
+    q = args.quick
+    p: dict[str, Any] = {
+        "quick": q, "rounds": args.rounds or (1 if q else 3),
+        "loop_sizes": {"connect": 20_000, "exec": 300} if q else
+                      {"connect": 100_000, "exec": 1000},
+        "reps": 2 if q else 3, "scrapes": 20 if q else 30, "kills": 30 if q else 100,
+        "idle_s": 2.0 if q else 5.0, "wait_s": 10.0 if q else 60.0, "tries": 2 if q else 3,
+        "session_max": SESSION_MAX, "max_processes": MAX_PROCESSES}
+    # ascending: the first (smallest) size is every ratio's base
+    proc_sizes = (sorted(int(x) for x in args.process_sizes.split(",")) if args.process_sizes
+                  else [10, 1000] if q else [10, 1000, 10_000])
+    rule_sizes = (sorted(int(x) for x in args.rule_sizes.split(",")) if args.rule_sizes
+                  else [10, 100] if q else [10, 100, 1000])
+    res: dict[str, Any] = {"machine": machine(), "params": p}
+    if res["machine"]["other_monitors"]:
+        log(f"WARNING: other agentwatch monitors are running: {res['machine']['other_monitors']}")
+    t_start = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="agentwatch-scale-"))
+    env: Env | None = None
+    try:
+        env = Env(tmp)
+        res["machine"]["sources_sha256"] = env.src.sha256
+        # warm-up (discarded, no monitor): page cache, binaries, so round 1's first phase
+        # (always the smallest size, every ratio's base) does not pay for a cold start
+        gen([env.gen, "loop-exec", 200], env.src)
+        gen([env.gen, "loop-connect", 10_000, env.port], env.src)
+        if args.only in (None, "processes"):
+            phases = []
+            for rnd in range(p["rounds"]):
+                for n in proc_sizes:
+                    log(f"processes: round {rnd + 1}/{p['rounds']}, {n} tracked processes")
+                    ph = {"round": rnd, **retried(partial(process_phase, env, n, p),
+                                                  p["tries"])}
+                    phases.append(ph)
+                    log(f"  connect {ph['connect_us_per_op']:.2f} µs/op, exec "
+                        f"{ph['exec_us_per_op']:.0f} µs/op, scrape {ph['scrape_ms']:.2f} ms, "
+                        f"kill p50/p99 {ph['kill_p50_ms']}/{ph['kill_p99_ms']} ms, "
+                        f"RSS {ph['memory_mib_end']['VmRSS']} MiB, idle CPU "
+                        f"{ph['idle_cpu_pct']}%" + (" DISTURBED" if ph["disturbed"] else ""))
+            res["processes"] = {"sizes": proc_sizes, "phases": phases,
+                                "summary": summarize(phases, proc_sizes, PROCESS_FIGURES)}
+        if args.only in (None, "rules"):
+            policies: dict[str, Any] = {}
+            paths: dict[int, Path] = {}
+            for k in rule_sizes:
+                text, kinds = make_policy(k)
+                paths[k] = tmp / f"policy-{k}.yaml"
+                paths[k].write_text(text)
+                chk = check_policy(env, paths[k])
+                eligible = sum(v for name, v in kinds.items() if name in KERNEL_KINDS)
+                policies[str(k)] = {**chk, "kinds": kinds, "kernel_eligible": eligible,
+                                    "kernel_max": KERNEL_MAX_RULES,
+                                    "eligible_overflow": eligible - chk["kernel"]}
+                log(f"rules: {chk['summary']}")
+            phases = []
+            for rnd in range(p["rounds"]):
+                for k in rule_sizes:
+                    log(f"rules: round {rnd + 1}/{p['rounds']}, {k} rules")
+                    ph = {"round": rnd, **retried(partial(rule_phase, env, k, paths[k], p),
+                                                  p["tries"])}
+                    phases.append(ph)
+                    log(f"  connect {ph['connect_us_per_op']:.2f} µs/op, exec "
+                        f"{ph['exec_us_per_op']:.0f} µs/op, monitor µs/event connect "
+                        f"{ph['connect_monitor_us_per_event'] or 0:.1f} exec "
+                        f"{ph['exec_monitor_us_per_event'] or 0:.1f}, start "
+                        f"{ph['monitor_start_s']} s"
+                        + (" DISTURBED" if ph["disturbed"] else ""))
+            res["rules"] = {"sizes": rule_sizes, "policies": policies, "phases": phases,
+                            "summary": summarize(phases, rule_sizes, RULE_FIGURES)}
+    finally:
+        if env is not None:
+            env.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    res["runtime_s"] = round(time.monotonic() - t_start, 1)
+    res["machine"]["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    Path(args.output).write_text(json.dumps(res, indent=1) + "\n")
+    print(report(res))
+    print(f"\nruntime {res['runtime_s']} s; raw samples: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
