@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from monitor.alerts import Notifier
@@ -41,6 +42,9 @@ from monitor.tracker import Process, Tracker
 Log = Callable[..., None]
 
 
+CONNECT_MEMO_SIZE = 65536
+
+
 def boot_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
@@ -63,11 +67,15 @@ class Judge:
         self.cpu = CpuWindows()
         self._kernel_seen: OrderedDict[tuple[int, str], None] = OrderedDict()
         self._once: set[tuple[str, int, int]] = set()  # (rule, session, pid) of repeating rules
+        # connect verdicts depend only on (agent, destination) under one policy: remembered,
+        # so a busy agent's repeated connects do not walk every userspace rule again
+        self._connect_memo: dict[tuple[str, str, int], list[Verdict]] = {}
 
     def use(self, policy: Policy, tables: KernelTables) -> None:
         """A reloaded policy: judge from now on by it (counters and windows carry over)."""
         self.policy, self.tables = policy, tables
         self.kernel_rules = frozenset(r.name for r in tables.rules)
+        self._connect_memo.clear()
 
     # --- events ------------------------------------------------------------------------
 
@@ -85,9 +93,16 @@ class Judge:
                 self.policy, agent=agent, session=h.session, pid=h.pid, exe=proc.exe,
                 comm=h.comm, argv=ev.argv) if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ConnectEvent):
-            verdicts = [v for v in evaluate_connect(
-                self.policy, agent=agent, session=h.session, pid=h.pid, family=ev.family,
-                address=ev.address, port=ev.port) if (h.pid, v.rule) not in self._kernel_seen]
+            key = (agent, ev.address, ev.port)
+            found = self._connect_memo.get(key)
+            if found is None:
+                if len(self._connect_memo) >= CONNECT_MEMO_SIZE:
+                    self._connect_memo.clear()
+                found = self._connect_memo[key] = evaluate_connect(
+                    self.policy, agent=agent, session=0, pid=0, family=ev.family,
+                    address=ev.address, port=ev.port)
+            verdicts = [replace(v, session=h.session, pid=h.pid) for v in found
+                        if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ForkEvent):
             session = self.tracker.session(h.session)
             live = len(session.processes) if session else 0

@@ -215,6 +215,41 @@ def test_a_userspace_connect_verdict_names_the_program() -> None:
     assert line["argv"] == ["sh", "-c", "y"]
 
 
+def test_repeated_connects_each_get_their_own_verdict_for_their_own_process() -> None:
+    rig = Rig()
+    agent_tree(rig)
+    rig.feed(connect_ev(102, T0 + 9, "169.254.169.254", 80, comm="sh"),
+             connect_ev(101, T0 + 10, "169.254.169.254", 80, comm="sh"),  # remembered
+             connect_ev(102, T0 + 11, "169.254.169.254", 81, comm="sh"))
+    assert [(v["pid"], v["destination"]) for v in rig.log.verdicts()] == [
+        (102, "169.254.169.254:80"), (101, "169.254.169.254:80"), (102, "169.254.169.254:81")]
+
+
+def test_a_reloaded_policy_judges_a_destination_seen_before_by_its_own_rules() -> None:
+    rig = Rig(policy("""
+        mode: enforce
+        rules:
+          - name: only-metadata
+            event: connect
+            match: {address: [169.254.169.254]}
+            action: alert
+    """))
+    agent_tree(rig)
+    rig.feed(connect_ev(102, T0 + 9, "203.0.113.7", 8443, comm="sh"))
+    assert rig.log.verdicts() == []
+    newer = policy("""
+        mode: enforce
+        rules:
+          - name: no-test-net
+            event: connect
+            match: {address: [203.0.113.0/24]}
+            action: alert
+    """)
+    rig.judge.use(newer, compile_kernel(newer))
+    rig.feed(connect_ev(102, T0 + 10, "203.0.113.7", 8443, comm="sh"))
+    assert [v["rule"] for v in rig.log.verdicts()] == ["no-test-net"]
+
+
 def test_alert_is_logged_and_counted_not_killed() -> None:
     rig = Rig()
     agent_tree(rig)
