@@ -119,7 +119,7 @@ rules:
     match: {{address: [127.0.0.1], port: [{kill_port}]}}
 """)
         config = tmp / "config.yaml"
-        config.write_text(f"monitor: {{ring_buffer_mib: 16}}\n"
+        config.write_text(f"monitor: {{ring_buffer_mib: 8}}\n"
                           f"metrics: {{listen: '127.0.0.1:{free_port()}'}}\n")
         self.proc = subprocess.Popen([*AGENTWATCH, "run", "--config", str(config), "--policy",
                                       str(policy), "--socket", self.sock],

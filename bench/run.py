@@ -1307,7 +1307,8 @@ def main() -> int:
     p.add_argument("--exec-every", type=int, default=1000,
                    help="one fork+exec of /bin/true per this many connects (0: none)")
     p.add_argument("--workers", type=int, default=1, help="generator processes per step")
-    p.add_argument("--ring-mib", type=int, default=16, help="monitor ring buffer, MiB")
+    p.add_argument("--ring-mib", type=int, default=8,
+                   help="monitor ring buffer, MiB (8: the default config)")
     p.add_argument("--output", default=str(BENCH / "results.json"))
     args = p.parse_args()
     wanted = [t.strip() for t in args.tools.split(",") if t.strip()]

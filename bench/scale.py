@@ -208,7 +208,7 @@ class AwMonitor:
     room for 10,000+), optionally a policy file (default: the embedded policy)."""
 
     def __init__(self, tmp: Path, src: Sources, *, policy: Path | None = None,
-                 max_processes: int = MAX_PROCESSES, ring_mib: int = 16) -> None:
+                 max_processes: int = MAX_PROCESSES, ring_mib: int = 8) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.src = src
         self.sock = str(tmp / "control.sock")

@@ -116,7 +116,7 @@ class MonitorSettings:
     """Settings of the monitor itself."""
 
     control_socket: str = "/run/agentwatch/control.sock"
-    ring_buffer_mib: int = 16  # power of two, 1..256
+    ring_buffer_mib: int = 8  # power of two, 1..256
     max_processes: int = 65536  # entries in the in-kernel process map, 1024..4194304
     tick_seconds: float = 1.0  # 0.05..60
     history: int = 32  # exec/connect records kept per process, 1..10000

@@ -103,6 +103,7 @@ class Setting(IntEnum):
     EXEC_CANDIDATES = 0
     MONITOR_TGID = 1
     GEN = 2
+    WAKE = 3
 
 
 class Family(IntEnum):

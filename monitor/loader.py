@@ -118,7 +118,7 @@ def check_host(tracefs: Path = TRACEFS, modules: Path = Path("/lib/modules")) ->
 @dataclass(frozen=True)
 class ProbeOptions:
     max_procs: int = 65536
-    ringbuf_mib: int = 16
+    ringbuf_mib: int = 8
     trace_all: bool = False
     pin_dir: str = ""  # bpffs dir: probes and tree state outlive the monitor (pinning.py)
 
@@ -312,7 +312,11 @@ class Probes:
         self.bpf[b"events"].open_ring_buffer(_cb)
 
     def poll(self, timeout_ms: int = 100) -> None:
+        """Wait up to timeout_ms for a wakeup, then read every record. Records submitted
+        without a wakeup (probes: wake_flags) never make epoll ready by themselves, so the
+        read after the wait is what picks them up."""
         self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
 
     def drain(self) -> None:
         self.bpf.ring_buffer_consume()

@@ -39,7 +39,7 @@ from monitor.events import (
     VerdictKind,
 )
 from monitor.judge import Judge
-from monitor.kpolicy import compile_kernel
+from monitor.kpolicy import compile_kernel, wake_mask
 from monitor.loader import Probes
 from monitor.metrics import (
     AgentUsage,
@@ -101,6 +101,7 @@ def kernel_matchers(agents: Sequence[AgentSpec], index: Callable[[str], int] | N
             list(uid_tab.items()))
 
 
+BURST_GAP_SECONDS = 0.002
 BATCH_SECONDS = 0.001
 
 
@@ -213,6 +214,7 @@ class Monitor:
         self.probes.open()
         self.gen = 0
         self.probes.install_rules(self.tables, self.agents.names(), self.gen)
+        self.probes.set_setting(Setting.WAKE, wake_mask(self.policy, self.tables))
         # connect events and connect rules both come from these hooks: no hooks, no monitor
         self.cgroup = self.probes.attach_cgroup()
         self.probes.release_compiler()  # every program is loaded: LLVM is done
@@ -254,16 +256,19 @@ class Monitor:
         tick = self.config.monitor.tick_seconds
         next_tick = time.monotonic() + tick
         self.sd.ready(self._status_line())
+        last = 0.0
         while not stop.is_set():
+            # Records that may need a userspace kill wake this at once; the others at most
+            # every 50 ms (probes: wake_flags, Setting.WAKE), else the timeout reads them.
             self.probes.poll(100)
-            # Let events gather for a moment before waiting again: the ring buffer wakes an
-            # idle reader on every record, and on these 2-vCPU VMs those wakeups, not the
-            # work, made a tracked fork+exec loop 1.28x slower (3 wakeups per iteration);
-            # with this pause it is 1.02-1.04x (docs/benchmarks.md). An event that arrives
-            # while the loop waits in poll() is still handled at once; one arriving in the
-            # pause waits at most BATCH_SECONDS more.
-            time.sleep(BATCH_SECONDS)
             now = time.monotonic()
+            if now - last < BURST_GAP_SECONDS:
+                # Woken again right away: a burst (a tracked fork+exec loop wakes this at
+                # every exec). Let records gather for a moment instead of taking one wakeup
+                # each: the wakeups, not the work, slowed such a loop 1.1-1.3x on these
+                # 2-vCPU VMs (docs/benchmarks.md). Costs an event at most BATCH_SECONDS.
+                time.sleep(BATCH_SECONDS)
+            last = now
             self.sd.watchdog(now)  # from the loop itself: a stuck loop stops pinging
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
@@ -314,6 +319,7 @@ class Monitor:
             comms, uids = kernel_matchers(specs, self.agents.index)
             self.probes.set_matchers(comms, uids, gen)
             self.probes.flip(gen)
+            self.probes.set_setting(Setting.WAKE, wake_mask(policy, tables))
             self.gen = gen
             old = self.policy.sha256
             self.config, self.policy, self.specs, self.tables = config, policy, specs, tables

@@ -73,6 +73,31 @@ BPF_ARRAY(port_rules, u64, 2 * 65536);
 BPF_HASH(exec_rules, struct aw_name_key, u64, 2048);
 BPF_ARRAY(latched, u32, AW_MAX_AGENTS + 1); /* kill switch latched: per agent, [MAX] = all */
 
+#ifndef AW_WAKE_NS
+#define AW_WAKE_NS 50000000ULL
+#endif
+BPF_ARRAY(last_wake, u64, 1);
+
+/* Ring-buffer wakeup for a record of this type. Each wakeup of the monitor costs more than
+ * handling a record (a VM exit and a context switch: ~40 us of its CPU on these hosts), so
+ * only records that may need a prompt userspace decision wake it (AW_SET_WAKE, set from the
+ * policy); the rest wake it at most every AW_WAKE_NS, and are otherwise read at its next
+ * poll (at most 100 ms later). FORCE, because a default wakeup is skipped whenever older
+ * records are still unread, and those may be quiet ones. */
+static __always_inline u64 wake_flags(u32 type)
+{
+    u32 key = AW_SET_WAKE, zero = 0;
+    u32 *mask = settings.lookup(&key);
+    u64 *last = last_wake.lookup(&zero);
+    u64 now = bpf_ktime_get_ns();
+    if (!mask || (*mask & (1u << type)) || !last || now - *last >= AW_WAKE_NS) {
+        if (last)
+            *last = now;
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    return BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline void count(u32 idx)
 {
     u64 *c = counters.lookup(&idx);
@@ -195,7 +220,7 @@ static __always_inline void verdict(u32 g, u64 pid_tgid, const struct aw_proc *p
         __builtin_memcpy(ev->addr, addr16, 16);
     else
         __builtin_memset(ev->addr, 0, 16);
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, wake_flags(AW_EV_VERDICT));
 }
 
 /* kill-agent: every process of a doomed session dies at its next trip through the kernel
@@ -281,7 +306,7 @@ TRACEPOINT_PROBE(task, task_newtask)
     fill_header(&ev->h, AW_EV_FORK, pid_tgid, parent);
     ev->child_pid = child;
     ev->_pad = 0;
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, wake_flags(AW_EV_FORK));
     return 0;
 }
 
@@ -423,7 +448,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u32 size = offsetof(struct aw_exec_event, args) + len;
     if (size > sizeof(*ev))
         size = sizeof(*ev);
-    if (events.ringbuf_output(ev, size, 0) != 0)
+    if (events.ringbuf_output(ev, size, wake_flags(AW_EV_EXEC)) != 0)
         count(AW_CNT_LOST);
     return 0;
 }
@@ -449,7 +474,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         ev->exit_status = status;
         ev->ppid = p ? p->ppid : 0;
         ev->cpu_ns = p ? p->cpu_ns : 0;
-        events.ringbuf_submit(ev, 0);
+        events.ringbuf_submit(ev, wake_flags(AW_EV_EXIT));
     } else {
         count(AW_CNT_LOST);
     }
@@ -522,7 +547,7 @@ static __always_inline int cgroup_connect(struct bpf_sock_addr *ctx, const u8 *a
     } else {
         __builtin_memcpy(ev->addr, addr16, 16);
     }
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, wake_flags(AW_EV_CONNECT));
     return allow;
 }
 

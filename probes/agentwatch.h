@@ -78,6 +78,9 @@
 #define AW_SET_MONITOR_TGID 1    /* the monitor's own tgid, never tracked */
 #define AW_SET_GEN 2             /* which generation (0/1) of the rule and matcher maps is in
                                   * force: a reload fills the other one, then flips this */
+#define AW_SET_WAKE 3             /* bit (1 << event type) set: records of that type wake the
+                                  * monitor at once (they may need a userspace kill); other
+                                  * records wait for its next poll or a fuller buffer */
 #define AW_SET_MAX 4
 
 /* Session ids made in the kernel have this bit; userspace ones never do. */

@@ -290,8 +290,13 @@ def test_ordinary_development_work_survives(enforcing: Running, tmp_path: Path) 
     """)
     p = agent_exec(["/bin/sh", "-c", work], agent="claude-code", socket=SOCK)
     assert wait_exit(p, timeout=60) == 0
-    (session,) = [s.id for s in enforcing.monitor.tracker.ended if s.root_pid == p.pid]
-    assert enforcing.monitor.tracker.ended[-1].execs >= 8  # the work really ran as an agent
+    deadline = time.monotonic() + 5  # exit records wake the monitor within 100 ms
+    while not [s for s in enforcing.monitor.tracker.ended if s.root_pid == p.pid]:
+        assert time.monotonic() < deadline, "the session never ended in the monitor"
+        time.sleep(0.02)
+    (ended,) = [s for s in enforcing.monitor.tracker.ended if s.root_pid == p.pid]
+    session = ended.id
+    assert ended.execs >= 8  # the work really ran as an agent
     kills = [v for v in enforcing.verdicts(session=session) if v["action"] != "alert"]
     assert not kills
 

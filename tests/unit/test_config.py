@@ -103,7 +103,7 @@ def test_empty_config_means_defaults(text: str) -> None:
     cfg = load(text)
     assert cfg.agents == ()
     assert cfg.monitor == MonitorSettings()
-    assert cfg.monitor == MonitorSettings("/run/agentwatch/control.sock", 16, 65536, 1.0, 32)
+    assert cfg.monitor == MonitorSettings("/run/agentwatch/control.sock", 8, 65536, 1.0, 32)
 
 
 def test_in_kernel_only_for_comm_and_uid() -> None:

@@ -19,13 +19,14 @@ from collections.abc import Iterator
 import pytest
 
 from monitor.engine import match_connect, match_exec
-from monitor.events import COMM_LEN, MAX_RULES, KAction, RuleMask
+from monitor.events import COMM_LEN, MAX_RULES, EventType, KAction, RuleMask
 from monitor.kpolicy import (
     KernelTables,
     compile_kernel,
     kernel_connect_hits,
     kernel_eligible,
     rules_of,
+    wake_mask,
 )
 from monitor.policy import (
     Action,
@@ -549,3 +550,32 @@ def test_compile_is_pure_and_masks_only_use_kernel_rules() -> None:
         assert kernel_eligible(rule)
         assert isinstance(rule.match, ConnectMatch | ExecMatch)
         assert rule.action in (Action.DENY, Action.KILL, Action.KILL_AGENT)
+
+
+# --- which records wake the monitor at once ---------------------------------------------------
+
+
+def woken(p: Policy) -> set[EventType]:
+    mask = wake_mask(p, compile_kernel(p))
+    return {t for t in EventType if mask >> t & 1}
+
+
+def test_exec_and_kernel_verdicts_always_wake_forks_and_exits_never() -> None:
+    # the default policy kills by argv in userspace and has a processes rule (fork bomb);
+    # its killing connect rules all fit in the kernel
+    assert woken(default_policy()) == {EventType.EXEC, EventType.VERDICT}
+
+
+def test_connects_wake_when_a_killing_connect_rule_is_left_to_userspace() -> None:
+    ports = [(p, "kill") for p in range(5000, 5000 + MAX_RULES)] + [(6000, "alert")]
+    rules = "".join(f"""
+  - name: port-{port}
+    event: connect
+    action: {action}
+    match: {{port: [{port}]}}""" for port, action in ports)
+    alerts_over = with_agents(rules)  # the kernel holds MAX_RULES: the alert rule is left out
+    assert [r.name for r in compile_kernel(alerts_over).rules] == [
+        f"port-{p}" for p in range(5000, 5000 + MAX_RULES)]
+    assert EventType.CONNECT not in woken(alerts_over)
+    kill_over = with_agents(rules.replace("action: alert", "action: kill"))
+    assert EventType.CONNECT in woken(kill_over)
