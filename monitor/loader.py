@@ -8,6 +8,7 @@ decides policy: it only moves bytes between the kernel maps and typed Python val
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import os
 import platform
 import subprocess
@@ -57,6 +58,7 @@ def cgroup2_root(mounts: Path = Path("/proc/self/mounts")) -> str | None:
 
 BPF_SOURCE = "agentwatch.bpf.c"
 _MADV_PAGEOUT = 21  # Linux 5.4+
+_ENOTSUPP = 524  # the kernel's internal "operation not supported", seen by bpf(2) callers
 _COMPILER_LIBS = ("/libLLVM", "/libclang")
 CGROUP_HOOKS = {b"aw_connect4": "CGROUP_INET4_CONNECT", b"aw_connect6": "CGROUP_INET6_CONNECT"}
 
@@ -157,6 +159,7 @@ class Probes:
         self.expected = 0
         self._cgroup_links: list[int] = []
         self._links: PinnedLinks | None = None
+        self._batch: tuple[Any, Any] | None = None  # cpu_readings() buffers
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -359,6 +362,38 @@ class Probes:
             out.append(TrackedProc(k.value, v.session, v.agent, v.ppid, v.exit_status,
                                    v.cpu_ns, v.start_ns))
         return out
+
+    def cpu_readings(self) -> list[tuple[int, int]]:
+        """(pid, on-CPU ns) of every tracked process, read every tick. One
+        BPF_MAP_LOOKUP_BATCH call per chunk into buffers allocated once: walking the map
+        entry by entry (tracked()) cost ~8 ms per 1,000 processes, 9 % of a core at 10,000
+        processes and a 1 s tick (bench/scale.py)."""
+        from bcc.libbcc import lib
+
+        n = self.options.max_procs
+        if self._batch is None:
+            self._batch = ((ct.c_uint32 * n)(), (CProc * n)())
+        keys, values = self._batch
+        fd = self.bpf[b"procs"].map_fd
+        token, count = ct.c_uint32(0), ct.c_uint32(0)
+        total, first = 0, True
+        while total < n:
+            count.value = n - total
+            res = lib.bpf_lookup_batch(fd, None if first else ct.byref(token),
+                                       ct.byref(token),
+                                       ct.byref(keys, ct.sizeof(ct.c_uint32) * total),
+                                       ct.byref(values, ct.sizeof(CProc) * total),
+                                       ct.byref(count))
+            err = ct.get_errno()
+            total += count.value
+            first = False
+            if res != 0:
+                if err == errno.ENOENT:  # the end of the map
+                    break
+                if err in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP):  # before Linux 5.6
+                    return [(t.pid, t.cpu_ns) for t in self.tracked()]
+                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on procs: {os.strerror(err)}")
+        return [(keys[i], values[i].cpu_ns) for i in range(total)]
 
     def counters(self) -> dict[Counter, int]:
         table = self.bpf[b"counters"]

@@ -451,7 +451,7 @@ class Monitor:
     def tick(self) -> None:
         """Read what the kernel sums (CPU time per process) into the tracker."""
         self.probes.beat(self.config.monitor.fail_closed_seconds)
-        readings = [(t.pid, t.cpu_ns) for t in self.probes.tracked()]
+        readings = self.probes.cpu_readings()
         with self.lock:
             self.tracker.set_cpu(readings)
             self.judge.on_tick()

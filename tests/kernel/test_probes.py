@@ -310,3 +310,35 @@ def test_the_compilers_memory_is_given_back_after_loading(running: Running) -> N
     assert wait_exit(p) == 0
     ev, _ = running.log.wait_for(lambda e, a: isinstance(e, ExecEvent) and e.h.pid == p.pid)
     assert isinstance(ev, ExecEvent) and ev.argv == ("/bin/true", "after-release")
+
+
+def test_cpu_readings_in_one_batch_match_the_map_entry_by_entry(running: Running) -> None:
+    # the tick reads every tracked process's CPU with BPF_MAP_LOOKUP_BATCH; it must see
+    # exactly what walking the map sees, burner included
+    code = ("import os, time\n"
+            "for _ in range(200):\n    os.fork() or (time.sleep(5), os._exit(0))\n"
+            "end = time.time() + 0.3\nwhile time.time() < end: pass\ntime.sleep(5)\n")
+    p = agent_exec([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
+    probes = running.monitor.probes
+    session = None
+    try:
+        deadline = time.monotonic() + 10
+        while session is None:
+            session = probes.session_of(p.pid)
+            assert time.monotonic() < deadline, "the agent was never tracked"
+        while len(probes.session_pids(session)) < 201:
+            assert time.monotonic() < deadline, "the 200 children were never all tracked"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the burner has been switched out: its CPU is in the map
+        batch = dict(probes.cpu_readings())
+        walked = {t.pid: t.cpu_ns for t in probes.tracked()}
+        assert set(batch) == set(walked)
+        assert batch[p.pid] >= 200_000_000  # ~0.3 s of CPU burnt
+        assert all(batch[pid] <= walked[pid] for pid in batch)  # read first, never more
+    finally:
+        for pid in probes.session_pids(session) if session is not None else []:
+            try:  # the agent and its children, all started by this test
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_exit(p)

@@ -194,6 +194,9 @@ class FakeProbes:
     def tracked(self) -> list[TrackedProc]:
         return list(self.procs.values())
 
+    def cpu_readings(self) -> list[tuple[int, int]]:
+        return [(t.pid, t.cpu_ns) for t in self.procs.values()]
+
     def counters(self) -> dict[Counter, int]:
         return {c: 0 for c in Counter}
 
