@@ -37,6 +37,7 @@ from monitor.events import (  # noqa: E402
     EventType,
     ExecFlag,
 )
+from monitor.policy import default_policy  # noqa: E402
 from monitor.procfs import ProcFS  # noqa: E402
 from monitor.runtime import Monitor  # noqa: E402
 
@@ -77,8 +78,8 @@ def monitor() -> Monitor:
     tmp = Path(tempfile.mkdtemp(prefix="aw-hotpath-"))
     (tmp / "proc").mkdir()
     mon = Monitor(load_config_text("monitor: {tick_seconds: 1}\n", "<hotpath>"),
-                  probes=FakeProbes(), procfs=ProcFS(tmp / "proc"),  # type: ignore[arg-type]
-                  log=Log())
+                  default_policy(), probes=FakeProbes(),  # type: ignore[arg-type]
+                  procfs=ProcFS(tmp / "proc"), log=Log())
     mon.tracker.start_session(SESSION, "claude-code", os.getpid(), 1)
     mon.tracker.add_process(SESSION, os.getpid(), 0, comm="gen", exe="/tmp/gen",
                             argv=("gen",), uid=0, start_ns=1)
