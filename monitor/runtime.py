@@ -101,6 +101,14 @@ def kernel_matchers(agents: Sequence[AgentSpec], index: Callable[[str], int] | N
             list(uid_tab.items()))
 
 
+def _continues(full: tuple[str, ...], cut: tuple[str, ...]) -> bool:
+    """Whether full is what cut was cut from: the same arguments, the last one a prefix
+    (a later exec by the same pid shows a different command line)."""
+    n = len(cut)
+    return n > 0 and len(full) >= n and full[: n - 1] == cut[: n - 1] and \
+        full[n - 1].startswith(cut[n - 1])
+
+
 BURST_GAP_SECONDS = 0.002
 BATCH_SECONDS = 0.001
 
@@ -724,8 +732,7 @@ class Monitor:
                     ev = replace(ev, filename=info.exe)
                 if not ev.argv:
                     ev = replace(ev, argv=info.argv)
-                elif ev.argv_truncated and len(info.argv) >= len(ev.argv) and \
-                        info.argv[: len(ev.argv) - 1] == ev.argv[:-1]:  # the same program
+                elif ev.argv_truncated and _continues(info.argv, ev.argv):  # the same exec
                     ev = replace(ev, argv=info.argv)
         return ev
 

@@ -796,3 +796,17 @@ def test_tick_reads_cpu_from_kernel_map(tmp_path: Path) -> None:
     assert by_agent["aider"]["cpu_seconds"] == 0
     assert st["counters"]["lost"] == 0
     assert st["agents"][:5] == ["claude-code", "ci-bot", "scoped-node", "aider", "goose"]
+
+
+@pytest.mark.parametrize(("full", "cut", "same"), [
+    (("ssh", "-o", "SendEnv=" + "A" * 3000, "-R", "9:x:22", "h"),
+     ("ssh", "-o", "SendEnv=AAA"), True),
+    (("x" * 3000,), ("x" * 2559,), True),  # one argument, cut inside argv[0]
+    (("y" * 3000,), ("x" * 2559,), False),  # another program since
+    (("ssh", "-o", "SendEnv=B"), ("ssh", "-o", "SendEnv=AAA"), False),
+    (("ssh",), ("ssh", "-o"), False),
+])
+def test_a_truncated_argv_is_completed_only_from_the_same_command_line(
+        full: tuple[str, ...], cut: tuple[str, ...], same: bool) -> None:
+    from monitor.runtime import _continues
+    assert _continues(full, cut) is same
