@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -49,13 +48,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
+from harness import (
+    BENCH,
+    CLK_TCK,
+    Monitor,
+    Sources,
+    bpf_holders,
+    die_with_parent,
+    log,
+    other_monitors,
+    proc_cpu,
+    spread,
+    stop_process,
+    wait_drained,
+)
+
 OVERHEAD_GOAL = 1.02
 THROUGHPUT_GOAL = 100_000
 RATE_TOLERANCE = 0.98  # a step counts as reached when the generator issued >= 98% of it
 BUSY_LIMIT = 0.25  # CPU cores of other work above which a measurement is redone
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOOPS = ("exec", "connect", "getppid")
 TOOLS = ("agentwatch", "auditd", "bpftrace")  # compared against "none", alternated per round
 TRACKED_GOALS = {"exec": 1.05, "connect": 1.10}  # and below auditd's ratio
@@ -68,146 +79,6 @@ class Patience:
     wait_s: float  # longest wait for a quiet host before a measurement
     budget_s: float  # stop re-running disturbed overhead pairs after this long
     tries: int  # attempts per throughput step
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class Sources:
-    """A copy of monitor/ and probes/ that every `agentwatch` command of this run uses."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.dir = tmp / "src"
-        digest = hashlib.sha256()
-        for name in ("monitor", "probes"):
-            shutil.copytree(ROOT / name, self.dir / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        for f in sorted(self.dir.rglob("*")):
-            if f.is_file():
-                digest.update(str(f.relative_to(self.dir)).encode() + b"\0" + f.read_bytes())
-        self.sha256 = digest.hexdigest()
-        self.env = {**os.environ, "PYTHONPATH": str(self.dir),
-                    "AGENTWATCH_PROBES": str(self.dir / "probes")}
-
-    def cmd(self, *args: str) -> list[str]:
-        """Run with env=self.env and cwd=self.dir (`-m` puts the cwd first on sys.path)."""
-        return [sys.executable, "-m", "monitor.cli", *args]
-
-
-class ControlRefused(Exception):
-    pass
-
-
-def request(sock: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request on the monitor's control socket (one JSON line each way)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(sock)
-            s.sendall((json.dumps(req) + "\n").encode())
-            buf = b""
-            while b"\n" not in buf:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-    except OSError as e:
-        raise ControlRefused(f"{sock}: {e}") from None
-    reply = json.loads(buf.split(b"\n", 1)[0] or b"{}")
-    if not isinstance(reply, dict) or not reply.get("ok"):
-        raise ControlRefused(f"{sock}: {reply}")
-    return reply
-
-
-class Monitor:
-    """One `agentwatch run` process with a temp config and control socket."""
-
-    def __init__(self, tmp: Path, src: Sources, ring_mib: int) -> None:
-        self.src = src
-        self.sock = str(tmp / "control.sock")
-        self.config = tmp / "config.yaml"
-        self.config.write_text(f"monitor:\n  control_socket: {self.sock}\n"
-                               f"  ring_buffer_mib: {ring_mib}\n")
-        self.logfile = tmp / "monitor.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60) -> float:
-        """Start it and wait until it answers; returns the seconds that took."""
-        t0 = time.monotonic()
-        with open(self.logfile, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.src.cmd("run", "--config", str(self.config), "--socket", self.sock),
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.src.env, cwd=self.src.dir, preexec_fn=die_with_parent)
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the monitor exited with {self.proc.returncode}:\n"
-                                   + self.log_tail())
-            try:
-                request(self.sock, {"op": "ping"}, timeout=1)
-                return time.monotonic() - t0
-            except ControlRefused:
-                time.sleep(0.05)
-        raise RuntimeError(f"the monitor did not answer within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        """SIGTERM by pid, wait (the probes are detached once it has exited); SIGKILL late."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def status(self) -> dict[str, Any]:
-        return request(self.sock, {"op": "status"}, timeout=30)
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the monitor process (all its threads), from /proc/PID/stat."""
-        assert self.proc is not None
-        return proc_cpu(self.proc.pid)
-
-    def started_line(self) -> dict[str, Any]:
-        """The monitor's own "monitor started" log record (probes, agents, policy...)."""
-        if not self.logfile.exists():
-            return {}
-        for line in self.logfile.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("msg") == "monitor started":
-                return rec
-        return {}
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def proc_cpu(pid: int) -> float:
-    """utime + stime of a process (all its threads) or kernel thread; 0 once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the bench dies, even by SIGKILL."""
-    _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class OtherLoad:
@@ -271,28 +142,6 @@ def git_state() -> dict[str, Any]:
                          if line[3:].startswith(("monitor/", "probes/"))]}
 
 
-def bpf_holders(exclude: int | list[int] | None = None) -> list[int]:
-    """Pids (not ours) holding BPF programs: anything loaded skews the 'without' runs."""
-    skip = {os.getpid(), *([] if exclude is None else
-                           [exclude] if isinstance(exclude, int) else exclude)}
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in skip:
-            continue
-        try:
-            fds = list((entry / "fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if "bpf-prog" in os.readlink(fd):
-                    found.append(int(entry.name))
-                    break
-            except OSError:
-                continue
-    return found
-
-
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine())
 _BPF_PROG_GET_NEXT_ID = 11
 
@@ -310,22 +159,6 @@ def bpf_prog_count() -> int | None:
                         ctypes.sizeof(attr)) != 0:
             return n if ctypes.get_errno() == 2 else None  # ENOENT: end of the list
         start, n = attr[1], n + 1
-
-
-def other_monitors() -> list[str]:
-    """Command lines of agentwatch monitors we did not start: they would skew the numbers."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        words = [a.decode(errors="replace") for a in argv if a]
-        if any("agentwatch" in w for w in words[:3]) and ({"run", "trace"} & set(words)):
-            found.append(f"{entry.name}: {' '.join(words)}")
-    return found
 
 
 def compile_gen(tmp: Path) -> Path:
@@ -358,11 +191,6 @@ def gen(*args: str | int | float | Path, src: Sources | None = None,
         raise RuntimeError(f"{' '.join(map(str, args))} failed ({proc.returncode}): "
                            f"{err.strip()}")
     return dict(json.loads(out.strip().splitlines()[-1]))
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "samples": values}
 
 
 # --- 1. overhead: none / agentwatch / auditd / bpftrace ---------------------------------
@@ -743,13 +571,7 @@ class Auditd(Tool):
                 run("auditctl", *args)
             except ToolFailed as e:
                 log(f"WARNING: {e}")
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
         self.state.neutral()
 
@@ -854,13 +676,7 @@ class Bpftrace(Tool):
     def shutdown(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
 
 
@@ -1060,26 +876,6 @@ def expected_events(g: dict[str, Any]) -> int:
     workers = int(g["workers"])
     extra = 2 * workers if workers > 1 else 0
     return 2 + int(g["connects"]) + 2 * int(g["spawns"]) + int(g["execs_ok"]) + extra
-
-
-def wait_drained(mon: Monitor, base: int, expected: int, quiet_s: float = 1.0,
-                 timeout: float = 300) -> tuple[dict[str, Any], float]:
-    """Poll status until the events count reaches `expected` or stops increasing."""
-    t0 = time.monotonic()
-    last, last_change = mon.status(), time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if last["events"] - base >= expected:
-            time.sleep(0.3)  # would more arrive than were caused? then the count is wrong
-            last = mon.status()
-            break
-        time.sleep(0.2)
-        now = mon.status()
-        if now["events"] != last["events"]:
-            last_change = time.monotonic()
-        elif time.monotonic() - last_change >= quiet_s:
-            break
-        last = now
-    return last, last_change - t0
 
 
 def throughput_step(mon: Monitor, exe: Path, port: int, rate: int, seconds: float,
@@ -1353,7 +1149,7 @@ def main() -> int:
     try:
         src = Sources(tmp)
         res["machine"]["sources_sha256"] = src.sha256
-        mon = Monitor(tmp, src, args.ring_mib)
+        mon = Monitor(tmp, src, f"  ring_buffer_mib: {args.ring_mib}\n")
         closed.bind(("127.0.0.1", 0))
         port = int(closed.getsockname()[1])
         exe = compile_gen(tmp)

@@ -39,9 +39,7 @@ contacted; every process started here is stopped by pid (or its own process grou
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -63,9 +61,19 @@ from typing import Any
 
 import kill_latency
 import scrape
+from harness import (
+    BENCH,
+    CLK_TCK,
+    ROOT,
+    Monitor,
+    Sources,
+    bpf_holders,
+    log,
+    other_monitors,
+    spread,
+    wait_drained,
+)
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 SESSION_MAX = 1000  # processes per idle agent session (default policy: fork-bomb above 2000)
 MAX_PROCESSES = 65536  # monitor.max_processes for every phase (room for 10,000+ and loops)
 KERNEL_MAX_RULES = 64  # rules the probes hold (monitor/events.py MAX_RULES); docs/policy.md
@@ -75,7 +83,6 @@ KERNEL_KINDS = frozenset({"connect-deny-net-port", "connect-kill-host", "exec-ki
                           "connect-deny-ipv6-range", "connect-kill-cgnat-port",
                           "exec-kill-agent-name"})
 BUSY_LIMIT = 0.25  # CPU cores of other work above which a phase is redone
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 FORKER_C = r"""
 /* forker N: fork N children that sleep until killed (they die with the forker: PDEATHSIG),
@@ -113,77 +120,7 @@ int main(int argc, char **argv)
 """
 
 
-# --- harness: sources copy, monitor, host checks (bench/footprint.py uses these too) -----
-# Kept here rather than imported from bench/run.py, which changes with its own benchmarks.
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class Sources:
-    """A copy of monitor/ and probes/ that every `agentwatch` command of this run uses, so
-    edits to the tree during a run cannot mix two versions into one set of numbers."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.dir = tmp / "src"
-        digest = hashlib.sha256()
-        for name in ("monitor", "probes"):
-            shutil.copytree(ROOT / name, self.dir / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        for f in sorted(self.dir.rglob("*")):
-            if f.is_file():
-                digest.update(str(f.relative_to(self.dir)).encode() + b"\0" + f.read_bytes())
-        self.sha256 = digest.hexdigest()
-        self.env = {**os.environ, "PYTHONPATH": str(self.dir),
-                    "AGENTWATCH_PROBES": str(self.dir / "probes")}
-
-    def cmd(self, *args: str) -> list[str]:
-        """Run with env=self.env and cwd=self.dir (`-m` puts the cwd first on sys.path)."""
-        return [sys.executable, "-m", "monitor.cli", *args]
-
-
-class ControlRefused(Exception):
-    pass
-
-
-def request(sock: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request on the monitor's control socket (one JSON line each way)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(sock)
-            s.sendall((json.dumps(req) + "\n").encode())
-            buf = b""
-            while b"\n" not in buf:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-    except OSError as e:
-        raise ControlRefused(f"{sock}: {e}") from None
-    reply = json.loads(buf.split(b"\n", 1)[0] or b"{}")
-    if not isinstance(reply, dict) or not reply.get("ok"):
-        raise ControlRefused(f"{sock}: {reply}")
-    return reply
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the bench dies, even by SIGKILL."""
-    _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def proc_cpu(pid: int) -> float:
-    """utime + stime of a process (all its threads, also exited ones); 0 once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+# --- harness (bench/harness.py has what bench/run.py shares; footprint.py uses these) ----
 
 
 def proc_status_mib(pid: int) -> dict[str, float]:
@@ -202,99 +139,24 @@ def proc_status_mib(pid: int) -> dict[str, float]:
     return out
 
 
-class AwMonitor:
-    """One `agentwatch run` from the copied sources: a temp config (own control socket and
-    metrics port, never the default 9464 that another monitor may hold; max_processes with
-    room for 10,000+), optionally a policy file (default: the embedded policy)."""
+class AwMonitor(Monitor):
+    """`agentwatch run` with room for 10,000+ processes (max_processes) and its own metrics
+    port (never the default 9464 that another monitor may hold)."""
 
     def __init__(self, tmp: Path, src: Sources, *, policy: Path | None = None,
                  max_processes: int = MAX_PROCESSES, ring_mib: int = 8) -> None:
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.src = src
-        self.sock = str(tmp / "control.sock")
-        self.policy = policy
         self.metrics_port = kill_latency.free_port()
-        self.config = tmp / "config.yaml"
-        self.config.write_text(
-            f"monitor:\n  control_socket: {self.sock}\n  ring_buffer_mib: {ring_mib}\n"
-            f"  max_processes: {max_processes}\n"
-            f"metrics:\n  listen: '127.0.0.1:{self.metrics_port}'\n")
-        self.logfile = tmp / "monitor.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(tmp, src, f"  ring_buffer_mib: {ring_mib}\n"
+                         f"  max_processes: {max_processes}\n"
+                         f"metrics:\n  listen: '127.0.0.1:{self.metrics_port}'\n",
+                         policy=policy)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
     def start(self, timeout: float = 120) -> float:
-        """Start it and wait until it answers on its socket; returns the seconds that took."""
-        args = ["run", "--config", str(self.config), "--socket", self.sock]
-        if self.policy is not None:
-            args += ["--policy", str(self.policy)]
-        t0 = time.monotonic()
-        with open(self.logfile, "ab") as out:
-            self.proc = subprocess.Popen(self.src.cmd(*args), stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.src.env, cwd=self.src.dir,
-                                         preexec_fn=die_with_parent)
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the monitor exited with {self.proc.returncode}:\n"
-                                   + self.log_tail())
-            try:
-                request(self.sock, {"op": "ping"}, timeout=1)
-                return time.monotonic() - t0
-            except ControlRefused:
-                time.sleep(0.05)
-        raise RuntimeError(f"the monitor did not answer within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        """SIGTERM by pid, wait (the probes are detached once it has exited); SIGKILL late."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def status(self) -> dict[str, Any]:
-        return request(self.sock, {"op": "status"}, timeout=30)
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the monitor (all its threads), /proc/PID/stat: 10 ms ticks."""
-        return proc_cpu(self.pid)
-
-    def started_line(self) -> dict[str, Any]:
-        """The monitor's own "monitor started" log record (probes, agents, policy...)."""
-        if not self.logfile.exists():
-            return {}
-        for line in self.logfile.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("msg") == "monitor started":
-                return rec
-        return {}
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def exec_prefix(self, agent: str) -> list[str]:
-        """`agentwatch exec` (from the copied sources) for a new session of `agent`."""
-        return self.src.cmd("exec", "--socket", self.sock, "--agent", agent, "--")
+        return super().start(timeout)
 
     def cpu_precise(self) -> float:
         """CPU seconds of the monitor's live threads with nanosecond resolution (the first
@@ -420,27 +282,6 @@ class OtherLoad:
         return time.monotonic() - t0
 
 
-def bpf_holders(exclude: int | None = None) -> list[int]:
-    """Pids (not ours, not `exclude`) holding BPF programs: another monitor, a test run."""
-    skip = {os.getpid(), exclude}
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in skip:
-            continue
-        try:
-            fds = list((entry / "fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if "bpf-prog" in os.readlink(fd):
-                    found.append(int(entry.name))
-                    break
-            except OSError:
-                continue
-    return found
-
-
 def quiet_host(wait_s: float, monitor_pid: int | None = None) -> float:
     """Wait (up to wait_s each) until no other process holds BPF programs and other work
     is below BUSY_LIMIT cores; returns the seconds waited."""
@@ -450,22 +291,6 @@ def quiet_host(wait_s: float, monitor_pid: int | None = None) -> float:
     ours = [monitor_pid] if monitor_pid else []
     OtherLoad(lambda: ours).wait_quiet(wait_s)
     return time.monotonic() - t0
-
-
-def other_monitors() -> list[str]:
-    """Command lines of agentwatch monitors we did not start: they would skew the numbers."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        words = [a.decode(errors="replace") for a in argv if a]
-        if any("agentwatch" in w for w in words[:3]) and ({"run", "trace"} & set(words)):
-            found.append(f"{entry.name}: {' '.join(words)}")
-    return found
 
 
 def machine() -> dict[str, Any]:
@@ -491,11 +316,6 @@ def machine() -> dict[str, Any]:
                                  if ln[3:].startswith(("monitor/", "probes/"))]}}
 
 
-def spread(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "samples": values}
-
-
 def gen(argv: Sequence[str | int | Path], src: Sources) -> dict[str, Any]:
     """Run `agentwatch exec ... gen ...` and return gen's JSON line."""
     res = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False,
@@ -504,26 +324,6 @@ def gen(argv: Sequence[str | int | Path], src: Sources) -> dict[str, Any]:
         raise RuntimeError(f"{' '.join(map(str, argv))} failed ({res.returncode}): "
                            f"{res.stderr.strip()}")
     return dict(json.loads(res.stdout.strip().splitlines()[-1]))
-
-
-def wait_drained(mon: AwMonitor, base: int, expected: int, quiet_s: float = 0.5,
-                 timeout: float = 300) -> tuple[dict[str, Any], float]:
-    """Poll status until the events count reaches `expected` or stops increasing."""
-    t0 = time.monotonic()
-    last, last_change = mon.status(), time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if last["events"] - base >= expected:
-            time.sleep(0.3)  # would more arrive than were caused? then the count is wrong
-            last = mon.status()
-            break
-        time.sleep(0.1)
-        now = mon.status()
-        if now["events"] != last["events"]:
-            last_change = time.monotonic()
-        elif time.monotonic() - last_change >= quiet_s:
-            break
-        last = now
-    return last, last_change - t0
 
 
 def tracked_loop(mon: AwMonitor, exe: Path, kind: str, n: int, port: int) -> dict[str, Any]:
@@ -535,7 +335,7 @@ def tracked_loop(mon: AwMonitor, exe: Path, kind: str, n: int, port: int) -> dic
     g = gen([*mon.exec_prefix("bench"), exe, f"loop-{kind}", n, *extra], mon.src)
     # gen's own exec and exit, plus one connect event per connect, or fork+exec+exit per spawn
     expected = 2 + (n if kind == "connect" else 3 * n)
-    after, drain_s = wait_drained(mon, before["events"], expected)
+    after, drain_s = wait_drained(mon, before["events"], expected, quiet_s=0.5, every=0.1)
     cpu = mon.cpu_precise() - cpu0
     delivered = after["events"] - before["events"]
     return {"n": n, "us_per_op": g["elapsed_ns"] / n / 1000, "expected_events": expected,
