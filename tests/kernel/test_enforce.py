@@ -23,6 +23,7 @@ from conftest import Running, agent_exec, require_root, wait_exit
 
 from monitor.config import load_config_text
 from monitor.policy import default_policy, load_policy_text
+from monitor.procfs import ProcFS
 
 SOCK = "/run/agentwatch-test/enforce.sock"
 NS = f"awtest{os.getpid()}"
@@ -240,15 +241,12 @@ def test_a_short_cpu_burst_survives(enforcing: Running) -> None:
     assert not enforcing.verdicts(pid=p.pid)
 
 
-def _start_ticks(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2:].split()[19])
-
-
 def test_fork_bomb_kills_the_whole_tree_even_while_it_forks(enforcing: Running) -> None:
     bomb = "while :; do sleep 60 & done"
     p = agent_exec(["/bin/sh", "-c", bomb], agent="claude-code", socket=SOCK)
-    started = _start_ticks(p.pid)
+    procfs = ProcFS()
+    root = procfs.read(p.pid)
+    assert root is not None
     v = enforcing.wait_verdict(rule="fork-bomb", timeout=60)
     session = int(str(v["session"]))
     assert killed(p, timeout=20)
@@ -259,12 +257,10 @@ def test_fork_bomb_kills_the_whole_tree_even_while_it_forks(enforcing: Running) 
     survivors = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
-            try:
-                if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0060\x00" and \
-                        _start_ticks(int(pid)) >= started:  # the bomb's, nobody else's
-                    survivors.append(pid)
-            except OSError:
-                continue
+            info = procfs.read(int(pid))
+            if info is not None and info.argv == ("sleep", "60") and \
+                    info.start_ticks >= root.start_ticks:  # the bomb's, nobody else's
+                survivors.append(pid)
     probes = enforcing.monitor.probes
     seen = [(pid, probes.session_of(int(pid))) for pid in survivors[:5]]
     for pid in survivors:  # the test's own leftovers: end them before failing
