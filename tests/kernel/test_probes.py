@@ -207,28 +207,46 @@ def test_untracked_processes_emit_nothing(running: Running, monkeypatch) -> None
 
 
 def test_cpu_time_of_a_cpu_bound_child_matches_proc(running: Running) -> None:
+    """Like with like: /proc's utime+stime include what the process burnt before it was
+    tracked (`agentwatch exec`'s own Python start-up, before it registered), which the
+    kernel's sum never saw. So both are read twice, around the busy loop, while the child
+    is blocked (its last slice switched out), and the differences are compared."""
     code = textwrap.dedent("""
         import os, sys, time
+        sys.stdout.write("ready\\n"); sys.stdout.flush()
+        sys.stdin.readline()
         end = time.process_time() + 1.5
         while time.process_time() < end:
             pass
         sys.stdout.write("done\\n"); sys.stdout.flush()
         sys.stdin.read()
     """)
+
+    def proc_seconds(pid: int) -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def bpf_seconds(pid: int) -> float:
+        return {t.pid: t.cpu_ns for t in running.monitor.probes.tracked()}[pid] / 1e9
+
     p = agent_exec([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        assert p.stdout is not None and p.stdout.readline() == b"done\n"
-        time.sleep(0.1)  # now blocked in read(): its last slice has been switched out
-        with open(f"/proc/{p.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        proc_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        kernel = {t.pid: t.cpu_ns for t in running.monitor.probes.tracked()}
-        bpf_s = kernel[p.pid] / 1e9
+        assert p.stdin is not None and p.stdout is not None
+        assert p.stdout.readline() == b"ready\n"
+        time.sleep(0.1)  # blocked in readline(): its last slice has been switched out
+        proc0, bpf0 = proc_seconds(p.pid), bpf_seconds(p.pid)
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == b"done\n"
+        time.sleep(0.1)  # now blocked in read()
+        proc_s, bpf_s = proc_seconds(p.pid) - proc0, bpf_seconds(p.pid) - bpf0
         assert proc_s >= 1.4
         assert abs(bpf_s - proc_s) <= 0.10 * proc_s, (bpf_s, proc_s)
         running.monitor.tick()
         tracked = running.monitor.tracker.process(p.pid)
-        assert tracked is not None and abs(tracked.cpu_ns / 1e9 - proc_s) <= 0.10 * proc_s
+        assert tracked is not None
+        assert abs(tracked.cpu_ns / 1e9 - bpf0 - proc_s) <= 0.10 * proc_s
     finally:
         assert p.stdin is not None
         p.stdin.close()
