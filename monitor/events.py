@@ -94,9 +94,12 @@ class Counter(IntEnum):
     PROC_FULL = 5
     DENIED = 6
     KILLS = 7
+    DECISION_LOST = 8
+    SHED = 9
+    UNTRACKABLE = 10
 
 
-COUNTER_SLOTS = 8
+COUNTER_SLOTS = 11
 
 
 class Setting(IntEnum):
@@ -104,6 +107,9 @@ class Setting(IntEnum):
     MONITOR_TGID = 1
     GEN = 2
     WAKE = 3
+    FAIL_CLOSED = 4
+    CONNECT_DECIDE = 5
+    UNTRACKABLE = 6
 
 
 class Family(IntEnum):
@@ -122,8 +128,8 @@ class CProc(ct.Structure):
         ("exit_status", ct.c_int32),
         ("cpu_ns", ct.c_uint64),
         ("start_ns", ct.c_uint64),
-        ("_spare", ct.c_int32),
-        ("_pad", ct.c_uint32),
+        ("bulk_window", ct.c_uint32),
+        ("bulk_count", ct.c_uint32),
     ]
 
 

@@ -113,6 +113,16 @@ class Judge:
             self.act(v, h.ts_ns)
         return verdicts
 
+    def on_running(self, proc: Process, agent: str) -> list[Verdict]:
+        """Judge a process found running rather than seen exec'ing (adopted at start,
+        recovered after a restart, or found by reconciliation after a lost record): the exec
+        rules on its current program and command line, as if it had just exec'd."""
+        verdicts = evaluate_exec(self.policy, agent=agent, session=proc.session, pid=proc.pid,
+                                 exe=proc.exe, comm=proc.comm, argv=proc.argv)
+        for v in verdicts:
+            self.act(v, None)
+        return verdicts
+
     def _latency(self, path: str, event_ts_ns: int) -> None:
         ns = max(0, boot_ns() - event_ts_ns)
         if self.on_kill_latency is not None:

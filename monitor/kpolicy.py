@@ -61,6 +61,14 @@ def wake_mask(policy: Policy, tables: KernelTables) -> int:
     return mask
 
 
+def connects_need_decisions(policy: Policy, tables: KernelTables) -> bool:
+    """Whether some connect rule is judged in userspace (Setting.CONNECT_DECIDE): then a
+    connect record may carry a verdict, so the kernel never aggregates a new destination
+    away and fails the process closed when the record is lost."""
+    in_kernel = {id(r) for r in tables.rules}
+    return any(id(r) not in in_kernel for r in policy.rules_for(EventKind.CONNECT))
+
+
 def kernel_eligible(rule: Rule) -> bool:
     """Whether the kernel can decide this rule by itself (and so enforces it)."""
     if rule.event == EventKind.CONNECT and isinstance(rule.match, ConnectMatch):

@@ -60,6 +60,7 @@ BPF_SOURCE = "agentwatch.bpf.c"
 _MADV_PAGEOUT = 21  # Linux 5.4+
 _ENOTSUPP = 524  # the kernel's internal "operation not supported", seen by bpf(2) callers
 _COMPILER_LIBS = ("/libLLVM", "/libclang")
+RINGS = (b"decisions", b"events")
 CGROUP_HOOKS = {b"aw_connect4": "CGROUP_INET4_CONNECT", b"aw_connect6": "CGROUP_INET6_CONNECT"}
 
 
@@ -306,13 +307,16 @@ class Probes:
     # --- events ------------------------------------------------------------------------
 
     def on_record(self, callback: Callable[[bytes], None]) -> None:
-        """Call `callback` with each raw ring-buffer record during poll()."""
+        """Call `callback` with each raw ring-buffer record during poll(): the `decisions`
+        ring (execs, verdicts, forks, exits) first, then the bulk `events` ring (connects),
+        so a process's fork and exec are folded in before what it does after them."""
 
         def _cb(_ctx: Any, data: Any, size: int) -> int:
             callback(ct.string_at(data, size))
             return 0
 
-        self.bpf[b"events"].open_ring_buffer(_cb)
+        for ring in RINGS:  # libbpf consumes rings in the order they were added
+            self.bpf[ring].open_ring_buffer(_cb)
 
     def poll(self, timeout_ms: int = 100) -> None:
         """Wait up to timeout_ms for a wakeup, then read every record. Records submitted
@@ -336,6 +340,28 @@ class Probes:
             del self.bpf[b"procs"][ct.c_uint32(pid)]
         except KeyError:
             pass
+
+    def untrack_if(self, pid: int, session: int) -> bool:
+        """Untrack `pid` only while it is still in `session`: the kernel may have moved it
+        meanwhile (a pending candidate that exec'd into an agent root after a privilege
+        drop). Removed with one lookup-and-delete, and put back if the entry it took had
+        moved on. Returns whether it was untracked."""
+        from bcc.libbcc import lib
+
+        table = self.bpf[b"procs"]
+        key = ct.c_uint32(pid)
+        try:
+            if table[key].session != session:
+                return False
+        except KeyError:
+            return False
+        value = CProc()
+        if lib.bpf_lookup_and_delete(table.map_fd, ct.byref(key), ct.byref(value)) != 0:
+            return False  # gone meanwhile
+        if value.session != session:
+            table[key] = value
+            return False
+        return True
 
     def retag(self, pid: int, agent: int) -> None:
         """Set the agent index of a tracked process (a pending session was accepted)."""
@@ -398,6 +424,17 @@ class Probes:
     def counters(self) -> dict[Counter, int]:
         table = self.bpf[b"counters"]
         return {c: int(sum(table[ct.c_int(int(c))])) for c in Counter}
+
+    def agent_losses(self) -> dict[int, tuple[int, int]]:
+        """agent index -> (records lost, connect records aggregated), summed over CPUs, for
+        the indices with either; MAX_AGENTS stands for pending candidates and the rest."""
+        def read(name: bytes) -> dict[int, int]:
+            return {int(getattr(k, "value", k)): int(getattr(v, "value", v))
+                    for k, v in self.bpf[name].items_lookup_batch()}
+
+        lost, shed = read(b"agent_lost"), read(b"agent_shed")
+        return {i: (lost.get(i, 0), shed.get(i, 0)) for i in lost.keys() | shed.keys()
+                if lost.get(i, 0) or shed.get(i, 0)}
 
     def set_setting(self, setting: Setting, value: int) -> None:
         self.bpf[b"settings"][ct.c_int(int(setting))] = ct.c_uint32(value)

@@ -377,6 +377,11 @@ class MetricsSource(Protocol):
 
     def bpf_counters(self) -> Mapping[BpfCounter, int]: ...
 
+    def agent_losses(self) -> Mapping[str, tuple[int, int]]:
+        """agent name -> (records lost, connect records aggregated) in the kernel, for every
+        agent with either; "pending" for candidates not yet named."""
+        ...
+
     def probes_attached(self) -> int: ...
 
     def probes_expected(self) -> int: ...
@@ -411,6 +416,13 @@ _FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (_G, "agentwatch_host_cpus", (), "CPUs of the host"),
     (_C, "agentwatch_kernel_events_lost_total", (),
      "events the kernel could not hand over (ring buffer full)"),
+    (_C, "agentwatch_agent_records_lost_total", ("agent",),
+     "records of this agent's processes the kernel could not hand over (ring buffer full)"),
+    (_C, "agentwatch_connects_aggregated_total", ("agent",),
+     "connect records the kernel aggregated instead of sending (per-process flood budget)"),
+    (_C, "agentwatch_failed_closed_total", ("reason",),
+     "agent processes failed closed by the kernel: a record that needed a decision was "
+     "lost, or the process could not be tracked (process map full)"),
     (_C, "agentwatch_connects_refused_total", (), "connects refused by the cgroup hook"),
     (_C, "agentwatch_kernel_kills_total", (), "SIGKILLs sent by the probes"),
     (_G, "agentwatch_probes_attached", (), "tracepoints attached"),
@@ -513,6 +525,19 @@ class AgentwatchCollector(Collector):
         counters = src.bpf_counters()  # the one read of the kernel's counters this scrape
         add("agentwatch_kernel_events_lost_total", [], counters.get(BpfCounter.LOST, 0))
         add("agentwatch_connects_refused_total", [], counters.get(BpfCounter.DENIED, 0))
+        add("agentwatch_failed_closed_total", ["record_lost"],
+            counters.get(BpfCounter.DECISION_LOST, 0))
+        add("agentwatch_failed_closed_total", ["untrackable"],
+            counters.get(BpfCounter.UNTRACKABLE, 0))
+        lost_by: dict[str, list[int]] = {c.label: [0, 0] for c in snap.agents
+                                         if c.label != OTHER}
+        for name, (lost, shed) in src.agent_losses().items():
+            row = lost_by.setdefault(state.agent_label(name), [0, 0])
+            row[0] += lost
+            row[1] += shed
+        for a, (lost, shed) in sorted(lost_by.items()):
+            add("agentwatch_agent_records_lost_total", [a], lost)
+            add("agentwatch_connects_aggregated_total", [a], shed)
         add("agentwatch_kernel_kills_total", [], counters.get(BpfCounter.KILLS, 0))
         add("agentwatch_probes_attached", [], src.probes_attached())
         add("agentwatch_probes_expected", [], src.probes_expected())

@@ -55,6 +55,13 @@ class Mode(StrEnum):
     ENFORCE = "enforce"
 
 
+class FailClosed(StrEnum):
+    """What the kernel does to an agent process it cannot hand to userspace for judging (its
+    exec, fork or connect record lost) or cannot track (process map full), in enforce mode."""
+    KILL = "kill"    # the process dies at once (default)
+    ALERT = "alert"  # counted per agent (metrics, alert rules) and left running
+
+
 class Action(StrEnum):
     ALERT = "alert"
     DENY = "deny"  # connect only: refused with EPERM in the kernel
@@ -74,7 +81,7 @@ MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _NAME_RULE = "1-63 characters a-z 0-9 _ . - starting with a letter or digit"
 _DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
-_TOP_KEYS = ("mode", "agents", "lists", "rules")
+_TOP_KEYS = ("mode", "fail_closed", "agents", "lists", "rules")
 _RULE_KEYS = ("name", "description", "event", "agents", "action", "match")
 _MATCH_KEYS: Mapping[EventKind, tuple[str, ...]] = {
     EventKind.EXEC: ("name", "exe", "argv", "ssh"),
@@ -214,6 +221,7 @@ class Policy:
     rules: tuple[Rule, ...]
     source: str
     sha256: str
+    fail_closed: FailClosed = FailClosed.KILL
     _by_kind: Mapping[EventKind, tuple[Rule, ...]] = field(
         init=False, compare=False, repr=False)
 
@@ -280,6 +288,7 @@ class _Loader:
         self.problems = Problems(source)
         self.user_lookup = user_lookup
         self.lists: dict[str, list[Node]] = {}
+        self.fail_closed = FailClosed.KILL
 
     def add(self, item: _Item, reason: str) -> None:
         if item.via:
@@ -302,6 +311,15 @@ class _Loader:
             self.problems.add(root.line, "mode", "missing required key 'mode': write "
                               "'mode: monitor' (verdicts are only logged and alerted) or "
                               "'mode: enforce' (verdicts are carried out)")
+        if "fail_closed" in top:
+            node = top["fail_closed"]
+            if isinstance(node.value, str) and node.value in {f.value for f in FailClosed}:
+                self.fail_closed = FailClosed(node.value)
+            else:
+                self.problems.add(node.line, "fail_closed", f"unknown value {node.value!r}: "
+                                  "write 'kill' (an agent process whose record is lost or "
+                                  "that cannot be tracked dies) or 'alert' (it is counted "
+                                  "and alerted on)")
         agents: tuple[AgentSpec, ...] = ()
         declared: dict[str, int] = {}
         if "agents" in top and top["agents"].value is not None:
@@ -721,7 +739,8 @@ def _build(text: str, source: str, user_lookup: UserLookup | None, digest: str) 
     mode, agents, rules = loader.policy(root)
     loader.problems.raise_if_any()
     assert mode is not None
-    return Policy(mode=mode, agents=agents, rules=rules, source=source, sha256=digest)
+    return Policy(mode=mode, agents=agents, rules=rules, source=source, sha256=digest,
+                  fail_closed=loader.fail_closed)
 
 
 def load_policy(path: str | Path, *, user_lookup: UserLookup | None = None) -> Policy:

@@ -39,7 +39,7 @@ from monitor.events import (
     VerdictKind,
 )
 from monitor.judge import Judge
-from monitor.kpolicy import compile_kernel, wake_mask
+from monitor.kpolicy import KernelTables, compile_kernel, connects_need_decisions, wake_mask
 from monitor.loader import Probes
 from monitor.metrics import (
     AgentUsage,
@@ -51,7 +51,7 @@ from monitor.metrics import (
     usage_of,
 )
 from monitor.output import record
-from monitor.policy import Action, Mode, Policy, load_policy_text
+from monitor.policy import Action, FailClosed, Mode, Policy, load_policy_text
 from monitor.procfs import ProcFS, ProcInfo, plan_adoption
 from monitor.sdnotify import SystemdNotifier
 from monitor.tracker import Process, Session, Tracker
@@ -207,6 +207,11 @@ class Monitor:
         self._userspace_matchers = any(not m.in_kernel for a in self.specs
                                        for m in a.matchers)
         self.cgroup: str | None = None
+        # reconciliation with the kernel's process map (tick)
+        self._absent: set[int] = set()
+        self._lost_seen = 0
+        self._recheck = False
+        self._pending_seen: set[int] = set()
 
     def _verdict_log(self, msg: str, level: str = "info", **fields: Any) -> None:
         """The judge's log lines; verdicts also stream to subscribers (agentwatch top)."""
@@ -222,7 +227,7 @@ class Monitor:
         self.probes.open()
         self.gen = 0
         self.probes.install_rules(self.tables, self.agents.names(), self.gen)
-        self.probes.set_setting(Setting.WAKE, wake_mask(self.policy, self.tables))
+        self._policy_settings(self.policy, self.tables)
         # connect events and connect rules both come from these hooks: no hooks, no monitor
         self.cgroup = self.probes.attach_cgroup()
         self.probes.release_compiler()  # every program is loaded: LLVM is done
@@ -327,7 +332,7 @@ class Monitor:
             comms, uids = kernel_matchers(specs, self.agents.index)
             self.probes.set_matchers(comms, uids, gen)
             self.probes.flip(gen)
-            self.probes.set_setting(Setting.WAKE, wake_mask(policy, tables))
+            self._policy_settings(policy, tables)
             self.gen = gen
             old = self.policy.sha256
             self.config, self.policy, self.specs, self.tables = config, policy, specs, tables
@@ -337,6 +342,15 @@ class Monitor:
             self.judge.use(policy, tables)
         self.log("policy reloaded", previous=old, policy=policy.source, policy_sha256=policy.sha256,
                  mode=policy.mode.value, rules=len(policy.rules), kernel_rules=len(tables.rules))
+
+    def _policy_settings(self, policy: Policy, tables: KernelTables) -> None:
+        """The probes' policy-wide switches: which records wake the monitor, whether
+        connect records may carry a verdict, and fail-closed."""
+        self.probes.set_setting(Setting.WAKE, wake_mask(policy, tables))
+        self.probes.set_setting(Setting.CONNECT_DECIDE,
+                                1 if connects_need_decisions(policy, tables) else 0)
+        self.probes.set_setting(Setting.FAIL_CLOSED,
+                                1 if policy.fail_closed == FailClosed.KILL else 0)
 
     def _op_reload(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
         ok = self.reload_from_files()
@@ -431,8 +445,7 @@ class Monitor:
         with self.lock:
             for sid, procs in by_session.items():
                 if procs[0].agent == events.AGENT_PENDING:
-                    for e in procs:
-                        self.probes.untrack(e.pid)
+                    recovered += self._decide_pending(sid, procs)
                     continue
                 pids = {e.pid for e in procs}
                 procs.sort(key=lambda e: e.start_ns)
@@ -449,6 +462,8 @@ class Monitor:
                                                     uid=info.uid, start_ns=e.start_ns)
                     proc.cpu_ns = e.cpu_ns
                     recovered += 1
+                    # what it exec'd while no monitor read the ring is judged now
+                    self.judge.on_running(proc, self.agents.name(root.agent))
                 if not sid & events.SESSION_KERNEL_BIT:
                     self._next_session = max(self._next_session, sid + 1)
         self._save_agents()
@@ -457,12 +472,81 @@ class Monitor:
         return recovered
 
     def tick(self) -> None:
-        """Read what the kernel sums (CPU time per process) into the tracker."""
+        """Read what the kernel sums (CPU time per process) into the tracker, and make the
+        tracker agree with the kernel's process map where records were lost."""
         self.probes.beat(self.config.monitor.fail_closed_seconds)
         readings = self.probes.cpu_readings()
+        lost = self.probes.counters().get(events.Counter.LOST, 0)
         with self.lock:
             self.tracker.set_cpu(readings)
+            self._reconcile({pid for pid, _ in readings}, lost)
             self.judge.on_tick()
+
+    def _reconcile(self, live: set[int], lost: int) -> None:
+        """The kernel's process map is the truth. A process the tracker holds that the map
+        has not held for two ticks in a row exited without an exit record: forgotten. After
+        the kernel lost records, every process the map holds that the tracker lacks is
+        taken from /proc and judged (its fork or exec record was lost), and a pending
+        candidate whose deciding exec was lost is decided from /proc."""
+        gone = {p.pid for p in self.tracker.processes() if p.pid not in live}
+        now = time.monotonic_ns()
+        for pid in gone & self._absent:
+            self.tracker.forget(pid, now)
+        self._absent = gone
+        if lost == self._lost_seen and not self._recheck:
+            return
+        self._lost_seen, self._recheck = lost, False
+        pending: dict[int, list[Any]] = {}
+        for e in self.probes.tracked():
+            if self.tracker.process(e.pid) is not None:
+                continue
+            if e.agent == events.AGENT_PENDING:
+                pending.setdefault(e.session, []).append(e)
+                continue
+            session = self.tracker.session(e.session)
+            info = self.procfs.read(e.pid)
+            if session is None or info is None:
+                self._recheck = True  # its records may still be on their way
+                continue
+            proc = self.tracker.add_process(e.session, e.pid, e.ppid, comm=info.comm,
+                                            exe=info.exe, argv=info.argv, uid=info.uid,
+                                            start_ns=e.start_ns)
+            self.judge.on_running(proc, session.agent)
+        for sid, procs in pending.items():
+            if sid in self._pending_seen:  # pending two ticks running: its exec was lost
+                self._decide_pending(sid, procs)
+            else:
+                self._recheck = True
+        self._pending_seen = set(pending)
+
+    def _decide_pending(self, sid: int, procs: Sequence[Any]) -> int:
+        """A pending candidate session whose deciding exec record never came (lost, or
+        written while no monitor ran): recognise its oldest live process from /proc, then
+        accept the session (and judge its processes) or untrack it. Returns processes kept."""
+        procs = sorted(procs, key=lambda e: e.start_ns)
+        infos = [(e, self.procfs.read(e.pid)) for e in procs]
+        live = [(e, i) for e, i in infos if i is not None]
+        agent = None
+        for e, info in live:
+            if e.pid not in self._excluded():
+                agent = self._recognise(info)
+                if agent is not None:
+                    break
+        if agent is None or not live:
+            for e in procs:
+                self.probes.untrack_if(e.pid, sid)
+            return 0
+        idx = self.agents.index(agent)
+        root = live[0][0]
+        self.tracker.start_session(sid, agent, root.pid, root.start_ns)
+        self.log("agent session started", agent=agent, session=sid, root_pid=root.pid,
+                 via="userspace match (from /proc: its exec record was lost)")
+        for e, info in live:
+            self.probes.retag(e.pid, idx)
+            proc = self.tracker.add_process(sid, e.pid, e.ppid, comm=info.comm, exe=info.exe,
+                                            argv=info.argv, uid=info.uid, start_ns=e.start_ns)
+            self.judge.on_running(proc, agent)
+        return len(live)
 
     # --- recognition -------------------------------------------------------------------
 
@@ -504,6 +588,7 @@ class Monitor:
         exclude = self._excluded()
         adopted = 0
         with self.lock:
+            known = {p.pid for p in self.tracker.processes()}  # recovered: judged already
             sessions: dict[int, int] = {}  # root pid -> session id
             for a in plan_adoption(self.procfs.scan(), self._recognise, exclude):
                 if a.pid == a.root_pid:
@@ -513,6 +598,11 @@ class Monitor:
                 if self._adopt(a.pid, a.ppid, sid, a.agent, a.start_ticks, root=root):
                     adopted += 1
             adopted += self._adopt_stragglers(exclude)
+            # what they run now was exec'd while nothing judged it: judge it as an exec
+            for proc in [p for p in self.tracker.processes() if p.pid not in known]:
+                session = self.tracker.session(proc.session)
+                if session is not None:
+                    self.judge.on_running(proc, session.agent)
         return adopted
 
     def _adopt(self, pid: int, ppid: int, sid: int, agent: str, start_ticks: int,
@@ -668,6 +758,14 @@ class Monitor:
         except RuntimeError:  # not loaded yet, or closed
             return {}
 
+    def agent_losses(self) -> Mapping[str, tuple[int, int]]:
+        try:
+            by_index = self.probes.agent_losses()
+        except RuntimeError:  # not loaded yet, or closed
+            return {}
+        return {("pending" if i >= events.MAX_AGENTS else self.agents.name(i)): v
+                for i, v in by_index.items()}
+
     def probes_attached(self) -> int:
         return int(self.probes.attached)
 
@@ -703,7 +801,9 @@ class Monitor:
             if not isinstance(ev, ExitEvent):
                 for pid in pids:
                     if self.tracker.process(pid) is None:  # not registered/adopted since
-                        self.probes.untrack(pid)
+                        # only while still pending: the kernel may have made it an agent
+                        # root since (a privilege-dropping exec matched a uid matcher)
+                        self.probes.untrack_if(pid, sid)
             return replace(ev, h=replace(ev.h, session=0, agent=0))
         idx = self.agents.index(session.agent)
         if not isinstance(ev, ExitEvent):

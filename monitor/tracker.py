@@ -181,6 +181,12 @@ class Tracker:
             self._drop(p, h.ts_ns)
         return p
 
+    def forget(self, pid: int, ts_ns: int) -> None:
+        """A process the kernel no longer tracks, whose exit record never came."""
+        p = self._procs.get(pid)
+        if p is not None:
+            self._drop(p, ts_ns)
+
     def _drop(self, p: Process, ts_ns: int) -> None:
         self._procs.pop(p.pid, None)
         s = self._sessions.get(p.session)

@@ -43,6 +43,12 @@ _Static_assert(sizeof(struct aw_exit_event) == AW_PY_SIZEOF_EXIT_EVENT, "aw_exit
 _Static_assert(sizeof(struct aw_verdict_event) == AW_PY_SIZEOF_VERDICT_EVENT, "aw_verdict_event drifted");
 #endif
 
+/* Two rings, so that bulk records can never crowd out the ones that need a decision:
+ * `decisions` carries execs, kernel verdicts, forks and exits (a process's life, which
+ * costs the process a fork or an exec per record); `events` carries connects, aggregated
+ * per process when one floods (connect_sent). Userspace reads `decisions` first. A record that needs a decision and
+ * is lost anyway fails closed for its process (fail_closed). */
+BPF_RINGBUF_OUTPUT(decisions, AW_RINGBUF_PAGES);
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
 #ifdef AW_PIN_DIR
 /* Survives the monitor (monitor/recovery.py): the tree state a restarted monitor resumes. */
@@ -63,6 +69,15 @@ BPF_PERCPU_ARRAY(exec_scratch, struct aw_exec_event, 1);
 BPF_PERCPU_ARRAY(last_switch, u64, 1);
 BPF_PERCPU_ARRAY(counters, u64, AW_CNT_MAX);
 BPF_ARRAY(settings, u32, AW_SET_MAX);
+/* Records lost (ring full) and connect records aggregated, per agent index ([MAX]: pending
+ * candidates and anything else without an agent). */
+BPF_ARRAY(agent_lost, u64, AW_MAX_AGENTS + 1);
+BPF_ARRAY(agent_shed, u64, AW_MAX_AGENTS + 1);
+/* Last connect destination sent per tracked process (flood aggregation). */
+BPF_HASH(last_connect, u32, struct aw_last_dest, AW_MAX_PROCS);
+/* Processes of agents that could not be tracked (procs full): killed at their first trip
+ * through the kernel when fail-closed is on. */
+BPF_HASH(untrackable, u32, u32, 4096);
 
 /* Kernel-enforced rules (monitor/kpolicy.py). */
 BPF_ARRAY(rule_action, u32, 2 * AW_MAX_RULES);
@@ -103,6 +118,49 @@ static __always_inline void count(u32 idx)
     u64 *c = counters.lookup(&idx);
     if (c)
         *c += 1;
+}
+
+static __always_inline u32 setting(u32 key)
+{
+    u32 *v = settings.lookup(&key);
+    return v ? *v : 0;
+}
+
+static __always_inline void count_agent(u32 lost, u32 agent)
+{
+    u32 idx = agent < AW_MAX_AGENTS ? agent : AW_MAX_AGENTS;
+    u64 *c = lost ? agent_lost.lookup(&idx) : agent_shed.lookup(&idx);
+    if (c) /* shared, not per-CPU: userspace reads both arrays with one batch call each */
+        __sync_fetch_and_add(c, 1);
+}
+
+/* A record that needed a decision was lost: userspace will never judge what this process
+ * just did, so the process dies here, before it goes on (fail-closed setting, enforce mode),
+ * and the loss is counted per agent either way. Pending candidates are not agents yet and
+ * are never killed for it: userspace decides them from /proc at its next tick. */
+static __always_inline int fail_closed(const struct aw_proc *p, int enforce)
+{
+    count(AW_CNT_LOST);
+    count(AW_CNT_DECISION_LOST);
+    count_agent(1, p ? p->agent : AW_AGENT_PENDING);
+    if (!p || p->agent == AW_AGENT_PENDING || !enforce || !setting(AW_SET_FAIL_CLOSED))
+        return 0;
+    bpf_send_signal(9);
+    count(AW_CNT_KILLS);
+    return 1;
+}
+
+/* A process of an agent that the kernel could not track (procs full) is killed at its
+ * first fork, exec, connect or switch-out. Off the hot path until the map has held one. */
+static __always_inline int untrackable_check(u32 tgid)
+{
+    if (!setting(AW_SET_UNTRACKABLE))
+        return 0;
+    if (!untrackable.lookup(&tgid))
+        return 0;
+    bpf_send_signal(9);
+    count(AW_CNT_KILLS);
+    return 1;
 }
 
 /* The generation of rule maps in force; read once per program run, passed down, so one
@@ -202,9 +260,10 @@ static __always_inline void verdict(u32 g, u64 pid_tgid, const struct aw_proc *p
     u32 *act = rule_action.lookup(&akey);
     if (!enforced && act && *act == AW_ACT_DENY && enforcing(g))
         enforced = 1; /* refused by the cgroup hook */
-    struct aw_verdict_event *ev = events.ringbuf_reserve(sizeof(struct aw_verdict_event));
-    if (!ev) {
+    struct aw_verdict_event *ev = decisions.ringbuf_reserve(sizeof(struct aw_verdict_event));
+    if (!ev) { /* enforced already; only the report is lost (counted) */
         count(AW_CNT_LOST);
+        count_agent(1, p ? p->agent : AW_AGENT_PENDING);
         return;
     }
     fill_header(&ev->h, AW_EV_VERDICT, pid_tgid, p);
@@ -220,7 +279,7 @@ static __always_inline void verdict(u32 g, u64 pid_tgid, const struct aw_proc *p
         __builtin_memcpy(ev->addr, addr16, 16);
     else
         __builtin_memset(ev->addr, 0, 16);
-    events.ringbuf_submit(ev, wake_flags(AW_EV_VERDICT));
+    decisions.ringbuf_submit(ev, wake_flags(AW_EV_VERDICT));
 }
 
 /* kill-agent: every process of a doomed session dies at its next trip through the kernel
@@ -271,6 +330,26 @@ static __always_inline int latch_check(const struct aw_proc *p)
     return 0;
 }
 
+/* A child of an agent that procs has no room for: with fail-closed on it goes into
+ * `untrackable` and dies at its first trip through the kernel (it has not run yet); if
+ * even that is full, the forking parent dies instead. Counted either way. */
+static __always_inline void cannot_track(u32 child, const struct aw_proc *parent)
+{
+    count(AW_CNT_PROC_FULL);
+    count(AW_CNT_UNTRACKABLE);
+    count_agent(1, parent->agent);
+    if (parent->agent == AW_AGENT_PENDING || !setting(AW_SET_FAIL_CLOSED) ||
+        !enforcing(gen()))
+        return;
+    u32 one = 1, key = AW_SET_UNTRACKABLE;
+    if (untrackable.update(&child, &one) == 0) {
+        settings.update(&key, &one);
+        return;
+    }
+    bpf_send_signal(9);
+    count(AW_CNT_KILLS);
+}
+
 /* New processes (not threads) of a tracked process join its tree before they run. */
 TRACEPOINT_PROBE(task, task_newtask)
 {
@@ -279,9 +358,12 @@ TRACEPOINT_PROBE(task, task_newtask)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
     struct aw_proc *parent = procs.lookup(&tgid);
-    if (!parent && !AW_TRACE_ALL)
-        return 0;
+    if (!parent) {
+        if (untrackable_check(tgid) || !AW_TRACE_ALL)
+            return 0;
+    }
     u32 child = args->pid;
+    u32 g = gen();
     if (parent) {
         struct aw_proc c = {};
         c.session = parent->session;
@@ -290,23 +372,26 @@ TRACEPOINT_PROBE(task, task_newtask)
         c.exit_status = AW_STATUS_UNSET;
         c.start_ns = bpf_ktime_get_boot_ns();
         if (procs.update(&child, &c) != 0) {
-            count(AW_CNT_PROC_FULL);
+            cannot_track(child, parent);
             return 0;
         }
         count(AW_CNT_FORKS);
         /* A doomed session forking: the parent dies on its way out of fork; the child was
          * just added to the doomed session and dies at its first exec or switch-out. */
-        doom_check(gen(), parent);
+        doom_check(g, parent);
     }
-    struct aw_fork_event *ev = events.ringbuf_reserve(sizeof(struct aw_fork_event));
-    if (!ev) {
-        count(AW_CNT_LOST);
+    struct aw_fork_event *ev = decisions.ringbuf_reserve(sizeof(struct aw_fork_event));
+    if (!ev) { /* a processes rule counts forks: the forking process fails closed */
+        if (parent)
+            fail_closed(parent, enforcing(g));
+        else
+            count(AW_CNT_LOST);
         return 0;
     }
     fill_header(&ev->h, AW_EV_FORK, pid_tgid, parent);
     ev->child_pid = child;
     ev->_pad = 0;
-    events.ringbuf_submit(ev, wake_flags(AW_EV_FORK));
+    decisions.ringbuf_submit(ev, wake_flags(AW_EV_FORK));
     return 0;
 }
 
@@ -358,16 +443,19 @@ static __always_inline struct aw_proc *new_root(u32 tgid, u32 agent)
     return procs.lookup(&tgid);
 }
 
-/* An exec by a process that is not tracked yet. In-kernel matchers (comm, optionally with a
- * uid; or uid alone) make it an agent root here, before its first instruction. When the
- * config has userspace matchers (exe glob, cmdline, cgroup), every other exec becomes a
- * candidate: tracked at once in a pending session, so its children are caught too, until
- * userspace accepts the session (names its agent) or rejects it (untracks it). */
-static __always_inline struct aw_proc *match_new_root(u32 g, u32 tgid, u32 *flags)
+/* An exec by a process that is not tracked yet, or is only a pending candidate. In-kernel
+ * matchers (comm, optionally with a uid; or uid alone) make it an agent root here, before
+ * its first instruction: also when it is pending, so a privilege-dropping exec (setpriv,
+ * su, gosu, chroot --userspec run by an untracked root process that became a candidate)
+ * is recognised by the uid it now runs as, whatever userspace later decides about the
+ * candidate. When the config has userspace matchers (exe glob, cmdline, cgroup), every
+ * other exec of an untracked process becomes a candidate: tracked at once in a pending
+ * session, so its children are caught too, until userspace accepts the session (names its
+ * agent) or rejects it (untracks it). */
+static __always_inline struct aw_proc *match_new_root(u32 g, u32 tgid, u32 *flags,
+                                                      struct aw_proc *pending)
 {
-    u32 key = AW_SET_MONITOR_TGID;
-    u32 *self = settings.lookup(&key);
-    if (self && *self == tgid)
+    if (setting(AW_SET_MONITOR_TGID) == tgid)
         return NULL;
     struct aw_comm_key ck = {};
     bpf_get_current_comm(ck.comm, sizeof(ck.comm));
@@ -390,12 +478,21 @@ static __always_inline struct aw_proc *match_new_root(u32 g, u32 tgid, u32 *flag
         if (p) {
             count(AW_CNT_ROOTS);
             *flags |= AW_EXEC_NEW_ROOT;
+        } else if (setting(AW_SET_FAIL_CLOSED) && enforcing(g)) {
+            /* an agent the kernel cannot track: it dies before its first instruction */
+            count(AW_CNT_UNTRACKABLE);
+            count_agent(1, m->agent);
+            bpf_send_signal(9);
+            count(AW_CNT_KILLS);
+        } else {
+            count(AW_CNT_UNTRACKABLE);
+            count_agent(1, m->agent);
         }
         return p;
     }
-    key = AW_SET_EXEC_CANDIDATES;
-    u32 *cand = settings.lookup(&key);
-    if (!(cand && *cand))
+    if (pending)
+        return pending;
+    if (!setting(AW_SET_EXEC_CANDIDATES))
         return NULL;
     struct aw_proc *p = new_root(tgid, AW_AGENT_PENDING);
     if (p)
@@ -411,12 +508,16 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u32 g = gen();
     struct aw_proc *p = procs.lookup(&tgid);
     if (!p) {
-        p = match_new_root(g, tgid, &flags);
+        if (untrackable_check(tgid))
+            return 0;
+        p = match_new_root(g, tgid, &flags, NULL);
         if (!p) {
             if (!AW_TRACE_ALL)
                 return 0;
             flags |= AW_EXEC_UNTRACKED;
         }
+    } else if (p->agent == AW_AGENT_PENDING) {
+        p = match_new_root(g, tgid, &flags, p);
     }
     if (p && !doom_check(g, p) && !latch_check(p)) {
         struct aw_name_key nk = {};
@@ -448,8 +549,12 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     u32 size = offsetof(struct aw_exec_event, args) + len;
     if (size > sizeof(*ev))
         size = sizeof(*ev);
-    if (events.ringbuf_output(ev, size, wake_flags(AW_EV_EXEC)) != 0)
-        count(AW_CNT_LOST);
+    if (decisions.ringbuf_output(ev, size, wake_flags(AW_EV_EXEC)) != 0) {
+        if (p) /* argv and exe rules will never see this exec: fail closed */
+            fail_closed(p, enforcing(g));
+        else
+            count(AW_CNT_LOST);
+    }
     return 0;
 }
 
@@ -460,26 +565,33 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
     struct aw_proc *p = procs.lookup(&tgid);
-    if (!p && !AW_TRACE_ALL)
-        return 0;
+    if (!p) {
+        if (setting(AW_SET_UNTRACKABLE))
+            untrackable.delete(&tgid);
+        if (!AW_TRACE_ALL)
+            return 0;
+    }
     /* wait(2)-style: exit_group's code << 8, or the fatal signal (| 0x80 with a core dump);
      * do_exit() stores it before this tracepoint, for the last thread too. */
     s32 status = AW_STATUS_UNSET;
     void *task = (void *)bpf_get_current_task();
     if (bpf_probe_read_kernel(&status, sizeof(status), task + AW_TASK_EXIT_CODE_OFF) != 0)
         status = AW_STATUS_UNSET;
-    struct aw_exit_event *ev = events.ringbuf_reserve(sizeof(struct aw_exit_event));
+    struct aw_exit_event *ev = decisions.ringbuf_reserve(sizeof(struct aw_exit_event));
     if (ev) {
         fill_header(&ev->h, AW_EV_EXIT, pid_tgid, p);
         ev->exit_status = status;
         ev->ppid = p ? p->ppid : 0;
         ev->cpu_ns = p ? p->cpu_ns : 0;
-        events.ringbuf_submit(ev, wake_flags(AW_EV_EXIT));
-    } else {
+        decisions.ringbuf_submit(ev, wake_flags(AW_EV_EXIT));
+    } else { /* needs no decision: userspace drops processes the map no longer has */
         count(AW_CNT_LOST);
+        count_agent(1, p ? p->agent : AW_AGENT_PENDING);
     }
-    if (p)
+    if (p) {
         procs.delete(&tgid);
+        last_connect.delete(&tgid);
+    }
     return 0;
 }
 
@@ -502,6 +614,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
         __sync_fetch_and_add(&p->cpu_ns, now - since);
         if (!doom_check(gen(), p))
             orphan_check(now);
+    } else {
+        untrackable_check(tgid);
     }
     return 0;
 }
@@ -510,18 +624,61 @@ TRACEPOINT_PROBE(sched, sched_switch)
  * the connecting task, before any packet leaves. Reports tracked processes' connects and
  * enforces the kernel connect rules: refuse (EPERM) and, for kill rules, SIGKILL the caller
  * so that connect never returns to it. Always allows in monitor mode. */
+/* Whether a tracked process's connect record is sent, or aggregated (counted per agent):
+ * up to AW_BULK_BURST records per window and process are always sent; beyond that, when
+ * connects need a userspace decision, only destinations other than the last one sent (the
+ * verdict depends on agent and destination alone, and userspace has that one), and
+ * otherwise none. One process flooding connects therefore costs userspace a bounded number
+ * of records, and can never crowd the decisions ring at all. */
+static __always_inline int connect_sent(struct aw_proc *p, u32 tgid, const u8 *addr16,
+                                        u16 port, int decide)
+{
+    u32 window = (u32)(bpf_ktime_get_ns() >> AW_BULK_WINDOW_SHIFT);
+    if (p->bulk_window != window) {
+        p->bulk_window = window;
+        p->bulk_count = 0;
+    }
+    int within = p->bulk_count < AW_BULK_BURST;
+    if (within)
+        p->bulk_count += 1;
+    if (!decide)
+        return within;
+    struct aw_last_dest *last = last_connect.lookup(&tgid);
+    if (!within && last && last->port == port) {
+        u64 a[2], b[2];
+        __builtin_memcpy(a, last->addr, 16);
+        __builtin_memcpy(b, addr16, 16);
+        if (a[0] == b[0] && a[1] == b[1])
+            return 0;
+    }
+    struct aw_last_dest d = {};
+    __builtin_memcpy(d.addr, addr16, 16);
+    d.port = port;
+    last_connect.update(&tgid, &d);
+    return 1;
+}
+
+/* cgroup connect4/connect6: every IPv4/IPv6 connect (TCP, UDP, also through io_uring), in
+ * the connecting task, before any packet leaves. Reports tracked processes' connects and
+ * enforces the kernel connect rules: refuse (EPERM) and, for kill rules, SIGKILL the caller
+ * so that connect never returns to it. Always allows in monitor mode. A connect that needs
+ * a userspace decision and whose record is lost is refused, and its process fails closed. */
 static __always_inline int cgroup_connect(struct bpf_sock_addr *ctx, const u8 *addr16,
                                           u16 family, u16 port, int v4)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
     struct aw_proc *p = procs.lookup(&tgid);
-    if (!p && !AW_TRACE_ALL)
-        return 1;
-    int allow = 1;
+    if (!p) {
+        if (untrackable_check(tgid))
+            return 0;
+        if (!AW_TRACE_ALL)
+            return 1;
+    }
+    int allow = 1, decide = 0;
+    u32 g = gen();
     if (p) {
         count(AW_CNT_CONNECTS);
-        u32 g = gen();
         u64 hit = connect_hits(g, p->agent, addr16, port, v4);
         if (hit) {
             verdict(g, pid_tgid, p, AW_VERDICT_CONNECT, hit, family, port, addr16);
@@ -530,10 +687,23 @@ static __always_inline int cgroup_connect(struct bpf_sock_addr *ctx, const u8 *a
                 allow = 0;
             }
         }
+        decide = setting(AW_SET_CONNECT_DECIDE) || p->agent == AW_AGENT_PENDING;
+        if (!connect_sent(p, tgid, addr16, port, decide)) {
+            count(AW_CNT_SHED);
+            count_agent(0, p->agent);
+            return allow;
+        }
     }
     struct aw_connect_event *ev = events.ringbuf_reserve(sizeof(struct aw_connect_event));
     if (!ev) {
+        if (decide) {
+            int enforce = enforcing(g);
+            fail_closed(p, enforce);
+            return enforce ? 0 : allow;
+        }
         count(AW_CNT_LOST);
+        if (p)
+            count_agent(1, p->agent);
         return allow;
     }
     fill_header(&ev->h, AW_EV_CONNECT, pid_tgid, p);

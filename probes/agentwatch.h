@@ -71,7 +71,12 @@
 #define AW_CNT_PROC_FULL 5     /* a child could not be tracked: process map full */
 #define AW_CNT_DENIED 6        /* connects refused by the cgroup hook */
 #define AW_CNT_KILLS 7         /* SIGKILLs sent from the kernel */
-#define AW_CNT_MAX 8
+#define AW_CNT_DECISION_LOST 8 /* records that needed a decision (exec, fork, connect under a
+                                * userspace connect rule) lost: the process failed closed */
+#define AW_CNT_SHED 9          /* connect records aggregated in the kernel (per-process budget) */
+#define AW_CNT_UNTRACKABLE 10  /* processes of agents that could not be tracked (map full),
+                                * killed at their first trip through the kernel */
+#define AW_CNT_MAX 11
 
 /* Settings array indices (monitor/events.py: Setting). */
 #define AW_SET_EXEC_CANDIDATES 0 /* 1: untracked execs are sent as candidates */
@@ -81,7 +86,14 @@
 #define AW_SET_WAKE 3             /* bit (1 << event type) set: records of that type wake the
                                   * monitor at once (they may need a userspace kill); other
                                   * records wait for its next poll or a fuller buffer */
-#define AW_SET_MAX 4
+#define AW_SET_FAIL_CLOSED 4     /* 1: an agent process whose decision record is lost, or that
+                                  * cannot be tracked (process map full), is killed (enforce
+                                  * mode only); 0: counted and alerted only */
+#define AW_SET_CONNECT_DECIDE 5  /* 1: some connect rule is evaluated in userspace, so connect
+                                  * records need a decision: never shed, fail closed if lost */
+#define AW_SET_UNTRACKABLE 6     /* non-zero once `untrackable` has held an entry: only then do
+                                  * untracked processes pay a lookup there */
+#define AW_SET_MAX 7
 
 /* Session ids made in the kernel have this bit; userspace ones never do. */
 #define AW_SESSION_KERNEL_BIT 0x80000000u
@@ -100,8 +112,23 @@ struct aw_proc {
     __s32 exit_status; /* unused: the status is read from the task at exit (BTF) */
     __u64 cpu_ns;      /* on-CPU time summed at sched_switch */
     __u64 start_ns;    /* bpf_ktime_get_boot_ns() when tracking began */
-    __s32 _spare;      /* unused; keeps the pinned map's layout */
-    __u32 _pad;
+    __u32 bulk_window; /* connect-record budget: the window (ns >> AW_BULK_WINDOW_SHIFT) */
+    __u32 bulk_count;  /* ... and the connect records sent in it */
+};
+
+/* Connect records a process may send per budget window before the kernel aggregates them
+ * (counts them per agent instead); repeats of its last destination beyond the budget are
+ * aggregated even when connects need a userspace decision (the verdict depends only on
+ * agent and destination, and userspace already has it). */
+#define AW_BULK_WINDOW_SHIFT 26 /* ~67 ms */
+#define AW_BULK_BURST 64
+
+/* Value of `last_connect` (per tracked tgid): the destination of its last connect record. */
+struct aw_last_dest {
+    __u8 addr[16];
+    __u16 port;
+    __u16 _pad;
+    __u32 _pad2;
 };
 
 /* Every rule and matcher map exists twice (generation 0 and 1, see AW_SET_GEN): array maps

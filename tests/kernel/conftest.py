@@ -7,9 +7,12 @@ developer's laptop, but fail loudly when CI=true: a kernel test skipped in CI is
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +24,7 @@ import pytest
 from monitor.config import Config, load_config_text
 from monitor.errors import EnvironmentProblem
 from monitor.events import Event
+from monitor.loader import ProbeOptions, Probes
 from monitor.policy import Policy
 from monitor.runtime import Monitor
 
@@ -80,14 +84,21 @@ class EventLog:
         return [e for e, _ in self.snapshot() if e.h.pid == pid]
 
 
+def probes_for(config: Config) -> Probes:
+    """Probes sized as the config says (what `agentwatch run` builds)."""
+    m = config.monitor
+    return Probes(ProbeOptions(max_procs=m.max_processes, ringbuf_mib=m.ring_buffer_mib))
+
+
 class Running:
     """A Monitor running its loop in a background thread."""
 
     def __init__(self, config: Config, control_path: str | None,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None, probes: Probes | None = None) -> None:
         self.log = EventLog()
         self.lines: list[dict[str, object]] = []
-        self.monitor = Monitor(config, policy, sink=self.log.add, control_path=control_path,
+        self.monitor = Monitor(config, policy, probes=probes, sink=self.log.add,
+                               control_path=control_path,
                                log=lambda msg, level="info", **f: self.lines.append(
                                    {"msg": msg, **f}))
         self._stop = threading.Event()
@@ -167,3 +178,32 @@ def wait_exit(p: subprocess.Popen[bytes], timeout: float = 20) -> int:
 def tmpdir_exec(tmp_path: Path) -> Path:
     """A temp dir whose files may be executed (tmp_path is, on this host)."""
     return tmp_path
+
+
+AGENT_USER = "awagent"
+
+
+@pytest.fixture(scope="session")
+def agent_user() -> tuple[int, int]:
+    """(uid, gid) of an unprivileged system user the hostile-agent tests run as; created
+    once if missing (the attack runs as the agent, never as root)."""
+    require_root()
+    try:
+        pw = pwd.getpwnam(AGENT_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", AGENT_USER], check=True)
+        pw = pwd.getpwnam(AGENT_USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the agent user can read and execute from (tmp_path's parents are
+    root-only)."""
+    d = Path(tempfile.mkdtemp(prefix="awtest-", dir="/tmp"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

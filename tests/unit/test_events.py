@@ -443,7 +443,7 @@ _C_TYPES: dict[str, type] = {
 _ALL_MIRRORS: dict[str, type[ct.Structure]] = {
     **MIRRORS, "aw_match": CMatch, "aw_comm_key": CCommKey,
 }
-_KERNEL_ONLY = {"aw_exec_args", "aw_connect_args"}  # never cross to userspace
+_KERNEL_ONLY = {"aw_exec_args", "aw_connect_args", "aw_last_dest"}  # never cross to userspace
 
 
 def _c_structs() -> dict[str, list[tuple[str, type, int | None]]]:

@@ -58,6 +58,9 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "agentwatch_host_cpus": ("gauge", set()),
     "agentwatch_kernel_events_lost_total": ("counter", set()),
     "agentwatch_connects_refused_total": ("counter", set()),
+    "agentwatch_agent_records_lost_total": ("counter", {"agent"}),
+    "agentwatch_connects_aggregated_total": ("counter", {"agent"}),
+    "agentwatch_failed_closed_total": ("counter", {"reason"}),
     "agentwatch_kernel_kills_total": ("counter", set()),
     "agentwatch_probes_attached": ("gauge", set()),
     "agentwatch_probes_expected": ("gauge", set()),
@@ -87,6 +90,7 @@ class FakeSource:
         self.policy = PolicyInfo(SHA, "enforce")
         self.spooled = 0
         self.deliveries: Counter[tuple[str, str]] = Counter()
+        self.losses: dict[str, tuple[int, int]] = {}
 
     def agent_usage(self) -> Mapping[str, AgentUsage]:
         return usage_of(self.sessions)
@@ -96,6 +100,9 @@ class FakeSource:
 
     def kill_counts(self) -> Mapping[tuple[str, str], int]:
         return dict(self.kills)
+
+    def agent_losses(self) -> Mapping[str, tuple[int, int]]:
+        return self.losses
 
     def bpf_counters(self) -> Mapping[BpfCounter, int]:
         self.kernel_reads += 1
@@ -196,6 +203,20 @@ def test_every_metric_of_the_contract_is_exposed_with_its_type_and_labels() -> N
         assert sample_labels == labels, name
         seen[f.name] = kind
     assert set(seen) == {f.name for f in fams.values()}, "a metric outside the contract"
+
+
+def test_kernel_losses_per_agent_and_fail_closed_counts() -> None:
+    src = busy_source()
+    src.losses = {"claude-code": (3, 0), "codex": (0, 500), "pending": (2, 0)}
+    src.kernel[BpfCounter.DECISION_LOST] = 3
+    src.kernel[BpfCounter.UNTRACKABLE] = 7
+    fams = scrape(registry_for(src))
+    assert value(fams, "agentwatch_agent_records_lost_total", agent="claude-code") == 3
+    assert value(fams, "agentwatch_connects_aggregated_total", agent="codex") == 500
+    # candidates not yet named by a userspace matcher
+    assert value(fams, "agentwatch_agent_records_lost_total", agent="pending") == 2
+    assert value(fams, "agentwatch_failed_closed_total", reason="record_lost") == 3
+    assert value(fams, "agentwatch_failed_closed_total", reason="untrackable") == 7
 
 
 def test_values_are_what_the_monitor_counted() -> None:

@@ -183,6 +183,12 @@ class FakeProbes:
         self.untrack_calls.append(pid)
         self.procs.pop(pid, None)
 
+    def untrack_if(self, pid: int, session: int) -> bool:
+        if pid not in self.procs or self.procs[pid].session != session:
+            return False
+        self.untrack(pid)
+        return True
+
     def retag(self, pid: int, agent: int) -> None:
         self.retag_calls.append((pid, agent))
         if pid in self.procs:
