@@ -374,6 +374,17 @@ def build() -> dm.Dashboard:
              "Value #C": 5, "Value #D": 6, "Value #E": 7}))
         .overrides([override_unit("Policy loaded", "dateTimeAsIso"),
                     override_unit("Load took", "s")]))
+    d = d.with_panel(graph(
+        24, "Flood defence", "Per second: records of each agent lost (ring full), connect "
+        "records the kernel aggregated (one process flooding connects), and agent processes "
+        "failed closed by reason (AgentwatchAgentRecordsLost, AgentwatchFailedClosed).", "ops",
+        [query(f"sum by (agent) ({rate(sel('agentwatch_agent_records_lost_total'))})",
+               "lost {{agent}}", "A"),
+         query(f"sum by (agent) ({rate(sel('agentwatch_connects_aggregated_total'))})",
+               "aggregated {{agent}}", "B"),
+         query("sum by (reason) "
+               f"({rate(sel('agentwatch_failed_closed_total', agent=False))})",
+               "failed closed: {{reason}}", "C")], w=24))
     return d.build()
 
 

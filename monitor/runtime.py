@@ -51,7 +51,15 @@ from monitor.metrics import (
     usage_of,
 )
 from monitor.output import record
-from monitor.policy import Action, FailClosed, Mode, Policy, load_policy_text
+from monitor.policy import (
+    Action,
+    EventKind,
+    FailClosed,
+    Mode,
+    Policy,
+    ProcessesMatch,
+    load_policy_text,
+)
 from monitor.procfs import ProcFS, ProcInfo, plan_adoption
 from monitor.sdnotify import SystemdNotifier
 from monitor.tracker import Process, Session, Tracker
@@ -68,6 +76,21 @@ def merged_agents(config: Config, policy: Policy) -> tuple[AgentSpec, ...]:
                             f"{config.source} and the policy: define it once")
                            for n in dup])
     return (*config.agents, *policy.agents)
+
+
+def check_capacity(config: Config, policy: Policy) -> None:
+    """A processes rule must be able to fire before the kernel's process map is full: a
+    map that holds fewer processes than a rule's `above` would fail new processes closed
+    (or leave them untracked) before the rule ever saw them."""
+    limit = config.monitor.max_processes
+    bad = [r for r in policy.rules_for(EventKind.PROCESSES)
+           if isinstance(r.match, ProcessesMatch) and r.match.above >= limit]
+    if bad:
+        raise ConfigError([(Location(policy.source, r.line, f"rules.{r.name}.match.above"),
+                            f"processes above {r.match.above} can never be counted: "
+                            f"monitor.max_processes ({limit}, in {config.source}) must be "
+                            f"more than that; raise it or lower the rule")
+                           for r in bad])
 
 
 def kernel_matchers(agents: Sequence[AgentSpec], index: Callable[[str], int] | None = None
@@ -176,6 +199,7 @@ class Monitor:
         self.config = config
         self.policy = policy or load_policy_text("mode: monitor\n", "<no policy>")
         self.specs = merged_agents(config, self.policy)
+        check_capacity(config, self.policy)
         self.probes = probes or Probes()
         self.procfs = procfs or ProcFS()
         self.sink = sink
@@ -323,6 +347,7 @@ class Monitor:
         """Swap in a new config and policy at once: the kernel rule and matcher maps are
         written into the idle generation and flipped in one word write."""
         specs = merged_agents(config, policy)
+        check_capacity(config, policy)
         tables = compile_kernel(policy)
         with self.lock:
             for spec in specs:
