@@ -83,14 +83,14 @@ def check_capacity(config: Config, policy: Policy) -> None:
     map that holds fewer processes than a rule's `above` would fail new processes closed
     (or leave them untracked) before the rule ever saw them."""
     limit = config.monitor.max_processes
-    bad = [r for r in policy.rules_for(EventKind.PROCESSES)
+    bad = [(r, r.match.above) for r in policy.rules_for(EventKind.PROCESSES)
            if isinstance(r.match, ProcessesMatch) and r.match.above >= limit]
     if bad:
         raise ConfigError([(Location(policy.source, r.line, f"rules.{r.name}.match.above"),
-                            f"processes above {r.match.above} can never be counted: "
+                            f"processes above {above} can never be counted: "
                             f"monitor.max_processes ({limit}, in {config.source}) must be "
                             f"more than that; raise it or lower the rule")
-                           for r in bad])
+                           for r, above in bad])
 
 
 def kernel_matchers(agents: Sequence[AgentSpec], index: Callable[[str], int] | None = None
