@@ -5,8 +5,9 @@ MetricsState (a list or dict increment per event); the BPF counters, the tracker
 processes and the judge's verdict counts are read when Prometheus scrapes, by an
 AgentwatchCollector registered on a registry the caller passes in (never the global one).
 Every label is bounded whatever an agent does: at most MAX_AGENTS agent names and
-MAX_BINARIES binaries per agent (the rest are "other"), destinations as a class, never
-an address, port, pid or argv. This module never decides policy and never signals anything.
+MAX_BINARIES binaries per agent (the rest are "other"), each escaped and cut to 64
+characters (monitor.safetext), destinations as a class, never an address, port, pid or
+argv. This module never decides policy and never signals anything.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from monitor import __version__
 from monitor.errors import ConfigError, EnvironmentProblem, Location
 from monitor.events import Counter as BpfCounter
 from monitor.events import EventType, KAction, VerdictEvent
+from monitor.safetext import label_value
 from monitor.tracker import Session
 
 MAX_AGENTS = 64
@@ -126,13 +128,11 @@ def connect_verdict(*policy: str) -> str:
 
 
 def _label(text: str) -> str:
-    """A label value that encodes as UTF-8 (the decoder keeps bad bytes as surrogates,
-    which would make the whole scrape fail)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return text
+    """A label value made from text an agent may have chosen (a binary's name): controls,
+    format characters and undecodable bytes as visible escapes, at most LABEL_MAX
+    characters (monitor.safetext.label_value). It encodes as UTF-8 (a surrogate would make
+    the whole scrape fail) and holds nothing a Grafana legend or an alert would act on."""
+    return label_value(text)
 
 
 # --- state updated on the hot path --------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
+import unicodedata
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -38,6 +39,7 @@ from monitor.metrics import (
     serve,
     usage_of,
 )
+from monitor.safetext import ELLIPSIS, LABEL_MAX
 from monitor.tracker import Process, Session
 
 SHA = "5f" * 32
@@ -458,8 +460,36 @@ def test_names_that_are_not_utf8_do_not_break_the_scrape() -> None:
     m.observe_exec("codex", bad)
     m.observe_event("exec", "bad-\udcff-agent")  # a registered name from JSON can be this
     fams = scrape(registry_for(src))
-    assert value(fams, "agentwatch_execs_total", agent="codex", binary="\ufffd\ufffdevil") == 2
-    assert value(fams, "agentwatch_events_total", agent="bad-\ufffd-agent", kind="exec") == 1
+    # the bytes stay visible, as the trace shows them (monitor.safetext)
+    assert value(fams, "agentwatch_execs_total", agent="codex", binary="\\xff\\xfeevil") == 2
+    assert value(fams, "agentwatch_events_total", agent="bad-\\xff-agent", kind="exec") == 1
+
+
+HOSTILE_BINARIES = ["\x1b[2J\x1b]0;owned\x07", "evil\nagentwatch_up 1", "a\rb", "\x9bx",
+                    "\u202egpj.sh", 'quote"brace}', "\x00nul", "x" * 255]
+
+
+def test_a_binary_name_with_controls_reaches_no_scrape_raw() -> None:
+    """The binary label is the basename an agent chose: Prometheus escapes only \\, " and
+    newline in label values; every other control would reach Grafana and alert texts."""
+    src = FakeSource()
+    for name in HOSTILE_BINARIES:
+        src.metrics.observe_exec("codex", f"/tmp/{name}")
+        src.metrics.observe_exec("codex", f"/tmp/{name}")
+    text = generate_latest(registry_for(src)).decode()
+    assert not any(unicodedata.category(c) == "Cc" and c != "\n" or
+                   unicodedata.category(c) in ("Cf", "Cs") for c in text)
+    assert not any(line.startswith("agentwatch_up") for line in text.splitlines())
+    binaries = {dict(k)["binary"]: n for k, n in values(
+        scrape(registry_for(src)), "agentwatch_execs_total").items()
+        if dict(k)["agent"] == "codex"}
+    assert binaries["\\x1b[2J\\x1b]0;owned\\x07"] == 2
+    assert binaries["evil\\nagentwatch_up 1"] == 2
+    assert binaries["\\u202egpj.sh"] == 2 and binaries["\\u009bx"] == 2
+    assert binaries['quote"brace}'] == 2  # the exposition escapes these itself
+    assert max(len(b) for b in binaries) <= LABEL_MAX
+    assert binaries["x" * (LABEL_MAX - 1) + ELLIPSIS] == 2
+    assert sum(binaries.values()) == 2 * len(HOSTILE_BINARIES), "nothing dropped"
 
 
 # --- destinations and verdicts --------------------------------------------------------------
