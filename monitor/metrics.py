@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from monitor import __version__
+from monitor.auditlog import SinkStats
 from monitor.errors import ConfigError, EnvironmentProblem, Location
 from monitor.events import Counter as BpfCounter
 from monitor.events import EventType, KAction, VerdictEvent
@@ -52,6 +53,7 @@ CONNECT_VERDICTS = ("allowed", "alerted", "denied", "killed")
 DESTINATIONS = ("loopback", "private", "link_local", "public", "multicast", "other")
 KILL_PATHS = ("kernel", "userspace")
 RECEIVERS = ("alertmanager", "webhook")
+SINKS = ("alert_spool", "audit_log")  # what the monitor writes to disk (agentwatch_sink_*)
 KILL_LATENCY_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25,
                         .5, 1.0, 2.5)
 
@@ -391,6 +393,10 @@ class MetricsSource(Protocol):
         what MetricsState.observe_delivery counted: feed deliveries through one of the two."""
         ...
 
+    def sink_stats(self) -> Mapping[str, SinkStats]:
+        """SINKS name -> what its disk refused: records in memory, dropped, failed writes."""
+        ...
+
 
 _C, _G, _H = "counter", "gauge", "histogram"
 _FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
@@ -425,6 +431,12 @@ _FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (_C, "agentwatch_alert_deliveries_total", ("receiver", "result"),
      "attempts to deliver an alert"),
     (_C, "agentwatch_killswitch_total", ("agent",), "kill switch uses"),
+    (_G, "agentwatch_sink_buffered", ("sink",),
+     "records kept in memory because the disk refused them (alerts, audit lines)"),
+    (_C, "agentwatch_sink_dropped_total", ("sink",),
+     "records lost: memory bound reached while the disk refused them, or unwritten at stop"),
+    (_C, "agentwatch_sink_write_errors_total", ("sink",),
+     "failed writes of the alert spool and the audit log"),
 )
 
 
@@ -532,6 +544,12 @@ class AgentwatchCollector(Collector):
             deliveries[key] = deliveries.get(key, 0) + n
         for (receiver, result), n in deliveries.items():
             add("agentwatch_alert_deliveries_total", [receiver, result], n)
+        sinks = src.sink_stats()
+        for sink in SINKS:
+            st = sinks.get(sink) or SinkStats()
+            add("agentwatch_sink_buffered", [sink], st.buffered)
+            add("agentwatch_sink_dropped_total", [sink], st.dropped)
+            add("agentwatch_sink_write_errors_total", [sink], st.write_errors)
         yield from f.values()
 
 

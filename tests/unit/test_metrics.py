@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from monitor.auditlog import SinkStats
 from monitor.errors import AgentwatchError, ConfigError, EnvironmentProblem
 from monitor.events import Counter as BpfCounter
 from monitor.events import EventType, Header, KAction, VerdictEvent, VerdictKind
@@ -70,6 +71,9 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "agentwatch_alerts_spooled": ("gauge", set()),
     "agentwatch_alert_deliveries_total": ("counter", {"receiver", "result"}),
     "agentwatch_killswitch_total": ("counter", {"agent"}),
+    "agentwatch_sink_buffered": ("gauge", {"sink"}),
+    "agentwatch_sink_dropped_total": ("counter", {"sink"}),
+    "agentwatch_sink_write_errors_total": ("counter", {"sink"}),
 }
 
 
@@ -89,6 +93,7 @@ class FakeSource:
         self.policy = PolicyInfo(SHA, "enforce")
         self.spooled = 0
         self.deliveries: Counter[tuple[str, str]] = Counter()
+        self.sinks = {"alert_spool": SinkStats(), "audit_log": SinkStats()}
 
     def agent_usage(self) -> Mapping[str, AgentUsage]:
         return usage_of(self.sessions)
@@ -117,6 +122,9 @@ class FakeSource:
 
     def alert_deliveries(self) -> Mapping[tuple[str, str], int]:
         return dict(self.deliveries)
+
+    def sink_stats(self) -> Mapping[str, SinkStats]:
+        return dict(self.sinks)
 
     def add_session(self, sid: int, agent: str, procs: int, cpu_ns: int = 0) -> Session:
         s = Session(sid, agent, root_pid=sid * 1000, started_ns=0)
@@ -490,6 +498,21 @@ def test_a_binary_name_with_controls_reaches_no_scrape_raw() -> None:
     assert max(len(b) for b in binaries) <= LABEL_MAX
     assert binaries["x" * (LABEL_MAX - 1) + ELLIPSIS] == 2
     assert sum(binaries.values()) == 2 * len(HOSTILE_BINARIES), "nothing dropped"
+
+
+def test_what_the_disk_refused_is_exported_per_sink() -> None:
+    """Alerts kept in memory or dropped while the spool's disk is full, audit lines likewise
+    (before: nothing said so)."""
+    src = FakeSource()
+    src.sinks = {"alert_spool": SinkStats(buffered=12, dropped=3, write_errors=40),
+                 "audit_log": SinkStats(buffered=7, dropped=94, write_errors=47)}
+    fams = scrape(registry_for(src))
+    assert value(fams, "agentwatch_sink_buffered", sink="alert_spool") == 12
+    assert value(fams, "agentwatch_sink_dropped_total", sink="alert_spool") == 3
+    assert value(fams, "agentwatch_sink_write_errors_total", sink="alert_spool") == 40
+    assert value(fams, "agentwatch_sink_buffered", sink="audit_log") == 7
+    assert value(fams, "agentwatch_sink_dropped_total", sink="audit_log") == 94
+    assert value(fams, "agentwatch_sink_write_errors_total", sink="audit_log") == 47
 
 
 # --- destinations and verdicts --------------------------------------------------------------
