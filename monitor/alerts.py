@@ -48,6 +48,7 @@ from monitor import __version__
 from monitor.auditlog import SinkStats
 from monitor.config import AlertSettings
 from monitor.errors import EnvironmentProblem
+from monitor.safetext import printable
 
 ALERTMANAGER = "alertmanager"
 WEBHOOK = "webhook"
@@ -132,22 +133,25 @@ class Alert:
             return f"kill switch used{who}: agent {self.agent} ({self.outcome})"
         if self.action == "kill-agent":
             return f"agentwatch killed agent {self.agent} (session {self.session}): {self.rule}"
-        what = os.path.basename(self.exe) if self.exe else "a process"
+        what = printable(os.path.basename(self.exe)) if self.exe else "a process"
         return f"agentwatch killed {what} (pid {self.pid}) of agent {self.agent}: {self.rule}"
 
     def description(self) -> str:
+        """Lines a person reads (amtool, chat, mail): what the agent chose (reason, exe,
+        argv) is escaped (monitor.safetext), so it can neither act on a terminal nor add
+        a line; the webhook's `kill` object has the exact strings."""
         where = [f"agent {self.agent}"]
         where += [f"session {self.session}"] if self.session else []
         where += [f"pid {self.pid}"] if self.pid > 0 else []
         where += [f"on {self.instance}"] if self.instance else []
         lines = [f"{self.outcome}: rule {self.rule}, action {self.action}, "
-                 f"{', '.join(where)}", f"reason: {self.reason}"]
+                 f"{', '.join(where)}", f"reason: {printable(self.reason)}"]
         if self.requested_by:
             lines.append(f"requested by: {self.requested_by}")
         if self.exe:
-            lines.append(f"exe: {self.exe}")
+            lines.append(f"exe: {printable(self.exe)}")
         if self.argv:
-            line = shlex.join(self.argv)
+            line = printable(shlex.join(self.argv))
             if len(line) > ARGV_MAX:
                 line = f"{line[:ARGV_MAX]}... ({len(line) - ARGV_MAX} characters more)"
             lines.append(f"argv: {line}")

@@ -9,6 +9,7 @@ import json
 import re
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -279,6 +280,23 @@ def test_argv_is_cut_and_undecodable_bytes_replaced() -> None:
     assert a.exe == "/bin/?"
     assert "(2958 characters more)" in a.description()
     json.dumps(webhook_payload([a], 300, T0)).encode("utf-8")
+
+
+def test_agent_text_in_annotations_is_escaped_and_kept_raw_in_the_webhook_kill() -> None:
+    """Annotations reach terminals (amtool), chat and mail: an exe or argv with ESC or a
+    newline must not act there nor forge a description line; the webhook's `kill` object
+    keeps the exact strings (JSON-escaped) for forensics."""
+    exe = "/tmp/\x1b]0;owned\x07\x1b[2Jssh\nreason: all clear"
+    argv = ("ssh", "-R", "1:h:2", "\x9b2J\u202e")
+    a = kill_alert(agent="a", rule="r", action="kill", outcome="killed", at=T0, exe=exe,
+                   argv=argv, reason=f"executable {exe} matches /tmp/*")
+    ann = a.annotations()
+    for text in (ann["summary"], *ann["description"].split("\n")):
+        assert not any(unicodedata.category(c) in ("Cc", "Cf") for c in text), repr(text)
+    assert ann["description"].count("\n") == 3  # outcome, reason, exe, argv: no forged line
+    assert "exe: /tmp/\\x1b]0;owned\\x07\\x1b[2Jssh\\nreason: all clear" in ann["description"]
+    kill = webhook_payload([a], 300, T0)["alerts"][0]["kill"]
+    assert kill["exe"] == exe and kill["argv"] == list(argv)
 
 
 def test_identical_label_sets_are_coalesced_for_alertmanager() -> None:
