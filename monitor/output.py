@@ -67,7 +67,7 @@ HEADER = f"{'TIME(s)':>12} {'AGENT':<14} {'EVENT':<7} {'PID':>7} {'COMM':<16} DE
 def _quote(arg: str) -> str:
     """An argument as a shell reader expects it: bare when plain, else in single quotes,
     with anything a terminal would act on escaped (monitor.safetext)."""
-    if arg and all(c.isalnum() or c in "-_./=:,@%+" for c in arg) and arg.isascii():
+    if arg and all(c.isalnum() or c in "-_./=:,@%+" for c in arg):
         return arg
     return "'" + printable(arg).replace("'", "\\'") + "'"
 
