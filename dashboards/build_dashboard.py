@@ -349,6 +349,18 @@ def build() -> dm.Dashboard:
         [query("sum by (instance, result) "
                f"({grew(sel('agentwatch_policy_reloads_total', agent=False), RATE)})",
                "{{result}} ({{instance}})")], bars=True))
+    d = d.with_panel(graph(
+        24, "Disk writes refused: alert spool, audit log", "Records kept in memory because "
+        "their disk refused them (full, I/O errors; written once it takes them again), "
+        "records dropped beyond the memory bound (AgentwatchRecordsDropped), and failed "
+        "writes per second.", "short",
+        [query(f"sum by (instance, sink) ({host('agentwatch_sink_buffered')})",
+               "{{sink}} in memory ({{instance}})", "A"),
+         query("sum by (instance, sink) "
+               f"({grew(host('agentwatch_sink_dropped_total'), RATE)})",
+               "{{sink}} dropped ({{instance}})", "B"),
+         query(f"sum by (instance, sink) ({rate(host('agentwatch_sink_write_errors_total'))})",
+               "{{sink}} write errors/s ({{instance}})", "C")], w=24, h=7))
     d = d.with_panel(
         table.Panel().id(23).title("Monitors")
         .description("One row per monitor: build, policy in force and when it was loaded.")
@@ -375,7 +387,7 @@ def build() -> dm.Dashboard:
         .overrides([override_unit("Policy loaded", "dateTimeAsIso"),
                     override_unit("Load took", "s")]))
     d = d.with_panel(graph(
-        24, "Flood defence", "Per second: records of each agent lost (ring full), connect "
+        25, "Flood defence", "Per second: records of each agent lost (ring full), connect "
         "records the kernel aggregated (one process flooding connects), and agent processes "
         "failed closed by reason (AgentwatchAgentRecordsLost, AgentwatchFailedClosed).", "ops",
         [query(f"sum by (agent) ({rate(sel('agentwatch_agent_records_lost_total'))})",

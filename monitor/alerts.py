@@ -8,6 +8,14 @@ start, so a restart loses nothing; a corrupt spool file is moved aside and logge
 alerts with identical label sets reach Alertmanager as one alert (it would merge them anyway);
 the webhook gets every alert, each with a stable id, so a receiver can drop a repeat.
 
+When the spool cannot be written (disk full, I/O error) the alert is still delivered from
+memory, and a spooler thread writes it to the spool, retrying with a capped back-off, once
+the disk takes it again. Alerts kept in memory only are bounded (memory_bytes of their
+JSON); beyond that the oldest are dropped, counted (`dropped`) and logged once per spell.
+notify() itself still writes and fsyncs on its caller's thread when the disk is healthy
+(a slow disk slows the event loop by that much); once a write failed, new alerts wait for
+the spooler instead of trying the disk again on the caller's thread.
+
 This module must never block notify()'s caller on the network, never let a receiver's or the
 disk's failure raise into the monitor's event loop, never decide policy, and never do work on
 import. Delivery is at least once: a crash between a receiver's 2xx and the spool update can
@@ -37,8 +45,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from monitor import __version__
+from monitor.auditlog import SinkStats
 from monitor.config import AlertSettings
 from monitor.errors import EnvironmentProblem
+from monitor.safetext import printable
 
 ALERTMANAGER = "alertmanager"
 WEBHOOK = "webhook"
@@ -49,6 +59,7 @@ KILL_SWITCH = "AgentwatchKillSwitch"
 WEBHOOK_SCHEMA = "agentwatch.alerts.v1"
 SPOOL_VERSION = 1
 ARGV_MAX = 2048  # characters of the command line shown in the description
+MEMORY_BYTES = 16 * 1024 * 1024  # alerts (as spooled JSON) kept in memory while unspoolable
 _CONTENT_REJECTED = frozenset({400, 413, 422})  # the receiver refuses this body: split it
 _NAME_RE = re.compile(r"\d{19}-[0-9a-f-]{36}\.json")
 
@@ -122,22 +133,25 @@ class Alert:
             return f"kill switch used{who}: agent {self.agent} ({self.outcome})"
         if self.action == "kill-agent":
             return f"agentwatch killed agent {self.agent} (session {self.session}): {self.rule}"
-        what = os.path.basename(self.exe) if self.exe else "a process"
+        what = printable(os.path.basename(self.exe)) if self.exe else "a process"
         return f"agentwatch killed {what} (pid {self.pid}) of agent {self.agent}: {self.rule}"
 
     def description(self) -> str:
+        """Lines a person reads (amtool, chat, mail): what the agent chose (reason, exe,
+        argv) is escaped (monitor.safetext), so it can neither act on a terminal nor add
+        a line; the webhook's `kill` object has the exact strings."""
         where = [f"agent {self.agent}"]
         where += [f"session {self.session}"] if self.session else []
         where += [f"pid {self.pid}"] if self.pid > 0 else []
         where += [f"on {self.instance}"] if self.instance else []
         lines = [f"{self.outcome}: rule {self.rule}, action {self.action}, "
-                 f"{', '.join(where)}", f"reason: {self.reason}"]
+                 f"{', '.join(where)}", f"reason: {printable(self.reason)}"]
         if self.requested_by:
             lines.append(f"requested by: {self.requested_by}")
         if self.exe:
-            lines.append(f"exe: {self.exe}")
+            lines.append(f"exe: {printable(self.exe)}")
         if self.argv:
-            line = shlex.join(self.argv)
+            line = printable(shlex.join(self.argv))
             if len(line) > ARGV_MAX:
                 line = f"{line[:ARGV_MAX]}... ({len(line) - ARGV_MAX} characters more)"
             lines.append(f"argv: {line}")
@@ -319,7 +333,7 @@ class Notifier:
                  http: Http = urllib_post, log: Log | None = None,
                  hostname: Callable[[], str] = socket.gethostname, batch_size: int = 64,
                  retry_initial: float = 1.0, retry_max: float = 60.0,
-                 generator_url: str = "") -> None:
+                 generator_url: str = "", memory_bytes: int = MEMORY_BYTES) -> None:
         self.config = config
         self.clock = clock
         self.http = http
@@ -337,6 +351,14 @@ class Notifier:
         self.deliveries: Counter[tuple[str, str]] = Counter(
             {(lane.name, r): 0 for lane in self._lanes for r in RESULTS})
         self.corrupt = 0  # spool files moved aside
+        self.memory_bytes = memory_bytes
+        self._unspooled: dict[str, int] = {}  # spool name -> JSON size: in memory only
+        self._unspooled_bytes = 0
+        self._spool_failing = False  # a spell of spool writes failing is under way
+        self._drop_logged = False  # this spell's first drop was logged
+        self._spooler: threading.Thread | None = None
+        self.dropped = 0  # alerts lost: memory bound reached (or unspooled at close)
+        self.write_errors = 0  # spool writes that failed
         self._cond = threading.Condition()
         self._stopping = False
         self._started = False
@@ -379,6 +401,8 @@ class Notifier:
                 f"({exc.filename}); fix its permissions or set alerts.spool_dir") from exc
         with self._cond:
             self._started, self._stopping = True, False
+            if self._unspooled:
+                self._start_spooler()
             for lane in self._lanes:
                 if lane.thread is None:  # else: still in a request since close(); it goes on
                     lane.thread = threading.Thread(target=self._deliver, args=(lane,),
@@ -395,11 +419,18 @@ class Notifier:
             self._stopping = True
             self._cond.notify_all()
         deadline = time.monotonic() + timeout
-        for lane in self._lanes:
-            thread = lane.thread
+        for thread in [lane.thread for lane in self._lanes] + [self._spooler]:
             if thread is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))
         self._started = False
+        self._respool()  # a last try: what stays unspooled is lost when the monitor stops
+        with self._cond:
+            lost = list(self._unspooled)
+            self._forget(lost)
+            self.dropped += len(lost)
+        if lost:
+            self.log("alerts lost: the spool was still unwritable when alert delivery "
+                     "stopped", level="error", alerts=len(lost), spool_dir=str(self.spool))
 
     def drain(self, timeout: float) -> bool:
         """Wait until every receiver took every alert; False if timeout came first."""
@@ -423,16 +454,31 @@ class Notifier:
                         runbook_url=alert.runbook_url or self.config.runbook_url,
                         generator_url=alert.generator_url or self.generator_url)
         name = f"{round(alert.starts_at * 1e9):019d}-{alert.id}.json"
-        try:
-            self._write(name, alert.to_json().encode())
-        except OSError as exc:
-            self.log("alert not spooled: it is delivered from memory only and is lost if "
-                     "the monitor stops first", level="error", alert=alert.id,
-                     spool_dir=str(self.spool), reason=exc.strerror or str(exc))
+        data = alert.to_json().encode()
+        error: OSError | None = None
+        if not self._unspooled:  # else the disk failed already: the spooler retries it
+            try:
+                self._write(name, data)
+            except OSError as exc:
+                error = exc
         with self._cond:
             for lane in self._lanes:
                 lane.pending[name] = alert
+            spell = dropped = 0
+            if error is not None or self._unspooled:
+                spell, dropped = self._keep_in_memory(name, len(data), error)
             self._cond.notify_all()
+        if spell:
+            self.log("alert not spooled: the spool is unwritable; alerts are delivered from "
+                     "memory and written to the spool when it can be written again",
+                     level="error", alert=alert.id, spool_dir=str(self.spool),
+                     reason=error.strerror or str(error) if error else None,
+                     memory_bytes=self.memory_bytes)
+        if dropped:
+            self.log("alerts dropped: the spool is unwritable and the alerts kept in memory "
+                     "reached their bound; the oldest are dropped", level="error",
+                     dropped=dropped, spool_dir=str(self.spool),
+                     memory_bytes=self.memory_bytes)
         return alert
 
     def kill(self, v: VerdictLike, outcome: str, *, exe: str | None = None,
@@ -468,6 +514,107 @@ class Notifier:
                 names.update(lane.pending)
         return len(names)
 
+    def sink_stats(self) -> SinkStats:
+        """Alerts kept in memory only (the spool could not be written), alerts dropped,
+        failed spool writes (exported as agentwatch_sink_* {sink="alert_spool"})."""
+        with self._cond:
+            return SinkStats(len(self._unspooled), self.dropped, self.write_errors)
+
+    # --- alerts the spool could not take ------------------------------------------------
+
+    def _keep_in_memory(self, name: str, size: int, error: OSError | None) -> tuple[int, int]:
+        """(lock held) Note an alert that is not on disk; drop the oldest such alerts
+        beyond memory_bytes. Returns (1 if a spell of failures starts, alerts dropped if
+        this is the spell's first drop, else 0): what to log."""
+        spell = 0
+        if error is not None:
+            self.write_errors += 1
+            spell = 0 if self._spool_failing else 1
+            self._spool_failing = True
+        self._unspooled[name] = size
+        self._unspooled_bytes += size
+        victims: list[str] = []
+        over = self._unspooled_bytes - self.memory_bytes
+        for old in self._unspooled:  # oldest first; the new one last
+            if over <= 0:
+                break
+            victims.append(old)
+            over -= self._unspooled[old]
+        self._forget(victims)
+        self.dropped += len(victims)
+        if self._started:
+            self._start_spooler()
+        if not victims or self._drop_logged:
+            return spell, 0
+        self._drop_logged = True  # once per spell: a flood must not flood the log too
+        return spell, len(victims)
+
+    def _forget(self, names: Sequence[str]) -> None:
+        """(lock held) Unspooled alerts that will never be delivered."""
+        for name in names:
+            self._unspooled_bytes -= self._unspooled.pop(name, 0)
+            for lane in self._lanes:
+                lane.pending.pop(name, None)
+        if names:
+            self._cond.notify_all()
+
+    def _start_spooler(self) -> None:
+        """(lock held)"""
+        if self._spooler is None and self._unspooled and not self._stopping:
+            self._spooler = threading.Thread(target=self._spool_retry, daemon=True,
+                                             name="agentwatch-alerts-spool")
+            self._spooler.start()
+
+    def _spool_retry(self) -> None:
+        """Write the alerts kept in memory to the spool, oldest first, retrying with a
+        capped back-off until the disk takes them all (or close())."""
+        attempts = 0
+        while True:
+            with self._cond:
+                delay = min(self.retry_max, self.retry_initial * 2 ** attempts)
+                deadline = time.monotonic() + delay
+                while not self._stopping and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                if self._stopping:
+                    self._spooler = None
+                    return
+            attempts += 1
+            if self._respool():
+                with self._cond:
+                    if self._unspooled:
+                        continue  # notify() added one meanwhile
+                    self._spooler = None
+                    self._spool_failing = self._drop_logged = False
+                    dropped = self.dropped
+                self.log("alert spool writable again: the alerts kept in memory are spooled",
+                         spool_dir=str(self.spool), attempts=attempts, dropped_total=dropped)
+                return
+
+    def _respool(self) -> bool:
+        """Write unspooled alerts to the spool, oldest first; False at the first failure."""
+        while True:
+            with self._cond:
+                name = next(iter(self._unspooled), None)
+                if name is None:
+                    return True
+                alert = next((lane.pending[name] for lane in self._lanes
+                              if name in lane.pending), None)
+                if alert is None:  # delivered meanwhile
+                    self._unspooled_bytes -= self._unspooled.pop(name)
+                    continue
+            try:
+                self._write(name, alert.to_json().encode())
+            except OSError:
+                with self._cond:
+                    self.write_errors += 1
+                return False
+            with self._cond:
+                taken = name not in self._unspooled  # every receiver took it meanwhile
+                if not taken:
+                    self._unspooled_bytes -= self._unspooled.pop(name)
+            if taken:
+                self._remove(name)
+
     # --- the spool ---------------------------------------------------------------------
 
     def _make_dirs(self) -> None:
@@ -483,13 +630,17 @@ class Notifier:
         tmp = self.queue / f".{name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.queue / name)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.queue / name)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a cut-short file would take space and look corrupt
+            raise
         _fsync_dir(self.queue)
 
     def _load(self) -> None:
@@ -640,6 +791,8 @@ class Notifier:
                 lane.pending.pop(name, None)
                 others = any(name in other.pending for other in self._lanes if other is not lane)
                 (mark if others else done).append(name)
+            for name in done:  # delivered everywhere: it need not reach the spool any more
+                self._unspooled_bytes -= self._unspooled.pop(name, 0)
             self._cond.notify_all()
             spooled = len(lane.pending)
         for name in mark:

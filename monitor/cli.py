@@ -3,6 +3,8 @@ policy check/test, config check.
 
 Turns every AgentwatchError into one sentence on stderr and its exit code (2 bad config,
 3 host lacks something, 4 control socket refused); never prints a traceback for those.
+Text that may come from an agent reaches the terminal only through monitor.safetext (or
+as JSON, which escapes it).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from typing import IO
 
 from monitor import __version__, control
 from monitor.config import Config, check_trusted, default_config, load_config
-from monitor.errors import AgentwatchError, ControlError
+from monitor.errors import AgentwatchError, ConfigError, ControlError
 from monitor.events import Event
 from monitor.loader import ProbeOptions, Probes
 from monitor.output import HEADER, columns, columns_of, record, to_json
 from monitor.policy import Policy, default_policy, load_policy
+from monitor.safetext import printable
 
 DEFAULT_SOCKET = "/run/agentwatch/control.sock"
 
@@ -180,7 +183,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _quiet_log(msg: str, level: str = "info", **fields: object) -> None:
-    print(f"# {msg} " + " ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr)
+    print(printable(f"# {msg} " + " ".join(f"{k}={v}" for k, v in fields.items())),
+          file=sys.stderr)
 
 
 def _print_record(item: dict[str, object], as_json: bool, rec: IO[str] | None) -> None:
@@ -215,12 +219,13 @@ def cmd_killswitch(args: argparse.Namespace) -> int:
         req["agent"] = args.agent
     reply = control.request(_socket(args), req, timeout=30)
     if args.release:
-        print(f"kill switch released for {reply.get('released')}; still latched: "
-              f"{', '.join(reply.get('latched') or []) or 'nothing'}")
+        print(printable(f"kill switch released for {reply.get('released')}; still latched: "
+                        f"{', '.join(reply.get('latched') or []) or 'nothing'}"))
     else:
-        print(f"kill switch: {reply.get('sessions')} agent sessions, {reply.get('killed')} "
-              f"processes killed" + (f"; latched: {', '.join(reply.get('latched') or [])}"
-                                     if args.latch else ""))
+        print(printable(f"kill switch: {reply.get('sessions')} agent sessions, "
+                        f"{reply.get('killed')} processes killed" +
+                        (f"; latched: {', '.join(reply.get('latched') or [])}"
+                         if args.latch else "")))
     return 0
 
 
@@ -295,7 +300,8 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     for v in verdicts:
         what = {"alert": "alert", "deny": "would refuse"}.get(v.action.value, "would kill")
         target = "agent session" if v.action.value == "kill-agent" else f"pid {v.pid}"
-        print(f"{what:<12} {v.rule:<32} {v.agent:<14} {target}: {v.reason}")
+        print(f"{what:<12} {v.rule:<32} {printable(v.agent):<14} {target}: "
+              f"{printable(v.reason)}")
     kills = sum(1 for v in verdicts if v.action.value in ("kill", "kill-agent"))
     print(f"{len(verdicts)} verdicts, {kills} kills (cpu rules are not replayed: a "
           "recording has no CPU samples)")
@@ -418,12 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error_text(e: AgentwatchError) -> str:
+    """The error for a terminal: a config error one line per problem, any other one line;
+    the text escaped, for it may quote an agent's (a recording's, a reply's) strings."""
+    if isinstance(e, ConfigError) and e.problems:
+        return "\n".join(printable(f"agentwatch: {loc}: {reason}" if i == 0 else
+                                    f"{loc}: {reason}")
+                         for i, (loc, reason) in enumerate(e.problems))
+    return printable(f"agentwatch: {e}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except AgentwatchError as e:
-        print(f"agentwatch: {e}", file=sys.stderr)
+        print(_error_text(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130

@@ -5,8 +5,9 @@ MetricsState (a list or dict increment per event); the BPF counters, the tracker
 processes and the judge's verdict counts are read when Prometheus scrapes, by an
 AgentwatchCollector registered on a registry the caller passes in (never the global one).
 Every label is bounded whatever an agent does: at most MAX_AGENTS agent names and
-MAX_BINARIES binaries per agent (the rest are "other"), destinations as a class, never
-an address, port, pid or argv. This module never decides policy and never signals anything.
+MAX_BINARIES binaries per agent (the rest are "other"), each escaped and cut to 64
+characters (monitor.safetext), destinations as a class, never an address, port, pid or
+argv. This module never decides policy and never signals anything.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from monitor import __version__
+from monitor.auditlog import SinkStats
 from monitor.errors import ConfigError, EnvironmentProblem, Location
 from monitor.events import Counter as BpfCounter
 from monitor.events import EventType, KAction, VerdictEvent
+from monitor.safetext import label_value
 from monitor.tracker import Session
 
 MAX_AGENTS = 64
@@ -50,6 +53,7 @@ CONNECT_VERDICTS = ("allowed", "alerted", "denied", "killed")
 DESTINATIONS = ("loopback", "private", "link_local", "public", "multicast", "other")
 KILL_PATHS = ("kernel", "userspace")
 RECEIVERS = ("alertmanager", "webhook")
+SINKS = ("alert_spool", "audit_log")  # what the monitor writes to disk (agentwatch_sink_*)
 KILL_LATENCY_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25,
                         .5, 1.0, 2.5)
 
@@ -126,13 +130,11 @@ def connect_verdict(*policy: str) -> str:
 
 
 def _label(text: str) -> str:
-    """A label value that encodes as UTF-8 (the decoder keeps bad bytes as surrogates,
-    which would make the whole scrape fail)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return text
+    """A label value made from text an agent may have chosen (a binary's name): controls,
+    format characters and undecodable bytes as visible escapes, at most LABEL_MAX
+    characters (monitor.safetext.label_value). It encodes as UTF-8 (a surrogate would make
+    the whole scrape fail) and holds nothing a Grafana legend or an alert would act on."""
+    return label_value(text)
 
 
 # --- state updated on the hot path --------------------------------------------------------
@@ -396,6 +398,10 @@ class MetricsSource(Protocol):
         what MetricsState.observe_delivery counted: feed deliveries through one of the two."""
         ...
 
+    def sink_stats(self) -> Mapping[str, SinkStats]:
+        """SINKS name -> what its disk refused: records in memory, dropped, failed writes."""
+        ...
+
 
 _C, _G, _H = "counter", "gauge", "histogram"
 _FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
@@ -437,6 +443,12 @@ _FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (_C, "agentwatch_alert_deliveries_total", ("receiver", "result"),
      "attempts to deliver an alert"),
     (_C, "agentwatch_killswitch_total", ("agent",), "kill switch uses"),
+    (_G, "agentwatch_sink_buffered", ("sink",),
+     "records kept in memory because the disk refused them (alerts, audit lines)"),
+    (_C, "agentwatch_sink_dropped_total", ("sink",),
+     "records lost: memory bound reached while the disk refused them, or unwritten at stop"),
+    (_C, "agentwatch_sink_write_errors_total", ("sink",),
+     "failed writes of the alert spool and the audit log"),
 )
 
 
@@ -557,6 +569,12 @@ class AgentwatchCollector(Collector):
             deliveries[key] = deliveries.get(key, 0) + n
         for (receiver, result), n in deliveries.items():
             add("agentwatch_alert_deliveries_total", [receiver, result], n)
+        sinks = src.sink_stats()
+        for sink in SINKS:
+            st = sinks.get(sink) or SinkStats()
+            add("agentwatch_sink_buffered", [sink], st.buffered)
+            add("agentwatch_sink_dropped_total", [sink], st.dropped)
+            add("agentwatch_sink_write_errors_total", [sink], st.write_errors)
         yield from f.values()
 
 

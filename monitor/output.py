@@ -1,7 +1,9 @@
 """How events look to people and to programs: JSON records and execsnoop-style columns.
 
 Pure formatting: takes typed events plus the agent name, returns text or dicts. It never
-reads /proc, never writes anywhere by itself.
+reads /proc, never writes anywhere by itself, and never puts agent text in a column line
+unescaped (monitor.safetext): the JSON form escapes controls itself (json.dumps with
+ensure_ascii, also for the lone surrogates of undecodable argv bytes).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from monitor.events import (
     ForkEvent,
     VerdictEvent,
 )
+from monitor.safetext import printable
 
 
 def describe_status(status: int) -> str:
@@ -62,7 +65,11 @@ HEADER = f"{'TIME(s)':>12} {'AGENT':<14} {'EVENT':<7} {'PID':>7} {'COMM':<16} DE
 
 
 def _quote(arg: str) -> str:
-    return arg if arg and all(c.isalnum() or c in "-_./=:,@%+" for c in arg) else repr(arg)
+    """An argument as a shell reader expects it: bare when plain, else in single quotes,
+    with anything a terminal would act on escaped (monitor.safetext)."""
+    if arg and all(c.isalnum() or c in "-_./=:,@%+" for c in arg):
+        return arg
+    return "'" + printable(arg).replace("'", "\\'") + "'"
 
 
 def columns(ev: Event, agent: str) -> str:
@@ -71,29 +78,36 @@ def columns(ev: Event, agent: str) -> str:
 
 
 def columns_of(rec: dict[str, Any]) -> str:
-    """The column line of a record (as `record()` makes it, or as a monitor streams it)."""
+    """The column line of a record (as `record()` makes it, or as a monitor streams it).
+
+    Every field an agent could have chosen (comm, path, argv, reason, ...) goes through
+    monitor.safetext.printable: the line holds no control character, however hostile the
+    record, and one event is always exactly one line."""
+    def p(key: str) -> str:
+        return printable(str(rec.get(key)))
+
     kind = str(rec.get("event", ""))
     if kind == "exec":
         argv = [str(a) for a in rec.get("argv") or []]
-        detail = f"{rec.get('filename')} " + " ".join(_quote(a) for a in argv[1:])
+        detail = f"{p('filename')} " + " ".join(_quote(a) for a in argv[1:])
         if rec.get("argv_truncated"):
             detail += " [argv truncated]"
         if "new_root" in (rec.get("flags") or []):
             detail += " [new agent root]"
     elif kind == "connect":
-        host = f"[{rec.get('address')}]" if rec.get("family") == "ipv6" else rec.get("address")
-        detail = f"{host}:{rec.get('port')} {rec.get('protocol') or ''}"
+        host = f"[{p('address')}]" if rec.get("family") == "ipv6" else p("address")
+        detail = f"{host}:{p('port')} {printable(str(rec.get('protocol') or ''))}"
     elif kind == "fork":
-        detail = f"child {rec.get('child_pid')}"
+        detail = f"child {p('child_pid')}"
     elif kind == "policy_verdict":
-        detail = (f"rule {rec.get('rule')}: {rec.get('action')} -> {rec.get('outcome')} "
-                  f"({rec.get('reason')})")
+        detail = f"rule {p('rule')}: {p('action')} -> {p('outcome')} ({p('reason')})"
     elif kind == "verdict":
-        detail = f"kernel rule #{rec.get('rule')} matched"
+        detail = f"kernel rule #{p('rule')} matched"
     else:
         detail = (f"{describe_status(int(rec.get('exit_status', -1)))} "
                   f"cpu {int(rec.get('cpu_ns') or 0) / 1e9:.3f}s")
-    agent = str(rec.get("agent") or "-")
-    return (f"{int(rec.get('ts_ns') or 0) / 1e9:12.6f} {agent[:14]:<14} {kind:<7} "
-            f"{int(rec.get('pid') or 0):>7} {str(rec.get('comm', ''))[:16]:<16} "
+    agent = printable(str(rec.get("agent") or "-"))
+    comm = printable(str(rec.get("comm", "")))
+    return (f"{int(rec.get('ts_ns') or 0) / 1e9:12.6f} {agent[:14]:<14} "
+            f"{printable(kind):<7} {int(rec.get('pid') or 0):>7} {comm:<16} "
             f"{detail.rstrip()}")

@@ -9,8 +9,6 @@ caught by the second). It never signals a process: enforcement lives elsewhere.
 from __future__ import annotations
 
 import json
-import logging
-import logging.handlers
 import os
 import sys
 import threading
@@ -22,6 +20,7 @@ from typing import IO, Any
 
 from monitor import events
 from monitor.alerts import Notifier
+from monitor.auditlog import AuditLog, SinkStats
 from monitor.config import AgentSpec, Config, ProcessFacts
 from monitor.control import ControlServer, Subscribers
 from monitor.enforcer import Enforcer, Outcome
@@ -162,24 +161,22 @@ AUDITED = frozenset({"verdict", "killswitch", "policy reloaded", "policy reload 
 
 class JsonLog:
     """Structured log lines (one JSON object each) for stdout / journald; verdicts, kills
-    and policy changes also go to the audit log (JSON lines, rotated) when one is set."""
+    and policy changes also go to the audit log (JSON lines, rotated; monitor/auditlog.py
+    keeps them through a full disk) when one is set."""
 
     def __init__(self, stream: IO[str] | None = None, audit_path: str = "",
                  audit_bytes: int = 10 * 1024 * 1024, audit_keep: int = 5) -> None:
         self.stream = stream or sys.stdout
-        self._lock = threading.Lock()
-        self.audit: logging.Logger | None = None
+        self._lock = threading.RLock()  # the audit log reports its trouble through here
+        self.audit: AuditLog | None = None
         if audit_path:
+            self.audit = AuditLog(audit_path, max_bytes=audit_bytes, keep=audit_keep,
+                                  report=self)
             try:
-                os.makedirs(os.path.dirname(audit_path), mode=0o750, exist_ok=True)
-                handler = logging.handlers.RotatingFileHandler(
-                    audit_path, maxBytes=audit_bytes, backupCount=audit_keep)
+                self.audit.open()
             except OSError as e:
                 raise EnvironmentProblem(f"cannot open the audit log {audit_path}: "
                                          f"{e.strerror}; fix monitor.audit_log") from None
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            self.audit = logging.Logger("agentwatch.audit")
-            self.audit.addHandler(handler)
 
     def __call__(self, msg: str, level: str = "info", **fields: Any) -> None:
         line = json.dumps({"ts": round(time.time(), 6), "level": level, "msg": msg, **fields},
@@ -188,7 +185,11 @@ class JsonLog:
             self.stream.write(line + "\n")
             self.stream.flush()
             if self.audit is not None and msg in AUDITED:
-                self.audit.warning(line)
+                self.audit.write(line)
+
+    def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
 
 
 class Monitor:
@@ -288,6 +289,8 @@ class Monitor:
         self.probes.close()
         self.notifier.close()
         self.log("monitor stopped", events=self.events)
+        if isinstance(self.log, JsonLog):
+            self.log.close()  # the audit log's last try at what the disk refused
 
     def run(self, stop: threading.Event) -> None:
         tick = self.config.monitor.tick_seconds
@@ -805,6 +808,11 @@ class Monitor:
 
     def alert_deliveries(self) -> Mapping[tuple[str, str], int]:
         return dict(self.notifier.deliveries)
+
+    def sink_stats(self) -> Mapping[str, SinkStats]:
+        audit = getattr(self.log, "audit", None)
+        return {"alert_spool": self.notifier.sink_stats(),
+                "audit_log": audit.stats() if isinstance(audit, AuditLog) else SinkStats()}
 
     def _settle_pending(self, ev: Event) -> Event:
         """Events of a candidate's pending session: decide it on its first exec (which the

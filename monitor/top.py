@@ -27,6 +27,7 @@ from rich.text import Text
 
 from monitor import control
 from monitor.errors import ControlError
+from monitor.safetext import printable
 
 RECENT = 20
 Clock = Callable[[], float]
@@ -169,6 +170,13 @@ class TopModel:
 
 
 # --- rendering ---------------------------------------------------------------------------
+# Every string shown came from the monitor, and most of it from an agent (comm, exe, argv in
+# a reason, addresses): it reaches rich only as Text (never parsed as markup, so "[/x]" is
+# text) and only through printable() (so no escape sequence reaches the terminal).
+
+
+def _t(text: object, style: str = "") -> Text:
+    return Text(printable(str(text)), style=style)
 
 
 def _clock_time(at: float) -> str:
@@ -178,16 +186,17 @@ def _clock_time(at: float) -> str:
 def _header(model: TopModel, source: str) -> Text:
     t = Text("agentwatch top", style="bold")
     if source:
-        t.append(f"  {source}", style="dim")
+        t.append(f"  {printable(source)}", style="dim")
     t.append("\n")
     if model.policy_mode == "monitor":
         t.append(" MONITOR MODE ", style="bold black on yellow")
         t.append(" verdicts are logged, nothing is killed\n", style="yellow")
     elif model.policy_mode:
-        t.append(f" {model.policy_mode.upper()} ", style="bold white on red")
+        t.append(f" {printable(model.policy_mode.upper())} ", style="bold white on red")
         t.append(" ")
-    t.append(f"policy {model.policy_source or '-'} sha256 {model.policy_sha256[:12] or '-'}"
-             f" ({model.rules} rules, {model.kernel_rules} in the kernel)\n")
+    t.append(f"policy {printable(model.policy_source or '-')} sha256 "
+             f"{printable(model.policy_sha256[:12] or '-')} ({model.rules} rules, "
+             f"{model.kernel_rules} in the kernel)\n")
     t.append("probes ")
     t.append(str(model.probes), style="bold red" if model.probes == 0 else "bold")
     t.append("  events/s ")
@@ -200,8 +209,8 @@ def _header(model: TopModel, source: str) -> Text:
         t.append(f"{model.decode_errors:,}", style="bold red")
     t.append(f"  sessions {len(model.sessions)}")
     if model.stream_error:
-        t.append(f"\nevent stream: {model.stream_error} (connections and verdicts are no "
-                 "longer updated)", style="red")
+        t.append(f"\nevent stream: {printable(model.stream_error)} (connections and "
+                 "verdicts are no longer updated)", style="red")
     return t
 
 
@@ -218,12 +227,12 @@ def _sessions(model: TopModel) -> Table:
         t.add_column(name, justify="right" if right else "left", no_wrap=True)
     for s in model.sessions:
         rate = f"{s.cpu_rate * 100:.1f}" if s.cpu_rate is not None else "-"
-        t.add_row(s.agent, str(s.session), str(s.root_pid), str(s.processes), rate,
-                  f"{s.cpu_seconds:.2f}s", str(s.execs), str(s.connects))
+        t.add_row(_t(s.agent), _t(s.session), _t(s.root_pid), _t(s.processes), _t(rate),
+                  _t(f"{s.cpu_seconds:.2f}s"), _t(s.execs), _t(s.connects))
     if not model.sessions:
         watched = ", ".join(model.agents) or "none configured"
-        t.caption = (f"no agent sessions (agents watched: {watched}); start one with "
-                     "`agentwatch exec --agent NAME -- CMD`")
+        t.caption = _t(f"no agent sessions (agents watched: {watched}); start one with "
+                       "`agentwatch exec --agent NAME -- CMD`")
     return t
 
 
@@ -234,16 +243,16 @@ def _verdicts(model: TopModel) -> Table:
                      no_wrap=name != "REASON")
     for v in reversed(model.verdicts):
         style = "bold red" if v.killed else "yellow" if v.would_kill else ""
-        t.add_row(_clock_time(v.at), v.agent, v.rule, f"{v.action} ({v.mode})", v.outcome,
-                  str(v.pid), v.reason, style=style)
+        t.add_row(_t(_clock_time(v.at)), _t(v.agent), _t(v.rule), _t(f"{v.action} ({v.mode})"),
+                  _t(v.outcome), _t(v.pid), _t(v.reason), style=style)
     totals = sorted(model.verdict_totals, key=lambda v: -int(v.get("count", 0)))
     if totals:
         shown = [f"{v.get('rule')} ×{v.get('count')} ({v.get('agent')}, {v.get('action')}, "
                  f"{v.get('mode')})" for v in totals[:5]]
         more = f" and {len(totals) - 5} more" if len(totals) > 5 else ""
-        t.caption = "since the monitor started: " + " · ".join(shown) + more
+        t.caption = _t("since the monitor started: " + " · ".join(shown) + more)
     elif not model.verdicts:
-        t.caption = "no verdicts since the monitor started"
+        t.caption = _t("no verdicts since the monitor started")
     return t
 
 
@@ -252,7 +261,8 @@ def _connections(model: TopModel) -> Table:
     for name in ("TIME", "AGENT", "PID", "COMM", "DESTINATION", "PROTO"):
         t.add_column(name, justify="right" if name == "PID" else "left", no_wrap=True)
     for c in reversed(model.connections):
-        t.add_row(_clock_time(c.at), c.agent, str(c.pid), c.comm, c.destination, c.protocol)
+        t.add_row(_t(_clock_time(c.at)), _t(c.agent), _t(c.pid), _t(c.comm), _t(c.destination),
+                  _t(c.protocol))
     return t
 
 

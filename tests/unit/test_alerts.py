@@ -9,6 +9,7 @@ import json
 import re
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -281,6 +282,23 @@ def test_argv_is_cut_and_undecodable_bytes_replaced() -> None:
     json.dumps(webhook_payload([a], 300, T0)).encode("utf-8")
 
 
+def test_agent_text_in_annotations_is_escaped_and_kept_raw_in_the_webhook_kill() -> None:
+    """Annotations reach terminals (amtool), chat and mail: an exe or argv with ESC or a
+    newline must not act there nor forge a description line; the webhook's `kill` object
+    keeps the exact strings (JSON-escaped) for forensics."""
+    exe = "/tmp/\x1b]0;owned\x07\x1b[2Jssh\nreason: all clear"
+    argv = ("ssh", "-R", "1:h:2", "\x9b2J\u202e")
+    a = kill_alert(agent="a", rule="r", action="kill", outcome="killed", at=T0, exe=exe,
+                   argv=argv, reason=f"executable {exe} matches /tmp/*")
+    ann = a.annotations()
+    for text in (ann["summary"], *ann["description"].split("\n")):
+        assert not any(unicodedata.category(c) in ("Cc", "Cf") for c in text), repr(text)
+    assert ann["description"].count("\n") == 3  # outcome, reason, exe, argv: no forged line
+    assert "exe: /tmp/\\x1b]0;owned\\x07\\x1b[2Jssh\\nreason: all clear" in ann["description"]
+    kill = webhook_payload([a], 300, T0)["alerts"][0]["kill"]
+    assert kill["exe"] == exe and kill["argv"] == list(argv)
+
+
 def test_identical_label_sets_are_coalesced_for_alertmanager() -> None:
     alerts = [alert(0), alert(5, rule="no-mining"), alert(9), alert(20)]
     body = alertmanager_payload(alerts, 300, now=T0 + 21)
@@ -519,6 +537,103 @@ def test_a_failed_spool_write_still_delivers_from_memory(tmp_path: Path,
     n.close()
     assert webhook_ids(receiver) == [sent.id]
     assert any(m.startswith("alert not spooled") for m in logs.levels("error"))
+
+
+def break_spool(spool: Path) -> Callable[[], None]:
+    """Make the spool unwritable (its queue directory becomes a file); returns the repair."""
+    queue = spool / "queue"
+    for leftover in queue.iterdir():
+        leftover.unlink()
+    queue.rmdir()
+    queue.write_text("")
+
+    def repair() -> None:
+        queue.unlink()
+        queue.mkdir(mode=0o700)
+
+    return repair
+
+
+def queued_ids(spool: Path) -> list[str]:
+    """Ids of the alerts in the spool's queue, oldest first (temp files left out)."""
+    return [Alert.from_json(p.read_text()).id for p in sorted((spool / "queue").glob("[0-9]*"))]
+
+
+def test_alerts_the_spool_cannot_take_are_spooled_once_it_can(tmp_path: Path,
+                                                              receiver: Receiver) -> None:
+    """Receivers down and the spool unwritable: nothing may be lost, not even by a restart
+    after the disk came back (before: kept in memory only, never written, lost)."""
+    receiver.stop()
+    logs = Logs()
+    n = notifier(tmp_path, receiver, logs)
+    repair = break_spool(tmp_path)
+    ids = [n.notify(alert(i)).id for i in range(171)]  # type: ignore[union-attr]
+    assert n.spooled() == 171
+    repair()  # space is back
+    wait_for(lambda: len(queued_ids(tmp_path)) == 171)
+    assert queued_ids(tmp_path) == ids
+    assert sum(1 for m in logs.levels("error") if m.startswith("alert not spooled")) == 1, \
+        "said once, not once per alert"
+    assert n.sink_stats().buffered == 0 and n.sink_stats().dropped == 0
+    assert any(m.startswith("alert spool writable again") for m, _, _ in logs.lines)
+    n.close()
+    receiver.start()
+    second = notifier(tmp_path, receiver)
+    assert second.drain(5)
+    second.close()
+    assert sorted(webhook_ids(receiver)) == sorted(ids), "every alert delivered"
+    assert n.sink_stats().dropped == 0
+
+
+def test_beyond_the_memory_bound_the_oldest_alerts_are_dropped_counted_and_logged_once(
+        tmp_path: Path, receiver: Receiver) -> None:
+    receiver.stop()
+    logs = Logs()
+    probe = Notifier(settings(tmp_path / "probe", receiver), log=Logs()).notify(alert(10))
+    assert probe is not None
+    size = len(probe.to_json().encode())  # as spooled: with instance and runbook
+    n = notifier(tmp_path, receiver, logs, memory_bytes=5 * size + size // 2)
+    repair = break_spool(tmp_path)
+    ids = [n.notify(alert(i)).id for i in range(20)]  # type: ignore[union-attr]
+    stats = n.sink_stats()
+    assert stats.buffered == 5 and stats.dropped == 15 and stats.write_errors >= 1
+    assert n.spooled() == 5, "dropped alerts are not delivered either"
+    assert logs.levels("error").count("alerts dropped: the spool is unwritable and the alerts "
+                                      "kept in memory reached their bound; the oldest are "
+                                      "dropped") == 1
+    repair()
+    wait_for(lambda: n.sink_stats().buffered == 0)
+    assert queued_ids(tmp_path) == ids[-5:], "the newest are kept"
+    n.close()
+
+
+def test_alerts_delivered_while_the_spool_was_unwritable_are_not_spooled_later(
+        tmp_path: Path, receiver: Receiver) -> None:
+    n = notifier(tmp_path, receiver)
+    repair = break_spool(tmp_path)
+    for i in range(5):
+        n.notify(alert(i))
+    assert n.drain(5)
+    assert n.sink_stats().buffered == 0  # delivered from memory: nothing left to write
+    repair()
+    time.sleep(0.3)  # several retry periods
+    assert list((tmp_path / "queue").iterdir()) == []
+    n.close()
+    assert len(webhook_ids(receiver)) == 5
+
+
+def test_alerts_still_unspooled_at_close_are_counted_as_lost(tmp_path: Path,
+                                                             receiver: Receiver) -> None:
+    receiver.stop()
+    logs = Logs()
+    n = notifier(tmp_path, receiver, logs)
+    break_spool(tmp_path)
+    for i in range(3):
+        n.notify(alert(i))
+    n.close()
+    assert n.sink_stats().dropped == 3 and n.sink_stats().buffered == 0
+    assert "alerts lost: the spool was still unwritable when alert delivery stopped" in \
+        logs.levels("error")
 
 
 def test_no_receiver_means_no_alert_and_no_spool(tmp_path: Path) -> None:

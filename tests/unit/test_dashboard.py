@@ -69,6 +69,9 @@ CONTRACT: dict[str, frozenset[str]] = {name: frozenset(labels) for name, labels 
     "agentwatch_alerts_spooled": (),
     "agentwatch_alert_deliveries_total": ("receiver", "result"),
     "agentwatch_killswitch_total": ("agent",),
+    "agentwatch_sink_buffered": ("sink",),
+    "agentwatch_sink_dropped_total": ("sink",),
+    "agentwatch_sink_write_errors_total": ("sink",),
 }.items()}
 HISTOGRAMS = {"agentwatch_kill_latency_seconds"}
 TARGET_LABELS = frozenset({"job", "instance"})

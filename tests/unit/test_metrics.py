@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
+import unicodedata
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from monitor.auditlog import SinkStats
 from monitor.errors import AgentwatchError, ConfigError, EnvironmentProblem
 from monitor.events import Counter as BpfCounter
 from monitor.events import EventType, Header, KAction, VerdictEvent, VerdictKind
@@ -38,6 +40,7 @@ from monitor.metrics import (
     serve,
     usage_of,
 )
+from monitor.safetext import ELLIPSIS, LABEL_MAX
 from monitor.tracker import Process, Session
 
 SHA = "5f" * 32
@@ -71,6 +74,9 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "agentwatch_alerts_spooled": ("gauge", set()),
     "agentwatch_alert_deliveries_total": ("counter", {"receiver", "result"}),
     "agentwatch_killswitch_total": ("counter", {"agent"}),
+    "agentwatch_sink_buffered": ("gauge", {"sink"}),
+    "agentwatch_sink_dropped_total": ("counter", {"sink"}),
+    "agentwatch_sink_write_errors_total": ("counter", {"sink"}),
 }
 
 
@@ -91,6 +97,7 @@ class FakeSource:
         self.spooled = 0
         self.deliveries: Counter[tuple[str, str]] = Counter()
         self.losses: dict[str, tuple[int, int]] = {}
+        self.sinks = {"alert_spool": SinkStats(), "audit_log": SinkStats()}
 
     def agent_usage(self) -> Mapping[str, AgentUsage]:
         return usage_of(self.sessions)
@@ -122,6 +129,9 @@ class FakeSource:
 
     def alert_deliveries(self) -> Mapping[tuple[str, str], int]:
         return dict(self.deliveries)
+
+    def sink_stats(self) -> Mapping[str, SinkStats]:
+        return dict(self.sinks)
 
     def add_session(self, sid: int, agent: str, procs: int, cpu_ns: int = 0) -> Session:
         s = Session(sid, agent, root_pid=sid * 1000, started_ns=0)
@@ -479,8 +489,51 @@ def test_names_that_are_not_utf8_do_not_break_the_scrape() -> None:
     m.observe_exec("codex", bad)
     m.observe_event("exec", "bad-\udcff-agent")  # a registered name from JSON can be this
     fams = scrape(registry_for(src))
-    assert value(fams, "agentwatch_execs_total", agent="codex", binary="\ufffd\ufffdevil") == 2
-    assert value(fams, "agentwatch_events_total", agent="bad-\ufffd-agent", kind="exec") == 1
+    # the bytes stay visible, as the trace shows them (monitor.safetext)
+    assert value(fams, "agentwatch_execs_total", agent="codex", binary="\\xff\\xfeevil") == 2
+    assert value(fams, "agentwatch_events_total", agent="bad-\\xff-agent", kind="exec") == 1
+
+
+HOSTILE_BINARIES = ["\x1b[2J\x1b]0;owned\x07", "evil\nagentwatch_up 1", "a\rb", "\x9bx",
+                    "\u202egpj.sh", 'quote"brace}', "\x00nul", "x" * 255]
+
+
+def test_a_binary_name_with_controls_reaches_no_scrape_raw() -> None:
+    """The binary label is the basename an agent chose: Prometheus escapes only \\, " and
+    newline in label values; every other control would reach Grafana and alert texts."""
+    src = FakeSource()
+    for name in HOSTILE_BINARIES:
+        src.metrics.observe_exec("codex", f"/tmp/{name}")
+        src.metrics.observe_exec("codex", f"/tmp/{name}")
+    text = generate_latest(registry_for(src)).decode()
+    assert not any(unicodedata.category(c) == "Cc" and c != "\n" or
+                   unicodedata.category(c) in ("Cf", "Cs") for c in text)
+    assert not any(line.startswith("agentwatch_up") for line in text.splitlines())
+    binaries = {dict(k)["binary"]: n for k, n in values(
+        scrape(registry_for(src)), "agentwatch_execs_total").items()
+        if dict(k)["agent"] == "codex"}
+    assert binaries["\\x1b[2J\\x1b]0;owned\\x07"] == 2
+    assert binaries["evil\\nagentwatch_up 1"] == 2
+    assert binaries["\\u202egpj.sh"] == 2 and binaries["\\u009bx"] == 2
+    assert binaries['quote"brace}'] == 2  # the exposition escapes these itself
+    assert max(len(b) for b in binaries) <= LABEL_MAX
+    assert binaries["x" * (LABEL_MAX - 1) + ELLIPSIS] == 2
+    assert sum(binaries.values()) == 2 * len(HOSTILE_BINARIES), "nothing dropped"
+
+
+def test_what_the_disk_refused_is_exported_per_sink() -> None:
+    """Alerts kept in memory or dropped while the spool's disk is full, audit lines likewise
+    (before: nothing said so)."""
+    src = FakeSource()
+    src.sinks = {"alert_spool": SinkStats(buffered=12, dropped=3, write_errors=40),
+                 "audit_log": SinkStats(buffered=7, dropped=94, write_errors=47)}
+    fams = scrape(registry_for(src))
+    assert value(fams, "agentwatch_sink_buffered", sink="alert_spool") == 12
+    assert value(fams, "agentwatch_sink_dropped_total", sink="alert_spool") == 3
+    assert value(fams, "agentwatch_sink_write_errors_total", sink="alert_spool") == 40
+    assert value(fams, "agentwatch_sink_buffered", sink="audit_log") == 7
+    assert value(fams, "agentwatch_sink_dropped_total", sink="audit_log") == 94
+    assert value(fams, "agentwatch_sink_write_errors_total", sink="audit_log") == 47
 
 
 # --- destinations and verdicts --------------------------------------------------------------

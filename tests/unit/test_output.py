@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 
 import pytest
 
@@ -17,7 +18,7 @@ from monitor.events import (
     ForkEvent,
     Header,
 )
-from monitor.output import HEADER, columns, describe_status, record, to_json
+from monitor.output import HEADER, columns, columns_of, describe_status, record, to_json
 
 H = Header(ts_ns=12_345_678_901, pid=4242, tid=4243, session=0x80000005, agent=0, uid=1000,
            comm="node")
@@ -186,3 +187,52 @@ def test_columns_long_agent_and_comm_are_cut() -> None:
     line = columns(ForkEvent(h, child_pid=2), "a-very-long-agent-name")
     assert line.split()[1] == "a-very-long-ag"
     assert line.split()[4] == "x" * 16
+
+
+# --- agent text on a terminal ---------------------------------------------------------------
+
+CLEAR, TITLE, CSI_C1 = "\x1b[2J", "\x1b]0;owned\x07", "\x9b2J"
+RAW_BYTES = b"\x9b\xff".decode("utf-8", "surrogateescape")  # bytes that are not UTF-8
+FORGED = "\n 99.000000 claude-code exec    4242 sh              /bin/sh harmless"
+
+
+def terminal_safe(line: str) -> None:
+    """What an operator's terminal must never receive from agent text."""
+    assert "\n" not in line and "\r" not in line
+    assert not any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in line), \
+        repr(line)
+    line.encode("utf-8")  # strict: no surrogate reaches stdout
+
+
+def hostile_header() -> Header:
+    return Header(ts_ns=1, pid=4242, tid=4242, session=5, agent=0, uid=1000,
+                  comm="\x1b]0;x\x07\x1b[2J\r")
+
+
+def test_columns_escape_a_hostile_exec_path_comm_and_argv() -> None:
+    ev = ExecEvent(hostile_header(), old_tid=4242, ppid=1, cgroup_id=1, flags=ExecFlag(0),
+                   filename=f"/tmp/{CLEAR}{FORGED}\u202egpj.exe",
+                   argv=("x", TITLE, CSI_C1, RAW_BYTES, "a\bb"))
+    line = columns(ev, "claude-code")
+    terminal_safe(line)
+    assert "\\x1b]0;x\\x07\\x1b[2J\\r" in line  # the comm, visible
+    assert "/tmp/\\x1b[2J\\n 99.000000 claude-code exec" in line
+    assert "\\u202egpj.exe" in line
+    assert "\\x9b\\xff" in line
+
+
+def test_columns_escape_hostile_strings_in_streamed_records() -> None:
+    """`trace` from a monitor prints records it got as JSON: any field may be hostile."""
+    base = {"ts_ns": 1, "agent": f"a{CLEAR}", "pid": 1, "comm": f"[/x]{TITLE}"}
+    for rec in [
+        {**base, "event": "exec", "filename": f"/x{FORGED}", "argv": ["x", CSI_C1]},
+        {**base, "event": "connect", "family": "ipv4", "address": f"1.2.3.4{CLEAR}",
+         "port": 1, "protocol": f"tcp{TITLE}"},
+        {**base, "event": "fork", "child_pid": f"2{CLEAR}"},
+        {**base, "event": "policy_verdict", "rule": f"r{CLEAR}", "action": "kill",
+         "outcome": f"killed{FORGED}", "reason": f"exe /tmp/{RAW_BYTES}\u202e"},
+        {**base, "event": "verdict", "rule": f"1{TITLE}"},
+        {**base, "event": f"exit{CLEAR}", "exit_status": 0},
+    ]:
+        line = columns_of(rec)
+        terminal_safe(line)

@@ -37,7 +37,7 @@ from monitor.events import (
 )
 from monitor.loader import ProbeOptions, TrackedProc
 from monitor.procfs import PF_KTHREAD, ProcFS, ProcInfo
-from monitor.runtime import Monitor
+from monitor.runtime import JsonLog, Monitor
 
 USERS = {"agent": 1001, "ci": 1002}
 
@@ -203,6 +203,9 @@ class FakeProbes:
 
     def cpu_readings(self) -> list[tuple[int, int]]:
         return [(t.pid, t.cpu_ns) for t in self.procs.values()]
+
+    def agent_losses(self) -> dict[int, tuple[int, int]]:
+        return {}
 
     def counters(self) -> dict[Counter, int]:
         return {c: self.lost if c == Counter.LOST else 0 for c in Counter}
@@ -875,3 +878,53 @@ def test_reconcile_forgets_what_the_kernel_stopped_tracking_and_judges_what_it_m
         assert r.mon.tracker.process(gone) is None
     finally:
         r.mon.stop()
+# --- what the disk refuses: metrics -----------------------------------------------------------
+
+
+def test_audit_lines_and_alerts_a_full_disk_refuses_are_exported_and_overflow_counted(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """The monitor's audit log and alert spool on a full disk (/dev/full; the spool's queue
+    made unusable): what waits in memory and what is dropped beyond the bounds (8 MiB of
+    audit lines, 16 MiB of alerts) is on /metrics, and no traceback is printed."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from monitor.alerts import kill_alert
+    from monitor.metrics import AgentwatchCollector
+
+    audit = tmp_path / "audit.jsonl"
+    audit.symlink_to("/dev/full")
+    spool = tmp_path / "spool"
+    cfg = config(CONFIG + f"  audit_log: {audit}\nalerts:\n  webhook_url: http://127.0.0.1:9/x\n"
+                 f"  spool_dir: {spool}\n")
+    mon = Monitor(cfg, probes=FakeProbes(False),  # type: ignore[arg-type]
+                  procfs=ProcFS(tmp_path / "proc"))
+    mon.notifier.start()
+    try:
+        (spool / "queue").rmdir()
+        (spool / "queue").write_text("")  # the spool's disk refuses every write
+        for i in range(9000):  # ~9.4 MiB of verdict lines
+            mon.log("verdict", rule="no-reverse-ssh", pid=i, argv=["x" * 1000])
+        for i in range(170):  # ~17 MiB of alerts
+            mon.notifier.notify(kill_alert(agent="claude-code", rule="r", action="kill",
+                                           outcome="killed", reason="r", at=1e9 + i,
+                                           argv=("x" * 100_000,)))
+        registry = CollectorRegistry()
+        registry.register(AgentwatchCollector(mon))
+        text = generate_latest(registry).decode()
+        got = {(s.name, s.labels["sink"]): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name.startswith("agentwatch_sink_")}
+        assert got[("agentwatch_sink_dropped_total", "audit_log")] > 0
+        assert got[("agentwatch_sink_buffered", "audit_log")] + \
+            got[("agentwatch_sink_dropped_total", "audit_log")] == 9000
+        assert got[("agentwatch_sink_buffered", "alert_spool")] + \
+            got[("agentwatch_sink_dropped_total", "alert_spool")] == 170
+        assert got[("agentwatch_sink_dropped_total", "alert_spool")] > 0
+        assert got[("agentwatch_sink_write_errors_total", "audit_log")] >= 1
+        assert got[("agentwatch_sink_write_errors_total", "alert_spool")] >= 1
+    finally:
+        mon.notifier.close()
+        assert isinstance(mon.log, JsonLog)
+        mon.log.close()  # its retry thread stops
+    assert "Traceback" not in capfd.readouterr().err

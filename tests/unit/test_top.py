@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import json
 import queue
+import re
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,8 +54,8 @@ def verdict(outcome: str, *, rule: str = "no-ssh", action: str = "kill",
             "argv": ["ssh", "host"], "destination": "203.0.113.9:22"}
 
 
-def text_of(model: TopModel, *, styles: bool = False) -> str:
-    console = Console(record=True, width=120, file=io.StringIO(),
+def text_of(model: TopModel, *, styles: bool = False, width: int = 120) -> str:
+    console = Console(record=True, width=width, file=io.StringIO(),
                       force_terminal=styles, color_system="standard" if styles else None)
     console.print(render(model, "/run/agentwatch/control.sock"))
     return console.export_text(styles=styles)
@@ -199,6 +201,55 @@ def test_a_closed_stream_is_shown_in_the_header() -> None:
     _drain(m, records)
     assert len(m.connections) == 1
     assert "the monitor closed the event stream" in text_of(m)
+
+
+# --- agent text on the operator's terminal ----------------------------------------------
+
+HOSTILE = "[/x]\x1b[2J\x1b]0;owned\x07\x9b2J\r\n\u202e[bold]"
+RAW = b"\xff\x9b".decode("utf-8", "surrogateescape")  # argv bytes that are not UTF-8
+_SGR = re.compile(r"\x1b\[[0-9;]*m")  # rich's own colours
+
+
+def hostile_model() -> TopModel:
+    """Every string top shows, chosen by an agent (comm, exe, argv in a reason) or taken
+    from a record an agent's process caused."""
+    m = TopModel(wall=lambda: 0.0)
+    st = status([session(1, f"bot{HOSTILE}", 1.0)], mode="enforce",
+                verdicts=[{"agent": HOSTILE, "rule": HOSTILE, "action": HOSTILE,
+                           "mode": HOSTILE, "count": 1}])
+    st["agents"] = [HOSTILE]
+    st["policy"]["source"] = HOSTILE
+    st["policy"]["sha256"] = HOSTILE
+    m.update_status(st, now=0.0)
+    m.add_record({**connect(443, HOSTILE, address=f"10.0.0.5{HOSTILE}"), "comm": HOSTILE,
+                  "agent": HOSTILE})
+    m.add_record({**verdict(f"killed{HOSTILE}", rule=HOSTILE, action=HOSTILE, mode=HOSTILE),
+                  "agent": HOSTILE, "reason": f"exe /tmp/{RAW}{HOSTILE}"})
+    m.stream_error = f"the event stream failed: {HOSTILE}"
+    return m
+
+
+@pytest.mark.parametrize("styles", [False, True])
+def test_hostile_agent_text_is_shown_escaped_never_acted_on(styles: bool) -> None:
+    out = text_of(hostile_model(), styles=styles, width=600)  # "[/x]" as markup raised
+    bare = _SGR.sub("", out)
+    for bad in ("\x1b", "\x07", "\x9b", "\r", "\u202e"):
+        assert bad not in bare, f"{bad!r} reached the terminal"
+    assert not any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in bare.replace(
+        "\n", "")), "a control or format character reached the terminal"
+    assert "[/x]\\x1b[2J" in bare  # shown as text, visibly escaped
+    assert "\\x1b]0;owned\\x07" in bare and "\\u202e" in bare and "\\xff\\x9b" in bare
+
+
+def test_a_comm_that_looks_like_markup_is_shown_as_it_is() -> None:
+    m = TopModel(wall=lambda: 0.0)
+    m.update_status(status([]))
+    for comm in ("[/x]", "[bold red]", "[link=http://evil]x[/link]", "\\[/]"):
+        m.add_record({**connect(443), "comm": comm})
+    out = text_of(m, styles=True)
+    for comm in ("[/x]", "[bold red]", "[link=http://evil]x[/link]"):
+        assert comm in _SGR.sub("", out)
+    assert "\x1b]8;" not in out  # no hyperlink made from agent text
 
 
 # --- run_top against a real control socket -----------------------------------------------
