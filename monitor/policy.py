@@ -33,6 +33,8 @@ from monitor.config import (
     parse_agents,
 )
 from monitor.errors import ConfigError, Location
+from monitor.regex import Compiler, PatternError, Regex
+from monitor.safefile import read_file
 from monitor.sshargs import FEATURES as SSH_FEATURES
 from monitor.yamlsource import (
     Node,
@@ -43,6 +45,7 @@ from monitor.yamlsource import (
     expect_number,
     expect_str,
     parse_yaml,
+    shown,
     type_name,
 )
 
@@ -127,7 +130,7 @@ class ExecMatch:
 
     names: frozenset[str] = frozenset()  # program basenames (real exe, or comm)
     exe: tuple[str, ...] = ()  # fnmatchcase globs on the real executable path
-    argv: tuple[re.Pattern[str], ...] = ()  # re.search on argv joined by single spaces
+    argv: tuple[Regex, ...] = ()  # RE2 search on argv joined by single spaces
     ssh: frozenset[str] = frozenset()  # monitor/sshargs.py FEATURES
     via: Via = field(default=(), compare=False, repr=False)
     comms: frozenset[str] = field(init=False, compare=False, repr=False)
@@ -280,6 +283,7 @@ class _Loader:
         self.problems = Problems(source)
         self.user_lookup = user_lookup
         self.lists: dict[str, list[Node]] = {}
+        self.patterns = Compiler()
 
     def add(self, item: _Item, reason: str) -> None:
         if item.via:
@@ -305,7 +309,8 @@ class _Loader:
         agents: tuple[AgentSpec, ...] = ()
         declared: dict[str, int] = {}
         if "agents" in top and top["agents"].value is not None:
-            agents = parse_agents(top["agents"], self.problems, user_lookup=self.user_lookup)
+            agents = parse_agents(top["agents"], self.problems, user_lookup=self.user_lookup,
+                                  patterns=self.patterns)
             declared = _declared_agents(top["agents"])
         if "lists" in top:
             self.read_lists(top["lists"])
@@ -318,7 +323,7 @@ class _Loader:
         value = node.value
         if isinstance(value, str) and value in {m.value for m in Mode}:
             return Mode(value)
-        self.problems.add(node.line, "mode", f"unknown mode {value!r}: write 'monitor' "
+        self.problems.add(node.line, "mode", f"unknown mode {shown(value)}: write 'monitor' "
                           "(verdicts are only logged and alerted) or 'enforce' (verdicts "
                           "are carried out)")
         return None
@@ -453,7 +458,7 @@ class _Loader:
         allowed = [str(e) for e in enum]
         if isinstance(node.value, str) and node.value in allowed:
             return enum(node.value)
-        self.problems.add(node.line, path, f"unknown {what} {node.value!r}: write one of "
+        self.problems.add(node.line, path, f"unknown {what} {shown(node.value)}: write one of "
                           f"{', '.join(allowed)}")
         return None
 
@@ -530,15 +535,15 @@ class _Loader:
             globs.append(pattern)
             if item.via:
                 via.append(("exe", pattern, item.via))
-        regexes: list[re.Pattern[str]] = []
+        regexes: list[Regex] = []
         for item in self.key_values(fields, path, "argv", "regular expressions"):
             text = self.text(item, "a regular expression")
             if text is None:
                 continue
             try:
-                regexes.append(re.compile(text))
-            except re.error as exc:
-                self.add(item, f"bad regular expression {text!r}: {exc} (Python re syntax)")
+                regexes.append(self.patterns.compile(text))
+            except PatternError as exc:
+                self.add(item, str(exc))
                 continue
             if item.via:
                 via.append(("argv", text, item.via))
@@ -590,7 +595,7 @@ class _Loader:
             family = fields["family"].value
             if family not in _FAMILIES:
                 self.problems.add(fields["family"].line, child_path(path, "family"),
-                                  f"unknown family {family!r}: write ipv4 or ipv6")
+                                  f"unknown family {shown(family)}: write ipv4 or ipv6")
                 return None
         assert family is None or isinstance(family, str)
         return ConnectMatch(networks=networks, ports=ports, family=family, outside=outside,
@@ -651,7 +656,7 @@ class _Loader:
             window = parse_duration(fields["for"].value)
             if window is None or not 0 < window <= MAX_WINDOW_S:
                 self.problems.add(fields["for"].line, child_path(path, "for"),
-                                  f"bad duration {fields['for'].value!r}: write seconds "
+                                  f"bad duration {shown(fields['for'].value)}: write seconds "
                                   "(e.g. 90) or a duration like 30s, 10m, 1h, 1h30m, "
                                   "more than 0 and at most 24h")
                 window = None
@@ -660,7 +665,7 @@ class _Loader:
             value = fields["scope"].value
             if value not in _SCOPES:
                 self.problems.add(fields["scope"].line, child_path(path, "scope"),
-                                  f"unknown scope {value!r}: write agent (the whole session) "
+                                  f"unknown scope {shown(value)}: write agent (the whole session) "
                                   "or process (each process on its own)")
                 return None
             assert isinstance(value, str)
@@ -712,7 +717,8 @@ def load_policy_text(text: str, source: str = "<string>", *,
 
     sha256 is the digest of the text encoded as UTF-8.
     """
-    return _build(text, source, user_lookup, hashlib.sha256(text.encode()).hexdigest())
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return _build(text, source, user_lookup, digest)  # parse_yaml refuses surrogates
 
 
 def _build(text: str, source: str, user_lookup: UserLookup | None, digest: str) -> Policy:
@@ -724,18 +730,18 @@ def _build(text: str, source: str, user_lookup: UserLookup | None, digest: str) 
     return Policy(mode=mode, agents=agents, rules=rules, source=source, sha256=digest)
 
 
-def load_policy(path: str | Path, *, user_lookup: UserLookup | None = None) -> Policy:
+def load_policy(path: str | Path, *, user_lookup: UserLookup | None = None,
+                trusted: bool = False) -> Policy:
     """Read, validate and compile a policy file; raises ConfigError if unreadable or bad.
 
-    sha256 is the digest of the file's bytes (what sha256sum prints for it).
+    sha256 is the digest of the file's bytes (what sha256sum prints for it). With trusted
+    (the monitor runs as root), a file an agent could have changed is refused: see
+    monitor/safefile.py. Every file is read bounded (no FIFO, no device).
     """
     source = str(path)
+    data = read_file(path, what="policy file", trusted=trusted)
     try:
-        data = Path(path).read_bytes()
         text = data.decode("utf-8")
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigError([(Location(source), f"cannot read policy file: {reason}")]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([(Location(source), f"not UTF-8 text: {exc.reason} "
                             f"at byte {exc.start}")]) from exc

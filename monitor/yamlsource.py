@@ -7,19 +7,35 @@ strings). Duplicate keys, non-string keys and unsupported tags are errors. The h
 at the bottom let a validator check a mapping against its allowed keys and collect every
 problem before raising one ConfigError.
 
+Every parse is bounded (YamlLimits): text size, nesting depth, number of aliases, the size
+of the document with every alias expanded (billion laughs), the length of a number, and
+wall time. The limits are checked on the event stream before any node tree is built, so a
+document past them costs one pass of the parser and is refused with its line. libyaml's C
+parser is used where PyYAML has it (``yaml.__with_libyaml__``), the pure-Python one
+otherwise.
+
 This module must never construct arbitrary Python objects (no ``yaml.load`` with an
-unsafe loader), never raise at the first problem when more can be found, and never
-import anything heavy: unit tests use it without root.
+unsafe loader), never raise at the first problem when more can be found, never put a
+node tree into an error message (a Node's repr is one line), never raise anything but
+ConfigError for bad input, and never import anything heavy: unit tests use it without root.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import NoReturn, TypeAlias
 
 import yaml
 from yaml.constructor import SafeConstructor
+from yaml.events import (
+    AliasEvent,
+    CollectionEndEvent,
+    CollectionStartEvent,
+    Event,
+    ScalarEvent,
+)
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from monitor.errors import ConfigError, Location
@@ -34,8 +50,29 @@ _SCALAR_TAGS = frozenset(
     {_STR, "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
      "tag:yaml.org,2002:null", _TIMESTAMP}
 )
+_NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 _SEQ = "tag:yaml.org,2002:seq"
 _MAP = "tag:yaml.org,2002:map"
+MAX_REASON = 200  # characters of a parser's message kept in a problem
+
+LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = (
+    yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader)
+"""libyaml's C loader where PyYAML was built with it (~30x faster), else pure Python."""
+
+
+@dataclass(frozen=True)
+class YamlLimits:
+    """What one YAML document may be. The defaults are documented in docs/config.md."""
+
+    max_bytes: int = 1 << 20  # of UTF-8 text
+    max_depth: int = 64  # nested mappings and lists
+    max_aliases: int = 1000  # *alias and <<: *merge references
+    max_expanded: int = 4 << 20  # every alias expanded: 1 per node + each scalar's length
+    max_number_chars: int = 100  # an int or float scalar
+    max_seconds: float = 5.0  # parsing (both passes)
+
+
+LIMITS = YamlLimits()
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +86,14 @@ class Node:
     value: NodeValue
     line: int
     key_lines: Mapping[str, int] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # one line, never the tree below (aliases share subtrees)
+        if isinstance(self.value, dict | list):
+            return f"<{type_name(self.value)} of {len(self.value)} at line {self.line}>"
+        shown = repr(self.value)
+        if len(shown) > 60:
+            shown = shown[:60] + "..."
+        return f"<{shown} at line {self.line}>"
 
     def to_python(self) -> object:
         """The plain Python value, with every Node unwrapped (recursively)."""
@@ -79,6 +124,15 @@ def type_name(value: object) -> str:
     return type(value).__name__
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """A parsed value for an error message: a scalar's repr cut to limit characters, a
+    collection only by its type (never the tree below it)."""
+    if isinstance(value, dict | list):
+        return f"(a {type_name(value)})"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class Problems:
     """Collects problems found in one source so that all of them are reported at once."""
 
@@ -107,8 +161,9 @@ class Problems:
 class _Walker:
     """Turns a composed yaml node tree into Nodes, collecting structural problems."""
 
-    def __init__(self, problems: Problems) -> None:
+    def __init__(self, problems: Problems, limits: YamlLimits) -> None:
         self.problems = problems
+        self.limits = limits
         self.constructor = SafeConstructor()
         self.done: dict[int, Node] = {}  # id(yaml node) -> Node, so aliases are shared
         self.active: set[int] = set()  # yaml nodes being walked, to catch recursive aliases
@@ -153,10 +208,15 @@ class _Walker:
             return None
         if node.tag == _TIMESTAMP:
             return str(node.value)
+        if node.tag in _NUMBER_TAGS and len(node.value) > self.limits.max_number_chars:
+            self.problems.add(line, path, f"number too long ({len(node.value)} characters; "
+                              f"at most {self.limits.max_number_chars})")
+            return None
         try:
             value = self.constructor.construct_object(node, deep=True)
-        except yaml.YAMLError as exc:
-            self.problems.add(line, path, f"bad {node.tag.rsplit(':', 1)[-1]} value: {exc}")
+        except (yaml.YAMLError, ValueError) as exc:
+            reason = _short(getattr(exc, "problem", None) or str(exc))
+            self.problems.add(line, path, f"bad {node.tag.rsplit(':', 1)[-1]} value: {reason}")
             return None
         if value is None or isinstance(value, str | int | float | bool):
             return value
@@ -201,30 +261,112 @@ class _Walker:
                         self.active.discard(id(source))
 
 
-def parse_yaml(text: str, source: str) -> Node:
+def parse_yaml(text: str, source: str, *, limits: YamlLimits = LIMITS,
+               clock: Callable[[], float] = time.monotonic) -> Node:
     """Parse one YAML document into Nodes. An empty document gives ``Node(None, 1)``.
 
-    Raises ConfigError for syntax errors (with the line of the error), duplicate keys,
-    non-string keys and unsupported tags; every structural problem is reported at once.
+    Raises ConfigError for syntax errors (with the line of the error), a document past
+    limits, duplicate keys, non-string keys and unsupported tags; every structural
+    problem is reported at once. Nothing else is raised for any text.
     """
+    if len(text) > limits.max_bytes:  # each character is at least one byte
+        _refuse(source, 0, _too_big(len(text), limits, "characters"))
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        _refuse(source, _line_at(text, exc.start), "not valid Unicode text (a lone "
+                f"surrogate at character {exc.start})")
+    if size > limits.max_bytes:
+        _refuse(source, 0, _too_big(size, limits, "bytes"))
+    deadline = clock() + limits.max_seconds
+    try:
+        _check_events(yaml.parse(text, Loader=LOADER), source, limits, clock, deadline)
+        root = yaml.compose(text, Loader=LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
-        reason = f"YAML syntax error: {exc.problem or exc.context or 'malformed document'}"
+        reason = f"YAML syntax error: {_short(exc.problem or exc.context or 'malformed')}"
         if exc.context and exc.problem and exc.context_mark is not None:
-            context = f"{exc.context} (line {exc.context_mark.line + 1})"
-            reason = f"YAML syntax error: {context}: {exc.problem}"
-        raise ConfigError([(Location(source, line), reason)]) from exc
+            context = f"{_short(exc.context)} (line {exc.context_mark.line + 1})"
+            reason = f"YAML syntax error: {context}: {_short(exc.problem)}"
+        raise ConfigError([(Location(source, line), reason)]) from None
+    except yaml.reader.ReaderError as exc:
+        what = f"#x{exc.character:04x}" if isinstance(exc.character, int) else "character"
+        _refuse(source, _line_at(text, exc.position),
+                f"YAML error: unacceptable character {what}: {_short(exc.reason)}")
     except yaml.YAMLError as exc:
-        raise ConfigError([(Location(source), f"YAML error: {exc}")]) from exc
+        _refuse(source, 0, f"YAML error: {_short(str(exc))}")
+    if clock() > deadline:
+        _refuse(source, 0, f"parsing took longer than {limits.max_seconds:g} s")
     if root is None:
         return Node(None, 1)
     problems = Problems(source)
-    result = _Walker(problems).walk(root, "")
+    result = _Walker(problems, limits).walk(root, "")
     problems.raise_if_any()
     return result
+
+
+def _check_events(events: Iterable[Event], source: str, limits: YamlLimits,
+                  clock: Callable[[], float], deadline: float) -> None:
+    """Refuse a document past limits from its event stream, before any tree is built.
+
+    The expanded size counts 1 per collection, 1 + length per scalar, and for each alias
+    the expanded size of what it refers to: what a consumer walking the document sees.
+    """
+    open_sizes: list[list[int]] = []  # the expanded size so far of each open collection
+    anchors: list[str | None] = []
+    sizes: dict[str, int] = {}  # anchor -> expanded size of its node
+    total = aliases = 0
+    for count, event in enumerate(events):
+        line = event.start_mark.line + 1 if event.start_mark is not None else 0
+        if count % 512 == 0 and clock() > deadline:
+            _refuse(source, line, f"parsing took longer than {limits.max_seconds:g} s")
+        size = 0
+        if isinstance(event, CollectionStartEvent):
+            if len(open_sizes) >= limits.max_depth:
+                _refuse(source, line, f"nested deeper than {limits.max_depth} levels of "
+                        "mappings and lists")
+            open_sizes.append([1])
+            anchors.append(event.anchor)
+            total += 1
+            continue
+        if isinstance(event, CollectionEndEvent):
+            size = open_sizes.pop()[0]
+            anchor = anchors.pop()
+        elif isinstance(event, ScalarEvent):
+            size, anchor = 1 + len(event.value), event.anchor
+            total += size
+        elif isinstance(event, AliasEvent):
+            aliases += 1
+            if aliases > limits.max_aliases:
+                _refuse(source, line, f"more than {limits.max_aliases} aliases (*name)")
+            size, anchor = sizes.get(event.anchor or "", 0), None
+            total += size
+        else:
+            continue
+        if total > limits.max_expanded:
+            _refuse(source, line, f"with its aliases expanded the document is larger than "
+                    f"{limits.max_expanded >> 20} MiB (a YAML bomb?); use fewer aliases")
+        if anchor is not None:
+            sizes[anchor] = size
+        if open_sizes:
+            open_sizes[-1][0] += size
+
+
+def _refuse(source: str, line: int, reason: str) -> NoReturn:
+    raise ConfigError([(Location(source, line), reason)])
+
+
+def _too_big(size: int, limits: YamlLimits, unit: str) -> str:
+    return f"larger than {limits.max_bytes >> 20} MiB ({size} {unit}); split it or trim it"
+
+
+def _line_at(text: str, position: int) -> int:
+    return text.count("\n", 0, max(position, 0)) + 1
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_REASON else text[:MAX_REASON] + "..."
 
 
 # --- helpers for validators ------------------------------------------------------------
