@@ -117,6 +117,7 @@ def _options() -> Any:
     options = re2.Options()
     options.max_mem = MAX_PATTERN_MEMORY
     options.log_errors = False
+    options.never_capture = True  # only whether it matches: no submatch pass after the DFA
     return options
 
 

@@ -214,9 +214,13 @@ class _Walker:
             return None
         try:
             value = self.constructor.construct_object(node, deep=True)
-        except (yaml.YAMLError, ValueError) as exc:
-            reason = _short(getattr(exc, "problem", None) or str(exc))
-            self.problems.add(line, path, f"bad {node.tag.rsplit(':', 1)[-1]} value: {reason}")
+        except (yaml.YAMLError, ValueError, LookupError) as exc:
+            # an explicit tag on a value that is not one (!!int '', !!bool x): PyYAML's
+            # constructors raise IndexError, KeyError or ValueError for those
+            kind = node.tag.rsplit(":", 1)[-1]
+            detail = getattr(exc, "problem", None)
+            reason = _short(detail) if detail else f"{shown(node.value)} is not a {kind}"
+            self.problems.add(line, path, f"bad {kind} value: {reason}")
             return None
         if value is None or isinstance(value, str | int | float | bool):
             return value

@@ -772,3 +772,12 @@ def test_config_check_exits_2_for_a_fifo_without_waiting_for_a_writer(
     os.mkfifo(fifo)
     assert within(10, lambda: main(["config", "check", str(fifo)])) == 2
     assert within(10, lambda: main(["policy", "check", str(fifo)])) == 2
+
+
+@pytest.mark.parametrize("value", ["!!int ''", "!!int '-'", "!!float ''", "!!bool maybe",
+                                   "!!bool ''"])
+def test_an_explicit_tag_on_a_value_that_is_not_one_is_a_problem_with_its_line(
+        value: str) -> None:
+    loc, reason = only_problem(f"monitor:\n  history: {value}\n")
+    assert loc == Location(SRC, 2, "monitor.history")
+    assert reason.startswith("bad ") and " value: " in reason
