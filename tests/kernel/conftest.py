@@ -7,9 +7,11 @@ developer's laptop, but fail loudly when CI=true: a kernel test skipped in CI is
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -167,3 +169,22 @@ def wait_exit(p: subprocess.Popen[bytes], timeout: float = 20) -> int:
 def tmpdir_exec(tmp_path: Path) -> Path:
     """A temp dir whose files may be executed (tmp_path is, on this host)."""
     return tmp_path
+
+
+AGENT_UID = 65534  # nobody: an unprivileged user standing in for an agent
+
+
+@pytest.fixture
+def reachable_tmp() -> Iterator[Path]:
+    """A root-owned 0755 directory under /tmp that an unprivileged agent user can reach
+    (pytest's tmp_path cannot be: its parents are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="aw-kernel-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_agent(argv: list[str]) -> None:
+    """Run argv as the unprivileged agent user (AGENT_UID); it must succeed."""
+    subprocess.run(argv, user=AGENT_UID, group=AGENT_UID, extra_groups=[], check=True,
+                   timeout=30)
