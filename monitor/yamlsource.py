@@ -7,12 +7,9 @@ strings). Duplicate keys, non-string keys and unsupported tags are errors. The h
 at the bottom let a validator check a mapping against its allowed keys and collect every
 problem before raising one ConfigError.
 
-Every parse is bounded (YamlLimits): text size, nesting depth, number of aliases, the size
-of the document with every alias expanded (billion laughs), the length of a number, and
-wall time. The limits are checked on the event stream before any node tree is built, so a
-document past them costs one pass of the parser and is refused with its line. libyaml's C
-parser is used where PyYAML has it (``yaml.__with_libyaml__``), the pure-Python one
-otherwise.
+Every parse is bounded (YamlLimits): the node tree comes from monitor/yamlcompose.py,
+which enforces text size, nesting depth, aliases, expanded size and time as it reads;
+this module adds the length of numbers and keeps to the same deadline while it walks.
 
 This module must never construct arbitrary Python objects (no ``yaml.load`` with an
 unsafe loader), never raise at the first problem when more can be found, never put a
@@ -25,20 +22,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NoReturn, TypeAlias
+from typing import TypeAlias
 
 import yaml
 from yaml.constructor import SafeConstructor
-from yaml.events import (
-    AliasEvent,
-    CollectionEndEvent,
-    CollectionStartEvent,
-    Event,
-    ScalarEvent,
-)
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from monitor.errors import ConfigError, Location
+from monitor.yamlcompose import LIMITS, YamlLimits, compose
 
 Scalar: TypeAlias = str | int | float | bool | None
 NodeValue: TypeAlias = "dict[str, Node] | list[Node] | Scalar"
@@ -53,28 +44,6 @@ _SCALAR_TAGS = frozenset(
 _NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 _SEQ = "tag:yaml.org,2002:seq"
 _MAP = "tag:yaml.org,2002:map"
-MAX_REASON = 200  # characters of a parser's message kept in a problem
-
-LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = (
-    yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader)
-"""libyaml's C loader where PyYAML was built with it (~30x faster), else pure Python."""
-
-
-@dataclass(frozen=True)
-class YamlLimits:
-    """What one YAML document may be. The defaults are documented in docs/config.md."""
-
-    max_bytes: int = 1 << 20  # of UTF-8 text
-    max_depth: int = 64  # nested mappings and lists
-    max_aliases: int = 1000  # *alias and <<: *merge references
-    max_expanded: int = 4 << 20  # every alias expanded: 1 per node + each scalar's length
-    max_number_chars: int = 100  # an int or float scalar
-    max_seconds: float = 5.0  # parsing (both passes)
-
-
-LIMITS = YamlLimits()
-
-
 @dataclass(frozen=True, eq=False)
 class Node:
     """One YAML value and the 1-based line it starts on.
@@ -158,12 +127,20 @@ class Problems:
             raise ConfigError(sorted(self.items, key=lambda item: item[0].line))
 
 
+class _TooSlow(Exception):
+    """The walk went past the parse deadline."""
+
+
 class _Walker:
     """Turns a composed yaml node tree into Nodes, collecting structural problems."""
 
-    def __init__(self, problems: Problems, limits: YamlLimits) -> None:
+    def __init__(self, problems: Problems, limits: YamlLimits, clock: Callable[[], float],
+                 deadline: float) -> None:
         self.problems = problems
         self.limits = limits
+        self.clock = clock
+        self.deadline = deadline
+        self.walked = 0
         self.constructor = SafeConstructor()
         self.done: dict[int, Node] = {}  # id(yaml node) -> Node, so aliases are shared
         self.active: set[int] = set()  # yaml nodes being walked, to catch recursive aliases
@@ -172,6 +149,9 @@ class _Walker:
         line = node.start_mark.line + 1
         if id(node) in self.done:
             return self.done[id(node)]
+        self.walked += 1
+        if self.walked % 1024 == 0 and self.clock() > self.deadline:
+            raise _TooSlow
         if id(node) in self.active:
             self.problems.add(line, path, "recursive alias is not allowed")
             return Node(None, line)
@@ -188,12 +168,12 @@ class _Walker:
             return Node(self.scalar(node, path), line)
         if isinstance(node, SequenceNode):
             if node.tag != _SEQ:
-                self.problems.add(line, path, f"unsupported YAML tag {node.tag!r}")
+                self.problems.add(line, path, f"unsupported YAML tag {shown(node.tag)}")
             return Node([self.walk(item, child_path(path, i))
                          for i, item in enumerate(node.value)], line)
         if isinstance(node, MappingNode):
             if node.tag != _MAP:
-                self.problems.add(line, path, f"unsupported YAML tag {node.tag!r}")
+                self.problems.add(line, path, f"unsupported YAML tag {shown(node.tag)}")
             values: dict[str, Node] = {}
             key_lines: dict[str, int] = {}
             self.mapping(node, path, values, key_lines, merged=False)
@@ -204,9 +184,9 @@ class _Walker:
     def scalar(self, node: ScalarNode, path: str) -> Scalar:
         line = node.start_mark.line + 1
         if node.tag not in _SCALAR_TAGS:
-            self.problems.add(line, path, f"unsupported YAML tag {node.tag!r}")
+            self.problems.add(line, path, f"unsupported YAML tag {shown(node.tag)}")
             return None
-        if node.tag == _TIMESTAMP:
+        if node.tag in (_STR, _TIMESTAMP):  # as written (timestamps stay strings)
             return str(node.value)
         if node.tag in _NUMBER_TAGS and len(node.value) > self.limits.max_number_chars:
             self.problems.add(line, path, f"number too long ({len(node.value)} characters; "
@@ -219,7 +199,7 @@ class _Walker:
             # constructors raise IndexError, KeyError or ValueError for those
             kind = node.tag.rsplit(":", 1)[-1]
             detail = getattr(exc, "problem", None)
-            reason = _short(detail) if detail else f"{shown(node.value)} is not a {kind}"
+            reason = detail[:200] if detail else f"{shown(node.value)} is not a {kind}"
             self.problems.add(line, path, f"bad {kind} value: {reason}")
             return None
         if value is None or isinstance(value, str | int | float | bool):
@@ -273,104 +253,18 @@ def parse_yaml(text: str, source: str, *, limits: YamlLimits = LIMITS,
     limits, duplicate keys, non-string keys and unsupported tags; every structural
     problem is reported at once. Nothing else is raised for any text.
     """
-    if len(text) > limits.max_bytes:  # each character is at least one byte
-        _refuse(source, 0, _too_big(len(text), limits, "characters"))
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        _refuse(source, _line_at(text, exc.start), "not valid Unicode text (a lone "
-                f"surrogate at character {exc.start})")
-    if size > limits.max_bytes:
-        _refuse(source, 0, _too_big(size, limits, "bytes"))
     deadline = clock() + limits.max_seconds
-    try:
-        _check_events(yaml.parse(text, Loader=LOADER), source, limits, clock, deadline)
-        root = yaml.compose(text, Loader=LOADER)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 0
-        reason = f"YAML syntax error: {_short(exc.problem or exc.context or 'malformed')}"
-        if exc.context and exc.problem and exc.context_mark is not None:
-            context = f"{_short(exc.context)} (line {exc.context_mark.line + 1})"
-            reason = f"YAML syntax error: {context}: {_short(exc.problem)}"
-        raise ConfigError([(Location(source, line), reason)]) from None
-    except yaml.reader.ReaderError as exc:
-        what = f"#x{exc.character:04x}" if isinstance(exc.character, int) else "character"
-        _refuse(source, _line_at(text, exc.position),
-                f"YAML error: unacceptable character {what}: {_short(exc.reason)}")
-    except yaml.YAMLError as exc:
-        _refuse(source, 0, f"YAML error: {_short(str(exc))}")
-    if clock() > deadline:
-        _refuse(source, 0, f"parsing took longer than {limits.max_seconds:g} s")
+    root = compose(text, source, limits=limits, clock=clock, deadline=deadline)
     if root is None:
         return Node(None, 1)
     problems = Problems(source)
-    result = _Walker(problems, limits).walk(root, "")
+    try:
+        result = _Walker(problems, limits, clock, deadline).walk(root, "")
+    except _TooSlow:
+        raise ConfigError([(Location(source), f"parsing took longer than "
+                            f"{limits.max_seconds:g} s")]) from None
     problems.raise_if_any()
     return result
-
-
-def _check_events(events: Iterable[Event], source: str, limits: YamlLimits,
-                  clock: Callable[[], float], deadline: float) -> None:
-    """Refuse a document past limits from its event stream, before any tree is built.
-
-    The expanded size counts 1 per collection, 1 + length per scalar, and for each alias
-    the expanded size of what it refers to: what a consumer walking the document sees.
-    """
-    open_sizes: list[list[int]] = []  # the expanded size so far of each open collection
-    anchors: list[str | None] = []
-    sizes: dict[str, int] = {}  # anchor -> expanded size of its node
-    total = aliases = 0
-    for count, event in enumerate(events):
-        line = event.start_mark.line + 1 if event.start_mark is not None else 0
-        if count % 512 == 0 and clock() > deadline:
-            _refuse(source, line, f"parsing took longer than {limits.max_seconds:g} s")
-        size = 0
-        if isinstance(event, CollectionStartEvent):
-            if len(open_sizes) >= limits.max_depth:
-                _refuse(source, line, f"nested deeper than {limits.max_depth} levels of "
-                        "mappings and lists")
-            open_sizes.append([1])
-            anchors.append(event.anchor)
-            total += 1
-            continue
-        if isinstance(event, CollectionEndEvent):
-            size = open_sizes.pop()[0]
-            anchor = anchors.pop()
-        elif isinstance(event, ScalarEvent):
-            size, anchor = 1 + len(event.value), event.anchor
-            total += size
-        elif isinstance(event, AliasEvent):
-            aliases += 1
-            if aliases > limits.max_aliases:
-                _refuse(source, line, f"more than {limits.max_aliases} aliases (*name)")
-            size, anchor = sizes.get(event.anchor or "", 0), None
-            total += size
-        else:
-            continue
-        if total > limits.max_expanded:
-            _refuse(source, line, f"with its aliases expanded the document is larger than "
-                    f"{limits.max_expanded >> 20} MiB (a YAML bomb?); use fewer aliases")
-        if anchor is not None:
-            sizes[anchor] = size
-        if open_sizes:
-            open_sizes[-1][0] += size
-
-
-def _refuse(source: str, line: int, reason: str) -> NoReturn:
-    raise ConfigError([(Location(source, line), reason)])
-
-
-def _too_big(size: int, limits: YamlLimits, unit: str) -> str:
-    return f"larger than {limits.max_bytes >> 20} MiB ({size} {unit}); split it or trim it"
-
-
-def _line_at(text: str, position: int) -> int:
-    return text.count("\n", 0, max(position, 0)) + 1
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= MAX_REASON else text[:MAX_REASON] + "..."
 
 
 # --- helpers for validators ------------------------------------------------------------

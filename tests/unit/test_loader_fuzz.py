@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from monitor.config import Config, load_config, load_config_text
 from monitor.errors import ConfigError
 from monitor.policy import Policy, load_policy, load_policy_text
+from monitor.yamlcompose import LOADER, compose
 
 FUZZ = settings(max_examples=150, deadline=timedelta(seconds=5), database=None,
                 suppress_health_check=[HealthCheck.too_slow,
@@ -203,3 +204,56 @@ def test_a_reload_keeps_the_running_policy_unless_the_new_one_loads(
         assert r.mon.policy.sha256 == before
         [refused] = r.log.find("policy reload refused")
         assert refused["reason"].startswith(f"{path}") and "traceback" not in refused
+
+
+# --- the bounded composer builds what PyYAML's composer builds -------------------------------
+
+
+def same_tree(ours: yaml.Node | None, theirs: yaml.Node | None,
+              seen: dict[int, int] | None = None) -> bool:
+    """Equal tags, scalar values, start lines and shape; aliases share nodes alike."""
+    seen = {} if seen is None else seen
+    if ours is None or theirs is None:
+        return ours is theirs
+    if id(ours) in seen:
+        return seen[id(ours)] == id(theirs)
+    seen[id(ours)] = id(theirs)
+    if (type(ours), ours.tag, ours.start_mark.line) != (
+            type(theirs), theirs.tag, theirs.start_mark.line):
+        return False
+    if isinstance(ours, yaml.ScalarNode):
+        return bool(ours.value == theirs.value)
+    if len(ours.value) != len(theirs.value):
+        return False
+    if isinstance(ours, yaml.MappingNode):
+        return all(same_tree(k1, k2, seen) and same_tree(v1, v2, seen)
+                   for (k1, v1), (k2, v2) in zip(ours.value, theirs.value, strict=True))
+    return all(same_tree(a, b, seen) for a, b in zip(ours.value, theirs.value, strict=True))
+
+
+@FUZZ
+@given(dumped(policy_doc) | dumped(config_doc) | soup)
+def test_the_bounded_composer_agrees_with_pyyaml(text: str) -> None:
+    refused = False
+    try:
+        theirs = yaml.compose(text, Loader=LOADER)
+    except (yaml.YAMLError, UnicodeEncodeError):
+        theirs, refused = None, True
+    if refused:
+        try:
+            compose(text, SRC)
+        except ConfigError:
+            return
+        raise AssertionError(f"accepted what PyYAML refuses: {text!r}")
+    try:
+        ours = compose(text, SRC)
+    except ConfigError as e:  # only a limit PyYAML does not have
+        assert any(word in str(e) for word in ("nested deeper", "aliases", "larger than")), e
+        return
+    assert same_tree(ours, theirs)
+
+
+def test_the_default_files_compose_alike() -> None:
+    for name in ("policy.yaml", "config.yaml"):
+        text = (Path(__file__).resolve().parents[2] / "monitor" / "defaults" / name).read_text()
+        assert same_tree(compose(text, name), yaml.compose(text, Loader=LOADER))

@@ -685,7 +685,7 @@ def test_limits_on_size_aliases_and_numbers() -> None:
 def test_the_c_yaml_loader_is_used_where_installed() -> None:
     import yaml
 
-    from monitor import yamlsource
+    from monitor import yamlcompose
 
     expected = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
-    assert yamlsource.LOADER is expected
+    assert yamlcompose.LOADER is expected
