@@ -4,9 +4,10 @@ Built in stages. Load: strict YAML with line numbers (monitor/yamlsource.py), un
 rejected. Validate: every problem is collected with file, line and key path (such as
 ``rules[3].match.port[1]``) and a reason that says what to write instead, then raised
 together as one ConfigError (exit code 2). Compile: ``@list`` references expanded,
-regexes compiled, networks parsed (IPv4-mapped IPv6 folded into IPv4) and indexed by
-prefix length, rules indexed by event kind. The result is a frozen Policy that
-monitor/engine.py evaluates and monitor/kpolicy.py turns into BPF map contents.
+regexes compiled (RE2, linear time: monitor/regex.py), networks parsed (IPv4-mapped IPv6
+folded into IPv4) and indexed by prefix length, rules indexed by event kind. The result is
+a frozen Policy that monitor/engine.py evaluates and monitor/kpolicy.py turns into BPF map
+contents.
 
 This module must never evaluate events, touch the kernel or /proc, or accept a policy that
 silently means something other than what it says; it does no work on import.
