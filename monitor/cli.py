@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import IO
 
 from monitor import __version__, control
-from monitor.config import Config, check_trusted, default_config, load_config
+from monitor.config import Config, default_config, load_config
 from monitor.errors import AgentwatchError, ConfigError, ControlError
 from monitor.events import Event
 from monitor.loader import ProbeOptions, Probes
@@ -54,15 +54,22 @@ The command is tracked as an agent root by the running monitor before its first 
 """
 
 
+def _as_root() -> bool:
+    """As root, config and policy files an agent could have edited are refused (read
+    through a trusted path only: monitor/safefile.py)."""
+    return os.geteuid() == 0
+
+
 def _load(path: str | None) -> Config:
-    return load_config(path) if path else default_config()
+    return load_config(path, trusted=_as_root()) if path else default_config()
 
 
 def _policy(path: str | None, default: Callable[[], Policy] | None) -> tuple[Policy | None,
                                                                               float]:
     """The policy (from the file, else the default) and how long loading it took."""
     start = time.monotonic()
-    policy = load_policy(path) if path else (default() if default else None)
+    policy = load_policy(path, trusted=_as_root()) if path else (
+        default() if default else None)
     return policy, time.monotonic() - start
 
 
@@ -119,22 +126,14 @@ def _run_monitor(cfg: Config, loaded: tuple[Policy | None, float], sock: str | N
     return 0
 
 
-def _trusted(*paths: str | None) -> None:
-    """As root, refuse config/policy files an agent could have edited."""
-    if os.geteuid() == 0:
-        for path in paths:
-            if path:
-                check_trusted(path)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    _trusted(args.config, args.policy)
     cfg = _load(args.config)
 
     def reloader() -> tuple[Config, Policy]:
-        _trusted(args.config, args.policy)
-        policy = load_policy(args.policy) if args.policy else default_policy()
-        return _load(args.config), policy
+        config = _load(args.config)
+        policy = _policy(args.policy, default_policy)[0]
+        assert policy is not None
+        return config, policy
 
     sink = None
     if args.verbose:
@@ -427,9 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _error_text(e: AgentwatchError) -> str:
     """The error for a terminal: a config error one line per problem, any other one line;
     the text escaped, for it may quote an agent's (a recording's, a reply's) strings."""
-    if isinstance(e, ConfigError) and e.problems:
+    if isinstance(e, ConfigError) and e.problems:  # values in them are quoted with repr()
         return "\n".join(printable(f"agentwatch: {loc}: {reason}" if i == 0 else
-                                    f"{loc}: {reason}")
+                                    f"{loc}: {reason}", backslash=False)
                          for i, (loc, reason) in enumerate(e.problems))
     return printable(f"agentwatch: {e}")
 

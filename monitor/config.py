@@ -25,6 +25,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from monitor.errors import ConfigError, Location
+from monitor.regex import Compiler, PatternError, Regex
+from monitor.safefile import read_file
 from monitor.yamlsource import (
     Node,
     Problems,
@@ -74,7 +76,7 @@ class Matcher:
 
     comm: str | None = None
     exe: str | None = None  # fnmatchcase glob on the executable's real path
-    cmdline: re.Pattern[str] | None = None  # re.search on argv joined by single spaces
+    cmdline: Regex | None = None  # RE2 search on argv joined by single spaces
     uid: int | None = None
     cgroup: str | None = None  # fnmatchcase glob on the cgroup v2 path
     line: int = 0
@@ -261,15 +263,18 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def parse_agents(node: Node, problems: Problems, *,
-                 user_lookup: UserLookup | None = None) -> tuple[AgentSpec, ...]:
+def parse_agents(node: Node, problems: Problems, *, user_lookup: UserLookup | None = None,
+                 patterns: Compiler | None = None) -> tuple[AgentSpec, ...]:
     """Validate an ``agents:`` list node (the config's syntax, key path ``agents``).
 
-    Used by the policy loader, whose ``agents:`` section is the same. Problems are added
-    to ``problems``; agents with problems are left out of the result.
+    Used by the policy loader, whose ``agents:`` section is the same (and whose pattern
+    budget, ``patterns``, it shares). Problems are added to ``problems``; agents with
+    problems are left out of the result.
     """
     loader = _Loader(problems.source, user_lookup or _pwd_lookup)
     loader.problems = problems
+    if patterns is not None:
+        loader.patterns = patterns
     return loader.agents(node)
 
 
@@ -283,6 +288,7 @@ class _Loader:
     def __init__(self, source: str, user_lookup: UserLookup) -> None:
         self.problems = Problems(source)
         self.user_lookup = user_lookup
+        self.patterns = Compiler()
 
     def config(self, root: Node, source: str) -> Config:
         if root.value is None:  # empty file, or only comments
@@ -402,15 +408,15 @@ class _Loader:
             return None
         return pattern
 
-    def regex(self, node: Node, entry_path: str) -> re.Pattern[str] | None:
+    def regex(self, node: Node, entry_path: str) -> Regex | None:
         path = child_path(entry_path, "cmdline")
         text = expect_str(node, path, self.problems)
         if text is None:
             return None
         try:
-            return re.compile(text)
-        except re.error as exc:
-            self.problems.add(node.line, path, f"bad regular expression {text!r}: {exc}")
+            return self.patterns.compile(text)
+        except PatternError as exc:
+            self.problems.add(node.line, path, str(exc))
             return None
 
     def user(self, node: Node, path: str) -> int | None:
@@ -591,14 +597,17 @@ def load_config_text(text: str, source: str = "<string>", *,
     return config
 
 
-def load_config(path: str | Path, *, user_lookup: UserLookup | None = None) -> Config:
-    """Read and validate a config file; raises ConfigError if unreadable or malformed."""
+def load_config(path: str | Path, *, user_lookup: UserLookup | None = None,
+                trusted: bool = False) -> Config:
+    """Read and validate a config file; raises ConfigError if unreadable or malformed.
+
+    With trusted (the monitor runs as root), a file an agent could have changed is
+    refused: see monitor/safefile.py. Every file is read bounded (no FIFO, no device).
+    """
     source = str(path)
+    data = read_file(path, what="config file", trusted=trusted)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigError([(Location(source), f"cannot read config file: {reason}")]) from exc
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([(Location(source), f"not UTF-8 text: {exc.reason} "
                             f"at byte {exc.start}")]) from exc
@@ -612,23 +621,9 @@ def default_config() -> Config:
 
 
 def check_trusted(path: str | Path) -> None:
-    """Refuse a config or policy file an agent could have edited: it must be owned by root
-    and writable by nobody else, and so must its directory (unless sticky, like /tmp).
-    An agent that can edit the policy can allow itself anything."""
-    problems: list[tuple[Location, str]] = []
-    target = Path(path)
-    for item, what in ((target, "file"), (target.resolve().parent, "directory")):
-        try:
-            st = item.stat()
-        except OSError as e:
-            problems.append((Location(str(path)), f"cannot stat the {what} {item}: "
-                             f"{e.strerror}"))
-            continue
-        sticky_dir = what == "directory" and st.st_mode & 0o1000
-        if st.st_uid != 0 or (st.st_mode & 0o022 and not sticky_dir):
-            problems.append((Location(str(path)), (
-                f"the {what} {item} must be owned by root and writable by nobody else "
-                f"(owner uid {st.st_uid}, mode {st.st_mode & 0o7777:04o}): "
-                f"`chown root:root {item} && chmod go-w {item}`")))
-    if problems:
-        raise ConfigError(problems)
+    """Refuse a config or policy file an agent could have edited (monitor/safefile.py):
+    every component of its path, and of every symlink's target, must be root's and
+    writable by nobody else, and it must be a regular file within the size cap. An agent
+    that can edit the policy can allow itself anything. The loaders do this check on the
+    descriptor they read from (``trusted=True``); this is for callers that only check."""
+    read_file(path, what="file", trusted=True)

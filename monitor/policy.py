@@ -4,9 +4,10 @@ Built in stages. Load: strict YAML with line numbers (monitor/yamlsource.py), un
 rejected. Validate: every problem is collected with file, line and key path (such as
 ``rules[3].match.port[1]``) and a reason that says what to write instead, then raised
 together as one ConfigError (exit code 2). Compile: ``@list`` references expanded,
-regexes compiled, networks parsed (IPv4-mapped IPv6 folded into IPv4) and indexed by
-prefix length, rules indexed by event kind. The result is a frozen Policy that
-monitor/engine.py evaluates and monitor/kpolicy.py turns into BPF map contents.
+regexes compiled (RE2, linear time: monitor/regex.py), networks parsed (IPv4-mapped IPv6
+folded into IPv4) and indexed by prefix length, rules indexed by event kind. The result is
+a frozen Policy that monitor/engine.py evaluates and monitor/kpolicy.py turns into BPF map
+contents.
 
 This module must never evaluate events, touch the kernel or /proc, or accept a policy that
 silently means something other than what it says; it does no work on import.
@@ -33,6 +34,8 @@ from monitor.config import (
     parse_agents,
 )
 from monitor.errors import ConfigError, Location
+from monitor.regex import Compiler, PatternError, Regex
+from monitor.safefile import read_file
 from monitor.sshargs import FEATURES as SSH_FEATURES
 from monitor.yamlsource import (
     Node,
@@ -43,6 +46,7 @@ from monitor.yamlsource import (
     expect_number,
     expect_str,
     parse_yaml,
+    shown,
     type_name,
 )
 
@@ -134,7 +138,7 @@ class ExecMatch:
 
     names: frozenset[str] = frozenset()  # program basenames (real exe, or comm)
     exe: tuple[str, ...] = ()  # fnmatchcase globs on the real executable path
-    argv: tuple[re.Pattern[str], ...] = ()  # re.search on argv joined by single spaces
+    argv: tuple[Regex, ...] = ()  # RE2 search on argv joined by single spaces
     ssh: frozenset[str] = frozenset()  # monitor/sshargs.py FEATURES
     via: Via = field(default=(), compare=False, repr=False)
     comms: frozenset[str] = field(init=False, compare=False, repr=False)
@@ -289,6 +293,7 @@ class _Loader:
         self.user_lookup = user_lookup
         self.lists: dict[str, list[Node]] = {}
         self.fail_closed = FailClosed.KILL
+        self.patterns = Compiler()
 
     def add(self, item: _Item, reason: str) -> None:
         if item.via:
@@ -323,7 +328,8 @@ class _Loader:
         agents: tuple[AgentSpec, ...] = ()
         declared: dict[str, int] = {}
         if "agents" in top and top["agents"].value is not None:
-            agents = parse_agents(top["agents"], self.problems, user_lookup=self.user_lookup)
+            agents = parse_agents(top["agents"], self.problems, user_lookup=self.user_lookup,
+                                  patterns=self.patterns)
             declared = _declared_agents(top["agents"])
         if "lists" in top:
             self.read_lists(top["lists"])
@@ -336,7 +342,7 @@ class _Loader:
         value = node.value
         if isinstance(value, str) and value in {m.value for m in Mode}:
             return Mode(value)
-        self.problems.add(node.line, "mode", f"unknown mode {value!r}: write 'monitor' "
+        self.problems.add(node.line, "mode", f"unknown mode {shown(value)}: write 'monitor' "
                           "(verdicts are only logged and alerted) or 'enforce' (verdicts "
                           "are carried out)")
         return None
@@ -471,7 +477,7 @@ class _Loader:
         allowed = [str(e) for e in enum]
         if isinstance(node.value, str) and node.value in allowed:
             return enum(node.value)
-        self.problems.add(node.line, path, f"unknown {what} {node.value!r}: write one of "
+        self.problems.add(node.line, path, f"unknown {what} {shown(node.value)}: write one of "
                           f"{', '.join(allowed)}")
         return None
 
@@ -548,15 +554,15 @@ class _Loader:
             globs.append(pattern)
             if item.via:
                 via.append(("exe", pattern, item.via))
-        regexes: list[re.Pattern[str]] = []
+        regexes: list[Regex] = []
         for item in self.key_values(fields, path, "argv", "regular expressions"):
             text = self.text(item, "a regular expression")
             if text is None:
                 continue
             try:
-                regexes.append(re.compile(text))
-            except re.error as exc:
-                self.add(item, f"bad regular expression {text!r}: {exc} (Python re syntax)")
+                regexes.append(self.patterns.compile(text))
+            except PatternError as exc:
+                self.add(item, str(exc))
                 continue
             if item.via:
                 via.append(("argv", text, item.via))
@@ -608,7 +614,7 @@ class _Loader:
             family = fields["family"].value
             if family not in _FAMILIES:
                 self.problems.add(fields["family"].line, child_path(path, "family"),
-                                  f"unknown family {family!r}: write ipv4 or ipv6")
+                                  f"unknown family {shown(family)}: write ipv4 or ipv6")
                 return None
         assert family is None or isinstance(family, str)
         return ConnectMatch(networks=networks, ports=ports, family=family, outside=outside,
@@ -669,7 +675,7 @@ class _Loader:
             window = parse_duration(fields["for"].value)
             if window is None or not 0 < window <= MAX_WINDOW_S:
                 self.problems.add(fields["for"].line, child_path(path, "for"),
-                                  f"bad duration {fields['for'].value!r}: write seconds "
+                                  f"bad duration {shown(fields['for'].value)}: write seconds "
                                   "(e.g. 90) or a duration like 30s, 10m, 1h, 1h30m, "
                                   "more than 0 and at most 24h")
                 window = None
@@ -678,7 +684,7 @@ class _Loader:
             value = fields["scope"].value
             if value not in _SCOPES:
                 self.problems.add(fields["scope"].line, child_path(path, "scope"),
-                                  f"unknown scope {value!r}: write agent (the whole session) "
+                                  f"unknown scope {shown(value)}: write agent (the whole session) "
                                   "or process (each process on its own)")
                 return None
             assert isinstance(value, str)
@@ -730,7 +736,8 @@ def load_policy_text(text: str, source: str = "<string>", *,
 
     sha256 is the digest of the text encoded as UTF-8.
     """
-    return _build(text, source, user_lookup, hashlib.sha256(text.encode()).hexdigest())
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return _build(text, source, user_lookup, digest)  # parse_yaml refuses surrogates
 
 
 def _build(text: str, source: str, user_lookup: UserLookup | None, digest: str) -> Policy:
@@ -743,18 +750,18 @@ def _build(text: str, source: str, user_lookup: UserLookup | None, digest: str) 
                   fail_closed=loader.fail_closed)
 
 
-def load_policy(path: str | Path, *, user_lookup: UserLookup | None = None) -> Policy:
+def load_policy(path: str | Path, *, user_lookup: UserLookup | None = None,
+                trusted: bool = False) -> Policy:
     """Read, validate and compile a policy file; raises ConfigError if unreadable or bad.
 
-    sha256 is the digest of the file's bytes (what sha256sum prints for it).
+    sha256 is the digest of the file's bytes (what sha256sum prints for it). With trusted
+    (the monitor runs as root), a file an agent could have changed is refused: see
+    monitor/safefile.py. Every file is read bounded (no FIFO, no device).
     """
     source = str(path)
+    data = read_file(path, what="policy file", trusted=trusted)
     try:
-        data = Path(path).read_bytes()
         text = data.decode("utf-8")
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigError([(Location(source), f"cannot read policy file: {reason}")]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([(Location(source), f"not UTF-8 text: {exc.reason} "
                             f"at byte {exc.start}")]) from exc

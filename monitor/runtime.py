@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from traceback import format_exception
 from typing import IO, Any
 
 from monitor import events
@@ -335,16 +336,29 @@ class Monitor:
         start = time.monotonic()
         try:
             config, policy = self.reloader()
+        except (ConfigError, EnvironmentProblem) as e:
+            return self._reload_refused(str(e), start)
+        except Exception as e:  # a bug, not bad input: see below
+            # Not bad input (the loaders raise ConfigError for any file): a bug in loading,
+            # which changes nothing. Logged with its traceback and counted as refused; the
+            # running policy stays in force: a reload must never take the monitor (and
+            # every probe with it) down.
+            return self._reload_refused(f"internal error {type(e).__name__}: {e!s:.200}",
+                                        start, traceback="".join(format_exception(e)[-8:]))
+        try:
             self.reload(config, policy)
         except (ConfigError, EnvironmentProblem) as e:
-            self.metrics.observe_reload(False, time.monotonic() - start)
-            self.log("policy reload refused", level="error", reason=str(e),
-                     kept=self.policy.sha256)
-            self.sd.ready(self._status_line())
-            return False
+            return self._reload_refused(str(e), start)
         self.metrics.observe_reload(True, time.monotonic() - start)
         self.sd.ready(self._status_line())
         return True
+
+    def _reload_refused(self, reason: str, start: float, **fields: object) -> bool:
+        self.metrics.observe_reload(False, time.monotonic() - start)
+        self.log("policy reload refused", level="error", reason=reason,
+                 kept=self.policy.sha256, **fields)
+        self.sd.ready(self._status_line())
+        return False
 
     def reload(self, config: Config, policy: Policy) -> None:
         """Swap in a new config and policy at once: the kernel rule and matcher maps are

@@ -45,21 +45,27 @@ def _safe(ch: str) -> bool:
     return ch != "\\" and ch.isprintable()
 
 
-def printable(text: str, limit: int | None = None) -> str:
+def printable(text: str, limit: int | None = None, *, backslash: bool = True) -> str:
     """text with every control, format, separator and surrogate character (and the
     backslash) written as a visible escape; see the module docstring. With `limit` (1 or
     more), at most that many characters come out: a longer result is cut at a whole
-    escape and ends with an ellipsis; only the part shown is looked at."""
-    if "\\" not in text and text.isprintable():  # the common case, at C speed
+    escape and ends with an ellipsis; only the part shown is looked at. backslash=False
+    leaves backslashes as they are: for messages of our own that quote values with repr()
+    (already escaped once), where doubling them would only garble the quoted value."""
+    if ("\\" not in text or not backslash) and text.isprintable():  # common case, C speed
         if limit is None or len(text) <= limit:
             return text
         return text[:limit - len(ELLIPSIS)] + ELLIPSIS
+
+    def safe(ch: str) -> bool:
+        return _safe(ch) or (ch == "\\" and not backslash)
+
     if limit is None:
-        return "".join(ch if _safe(ch) else _escape(ch) for ch in text)
+        return "".join(ch if safe(ch) else _escape(ch) for ch in text)
     out: list[str] = []
     size = 0
     for ch in text:
-        piece = ch if _safe(ch) else _escape(ch)
+        piece = ch if safe(ch) else _escape(ch)
         size += len(piece)
         if size > limit:
             break

@@ -7,14 +7,20 @@ strings). Duplicate keys, non-string keys and unsupported tags are errors. The h
 at the bottom let a validator check a mapping against its allowed keys and collect every
 problem before raising one ConfigError.
 
+Every parse is bounded (YamlLimits): the node tree comes from monitor/yamlcompose.py,
+which enforces text size, nesting depth, aliases, expanded size and time as it reads;
+this module adds the length of numbers and keeps to the same deadline while it walks.
+
 This module must never construct arbitrary Python objects (no ``yaml.load`` with an
-unsafe loader), never raise at the first problem when more can be found, and never
-import anything heavy: unit tests use it without root.
+unsafe loader), never raise at the first problem when more can be found, never put a
+node tree into an error message (a Node's repr is one line), never raise anything but
+ConfigError for bad input, and never import anything heavy: unit tests use it without root.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -23,6 +29,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from monitor.errors import ConfigError, Location
+from monitor.yamlcompose import LIMITS, YamlLimits, compose
 
 Scalar: TypeAlias = str | int | float | bool | None
 NodeValue: TypeAlias = "dict[str, Node] | list[Node] | Scalar"
@@ -34,10 +41,9 @@ _SCALAR_TAGS = frozenset(
     {_STR, "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
      "tag:yaml.org,2002:null", _TIMESTAMP}
 )
+_NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 _SEQ = "tag:yaml.org,2002:seq"
 _MAP = "tag:yaml.org,2002:map"
-
-
 @dataclass(frozen=True, eq=False)
 class Node:
     """One YAML value and the 1-based line it starts on.
@@ -49,6 +55,14 @@ class Node:
     value: NodeValue
     line: int
     key_lines: Mapping[str, int] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # one line, never the tree below (aliases share subtrees)
+        if isinstance(self.value, dict | list):
+            return f"<{type_name(self.value)} of {len(self.value)} at line {self.line}>"
+        shown = repr(self.value)
+        if len(shown) > 60:
+            shown = shown[:60] + "..."
+        return f"<{shown} at line {self.line}>"
 
     def to_python(self) -> object:
         """The plain Python value, with every Node unwrapped (recursively)."""
@@ -79,6 +93,15 @@ def type_name(value: object) -> str:
     return type(value).__name__
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """A parsed value for an error message: a scalar's repr cut to limit characters, a
+    collection only by its type (never the tree below it)."""
+    if isinstance(value, dict | list):
+        return f"(a {type_name(value)})"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class Problems:
     """Collects problems found in one source so that all of them are reported at once."""
 
@@ -104,11 +127,20 @@ class Problems:
             raise ConfigError(sorted(self.items, key=lambda item: item[0].line))
 
 
+class _TooSlow(Exception):
+    """The walk went past the parse deadline."""
+
+
 class _Walker:
     """Turns a composed yaml node tree into Nodes, collecting structural problems."""
 
-    def __init__(self, problems: Problems) -> None:
+    def __init__(self, problems: Problems, limits: YamlLimits, clock: Callable[[], float],
+                 deadline: float) -> None:
         self.problems = problems
+        self.limits = limits
+        self.clock = clock
+        self.deadline = deadline
+        self.walked = 0
         self.constructor = SafeConstructor()
         self.done: dict[int, Node] = {}  # id(yaml node) -> Node, so aliases are shared
         self.active: set[int] = set()  # yaml nodes being walked, to catch recursive aliases
@@ -117,6 +149,9 @@ class _Walker:
         line = node.start_mark.line + 1
         if id(node) in self.done:
             return self.done[id(node)]
+        self.walked += 1
+        if self.walked % 1024 == 0 and self.clock() > self.deadline:
+            raise _TooSlow
         if id(node) in self.active:
             self.problems.add(line, path, "recursive alias is not allowed")
             return Node(None, line)
@@ -133,12 +168,12 @@ class _Walker:
             return Node(self.scalar(node, path), line)
         if isinstance(node, SequenceNode):
             if node.tag != _SEQ:
-                self.problems.add(line, path, f"unsupported YAML tag {node.tag!r}")
+                self.problems.add(line, path, f"unsupported YAML tag {shown(node.tag)}")
             return Node([self.walk(item, child_path(path, i))
                          for i, item in enumerate(node.value)], line)
         if isinstance(node, MappingNode):
             if node.tag != _MAP:
-                self.problems.add(line, path, f"unsupported YAML tag {node.tag!r}")
+                self.problems.add(line, path, f"unsupported YAML tag {shown(node.tag)}")
             values: dict[str, Node] = {}
             key_lines: dict[str, int] = {}
             self.mapping(node, path, values, key_lines, merged=False)
@@ -149,14 +184,23 @@ class _Walker:
     def scalar(self, node: ScalarNode, path: str) -> Scalar:
         line = node.start_mark.line + 1
         if node.tag not in _SCALAR_TAGS:
-            self.problems.add(line, path, f"unsupported YAML tag {node.tag!r}")
+            self.problems.add(line, path, f"unsupported YAML tag {shown(node.tag)}")
             return None
-        if node.tag == _TIMESTAMP:
+        if node.tag in (_STR, _TIMESTAMP):  # as written (timestamps stay strings)
             return str(node.value)
+        if node.tag in _NUMBER_TAGS and len(node.value) > self.limits.max_number_chars:
+            self.problems.add(line, path, f"number too long ({len(node.value)} characters; "
+                              f"at most {self.limits.max_number_chars})")
+            return None
         try:
             value = self.constructor.construct_object(node, deep=True)
-        except yaml.YAMLError as exc:
-            self.problems.add(line, path, f"bad {node.tag.rsplit(':', 1)[-1]} value: {exc}")
+        except (yaml.YAMLError, ValueError, LookupError) as exc:
+            # an explicit tag on a value that is not one (!!int '', !!bool x): PyYAML's
+            # constructors raise IndexError, KeyError or ValueError for those
+            kind = node.tag.rsplit(":", 1)[-1]
+            detail = getattr(exc, "problem", None)
+            reason = detail[:200] if detail else f"{shown(node.value)} is not a {kind}"
+            self.problems.add(line, path, f"bad {kind} value: {reason}")
             return None
         if value is None or isinstance(value, str | int | float | bool):
             return value
@@ -201,28 +245,24 @@ class _Walker:
                         self.active.discard(id(source))
 
 
-def parse_yaml(text: str, source: str) -> Node:
+def parse_yaml(text: str, source: str, *, limits: YamlLimits = LIMITS,
+               clock: Callable[[], float] = time.monotonic) -> Node:
     """Parse one YAML document into Nodes. An empty document gives ``Node(None, 1)``.
 
-    Raises ConfigError for syntax errors (with the line of the error), duplicate keys,
-    non-string keys and unsupported tags; every structural problem is reported at once.
+    Raises ConfigError for syntax errors (with the line of the error), a document past
+    limits, duplicate keys, non-string keys and unsupported tags; every structural
+    problem is reported at once. Nothing else is raised for any text.
     """
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 0
-        reason = f"YAML syntax error: {exc.problem or exc.context or 'malformed document'}"
-        if exc.context and exc.problem and exc.context_mark is not None:
-            context = f"{exc.context} (line {exc.context_mark.line + 1})"
-            reason = f"YAML syntax error: {context}: {exc.problem}"
-        raise ConfigError([(Location(source, line), reason)]) from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError([(Location(source), f"YAML error: {exc}")]) from exc
+    deadline = clock() + limits.max_seconds
+    root = compose(text, source, limits=limits, clock=clock, deadline=deadline)
     if root is None:
         return Node(None, 1)
     problems = Problems(source)
-    result = _Walker(problems).walk(root, "")
+    try:
+        result = _Walker(problems, limits, clock, deadline).walk(root, "")
+    except _TooSlow:
+        raise ConfigError([(Location(source), f"parsing took longer than "
+                            f"{limits.max_seconds:g} s")]) from None
     problems.raise_if_any()
     return result
 

@@ -197,13 +197,20 @@ def agent_user() -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
+AGENT_UID = 65534  # nobody: an unprivileged user standing in for an agent
+
+
 @pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory the agent user can read and execute from (tmp_path's parents are
-    root-only)."""
-    d = Path(tempfile.mkdtemp(prefix="awtest-", dir="/tmp"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def reachable_tmp() -> Iterator[Path]:
+    """A root-owned 0755 directory under /tmp that an unprivileged agent user can reach
+    (pytest's tmp_path cannot be: its parents are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="aw-kernel-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_agent(argv: list[str]) -> None:
+    """Run argv as the unprivileged agent user (AGENT_UID); it must succeed."""
+    subprocess.run(argv, user=AGENT_UID, group=AGENT_UID, extra_groups=[], check=True,
+                   timeout=30)

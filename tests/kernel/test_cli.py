@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_root
+from conftest import AGENT_UID, as_agent, free_port, require_root
 
 from monitor.errors import EnvironmentProblem
 from monitor.loader import check_host
@@ -116,3 +116,35 @@ def test_run_detaches_cleanly_on_sigterm_and_sigint(tmp_path: Path) -> None:
         assert "Traceback" not in err
         assert any(json.loads(line)["msg"] == "monitor stopped" for line in out.splitlines())
         assert not sock.exists(), "the control socket was left behind"
+
+
+def test_run_refuses_a_policy_an_agent_could_swap_and_files_that_are_not_policies(
+        reachable_tmp: Path) -> None:
+    """Issue 10 item 5: as root, config and policy are read only through a trusted path,
+    and only from a regular file of at most 1 MiB, checked on the descriptor read."""
+    require_root()
+    base = reachable_tmp
+    config = base / "config.yaml"
+    config.write_text(f"metrics: {{listen: '127.0.0.1:{free_port()}'}}\n")
+    policy = base / "policy.yaml"
+    policy.write_text("mode: enforce\n")
+    agent_dir = base / "agent"  # a directory the agent was given, or made for itself
+    agent_dir.mkdir()
+    os.chown(agent_dir, AGENT_UID, AGENT_UID)
+    link = agent_dir / "policy.yaml"
+    as_agent(["ln", "-s", str(policy), str(link)])  # points at root's own policy, for now
+    fifo = base / "fifo.yaml"
+    os.mkfifo(fifo, 0o644)
+    big = base / "big.yaml"
+    big.write_text("mode: enforce\n" + "#" * (1 << 20) + "\n")
+    sock = str(base / "ctl.sock")
+    for path, reason in (
+            (link, f"the directory {agent_dir} must be owned by root and writable by nobody "
+                   "else (owner uid 65534"),
+            (fifo, f"the policy file {fifo} is a FIFO (named pipe), not a regular file"),
+            (big, f"the policy file {big} is larger than 1 MiB")):
+        r = run(["run", "--config", str(config), "--policy", str(path), "--socket", sock])
+        assert r.returncode == 2, (path, r.stderr)
+        assert reason in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run(["run", "--config", str(link), "--policy", str(policy), "--socket", sock])
+    assert r.returncode == 2 and f"the directory {agent_dir} must be owned" in r.stderr

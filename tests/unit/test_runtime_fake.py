@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from timebox import within
 
 from monitor import events
 from monitor.config import Config, load_config_text
@@ -928,3 +929,59 @@ def test_audit_lines_and_alerts_a_full_disk_refuses_are_exported_and_overflow_co
         assert isinstance(mon.log, JsonLog)
         mon.log.close()  # its retry thread stops
     assert "Traceback" not in capfd.readouterr().err
+
+
+# --- reload: a hostile or broken file never takes the monitor down (issue 10, item 8) -----
+
+
+HOSTILE_POLICIES = {
+    "deep": "mode: enforce\nrules: " + "[" * 100_000 + "]" * 100_000 + "\n",
+    "bomb": "l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]\n" for i in range(1, 9))
+    + "mode: *l8\n",
+    "long-number": "mode: enforce\nrules:\n  - {name: a, event: processes, action: kill, "
+                   "match: {above: " + "7" * 5000 + "}}\n",
+    "backreference": "mode: enforce\nrules:\n  - {name: a, event: exec, action: kill, "
+                     "match: {argv: ['(a)\\1']}}\n",
+}
+
+
+def _reload(tmp_path: Path, text: str) -> tuple[bool, bool, dict[str, int], list[str]]:
+    """(reload ok, policy unchanged, reload counts, reasons logged) after a reload of text."""
+    from monitor.policy import load_policy
+
+    r = rig(tmp_path)
+    before = r.mon.policy.sha256
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    r.mon.reloader = lambda: (r.mon.config, load_policy(path))
+    ok = r.mon.reload_from_files()
+    return (ok, r.mon.policy.sha256 == before, r.mon.metrics.snapshot().reloads,
+            [f["reason"] for f in r.log.find("policy reload refused")])
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_POLICIES))
+def test_a_reload_of_a_hostile_policy_is_refused_and_the_old_one_stays(
+        tmp_path: Path, name: str) -> None:
+    # in a child with a time limit: on a YAML bomb the old loader ran for minutes
+    ok, unchanged, reloads, [reason] = within(
+        20, lambda: _reload(tmp_path, HOSTILE_POLICIES[name]))
+    assert (ok, unchanged, reloads) == (False, True, {"ok": 0, "refused": 1})
+    assert reason.startswith(f"{tmp_path}/policy.yaml:") and len(reason) < 2000
+
+
+def test_a_loader_bug_during_a_reload_is_logged_and_the_monitor_keeps_running(
+        tmp_path: Path) -> None:
+    r = rig(tmp_path)
+    before = r.mon.policy.sha256
+
+    def broken() -> tuple[Config, Any]:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    r.mon.reloader = broken
+    assert r.mon.reload_from_files() is False
+    assert r.mon.policy.sha256 == before
+    [refused] = r.log.find("policy reload refused")
+    assert refused["reason"].startswith("internal error RecursionError")
+    assert "broken" in refused["traceback"]
+    assert r.mon.metrics.snapshot().reloads["refused"] == 1
