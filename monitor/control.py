@@ -43,6 +43,7 @@ REPLY_SECONDS = 5.0  # for the client to take its reply
 MAX_WAITING = 128  # connections still sending their request; more: the oldest is dropped
 MAX_BUSY = 8  # requests being handled at once (and as many kill switch requests)
 MAX_SUBSCRIBERS = 32
+OP_WAIT_SECONDS = 30.0  # for the request of the same op before it to finish
 MAX_REPLY = 64 * 1024 * 1024  # what a client reads of one reply line
 SO_PEERPIDFD = 77  # Linux 6.5+: a pidfd of the process that connected
 
@@ -291,6 +292,10 @@ class ControlServer:
         self._kill_slots = threading.BoundedSemaphore(MAX_BUSY)
         self._workers: set[threading.Thread] = set()
         self._workers_lock = threading.Lock()
+        self._logged: dict[str, float] = {}
+        # requests of one op run one at a time, as when one thread served them all; other
+        # ops run meanwhile (the kill switch while a reload loads its files)
+        self._op_locks = {op: threading.Lock() for op in handlers}
 
     def start(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -331,7 +336,10 @@ class ControlServer:
         self.subscribers.close()
 
     def _problem(self, what: str, e: BaseException) -> None:
-        if self.log is not None:
+        """Log an unexpected failure; the same one at most every 10 s (no log flood)."""
+        now = time.monotonic()
+        if self.log is not None and now - self._logged.get(what, -10.0) >= 10:
+            self._logged[what] = now
             self.log(what, level="error", error=repr(e)[:500])
 
     # --- the reading thread ----------------------------------------------------------------
@@ -352,8 +360,8 @@ class ControlServer:
                     try:
                         if conn is self._sock:
                             self._accept(sel)
-                        else:
-                            self._read(sel, self._waiting[conn])
+                        elif (w := self._waiting.get(conn)) is not None:  # not dropped since
+                            self._read(sel, w)
                     except Exception as e:  # one client's trouble must not stop the server
                         self._problem("control socket: request failed", e)
                         if conn is not self._sock:
@@ -480,12 +488,19 @@ class ControlServer:
 
     def _answer(self, conn: socket.socket, peer: Peer, op: str, handler: Handler,
                 req: dict[str, Any], slots: threading.BoundedSemaphore) -> None:
+        lock = self._op_locks[op]
         try:
-            try:
-                reply = handler(req, peer)
-            except Exception as e:  # a handler bug must not take the control socket down
-                self._problem(f"control socket: {op!r} failed", e)
-                reply = {"ok": False, "error": f"internal error in {op!r}: {e!r}"[:1000]}
+            if not lock.acquire(timeout=OP_WAIT_SECONDS):
+                reply = {"ok": False, "error": f"another {op!r} request has been running for "
+                                               f"{OP_WAIT_SECONDS:g} s: try again later"}
+            else:
+                try:
+                    reply = handler(req, peer)
+                except Exception as e:  # a handler bug must not take the control socket down
+                    self._problem(f"control socket: {op!r} failed", e)
+                    reply = {"ok": False, "error": f"internal error in {op!r}: {e!r}"[:1000]}
+                finally:
+                    lock.release()
             conn.settimeout(self.reply_seconds)
             conn.sendall(_line(reply))
         except OSError:

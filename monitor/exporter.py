@@ -113,6 +113,7 @@ class MetricsServer:
         self.request_seconds = request_seconds
         self.log = log
         self.served = 0
+        self._logged: dict[str, float] = {}
         self._slots = threading.BoundedSemaphore(max_clients)
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -177,7 +178,10 @@ class MetricsServer:
         self.socket.close()
 
     def _problem(self, what: str, e: BaseException) -> None:
-        if self.log is not None:
+        """Log an unexpected failure; the same one at most every 10 s (no log flood)."""
+        now = time.monotonic()
+        if self.log is not None and now - self._logged.get(what, -10.0) >= 10:
+            self._logged[what] = now
             self.log(what, level="error", error=repr(e)[:500])
 
     # --- one connection ----------------------------------------------------------------------

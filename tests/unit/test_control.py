@@ -553,6 +553,42 @@ def test_a_slow_handler_does_not_hold_up_other_requests(tmp_path: Path, calls: C
         srv.stop()
 
 
+@pytest.mark.timeout(30)
+def test_requests_of_one_op_run_one_at_a_time(tmp_path: Path, calls: Calls) -> None:
+    """Handlers were written for one control thread: two reloads (or two kill switches)
+    never run at once, though a kill switch runs while a reload does."""
+    running: list[str] = []
+    overlaps: list[list[str]] = []
+    lock = threading.Lock()
+
+    def slow(op: str) -> control.Handler:
+        def handler(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+            with lock:
+                running.append(op)
+                overlaps.append(list(running))
+            time.sleep(0.2)
+            with lock:
+                running.remove(op)
+            return {"ok": True}
+        return handler
+
+    srv = ControlServer(tmp_path / "c.sock", {"reload": slow("reload"),
+                                              "killswitch": slow("killswitch")})
+    srv.start()
+    try:
+        threads = [threading.Thread(target=request, args=(srv.path, {"op": op}, 15))
+                   for op in ("reload", "reload", "reload", "killswitch", "killswitch")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=15)
+    finally:
+        srv.stop()
+    assert len(overlaps) == 5
+    assert all(o.count("reload") <= 1 and o.count("killswitch") <= 1 for o in overlaps)
+    assert any(len(o) == 2 for o in overlaps)  # the two ops did run side by side
+
+
 def test_busy_requests_are_refused_but_the_kill_switch_has_its_own_slots(
     tmp_path: Path, calls: Calls,
 ) -> None:
