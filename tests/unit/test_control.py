@@ -618,11 +618,15 @@ def test_busy_requests_are_refused_but_the_kill_switch_has_its_own_slots(
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("pin", ["SO_PEERPIDFD", "pidfd_open"])
 def test_the_handler_can_tell_that_the_peer_that_sent_the_request_has_exited(
-    tmp_path: Path, calls: Calls,
+    tmp_path: Path, calls: Calls, monkeypatch: pytest.MonkeyPatch, pin: str,
 ) -> None:
     """The pid a request came from may name another process once the sender has exited;
-    the handler's peer says whether it still names the sender."""
+    the handler's peer says whether it still names the sender (pinned by SO_PEERPIDFD, or
+    where the kernel lacks it, before Linux 6.5, by pidfd_open at accept)."""
+    if pin == "pidfd_open":
+        monkeypatch.setattr(control, "SO_PEERPIDFD", 0x7FFF)  # unknown option: ENOPROTOOPT
     entered, release = threading.Event(), threading.Event()
     seen: list[tuple[int, bool]] = []
 
