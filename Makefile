@@ -46,7 +46,7 @@ bench-tools:
 
 bench: setup bench-tools
 	$(VPY) bench/run.py $(ARGS)
-	$(VPY) bench/kill_latency.py
+	$(VPY) bench/kill_latency.py --scrape-threads 4
 	$(VPY) bench/scale.py
 	$(VPY) bench/footprint.py
 	$(VPY) bench/scrape.py
@@ -54,10 +54,10 @@ bench: setup bench-tools
 
 bench-quick: setup bench-tools
 	$(VPY) bench/run.py --quick $(ARGS)
-	$(VPY) bench/kill_latency.py --quick
+	$(VPY) bench/kill_latency.py --quick --scrape-threads 4
 	$(VPY) bench/scale.py --quick
 	$(VPY) bench/footprint.py --quick
-	$(VPY) bench/scrape.py --agents 10 --children 50
+	$(VPY) bench/scrape.py --agents 10 --children 50 --scrapes 10
 	$(VPY) bench/hotpath.py --records 50000 --rounds 3
 
 install: setup

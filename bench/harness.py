@@ -248,3 +248,48 @@ def wait_drained(mon: Monitor, base: int, expected: int, quiet_s: float = 1.0,
             break
         last = now
     return last, last_change - t0
+
+
+SCRAPER = """
+import sys, threading, time, urllib.request
+url, n = sys.argv[1], int(sys.argv[2])
+done, ok, failed = threading.Event(), [0], [0]
+def loop():
+    while not done.is_set():
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                r.read()
+            ok[0] += 1
+        except OSError:
+            failed[0] += 1
+            time.sleep(0.01)
+threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
+for t in threads:
+    t.start()
+print("scraping", flush=True)
+sys.stdin.read()
+done.set()
+print(ok[0], failed[0], flush=True)
+"""
+
+
+class ScrapeLoop:
+    """An agent scraping /metrics in a loop: `threads` threads of one child process fetch
+    `url` back to back (optionally started through `prefix`, e.g. `agentwatch exec ... --`)
+    until stop(), which returns (scrapes served, scrapes failed, seconds)."""
+
+    def __init__(self, url: str, threads: int, prefix: list[str] | None = None) -> None:
+        self.proc = subprocess.Popen([*(prefix or []), sys.executable, "-c", SCRAPER, url,
+                                      str(threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True,
+                                     preexec_fn=die_with_parent)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "scraping":
+            raise RuntimeError("the scrape loop did not start")
+        self.start = time.monotonic()
+
+    def stop(self) -> tuple[int, int, float]:
+        out, _ = self.proc.communicate(input="", timeout=60)
+        seconds = time.monotonic() - self.start
+        ok, failed = (int(x) for x in out.split())
+        return ok, failed, seconds

@@ -1,13 +1,14 @@
 """Kill latency: from the offending syscall's entry to the process's death, for an in-kernel
 rule (connect to a forbidden destination: SIGKILL at syscall entry) and a userspace rule
 (exec of `ssh -R`: decided from argv in Python, killed through a pidfd), idle and while
-another agent generates 10,000 other events per second.
+another agent generates 10,000 other events per second, and (with --scrape-threads N) while
+an agent scrapes /metrics in a loop from N threads.
 
 t0 is stamped by the victim (CLOCK_BOOTTIME) right before the syscall; the death time is the
 kernel's timestamp of the victim's exit event (same clock), read from the monitor's stream.
 For the in-kernel rule the victim also records whether connect() ever returned: it must not.
 
-Usage: .venv/bin/python bench/kill_latency.py [--quick] [--output FILE]
+Usage: .venv/bin/python bench/kill_latency.py [--quick] [--scrape-threads N] [--output FILE]
 
 bench/scale.py reuses build_victims(), ExitWatch and measure() against its own monitors.
 """
@@ -29,6 +30,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from harness import ScrapeLoop, proc_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -119,8 +122,10 @@ rules:
     match: {{address: [127.0.0.1], port: [{kill_port}]}}
 """)
         config = tmp / "config.yaml"
+        port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         config.write_text(f"monitor: {{ring_buffer_mib: 8}}\n"
-                          f"metrics: {{listen: '127.0.0.1:{free_port()}'}}\n")
+                          f"metrics: {{listen: '127.0.0.1:{port}'}}\n")
         self.proc = subprocess.Popen([*AGENTWATCH, "run", "--config", str(config), "--policy",
                                       str(policy), "--socket", self.sock],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -197,6 +202,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="100 kills per case instead of 500")
+    ap.add_argument("--scrape-threads", type=int, default=0, metavar="N",
+                    help="also measure while an agent scrapes /metrics from N threads")
     ap.add_argument("--output", default=str(ROOT / "bench" / "results-kill.json"))
     args = ap.parse_args()
     n = 100 if args.quick else 500
@@ -204,21 +211,32 @@ def main() -> int:
     victim, ssh = build_victims(tmp)
     kill_port, load_port = free_port(), free_port()
     mon = Monitor(tmp, kill_port)
-    results: dict[str, Any] = {"kills_per_case": n, "load_events_per_s": 10_000}
+    results: dict[str, Any] = {"kills_per_case": n, "load_events_per_s": 10_000,
+                               "scrape_threads": args.scrape_threads}
     try:
-        for load in (False, True):
-            bg = None
-            if load:
+        for tag in ("idle", "loaded", "scraped") if args.scrape_threads else ("idle", "loaded"):
+            bg, scraper = None, None
+            if tag == "loaded":
                 seconds = n * 0.02 + 30
                 bg = agent(mon, "background", [str(victim), "load", "10000", str(seconds),
                                                str(load_port)], stdout=subprocess.PIPE)
                 time.sleep(1)
-            tag = "loaded" if load else "idle"
+            if tag == "scraped":
+                scraper = ScrapeLoop(mon.metrics_url, args.scrape_threads,
+                                     mon.exec_prefix("scraper"))
+                time.sleep(1)
+            cpu0, t0 = proc_cpu(mon.proc.pid), time.monotonic()
             prefix = mon.exec_prefix("bench")
             results[f"userspace_{tag}"] = measure(mon.watch, prefix, str(victim), "exec-kill",
                                                   n, str(ssh))
             results[f"kernel_{tag}"] = measure(mon.watch, prefix, str(victim), "connect-kill",
                                                n, str(kill_port))
+            results[f"monitor_cpu_pct_{tag}"] = round(
+                100 * (proc_cpu(mon.proc.pid) - cpu0) / (time.monotonic() - t0), 1)
+            if scraper is not None:
+                ok, failed, seconds = scraper.stop()
+                results["scrapes_per_s"] = round(ok / seconds, 1)
+                results["scrapes_failed"] = failed
             if bg is not None:
                 bg.kill()
                 bg.wait()
@@ -231,6 +249,11 @@ def main() -> int:
         if isinstance(r, dict):
             print(f"{key:<18} {r['measured']:>5} {r['p50_ms']!s:>8} {r['p99_ms']!s:>8} "
                   f"{r['max_ms']!s:>8} {r['not_killed']:>10} {r['forbidden_step_completed']:>9}")
+    print("monitor CPU, % of a core: " + ", ".join(
+        f"{k.rsplit('_', 1)[1]} {v}" for k, v in results.items() if k.startswith("monitor_cpu")))
+    if args.scrape_threads:
+        print(f"scrapes served while scraped: {results['scrapes_per_s']}/s "
+              f"({results['scrapes_failed']} failed)")
     goal_user = all(results[f"userspace_{t}"]["p99_ms"] is not None
                     and results[f"userspace_{t}"]["p99_ms"] <= 5 for t in ("idle", "loaded"))
     goal_kernel = all(results[f"kernel_{t}"]["measured"] > 0

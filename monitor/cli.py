@@ -115,7 +115,9 @@ def _run_monitor(cfg: Config, loaded: tuple[Policy | None, float], sock: str | N
         if serve_metrics:
             registry = CollectorRegistry()
             registry.register(AgentwatchCollector(mon))
-            server, _ = serve(registry, cfg.metrics.listen)
+            server, _ = serve(registry, cfg.metrics.listen,
+                              cache_seconds=cfg.metrics.cache_seconds,
+                              max_per_second=cfg.metrics.max_scrapes_per_second, log=mon.log)
             mon.log("metrics served", address=cfg.metrics.listen)
         mon.run(stop)
     finally:

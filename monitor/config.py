@@ -55,7 +55,7 @@ _MONITOR_KEYS = ("control_socket", "ring_buffer_mib", "max_processes", "tick_sec
                  "audit_log", "pin_dir", "fail_closed_seconds")
 _ALERTS_KEYS = ("alertmanager_url", "webhook_url", "spool_dir", "timeout_seconds",
                 "resolve_after_seconds", "instance", "runbook_url")
-_METRICS_KEYS = ("listen",)
+_METRICS_KEYS = ("listen", "cache_seconds", "max_scrapes_per_second")
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,8 @@ class MetricsSettings:
     """Where the Prometheus exporter listens."""
 
     listen: str = "127.0.0.1:9464"  # host:port, IPv6 as [::1]:9464
+    cache_seconds: float = 1.0  # a rendering is reused this long, 0..60
+    max_scrapes_per_second: float = 10.0  # more wait their turn, 0.1..1000
 
     @property
     def host(self) -> str:
@@ -573,18 +575,27 @@ class _Loader:
         if node.value is None:  # "metrics:" with every setting commented out
             return default
         fields = check_mapping(node, "metrics", self.problems, allowed=_METRICS_KEYS)
-        if fields is None or "listen" not in fields:
+        if fields is None:
             return default
-        n = fields["listen"]
-        listen = expect_str(n, "metrics.listen", self.problems)
-        if listen is None:
-            return default
-        try:
-            split_listen(listen)
-        except ValueError as exc:
-            self.problems.add(n.line, "metrics.listen", str(exc))
-            return default
-        return MetricsSettings(listen=listen)
+        listen = default.listen
+        if "listen" in fields:
+            n = fields["listen"]
+            got = expect_str(n, "metrics.listen", self.problems)
+            try:
+                if got is not None:
+                    split_listen(got)
+                    listen = got
+            except ValueError as exc:
+                self.problems.add(n.line, "metrics.listen", str(exc))
+        numbers = {"cache_seconds": (0.0, 60.0), "max_scrapes_per_second": (0.1, 1000.0)}
+        found: dict[str, float] = {}
+        for key, (low, high) in numbers.items():
+            if key in fields:
+                value = expect_number(fields[key], f"metrics.{key}", self.problems,
+                                      minimum=low, maximum=high)
+                if value is not None:
+                    found[key] = value
+        return MetricsSettings(listen=listen, **found)
 
 
 def load_config_text(text: str, source: str = "<string>", *,

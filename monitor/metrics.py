@@ -23,9 +23,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -40,6 +39,13 @@ from monitor.auditlog import SinkStats
 from monitor.errors import ConfigError, EnvironmentProblem, Location
 from monitor.events import Counter as BpfCounter
 from monitor.events import EventType, KAction, VerdictEvent
+from monitor.exporter import (
+    DEFAULT_CACHE_SECONDS,
+    DEFAULT_MAX_PER_SECOND,
+    Exposition,
+    Log,
+    MetricsServer,
+)
 from monitor.safetext import label_value
 from monitor.tracker import Session
 
@@ -632,17 +638,25 @@ def parse_address(text: str, where: str = "metrics address") -> tuple[str, int]:
     return host, int(port_text)
 
 
-def serve(registry: CollectorRegistry, address: str = DEFAULT_ADDRESS
-          ) -> tuple[WSGIServer, threading.Thread]:
-    """Serve /metrics for `registry` on address (HOST:PORT) from a daemon thread.
+def serve(registry: CollectorRegistry, address: str = DEFAULT_ADDRESS, *,
+          cache_seconds: float = DEFAULT_CACHE_SECONDS,
+          max_per_second: float = DEFAULT_MAX_PER_SECOND, log: Log | None = None
+          ) -> tuple[MetricsServer, threading.Thread]:
+    """Serve /metrics for `registry` on address (HOST:PORT) from a daemon thread: rendered
+    at most once per cache_seconds, at most max_per_second scrapes answered a second
+    (monitor/exporter.py).
 
     Returns (server, thread); stop with server.shutdown(); server.server_close().
     """
     host, port = parse_address(address)
     try:
-        server, thread = start_http_server(port, host, registry)
+        server = MetricsServer(Exposition(registry, cache_seconds), host, port,
+                               max_per_second=max_per_second, log=log)
     except OSError as e:
         raise EnvironmentProblem(f"cannot serve metrics on {address}: {e.strerror or e}; "
                                  "free that port or configure another metrics address"
                                  ) from None
+    thread = threading.Thread(target=server.serve_forever, name="agentwatch-metrics",
+                              daemon=True)
+    thread.start()
     return server, thread

@@ -23,7 +23,7 @@ from monitor import events
 from monitor.alerts import Notifier
 from monitor.auditlog import AuditLog, SinkStats
 from monitor.config import AgentSpec, Config, ProcessFacts
-from monitor.control import ControlServer, Subscribers
+from monitor.control import ControlServer, Peer, Subscribers
 from monitor.enforcer import Enforcer, Outcome
 from monitor.engine import Verdict
 from monitor.errors import ConfigError, ControlError, EnvironmentProblem, Location
@@ -267,12 +267,12 @@ class Monitor:
         self.adopt_running()
         if self.control_path:
             self._control = ControlServer(self.control_path, {
-                "ping": lambda req, pid: {"ok": True, "pid": os.getpid()},
+                "ping": lambda req, peer: {"ok": True, "pid": os.getpid()},
                 "register": self._op_register,
-                "status": lambda req, pid: {"ok": True, **self.status()},
+                "status": lambda req, peer: {"ok": True, **self.status()},
                 "killswitch": self._op_killswitch,
                 "reload": self._op_reload,
-            }, self.subscribers)
+            }, self.subscribers, log=self.log)
             self._control.start()
         self.log("monitor started", probes=self.probes.attached,
                  probes_expected=self.probes.expected,
@@ -394,7 +394,7 @@ class Monitor:
         self.probes.set_setting(Setting.FAIL_CLOSED,
                                 1 if policy.fail_closed == FailClosed.KILL else 0)
 
-    def _op_reload(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
+    def _op_reload(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
         ok = self.reload_from_files()
         return {"ok": ok, "policy_sha256": self.policy.sha256} if ok else {
             "ok": False, "error": "reload refused: see the monitor's log (the old policy stays)"}
@@ -436,7 +436,7 @@ class Monitor:
     def latched(self, agent: str) -> bool:
         return "*" in self._latched or agent in self._latched
 
-    def _op_killswitch(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
+    def _op_killswitch(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
         agent = req.get("agent")
         if agent is not None and not isinstance(agent, str):
             return {"ok": False, "error": "killswitch: 'agent' must be a string"}
@@ -447,7 +447,7 @@ class Monitor:
             return {"ok": False, "error": "killswitch: give --latch or --release, not both"}
         try:
             result = self.killswitch(agent, flags["latch"], flags["release"],
-                                     requested_by=f"pid {peer_pid}")
+                                     requested_by=f"pid {peer.pid}")
         except ControlError as e:
             return {"ok": False, "error": str(e)}
         return {"ok": True, **result}
@@ -684,8 +684,13 @@ class Monitor:
                 break
         return adopted
 
-    def register(self, pid: int, agent: str) -> Session:
-        """Make `pid` the root of a new session of `agent` (agentwatch exec)."""
+    def register(self, pid: int, agent: str,
+                 still_peer: Callable[[], bool] | None = None) -> Session:
+        """Make `pid` the root of a new session of `agent` (agentwatch exec).
+
+        still_peer: whether `pid` still names the process that asked (control.Peer.alive);
+        asked after /proc was read, so what was read is the asker's, not a process that
+        got its pid after it exited (the adoption then re-checks the start time)."""
         with self.lock:
             known = self.tracker.process(pid)
             sess = self.tracker.session(known.session) if known else None
@@ -701,6 +706,9 @@ class Monitor:
             info = self.procfs.read(pid)
             if info is None:
                 raise ControlError(f"process {pid} is gone")
+            if still_peer is not None and not still_peer():
+                raise ControlError(f"process {pid} exited before it was registered (its pid "
+                                   "may name another process now): nothing registered")
             sid = self.new_session_id()
             if not self._adopt(pid, info.ppid, sid, agent, info.start_ticks, root=True):
                 raise ControlError(f"process {pid} exited while being registered")
@@ -710,15 +718,17 @@ class Monitor:
                  via="agentwatch exec")
         return session
 
-    def _op_register(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
+    def _op_register(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
         agent = req.get("agent")
-        if not isinstance(agent, str) or not agent or len(agent) > 63:
-            return {"ok": False, "error": "register needs 'agent': a name of 1-63 characters"}
+        if not isinstance(agent, str) or not agent or len(agent) > 63 or \
+                not agent.isprintable():
+            return {"ok": False, "error": "register needs 'agent': a name of 1-63 printable "
+                                          "characters"}
         try:
-            s = self.register(peer_pid, agent)
+            s = self.register(peer.pid, agent, still_peer=peer.alive)
         except ControlError as e:
             return {"ok": False, "error": str(e)}
-        return {"ok": True, "session": s.id, "pid": peer_pid}
+        return {"ok": True, "session": s.id, "pid": peer.pid}
 
     # --- events ------------------------------------------------------------------------
 

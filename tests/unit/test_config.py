@@ -638,7 +638,8 @@ def test_bad_metrics_section() -> None:
     assert [(loc.line, loc.key) for loc, _ in found] == [(2, "metrics.listen"),
                                                          (3, "metrics.port")]
     assert "expected a string, got int" in found[0][1]
-    assert "unknown key 'port' (allowed: listen)" in found[1][1]
+    assert ("unknown key 'port' (allowed: listen, cache_seconds, max_scrapes_per_second)"
+            in found[1][1])
 
 
 def test_alert_and_metrics_errors_reported_with_the_rest() -> None:

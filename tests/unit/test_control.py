@@ -8,7 +8,11 @@ import re
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
+import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +21,7 @@ from typing import Any
 import pytest
 
 from monitor import control
-from monitor.control import ControlServer, request, stream
+from monitor.control import ControlServer, Peer, request, stream
 from monitor.errors import ControlError
 
 NOBODY = 65534
@@ -30,19 +34,23 @@ class Calls:
         self.seen: list[tuple[str, dict[str, Any], int]] = []
 
     def handlers(self) -> dict[str, control.Handler]:
-        def ping(req: dict[str, Any], pid: int) -> dict[str, Any]:
-            self.seen.append(("ping", req, pid))
+        def ping(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+            self.seen.append(("ping", req, peer.pid))
             return {"ok": True}
 
-        def echo(req: dict[str, Any], pid: int) -> dict[str, Any]:
-            self.seen.append(("echo", req, pid))
-            return {"ok": True, "value": req.get("value"), "peer": pid}
+        def echo(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+            self.seen.append(("echo", req, peer.pid))
+            return {"ok": True, "value": req.get("value"), "peer": peer.pid}
 
-        def refuse(req: dict[str, Any], pid: int) -> dict[str, Any]:
-            self.seen.append(("refuse", req, pid))
+        def refuse(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+            self.seen.append(("refuse", req, peer.pid))
             return {"ok": False, "error": "session limit reached (3 of 3)"}
 
-        return {"ping": ping, "echo": echo, "refuse": refuse}
+        def killswitch(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+            self.seen.append(("killswitch", req, peer.pid))
+            return {"ok": True, "sessions": 0}
+
+        return {"ping": ping, "echo": echo, "refuse": refuse, "killswitch": killswitch}
 
     def ops(self) -> list[str]:
         return [op for op, _, _ in self.seen]
@@ -111,7 +119,8 @@ def test_each_connection_gets_one_answer(server: ControlServer, calls: Calls) ->
         (b"null\n", "malformed request: expected a JSON object with a string 'op'"),
         (b'{"value": 1}\n', "malformed request: expected a JSON object with a string 'op'"),
         (b'{"op": 5}\n', "malformed request: expected a JSON object with a string 'op'"),
-        (b'{"op": "nope"}\n', "unknown op 'nope' (known: echo, ping, refuse, subscribe)"),
+        (b'{"op": "nope"}\n', "unknown op 'nope' (known: echo, killswitch, ping, refuse, "
+                               "subscribe)"),
         (b'{"op": "ECHO"}\n', "unknown op 'ECHO'"),
     ],
     ids=["not-json", "empty", "list", "string", "null", "no-op", "op-not-string",
@@ -185,7 +194,7 @@ def test_request_to_unresponsive_monitor_raises_control_error(tmp_path: Path) ->
 
 
 def test_handler_exception_does_not_stop_the_server(tmp_path: Path, calls: Calls) -> None:
-    def broken(req: dict[str, Any], pid: int) -> dict[str, Any]:
+    def broken(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
         raise KeyError("boom")
 
     srv = ControlServer(tmp_path / "c.sock", {**calls.handlers(), "broken": broken})
@@ -393,3 +402,311 @@ def test_request_reports_a_refusal_sent_before_its_request(
         with pytest.raises(ControlError, match="permission denied: the control socket accepts "
                            "root only"):
             request(path, {"op": "status"})
+
+
+# --- hostile clients: bounded requests, concurrent service, a pinned peer -----------------
+
+
+def _deep(n: int, open_: str, close: str) -> bytes:
+    return (b'{"op": "echo", "value": ' + open_.encode() * n + close.encode() * n + b"}\n")
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b'{"op": "echo", "value": ' + b"9" * 5000 + b"}\n", "more than 20 digits"),
+        (b'{"op": "echo", "value": -' + b"9" * 5000 + b"}\n", "more than 20 digits"),
+        (b'{"op": "echo", "value": [1e99999]}\n', "out of range"),
+        (b'{"op": "echo", "value": NaN}\n', "NaN is not JSON"),
+        (b'{"op": "echo", "value": -Infinity}\n', "-Infinity is not JSON"),
+        (_deep(30_000, "[", "]"), "nested deeper than 16 levels"),
+        (_deep(60_000, "[", "]"), "request too long"),
+        (b'{"op": "echo", "value": ' + b'{"a":' * 10_000 + b"1" + b"}" * 10_001 + b"\n",
+         "nested deeper than 16 levels"),
+        (b'{"op": "echo", "value": "' + b"x" * 70_000 + b'"}\n', "request too long"),
+        (b'{"op": "echo", "value": "\xff\xfe"}\n', "not UTF-8 (byte 25)"),
+        (b'{"op": "\\ud800"}\n', "unknown op '\\ud800'"),
+        (b'{"op": "' + b"e" * 5000 + b'"}\n', "unknown op 'eeee"),
+    ],
+    ids=["5000-digit-int", "negative-5000-digit-int", "float-overflow", "nan", "infinity",
+         "30000-deep-array", "60000-deep-array", "10000-deep-object", "70kB-line",
+         "invalid-utf8",
+         "lone-surrogate-op", "5000-char-op"],
+)
+def test_hostile_request_gets_an_error_and_the_server_keeps_serving(
+    server: ControlServer, calls: Calls, data: bytes, error: str,
+) -> None:
+    reply = exchange(server.path, data)
+    assert reply["ok"] is False
+    assert error in reply["error"]
+    assert len(reply["error"]) < 300  # the refusal does not echo the request back
+    assert calls.seen == []
+    assert request(server.path, {"op": "killswitch"}, timeout=5)["ok"] is True
+    assert calls.ops() == ["killswitch"]
+
+
+def test_strings_that_look_like_nesting_are_not_nesting(server: ControlServer) -> None:
+    value = "[" * 100 + '\\"{' * 50
+    assert request(server.path, {"op": "echo", "value": value})["value"] == value
+    assert request(server.path, {"op": "echo", "value": 2**63})["value"] == 2**63
+
+
+def _silent(path: Path, n: int) -> list[socket.socket]:
+    out = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(path))
+        out.append(s)
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_slow_clients_do_not_hold_up_the_kill_switch(server: ControlServer,
+                                                     calls: Calls) -> None:
+    """Twenty clients that connect and say nothing and three that send one byte every half
+    second are connected; a kill switch request is still answered at once."""
+    silent = _silent(server.path, 20)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(server.path))
+            for byte in b'{"op": "ping"' * 100:
+                if stop.wait(0.5):
+                    return
+                try:
+                    s.send(bytes([byte]))
+                except OSError:
+                    return
+
+    tricklers = [threading.Thread(target=trickle, daemon=True) for _ in range(3)]
+    try:
+        for t in tricklers:
+            t.start()
+        time.sleep(1.2)  # every slow client is connected and has been read from
+        for _ in range(3):
+            start = time.monotonic()
+            assert request(server.path, {"op": "killswitch"}, timeout=10)["ok"] is True
+            assert time.monotonic() - start < 1.0
+        assert calls.ops() == ["killswitch"] * 3
+    finally:
+        stop.set()
+        for s in silent:
+            s.close()
+        for t in tricklers:
+            t.join(timeout=5)
+
+
+@pytest.mark.timeout(30)
+def test_a_client_that_never_finishes_its_request_is_told_why_and_closed(
+    server: ControlServer, calls: Calls,
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(15)
+        s.connect(str(server.path))
+        s.sendall(b'{"op": "ping"')  # and never the rest
+        start = time.monotonic()
+        reply = json.loads(s.makefile("rb").readline())
+        assert time.monotonic() - start < control.REQUEST_SECONDS + 2
+        assert s.recv(1) == b""  # closed
+    assert reply["ok"] is False and "timed out" in reply["error"]
+    assert calls.seen == []
+
+
+@pytest.mark.timeout(60)
+def test_more_connections_than_the_server_waits_for_cost_the_oldest_only(
+    server: ControlServer, calls: Calls,
+) -> None:
+    silent = _silent(server.path, control.MAX_WAITING + 20)
+    try:
+        assert request(server.path, {"op": "ping"}, timeout=5) == {"ok": True}
+        silent[0].settimeout(5)
+        first = json.loads(silent[0].makefile("rb").readline())
+        assert "too many connections" in first["error"]
+    finally:
+        for s in silent:
+            s.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_slow_handler_does_not_hold_up_other_requests(tmp_path: Path, calls: Calls) -> None:
+    release = threading.Event()
+
+    def slow(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        release.wait(10)
+        return {"ok": True}
+
+    srv = ControlServer(tmp_path / "c.sock", {**calls.handlers(), "reload": slow})
+    srv.start()
+    try:
+        held = threading.Thread(target=request, args=(srv.path, {"op": "reload"}, 15),
+                                daemon=True)
+        held.start()
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert request(srv.path, {"op": "killswitch"}, timeout=5)["ok"] is True
+        assert time.monotonic() - start < 1.0
+        release.set()
+        held.join(timeout=10)
+    finally:
+        release.set()
+        srv.stop()
+
+
+@pytest.mark.timeout(30)
+def test_requests_of_one_op_run_one_at_a_time(tmp_path: Path, calls: Calls) -> None:
+    """Handlers were written for one control thread: two reloads (or two kill switches)
+    never run at once, though a kill switch runs while a reload does."""
+    running: list[str] = []
+    overlaps: list[list[str]] = []
+    lock = threading.Lock()
+
+    def slow(op: str) -> control.Handler:
+        def handler(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+            with lock:
+                running.append(op)
+                overlaps.append(list(running))
+            time.sleep(0.2)
+            with lock:
+                running.remove(op)
+            return {"ok": True}
+        return handler
+
+    srv = ControlServer(tmp_path / "c.sock", {"reload": slow("reload"),
+                                              "killswitch": slow("killswitch")})
+    srv.start()
+    try:
+        threads = [threading.Thread(target=request, args=(srv.path, {"op": op}, 15))
+                   for op in ("reload", "reload", "reload", "killswitch", "killswitch")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=15)
+    finally:
+        srv.stop()
+    assert len(overlaps) == 5
+    assert all(o.count("reload") <= 1 and o.count("killswitch") <= 1 for o in overlaps)
+    assert any(len(o) == 2 for o in overlaps)  # the two ops did run side by side
+
+
+def test_busy_requests_are_refused_but_the_kill_switch_has_its_own_slots(
+    tmp_path: Path, calls: Calls,
+) -> None:
+    release = threading.Event()
+
+    def slow(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        release.wait(10)
+        return {"ok": True}
+
+    srv = ControlServer(tmp_path / "c.sock", {**calls.handlers(), "status": slow})
+    srv.start()
+    held = [threading.Thread(target=lambda: request(srv.path, {"op": "status"}, 15),
+                             daemon=True) for _ in range(control.MAX_BUSY)]
+    try:
+        for t in held:
+            t.start()
+        wait_for(lambda: srv._slots._value == 0)  # type: ignore[attr-defined]
+        with pytest.raises(ControlError, match="busy"):
+            request(srv.path, {"op": "ping"}, timeout=5)
+        assert request(srv.path, {"op": "killswitch"}, timeout=5)["ok"] is True
+    finally:
+        release.set()
+        for t in held:
+            t.join(timeout=10)
+        srv.stop()
+    assert "ping" not in calls.ops()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("pin", ["SO_PEERPIDFD", "pidfd_open"])
+def test_the_handler_can_tell_that_the_peer_that_sent_the_request_has_exited(
+    tmp_path: Path, calls: Calls, monkeypatch: pytest.MonkeyPatch, pin: str,
+) -> None:
+    """The pid a request came from may name another process once the sender has exited;
+    the handler's peer says whether it still names the sender (pinned by SO_PEERPIDFD, or
+    where the kernel lacks it, before Linux 6.5, by pidfd_open at accept)."""
+    if pin == "pidfd_open":
+        monkeypatch.setattr(control, "SO_PEERPIDFD", 0x7FFF)  # unknown option: ENOPROTOOPT
+    entered, release = threading.Event(), threading.Event()
+    seen: list[tuple[int, bool]] = []
+
+    def whois(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        seen.append((peer.pid, peer.alive()))
+        entered.set()
+        release.wait(10)
+        seen.append((peer.pid, peer.alive()))
+        return {"ok": True}
+
+    srv = ControlServer(tmp_path / "c.sock", {**calls.handlers(), "whois": whois})
+    srv.start()
+    try:
+        client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import socket, sys
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect({str(srv.path)!r})
+            s.sendall(b'{{"op": "whois"}}\\n')
+            sys.stdin.read()  # until the test closes stdin
+            """)], stdin=subprocess.PIPE)
+        assert entered.wait(10)
+        assert client.stdin is not None
+        client.stdin.close()
+        assert client.wait(10) == 0  # exited and reaped: its pid is free for anyone
+        release.set()
+        wait_for(lambda: len(seen) == 2)
+        assert seen == [(client.pid, True), (client.pid, False)]
+        # a peer that stays is alive for its handler
+        assert request(srv.path, {"op": "ping"}) == {"ok": True}
+    finally:
+        release.set()
+        srv.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_subscriber_that_reads_slowly_never_receives_a_broken_line(
+    server: ControlServer,
+) -> None:
+    def drain(s: socket.socket) -> bytes:
+        out = b""
+        s.settimeout(0.3)
+        try:
+            while chunk := s.recv(1 << 20):
+                out += chunk
+        except TimeoutError:
+            pass
+        return out
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(server.path))
+        s.sendall(b'{"op": "subscribe"}\n')
+        data = drain(s)
+        assert data == b'{"ok": true}\n'
+        # a record as long as an exec with a long command line: more than the socket takes
+        # at once, so it is taken in part; the lines after it come once the reader reads
+        server.subscribers.send(json.dumps({"n": 0}))
+        server.subscribers.send(json.dumps({"n": 1, "argv": ["x" * 600_000]}))
+        server.subscribers.send(json.dumps({"n": 2}))
+        for n in range(3, 10):
+            data += drain(s)
+            server.subscribers.send(json.dumps({"n": n}))
+        data += drain(s)
+        server.subscribers.close()
+        s.settimeout(5)
+        while chunk := s.recv(1 << 20):
+            data += chunk
+    lines = data.split(b"\n")
+    assert lines.pop() == b""  # the stream ends with a whole line
+    got = [json.loads(line) for line in lines[1:]]  # every line is whole JSON
+    assert [g["n"] for g in got][:2] == [0, 1] and got[-1] == {"n": 9}
+    assert server.subscribers.dropped == 10 - len(got)
+
+
+def test_subscribers_are_capped(server: ControlServer) -> None:
+    server.subscribers.limit = 2
+    a, b = stream(server.path), stream(server.path)
+    try:
+        with pytest.raises(ControlError, match="too many subscribers"):
+            stream(server.path)
+    finally:
+        a.close()  # type: ignore[attr-defined]
+        b.close()  # type: ignore[attr-defined]

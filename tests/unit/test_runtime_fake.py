@@ -20,6 +20,7 @@ from timebox import within
 
 from monitor import events
 from monitor.config import Config, load_config_text
+from monitor.control import Peer
 from monitor.errors import ControlError
 from monitor.events import (
     AGENT_PENDING,
@@ -582,18 +583,43 @@ def test_register_refuses_the_monitor_itself(tmp_path: Path) -> None:
     assert r.probes.track_calls == []
 
 
+class FakePeer(Peer):
+    """A control-socket peer whose liveness the test decides."""
+
+    def __init__(self, pid: int, alive: bool = True) -> None:
+        super().__init__(pid, 0, 0, None)
+        self._alive = alive
+
+    def alive(self) -> bool:
+        return self._alive
+
+
 def test_register_op_reply(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc)
-    reply = r.mon._op_register({"op": "register", "agent": "tool"}, B + 10)
+    reply = r.mon._op_register({"op": "register", "agent": "tool"}, FakePeer(B + 10))
     assert reply["ok"] is True and reply["pid"] == B + 10
     assert r.mon.tracker.session(reply["session"]) is not None
-    again = r.mon._op_register({"op": "register", "agent": "tool"}, B + 10)
+    again = r.mon._op_register({"op": "register", "agent": "tool"}, FakePeer(B + 10))
     assert again["ok"] is False and "already tracked" in again["error"]
-    for bad in ("", None, 5, "x" * 64):
-        refused = r.mon._op_register({"op": "register", "agent": bad}, B + 1)
-        assert refused["ok"] is False and "1-63 characters" in refused["error"]
+    for bad in ("", None, 5, "x" * 64, "bot\x1b]0;pwned\x07", "a\nb", "bad-\udcff"):
+        refused = r.mon._op_register({"op": "register", "agent": bad}, FakePeer(B + 1))
+        assert refused["ok"] is False and "1-63 printable characters" in refused["error"]
     assert not r.probes.is_tracked(B + 1)
+
+
+def test_register_refuses_a_peer_that_exited_before_its_request_was_handled(
+        tmp_path: Path) -> None:
+    """The pid the request came from now names another process (or none): registering it
+    would make an innocent process an agent root."""
+    r = rig(tmp_path)
+    agent_tree(r.proc)
+    reply = r.mon._op_register({"op": "register", "agent": "tool"},
+                               FakePeer(B + 10, alive=False))
+    assert reply["ok"] is False and "exited before it was registered" in reply["error"]
+    assert r.probes.track_calls == []
+    assert r.mon.tracker.sessions() == []
+    assert not r.log.find("agent session started")
 
 
 # --- events --------------------------------------------------------------------------------
