@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from monitor import __version__
+from monitor.completion import REASONS as ARGV_UNCONFIRMED_REASONS
 from monitor.errors import ConfigError, EnvironmentProblem, Location
 from monitor.events import Counter as BpfCounter
 from monitor.events import EventType, KAction, VerdictEvent
@@ -205,6 +206,7 @@ class MetricsState:
         self.policy_loaded_at: float | None = None
         self.policy_load_seconds: float | None = None
         self._cpu_emitted: dict[str, int] = {}
+        self._argv_unconfirmed: dict[tuple[str, str], int] = {}  # (agent label, reason)
         for name in agents:  # configured agents get their label before ad-hoc ones
             self._agent(name)
 
@@ -292,6 +294,19 @@ class MetricsState:
         stats = self._agent(agent)
         with self._lock:
             stats.killswitch += 1
+
+    def observe_argv_unconfirmed(self, agent: str, reason: str) -> None:
+        """An exec judged on the probes' cut copy of argv: /proc could not confirm the rest
+        (reason: monitor.completion.REASONS)."""
+        if reason not in ARGV_UNCONFIRMED_REASONS:
+            raise ValueError(f"unknown reason {reason!r}: one of {ARGV_UNCONFIRMED_REASONS}")
+        key = (self._agent(agent).label, reason)
+        with self._lock:
+            self._argv_unconfirmed[key] = self._argv_unconfirmed.get(key, 0) + 1
+
+    def argv_unconfirmed(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._argv_unconfirmed)
 
     def observe_delivery(self, receiver: str, ok: bool) -> None:
         """One attempt to hand an alert to a receiver (alertmanager or webhook)."""
@@ -425,6 +440,8 @@ _FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (_C, "agentwatch_alert_deliveries_total", ("receiver", "result"),
      "attempts to deliver an alert"),
     (_C, "agentwatch_killswitch_total", ("agent",), "kill switch uses"),
+    (_C, "agentwatch_argv_unconfirmed_total", ("agent", "reason"),
+     "execs judged on the probes' cut copy of argv: /proc could not confirm the rest"),
 )
 
 
@@ -532,6 +549,8 @@ class AgentwatchCollector(Collector):
             deliveries[key] = deliveries.get(key, 0) + n
         for (receiver, result), n in deliveries.items():
             add("agentwatch_alert_deliveries_total", [receiver, result], n)
+        for (agent, reason), n in state.argv_unconfirmed().items():
+            add("agentwatch_argv_unconfirmed_total", [agent, reason], n)
         yield from f.values()
 
 

@@ -68,6 +68,7 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "agentwatch_alerts_spooled": ("gauge", set()),
     "agentwatch_alert_deliveries_total": ("counter", {"receiver", "result"}),
     "agentwatch_killswitch_total": ("counter", {"agent"}),
+    "agentwatch_argv_unconfirmed_total": ("counter", {"agent", "reason"}),
 }
 
 
@@ -172,6 +173,7 @@ def busy_source() -> FakeSource:
     m.observe_reload(True, 0.02)
     m.observe_reload(False, 0.5)
     m.observe_killswitch("codex")
+    m.observe_argv_unconfirmed("claude-code", "gone")
     m.observe_delivery("alertmanager", True)
     m.observe_delivery("webhook", False)
     src.add_session(1, "claude-code", procs=3, cpu_ns=500_000_000)
