@@ -349,6 +349,14 @@ def build() -> dm.Dashboard:
         [query("sum by (instance, result) "
                f"({grew(sel('agentwatch_policy_reloads_total', agent=False), RATE)})",
                "{{result}} ({{instance}})")], bars=True))
+    d = d.with_panel(graph(
+        40, "Command lines judged on the probes' cut copy", "Per second, by agent and "
+        "reason: execs whose argv the probes cut at 2,560 bytes and /proc could not confirm "
+        "(gone, changed, too_long). argv and ssh rules saw only those bytes: see the argv "
+        "unconfirmed runbook.", "ops",
+        [query("sum by (agent, reason) "
+               f"({rate(sel('agentwatch_argv_unconfirmed_total'))})",
+               "{{agent}} {{reason}}")], w=24, h=6))
     d = d.with_panel(
         table.Panel().id(23).title("Monitors")
         .description("One row per monitor: build, policy in force and when it was loaded.")

@@ -66,6 +66,7 @@ CONTRACT: dict[str, frozenset[str]] = {name: frozenset(labels) for name, labels 
     "agentwatch_alerts_spooled": (),
     "agentwatch_alert_deliveries_total": ("receiver", "result"),
     "agentwatch_killswitch_total": ("agent",),
+    "agentwatch_argv_unconfirmed_total": ("agent", "reason"),
 }.items()}
 HISTOGRAMS = {"agentwatch_kill_latency_seconds"}
 TARGET_LABELS = frozenset({"job", "instance"})
