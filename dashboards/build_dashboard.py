@@ -361,6 +361,14 @@ def build() -> dm.Dashboard:
                "{{sink}} dropped ({{instance}})", "B"),
          query(f"sum by (instance, sink) ({rate(host('agentwatch_sink_write_errors_total'))})",
                "{{sink}} write errors/s ({{instance}})", "C")], w=24, h=7))
+    d = d.with_panel(graph(
+        26, "Command lines judged on the probes' cut copy", "Per second, by agent and "
+        "reason: execs whose argv the probes cut at 2,560 bytes and /proc could not confirm "
+        "(gone, changed, too_long). argv and ssh rules saw only those bytes: see the argv "
+        "unconfirmed runbook.", "ops",
+        [query("sum by (agent, reason) "
+               f"({rate(sel('agentwatch_argv_unconfirmed_total'))})",
+               "{{agent}} {{reason}}")], w=24, h=6))
     d = d.with_panel(
         table.Panel().id(23).title("Monitors")
         .description("One row per monitor: build, policy in force and when it was loaded.")

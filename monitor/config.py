@@ -68,6 +68,12 @@ class ProcessFacts:
     argv: tuple[str, ...]
     uid: int
     cgroup: str  # cgroup v2 path, as on the "0::" line of /proc/PID/cgroup
+    line: str | None = None  # the whole command line when argv is only a clip of it
+
+    @property
+    def command_line(self) -> str:
+        """The whole command line, arguments joined by single spaces."""
+        return self.line if self.line is not None else " ".join(self.argv)
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ class Matcher:
             return False
         if self.cgroup is not None and not fnmatchcase(p.cgroup, self.cgroup):
             return False
-        return self.cmdline is None or self.cmdline.search(" ".join(p.argv)) is not None
+        return self.cmdline is None or self.cmdline.search(p.command_line) is not None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from monitor.policy import (
     normalise_address,
     span_text,
 )
-from monitor.sshargs import requested_features
+from monitor.sshargs import possible_features, requested_features
 
 CpuKey: TypeAlias = tuple[str, int]  # ("process", pid) or ("agent", session)
 SessionCpu: TypeAlias = tuple[int, str, int, Iterable[tuple[int, int]]]
@@ -70,12 +70,19 @@ class Verdict:
 
 
 class _ExecFacts:
-    """One exec, with what several rules need computed once."""
+    """One exec, with what several rules need computed once.
 
-    def __init__(self, exe: str, comm: str, argv: Sequence[str]) -> None:
+    `line`, when given, is the whole command line and argv only a clip of it (a command line
+    of more arguments than monitor.cmdline.SPLIT_MAX_ARGS): argv rules search the line, and
+    ssh conditions count every feature an argument could request (sshargs.possible_features).
+    """
+
+    def __init__(self, exe: str, comm: str, argv: Sequence[str],
+                 line: str | None = None) -> None:
         self.exe, self.comm, self.argv = exe, comm, argv
         self.base = os.path.basename(exe)
-        self._line: str | None = None
+        self._line: str | None = line
+        self._whole = line is None
         self._ssh: frozenset[str] | None = None
 
     @property
@@ -89,7 +96,12 @@ class _ExecFacts:
         if self._ssh is None:
             is_ssh = "ssh" in (self.base, self.comm) or (
                 bool(self.argv) and os.path.basename(self.argv[0]) == "ssh")
-            self._ssh = requested_features(self.argv) if is_ssh else frozenset()
+            if not is_ssh:
+                self._ssh = frozenset()
+            elif self._whole:
+                self._ssh = requested_features(self.argv)
+            else:
+                self._ssh = possible_features(self.line)
         return self._ssh
 
 
@@ -124,17 +136,19 @@ def _exec_reason(m: ExecMatch, f: _ExecFacts) -> str | None:
     return "; ".join(parts)
 
 
-def match_exec(rule: Rule, agent: str, exe: str, comm: str, argv: Sequence[str]) -> bool:
+def match_exec(rule: Rule, agent: str, exe: str, comm: str, argv: Sequence[str],
+               line: str | None = None) -> bool:
     """Whether an exec by an agent of this name breaks rule (False for non-exec rules)."""
     if not isinstance(rule.match, ExecMatch) or not Policy.applies(rule, agent):
         return False
-    return _exec_reason(rule.match, _ExecFacts(exe, comm, argv)) is not None
+    return _exec_reason(rule.match, _ExecFacts(exe, comm, argv, line)) is not None
 
 
 def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: str,
-                  comm: str, argv: Sequence[str]) -> list[Verdict]:
-    """Verdicts for one exec: exe is the real executable path, comm the kernel's name."""
-    facts = _ExecFacts(exe, comm, argv)
+                  comm: str, argv: Sequence[str], line: str | None = None) -> list[Verdict]:
+    """Verdicts for one exec: exe is the real executable path, comm the kernel's name;
+    line the whole command line when argv is only a clip of it (see _ExecFacts)."""
+    facts = _ExecFacts(exe, comm, argv, line)
     verdicts = []
     for rule in policy.rules_for(EventKind.EXEC):
         if not isinstance(rule.match, ExecMatch) or not policy.applies(rule, agent):
@@ -144,6 +158,14 @@ def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: st
             verdicts.append(Verdict(rule.name, rule.action, policy.mode, agent, session, pid,
                                     reason, exe=exe, argv=tuple(argv)))
     return verdicts
+
+
+def argv_rules(policy: Policy, agent: str) -> list[str]:
+    """Names of the exec rules for this agent that look at the command line (argv, ssh):
+    the rules a command line cut short could slip past."""
+    return [r.name for r in policy.rules_for(EventKind.EXEC)
+            if isinstance(r.match, ExecMatch) and (r.match.argv or r.match.ssh)
+            and policy.applies(r, agent)]
 
 
 # --- connect -----------------------------------------------------------------------------

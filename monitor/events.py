@@ -15,6 +15,9 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
+from monitor.cmdline import c_string
+from monitor.cmdline import decode as decode_text
+
 COMM_LEN = 16
 PATH_LEN = 256
 MAX_ARGS = 20
@@ -74,6 +77,12 @@ class ExecFlag(IntFlag):
     ARGV_FAULT = 0x20
     CANDIDATE = 0x40
     ARGV_FROM_MM = 0x80
+    # set in userspace (monitor/runtime.py), never by the probes:
+    ARGV_COMPLETED = 0x10000  # the probes' copy was cut; /proc showed the same bytes
+    # continued, and argv is the whole command line
+    ARGV_UNCONFIRMED = 0x20000  # the probes' copy was cut and /proc could not confirm the
+    # rest (process gone, or another command line by then): judged on the cut copy
+    ARGV_CLIPPED = 0x40000  # argv holds the head and tail of a longer command line
 
 
 # The same bits as plain ints, for the hot path: every IntFlag operation (`&`, `|`, the
@@ -83,6 +92,9 @@ FLAG_ARGV_MISSING = int(ExecFlag.ARGV_MISSING)
 FLAG_NEW_ROOT = int(ExecFlag.NEW_ROOT)
 FLAG_CANDIDATE = int(ExecFlag.CANDIDATE)
 FLAG_ARGV_FROM_MM = int(ExecFlag.ARGV_FROM_MM)
+FLAG_ARGV_COMPLETED = int(ExecFlag.ARGV_COMPLETED)
+FLAG_ARGV_UNCONFIRMED = int(ExecFlag.ARGV_UNCONFIRMED)
+FLAG_ARGV_CLIPPED = int(ExecFlag.ARGV_CLIPPED)
 
 
 class Counter(IntEnum):
@@ -292,11 +304,18 @@ class ExecEvent:
     flags: int  # ExecFlag bits, kept a plain int (see FLAG_*)
     filename: str
     argv: tuple[str, ...]
+    # the whole command line (arguments joined by single spaces) when argv holds only a clip
+    # of it (more than cmdline.SPLIT_MAX_ARGS arguments); None when argv is all of it
+    line: str | None = None
     kind = EventType.EXEC
 
     @property
     def argv_truncated(self) -> bool:
-        return bool(self.flags & FLAG_ARGV_TRUNCATED)
+        """argv is not the whole command line (cut by the probes and not completed, or
+        clipped)."""
+        flags = self.flags
+        return bool(flags & FLAG_ARGV_TRUNCATED and not flags & FLAG_ARGV_COMPLETED
+                    or flags & FLAG_ARGV_CLIPPED)
 
 
 @dataclass(slots=True)
@@ -363,17 +382,13 @@ class DecodeError(ValueError):
 _COMMS: dict[bytes, str] = {}
 
 
-def _text(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
 def _comm(raw: bytes) -> str:
     """Decoded comm, interned: the hot path sees the same few names again and again."""
     s = _COMMS.get(raw)
     if s is None:
         if len(_COMMS) > 4096:
             _COMMS.clear()
-        s = _COMMS[raw] = _text(raw)
+        s = _COMMS[raw] = c_string(raw)
     return s
 
 
@@ -439,9 +454,9 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
             pieces = pieces[:-1] if used.endswith(b"\0") else pieces
         else:
             pieces = pieces[:argc]
-        argv = tuple(a.decode("utf-8", "surrogateescape") for a in pieces)
+        argv = tuple(decode_text(a) for a in pieces)
         return ExecEvent(_header(buf), old_tid, ppid, cgroup_id, flags,
-                         _text(filename), argv)
+                         c_string(filename), argv)
     if etype == EventType.FORK:
         _need(buf, _FORK, "fork")
         child, _pad = _FORK.unpack_from(buf, _HEADER_SIZE)

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from monitor.alerts import Notifier
+from monitor.cmdline import clip
 from monitor.enforcer import Enforcer, KillResult, Outcome
 from monitor.engine import (
     CpuWindows,
@@ -91,7 +92,8 @@ class Judge:
         if isinstance(ev, ExecEvent):
             verdicts = [v for v in evaluate_exec(
                 self.policy, agent=agent, session=h.session, pid=h.pid, exe=proc.exe,
-                comm=h.comm, argv=ev.argv) if (h.pid, v.rule) not in self._kernel_seen]
+                comm=h.comm, argv=ev.argv, line=ev.line)
+                if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ConnectEvent):
             key = (agent, ev.address, ev.port)
             found = self._connect_memo.get(key)
@@ -225,6 +227,8 @@ class Judge:
         ancestry = [{"pid": p.pid, "comm": p.comm, "exe": p.exe} for p in chain]
         exe = v.exe if v.exe is not None else (chain[0].exe if chain else None)
         argv = v.argv if v.argv is not None else (chain[0].argv if chain else None)
+        if argv is not None:
+            argv = clip(argv)  # judged whole; a log line and an alert get KEEP_CHARS of it
         self.log("verdict", level="warning", agent=v.agent, rule=v.rule, action=v.action.value,
                  mode=v.mode.value, outcome=outcome, session=v.session, pid=v.pid,
                  reason=v.reason, exe=exe, argv=list(argv) if argv else None,

@@ -36,6 +36,7 @@ from prometheus_client.utils import floatToGoString
 
 from monitor import __version__
 from monitor.auditlog import SinkStats
+from monitor.completion import REASONS as ARGV_UNCONFIRMED_REASONS
 from monitor.errors import ConfigError, EnvironmentProblem, Location
 from monitor.events import Counter as BpfCounter
 from monitor.events import EventType, KAction, VerdictEvent
@@ -213,6 +214,7 @@ class MetricsState:
         self.policy_loaded_at: float | None = None
         self.policy_load_seconds: float | None = None
         self._cpu_emitted: dict[str, int] = {}
+        self._argv_unconfirmed: dict[tuple[str, str], int] = {}  # (agent label, reason)
         for name in agents:  # configured agents get their label before ad-hoc ones
             self._agent(name)
 
@@ -300,6 +302,19 @@ class MetricsState:
         stats = self._agent(agent)
         with self._lock:
             stats.killswitch += 1
+
+    def observe_argv_unconfirmed(self, agent: str, reason: str) -> None:
+        """An exec judged on the probes' cut copy of argv: /proc could not confirm the rest
+        (reason: monitor.completion.REASONS)."""
+        if reason not in ARGV_UNCONFIRMED_REASONS:
+            raise ValueError(f"unknown reason {reason!r}: one of {ARGV_UNCONFIRMED_REASONS}")
+        key = (self._agent(agent).label, reason)
+        with self._lock:
+            self._argv_unconfirmed[key] = self._argv_unconfirmed.get(key, 0) + 1
+
+    def argv_unconfirmed(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._argv_unconfirmed)
 
     def observe_delivery(self, receiver: str, ok: bool) -> None:
         """One attempt to hand an alert to a receiver (alertmanager or webhook)."""
@@ -455,6 +470,8 @@ _FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "records lost: memory bound reached while the disk refused them, or unwritten at stop"),
     (_C, "agentwatch_sink_write_errors_total", ("sink",),
      "failed writes of the alert spool and the audit log"),
+    (_C, "agentwatch_argv_unconfirmed_total", ("agent", "reason"),
+     "execs judged on the probes' cut copy of argv: /proc could not confirm the rest"),
 )
 
 
@@ -581,6 +598,8 @@ class AgentwatchCollector(Collector):
             add("agentwatch_sink_buffered", [sink], st.buffered)
             add("agentwatch_sink_dropped_total", [sink], st.dropped)
             add("agentwatch_sink_write_errors_total", [sink], st.write_errors)
+        for (agent, reason), n in state.argv_unconfirmed().items():
+            add("agentwatch_argv_unconfirmed_total", [agent, reason], n)
         yield from f.values()
 
 

@@ -4,7 +4,8 @@ This module is the monitor's only view of processes that existed before its prob
 attached: it parses /proc/PID/{stat,status,cmdline,cgroup,exe} into frozen ProcInfo records,
 walks process trees, and decides (plan_adoption) which already-running processes belong to
 which agent session. The /proc root is a constructor argument so tests run against fixture
-trees.
+trees. Bytes become text only through monitor.cmdline.decode (the ring decoder's way), and a
+command line is read up to cmdline.READ_MAX bytes, never without a bound.
 
 It must never crash because a process vanished or was recycled mid-read (processes come and
 go at any moment; such a pid is simply skipped), never signal, write to or otherwise change
@@ -17,8 +18,10 @@ import errno
 import os
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from monitor import cmdline
 
 PF_KTHREAD = 0x00200000
 """Kernel task flag (include/linux/sched.h) marking a kernel thread."""
@@ -65,6 +68,16 @@ class ProcInfo:
     cgroup: str
     start_ticks: int
     kernel_thread: bool
+    # /proc/PID/cmdline as read (up to cmdline.READ_MAX bytes): argv is split from it, or
+    # is a clip of it when it holds more than cmdline.SPLIT_MAX_ARGS arguments
+    cmdline: bytes = field(default=b"", compare=False, repr=False)
+    cmdline_cut: bool = field(default=False, compare=False)  # longer than READ_MAX
+    argv_clipped: bool = field(default=False, compare=False)  # argv is a clip of cmdline
+
+    @property
+    def line(self) -> str:
+        """The whole command line as read, arguments joined by single spaces."""
+        return cmdline.join(self.cmdline)
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,7 @@ def _stat_fields(raw: bytes) -> tuple[str, list[bytes]] | None:
     close_paren = raw.rfind(b")")
     if open_paren < 0 or close_paren < open_paren:
         return None
-    comm = raw[open_paren + 1 : close_paren].decode("utf-8", errors="replace")
+    comm = cmdline.decode(raw[open_paren + 1 : close_paren])
     return comm, raw[close_paren + 1 :].split()
 
 
@@ -142,13 +155,25 @@ def _parse_cgroup(text: str) -> str:
     return ""
 
 
-def _parse_cmdline(raw: bytes) -> tuple[str, ...]:
-    if not raw:
-        return ()
-    pieces = raw.split(b"\0")
-    if pieces[-1] == b"":
-        pieces.pop()
-    return tuple(p.decode("utf-8", errors="replace") for p in pieces)
+def _parse_cmdline(raw: bytes) -> tuple[tuple[str, ...], bool]:
+    """(argv, whether it is a clip of raw)."""
+    argv = cmdline.split(raw)
+    return (argv, False) if argv is not None else (cmdline.clip_block(raw), True)
+
+
+def _read_capped(path: Path, limit: int) -> tuple[bytes, bool]:
+    """At most `limit` bytes of a file, and whether there was more."""
+    with open(path, "rb", buffering=0) as f:
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    raw = b"".join(chunks)
+    return raw[:limit], len(raw) > limit
 
 
 class ProcFS:
@@ -174,7 +199,7 @@ class ProcFS:
 
     def _exe(self, pid: int) -> str:
         try:
-            target = os.readlink(self._path(pid, "exe"))
+            target = cmdline.decode(os.readlink(os.fsencode(self._path(pid, "exe"))))
         except OSError as err:
             if err.errno in _NO_EXE_ERRNOS:
                 return ""
@@ -187,15 +212,11 @@ class ProcFS:
             stat = _parse_stat(self._path(pid, "stat").read_bytes())
             if stat is None:
                 return None
-            uid = _parse_real_uid(
-                self._path(pid, "status").read_text(encoding="utf-8", errors="replace")
-            )
+            uid = _parse_real_uid(cmdline.decode(self._path(pid, "status").read_bytes()))
             if uid is None:
                 return None
-            argv = _parse_cmdline(self._path(pid, "cmdline").read_bytes())
-            cgroup = _parse_cgroup(
-                self._path(pid, "cgroup").read_text(encoding="utf-8", errors="replace")
-            )
+            raw, cut = _read_capped(self._path(pid, "cmdline"), cmdline.READ_MAX)
+            cgroup = _parse_cgroup(cmdline.decode(self._path(pid, "cgroup").read_bytes()))
         except _VANISHED:
             return None
         exe = self._exe(pid)
@@ -203,6 +224,7 @@ class ProcFS:
         if self.start_ticks(pid) != stat.start_ticks:
             return None
         kernel = bool(stat.flags & PF_KTHREAD) or KTHREADD_PID in (pid, stat.ppid)
+        argv, clipped = _parse_cmdline(raw)
         return ProcInfo(
             pid=pid,
             ppid=stat.ppid,
@@ -213,6 +235,9 @@ class ProcFS:
             cgroup=cgroup,
             start_ticks=stat.start_ticks,
             kernel_thread=kernel,
+            cmdline=raw,
+            cmdline_cut=cut,
+            argv_clipped=clipped,
         )
 
     def scan(self) -> dict[int, ProcInfo]:

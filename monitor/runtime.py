@@ -19,13 +19,13 @@ from pathlib import Path
 from traceback import format_exception
 from typing import IO, Any
 
-from monitor import events
+from monitor import cmdline, completion, events
 from monitor.alerts import Notifier
 from monitor.auditlog import AuditLog, SinkStats
 from monitor.config import AgentSpec, Config, ProcessFacts
 from monitor.control import ControlServer, Peer, Subscribers
 from monitor.enforcer import Enforcer, Outcome
-from monitor.engine import Verdict
+from monitor.engine import Verdict, argv_rules
 from monitor.errors import ConfigError, ControlError, EnvironmentProblem, Location
 from monitor.events import (
     ConnectEvent,
@@ -124,14 +124,7 @@ def kernel_matchers(agents: Sequence[AgentSpec], index: Callable[[str], int] | N
             list(uid_tab.items()))
 
 
-def _continues(full: tuple[str, ...], cut: tuple[str, ...]) -> bool:
-    """Whether full is what cut was cut from: the same arguments, the last one a prefix
-    (a later exec by the same pid shows a different command line)."""
-    n = len(cut)
-    return n > 0 and len(full) >= n and full[: n - 1] == cut[: n - 1] and \
-        full[n - 1].startswith(cut[n - 1])
-
-
+UNCONFIRMED_LOG_SECONDS = 10.0
 BURST_GAP_SECONDS = 0.002
 BATCH_SECONDS = 0.001
 
@@ -213,9 +206,11 @@ class Monitor:
         self.control_path = control_path
         self.agents = AgentTable([a.name for a in self.specs])
         self.agents.on_new = self._save_agents
-        self.tracker = Tracker(self.agents.name, history=config.monitor.history)
+        self.tracker = Tracker(self.agents.name, history=config.monitor.history,
+                               max_processes=config.monitor.max_processes)
         self.metrics = MetricsState(self.agents.names())  # configured agents label first
         self._connect_verdicts: dict[int, str] = {}  # tid -> kernel verdict, connect in flight
+        self._unconfirmed_said: dict[str, tuple[float | None, int]] = {}  # agent -> last log
         self.tables = compile_kernel(self.policy)
         self.enforcer = Enforcer(self.probes, self.procfs, self._excluded)
         self.notifier = Notifier(config.alerts, log=self.log)
@@ -599,7 +594,8 @@ class Monitor:
         self.probes.set_setting(Setting.EXEC_CANDIDATES, 1 if self._userspace_matchers else 0)
 
     def _facts(self, info: ProcInfo) -> ProcessFacts:
-        return ProcessFacts(info.pid, info.comm, info.exe, info.argv, info.uid, info.cgroup)
+        return ProcessFacts(info.pid, info.comm, info.exe, info.argv, info.uid, info.cgroup,
+                            line=info.line if info.argv_clipped else None)
 
     def _recognise_facts(self, facts: ProcessFacts) -> str | None:
         for spec in self.specs:
@@ -744,8 +740,9 @@ class Monitor:
     def handle(self, ev: Event) -> None:
         self.events += 1
         with self.lock:
-            if isinstance(ev, ExecEvent):
-                ev = self._complete_exec(ev)
+            unconfirmed = None
+            if isinstance(ev, ExecEvent) and ev.h.session and completion.needs_proc(ev):
+                ev, unconfirmed = completion.complete(ev, self.procfs.read(ev.h.pid))
             if ev.h.agent == events.AGENT_PENDING:
                 ev = self._settle_pending(ev)
             proc = self.tracker.apply(ev)
@@ -759,15 +756,37 @@ class Monitor:
                     agent = session.agent
                 acted = self.judge.on_event(ev, agent, proc)
                 self._observe(ev, agent, proc, acted)
+                if unconfirmed is not None and isinstance(ev, ExecEvent):
+                    self._argv_unconfirmed(ev, agent, unconfirmed)
                 if isinstance(ev, ExitEvent) and session is None:
                     self.probes.undoom(ev.h.session)
                     self.judge.forget_session(ev.h.session)
         if proc is None and not self.probes.options.trace_all:
             return
+        if isinstance(ev, ExecEvent):
+            ev = completion.kept(ev)
         if self.sink is not None:
             self.sink(ev, agent)
         if self.subscribers:
             self.subscribers.send(json.dumps(record(ev, agent), separators=(",", ":")))
+
+    def _argv_unconfirmed(self, ev: ExecEvent, agent: str, reason: str) -> None:
+        """A cut argv /proc could not confirm was judged on the probes' copy: count it, and
+        say so when rules that read the command line apply (once per agent per
+        UNCONFIRMED_LOG_SECONDS, with how many went unsaid since)."""
+        self.metrics.observe_argv_unconfirmed(agent, reason)
+        rules = argv_rules(self.policy, agent)
+        if not rules:
+            return
+        now = time.monotonic()
+        last, unsaid = self._unconfirmed_said.get(agent, (None, 0))
+        if last is not None and now - last < UNCONFIRMED_LOG_SECONDS:
+            self._unconfirmed_said[agent] = (last, unsaid + 1)
+            return
+        self._unconfirmed_said[agent] = (now, 0)
+        self.log("command line judged on the probes' cut copy", level="warning", agent=agent,
+                 session=ev.h.session, pid=ev.h.pid, exe=ev.filename, reason=reason,
+                 judged_bytes=len(cmdline.block(ev.argv)), rules=rules, unsaid=unsaid)
 
     def _observe(self, ev: Event, agent: str, proc: Process | None,
                  acted: list[Verdict]) -> None:
@@ -874,24 +893,8 @@ class Monitor:
         info = self.procfs.read(ev.h.pid)
         facts = ProcessFacts(ev.h.pid, ev.h.comm, info.exe if info else ev.filename,
                              ev.argv or (info.argv if info else ()), ev.h.uid,
-                             info.cgroup if info else "")
+                             info.cgroup if info else "", line=ev.line)
         return self._recognise_facts(facts)
-
-    def _complete_exec(self, ev: ExecEvent) -> ExecEvent:
-        if ev.filename.startswith("/dev/fd/") or ev.argv_truncated or (
-                ev.flags & events.FLAG_ARGV_MISSING and not ev.argv):
-            # fexecve/execveat(AT_EMPTY_PATH) name the file by descriptor, and the kernel
-            # keeps only the first ARGS_SIZE bytes of argv (padding must not push `-R` out
-            # of sight): /proc has the rest while the process is alive.
-            info = self.procfs.read(ev.h.pid)
-            if info is not None:
-                if ev.filename.startswith("/dev/fd/") and info.exe:
-                    ev = replace(ev, filename=info.exe)
-                if not ev.argv:
-                    ev = replace(ev, argv=info.argv)
-                elif ev.argv_truncated and _continues(info.argv, ev.argv):  # the same exec
-                    ev = replace(ev, argv=info.argv)
-        return ev
 
     # --- status ------------------------------------------------------------------------
 
@@ -912,4 +915,5 @@ class Monitor:
         return {"probes": self.probes.attached, "probes_expected": self.probes.expected,
                 "events": self.events, "policy": policy, "verdicts": verdicts,
                 "decode_errors": self.decode_errors, "sessions": sessions,
+                "processes_evicted": self.tracker.evicted,
                 "counters": counters, "agents": self.agents.names()}

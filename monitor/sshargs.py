@@ -18,11 +18,16 @@ argv the way OpenSSH 9's ssh(1) does (its bundled POSIX getopt, checked against 
 
 What argv cannot tell (a ``-F`` config file, ``Include``, the user's ~/.ssh/config that a
 host alias may pull forwards from, an unknown option) is listed in ``SshRequest.unknown``.
+
+A command line of more arguments than the monitor splits (monitor.cmdline.SPLIT_MAX_ARGS)
+is not parsed: ``possible_features`` scans its whole text, in linear time, for every feature
+some argument could request if it were an option, an over-estimate on purpose.
 This module must never read files or the environment: it is pure, and runs on the hot path.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -202,3 +207,25 @@ def parse_ssh_argv(argv: Sequence[str]) -> SshRequest:
 def requested_features(argv: Sequence[str]) -> frozenset[str]:
     """The FEATURES an ssh argv requests (see parse_ssh_argv)."""
     return parse_ssh_argv(argv).features
+
+
+# An argument that requests a feature if ssh parses it as an option: a cluster of flags ending
+# in the feature's letter (-fNR, -R), or the -o keyword for it anywhere (-oRemoteForward=...,
+# -o "remoteforward ..."). One pass over the arguments joined by spaces, no nested
+# repetition: linear (50 ms for the 700,000 arguments the kernel's 6 MiB allows at most).
+_CLUSTER = re.compile(" -[" + "".join(sorted(_FLAGS)) + "]*([RDLwg])")
+_CLUSTER_FEATURE = {"R": REMOTE_FORWARD, "D": DYNAMIC_FORWARD, "L": LOCAL_FORWARD,
+                    "w": TUNNEL, "g": GATEWAY_PORTS}
+_KEYWORD_POSSIBLE = {"remoteforward": REMOTE_FORWARD, "dynamicforward": DYNAMIC_FORWARD,
+                     "localforward": LOCAL_FORWARD, "tunnel": TUNNEL,
+                     "gatewayports": GATEWAY_PORTS}
+
+
+def possible_features(line: str) -> frozenset[str]:
+    """Every FEATURE that some argument of an ssh command line (its arguments joined by
+    single spaces) could request: what parse_ssh_argv would find, and possibly more (an
+    argument of the remote command, a value that looks like an option)."""
+    found = {_CLUSTER_FEATURE[m.group(1)] for m in _CLUSTER.finditer(" " + line)}
+    lower = line.lower().replace('"', '')  # ssh_config joins quoted keyword parts
+    found.update(f for word, f in _KEYWORD_POSSIBLE.items() if word in lower)
+    return frozenset(found)

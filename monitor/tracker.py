@@ -3,8 +3,11 @@ and a bounded history of execs and connects per process.
 
 A pure state machine fed with typed events (monitor/events.py) and adoption records; it
 does no I/O and never signals anything, so it is tested with fake events and no root.
-Memory is bounded: history per process is a fixed-size deque and ended sessions are kept
-in a fixed-size ring.
+Memory is bounded whatever the agents do: a process keeps its command line clipped to
+cmdline.KEEP_CHARS, and `history` exec records (each command line clipped to HISTORY_CHARS)
+and connect records; at most `max_processes` processes are kept (the kernel's process map
+holds no more; beyond that the oldest entry, most likely one whose exit was lost, goes);
+ended sessions are kept in a fixed-size ring. docs/config.md says what that adds up to.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from monitor.cmdline import KEEP_CHARS, clip
 from monitor.events import (
+    FLAG_ARGV_COMPLETED,
     FLAG_ARGV_MISSING,
     ConnectEvent,
     Event,
@@ -22,6 +27,9 @@ from monitor.events import (
     ForkEvent,
     VerdictEvent,
 )
+
+HISTORY_CHARS = 512
+"""Characters of the command line kept in each exec history record."""
 
 
 @dataclass(slots=True)
@@ -84,12 +92,14 @@ class Tracker:
     """Agent sessions keyed by session id, processes keyed by pid."""
 
     def __init__(self, agent_name: Callable[[int], str], history: int = 32,
-                 ended_kept: int = 256) -> None:
+                 ended_kept: int = 256, max_processes: int = 65536) -> None:
         self._agent_name = agent_name
         self._history = history
+        self._max_processes = max_processes
         self._sessions: dict[int, Session] = {}
         self._procs: dict[int, Process] = {}
         self.ended: deque[Session] = deque(maxlen=ended_kept)
+        self.evicted = 0  # processes dropped to stay within max_processes
 
     # --- queries -----------------------------------------------------------------------
 
@@ -129,11 +139,19 @@ class Tracker:
                     exe: str = "", argv: tuple[str, ...] = (), uid: int = -1,
                     start_ns: int = 0) -> Process:
         s = self._sessions[session_id]
-        p = Process(pid, ppid, session_id, comm, exe, argv, uid, start_ns,
+        p = Process(pid, ppid, session_id, comm, exe, clip(argv, KEEP_CHARS), uid, start_ns,
                     execs=deque(maxlen=self._history), connects=deque(maxlen=self._history))
         old = self._procs.get(pid)
         if old is not None and old.session != session_id:
             self._drop(old, start_ns)
+        while pid not in self._procs and len(self._procs) >= self._max_processes:
+            self._drop(next(iter(self._procs.values())), start_ns)
+            self.evicted += 1
+        if session_id not in self._sessions:  # its only process was the one evicted
+            if self.ended and self.ended[-1] is s:
+                self.ended.pop()
+            s.ended_ns = None
+            self._sessions[session_id] = s
         self._procs[pid] = p
         s.processes[pid] = p
         return p
@@ -169,8 +187,10 @@ class Tracker:
             s.execs += 1
             p.comm, p.exe, p.uid = h.comm, ev.filename, h.uid
             if not ev.flags & FLAG_ARGV_MISSING or ev.argv:
-                p.argv = ev.argv
-            p.execs.append(ExecRecord(h.ts_ns, ev.filename, p.argv, ev.argv_truncated))
+                p.argv = clip(ev.argv, KEEP_CHARS) if ev.flags & FLAG_ARGV_COMPLETED \
+                    else ev.argv  # the probes' copy is within ARGS_SIZE already
+            p.execs.append(ExecRecord(h.ts_ns, ev.filename, clip(p.argv, HISTORY_CHARS),
+                                      ev.argv_truncated))
         elif isinstance(ev, ConnectEvent):
             s.connects += 1
             p.connects.append(ConnectRecord(h.ts_ns, ev.family, ev.address, ev.port,

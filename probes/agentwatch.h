@@ -60,6 +60,11 @@
                                       * argc not counted */
 #define AW_EXEC_ARGV_FAULT 0x20      /* reading argv from user memory failed part way (no
                                       * longer set; kept so old recordings still decode) */
+/* Set by the monitor in userspace (monitor/completion.py), never by the probes: reserved
+ * here so that no probe flag takes their bits. */
+#define AW_EXEC_ARGV_COMPLETED 0x10000   /* cut argv completed from /proc (same bytes continued) */
+#define AW_EXEC_ARGV_UNCONFIRMED 0x20000 /* cut argv /proc could not confirm: judged as cut */
+#define AW_EXEC_ARGV_CLIPPED 0x40000     /* argv holds the head and tail of a longer one */
 
 /* Per-CPU counters (monitor/events.py: Counter). */
 #define AW_CNT_LOST 0          /* events dropped: ring buffer full */

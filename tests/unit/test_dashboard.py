@@ -72,6 +72,7 @@ CONTRACT: dict[str, frozenset[str]] = {name: frozenset(labels) for name, labels 
     "agentwatch_sink_buffered": ("sink",),
     "agentwatch_sink_dropped_total": ("sink",),
     "agentwatch_sink_write_errors_total": ("sink",),
+    "agentwatch_argv_unconfirmed_total": ("agent", "reason"),
 }.items()}
 HISTOGRAMS = {"agentwatch_kill_latency_seconds"}
 TARGET_LABELS = frozenset({"job", "instance"})

