@@ -540,11 +540,11 @@ class Monitor:
             if e.agent == events.AGENT_PENDING:
                 pending.setdefault(e.session, []).append(e)
                 continue
-            session = self.tracker.session(e.session)
             info = self.procfs.read(e.pid)
-            if session is None or info is None:
-                self._recheck = True  # its records may still be on their way
+            if info is None:  # exiting: the map drops it
                 continue
+            agent = self.agents.name(e.agent)
+            session = self.tracker.start_session(e.session, agent, e.pid, e.start_ns)
             proc = self.tracker.add_process(e.session, e.pid, e.ppid, comm=info.comm,
                                             exe=info.exe, argv=info.argv, uid=info.uid,
                                             start_ns=e.start_ns)
@@ -553,8 +553,8 @@ class Monitor:
             if sid in self._pending_seen:  # pending two ticks running: its exec was lost
                 self._decide_pending(sid, procs)
             else:
-                self._recheck = True
-        self._pending_seen = set(pending)
+                self._recheck = True  # its exec record may still be on its way: next tick
+        self._pending_seen = set(pending) - self._pending_seen
 
     def _decide_pending(self, sid: int, procs: Sequence[Any]) -> int:
         """A pending candidate session whose deciding exec record never came (lost, or

@@ -46,8 +46,8 @@ _Static_assert(sizeof(struct aw_verdict_event) == AW_PY_SIZEOF_VERDICT_EVENT, "a
 /* Two rings, so that bulk records can never crowd out the ones that need a decision:
  * `decisions` carries execs, kernel verdicts, forks and exits (a process's life, which
  * costs the process a fork or an exec per record); `events` carries connects, aggregated
- * per process when one floods (connect_sent). Userspace reads `decisions` first. A record that needs a decision and
- * is lost anyway fails closed for its process (fail_closed). */
+ * per process when one floods (connect_sent). Userspace reads `decisions` first. A record
+ * that needs a decision and is lost anyway fails closed for its process (fail_closed). */
 BPF_RINGBUF_OUTPUT(decisions, AW_RINGBUF_PAGES);
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
 #ifdef AW_PIN_DIR
@@ -480,15 +480,13 @@ static __always_inline struct aw_proc *match_new_root(u32 g, u32 tgid, u32 *flag
         if (p) {
             count(AW_CNT_ROOTS);
             *flags |= AW_EXEC_NEW_ROOT;
-        } else if (setting(AW_SET_FAIL_CLOSED) && enforcing(g)) {
-            /* an agent the kernel cannot track: it dies before its first instruction */
+        } else { /* an agent the kernel cannot track: it dies before its first instruction */
             count(AW_CNT_UNTRACKABLE);
             count_agent(1, m->agent);
-            bpf_send_signal(9);
-            count(AW_CNT_KILLS);
-        } else {
-            count(AW_CNT_UNTRACKABLE);
-            count_agent(1, m->agent);
+            if (setting(AW_SET_FAIL_CLOSED) && enforcing(g)) {
+                bpf_send_signal(9);
+                count(AW_CNT_KILLS);
+            }
         }
         return p;
     }
