@@ -564,8 +564,9 @@ class Monitor:
         infos = [(e, self.procfs.read(e.pid)) for e in procs]
         live = [(e, i) for e, i in infos if i is not None]
         agent = None
+        excluded = self._excluded()
         for e, info in live:
-            if e.pid not in self._excluded():
+            if e.pid not in excluded:
                 agent = self._recognise(info)
                 if agent is not None:
                     break
