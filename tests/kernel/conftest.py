@@ -7,7 +7,6 @@ developer's laptop, but fail loudly when CI=true: a kernel test skipped in CI is
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -180,24 +179,9 @@ def tmpdir_exec(tmp_path: Path) -> Path:
     return tmp_path
 
 
-AGENT_USER = "awagent"
-
-
-@pytest.fixture(scope="session")
-def agent_user() -> tuple[int, int]:
-    """(uid, gid) of an unprivileged system user the hostile-agent tests run as; created
-    once if missing (the attack runs as the agent, never as root)."""
-    require_root()
-    try:
-        pw = pwd.getpwnam(AGENT_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                        "/usr/sbin/nologin", AGENT_USER], check=True)
-        pw = pwd.getpwnam(AGENT_USER)
-    return pw.pw_uid, pw.pw_gid
-
-
-AGENT_UID = 65534  # nobody: an unprivileged user standing in for an agent
+AGENT_UID = 65534  # nobody: the unprivileged user every hostile-agent test runs as
+# argv prefix that runs the rest as AGENT_UID (inside whatever session the caller made)
+AS_AGENT = ["setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups", "--"]
 
 
 @pytest.fixture
@@ -214,3 +198,9 @@ def as_agent(argv: list[str]) -> None:
     """Run argv as the unprivileged agent user (AGENT_UID); it must succeed."""
     subprocess.run(argv, user=AGENT_UID, group=AGENT_UID, extra_groups=[], check=True,
                    timeout=30)
+
+
+def start_as_agent(argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
+    """Start argv as the unprivileged agent user (AGENT_UID)."""
+    return subprocess.Popen(argv, user=AGENT_UID, group=AGENT_UID,  # type: ignore[call-overload, no-any-return]
+                            extra_groups=[], **kw)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, require_root
+from conftest import AGENT_UID, AS_AGENT, free_port, require_root
 
 from monitor.alerts import Notifier, kill_alert
 from monitor.auditlog import AuditLog
@@ -60,11 +60,10 @@ def tmpfs() -> Iterator[Mount]:
 def fill_as_nobody(disk: Path) -> Path:
     """An unprivileged process writes until the disk is full; returns its file."""
     filler = disk / "filler"
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
-                        "dd", "if=/dev/zero", f"of={filler}", "bs=4k"],
+    r = subprocess.run([*AS_AGENT, "dd", "if=/dev/zero", f"of={filler}", "bs=4k"],
                        capture_output=True, text=True)
     assert "No space left on device" in r.stderr, r.stderr
-    assert filler.stat().st_uid == 65534
+    assert filler.stat().st_uid == AGENT_UID
     return filler
 
 

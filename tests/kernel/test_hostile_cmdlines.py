@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Running, agent_exec, require_root, wait_exit
+from conftest import AS_AGENT, Running, agent_exec, require_root, wait_exit
 
 from monitor.config import load_config_text
 from monitor.events import ARGS_SIZE, ExecEvent
@@ -27,13 +27,12 @@ from monitor.policy import default_policy
 
 SOCK = "/run/agentwatch-test/cmdline.sock"
 AGENT = "claude-code"
-NOBODY = 65534
 INVALID = os.fsdecode(b"\xff")  # one byte that is not UTF-8, as the CLI passes it through
 
 
 def unprivileged(argv: list[str]) -> list[str]:
     """argv run as the unprivileged agent user, inside the session `agentwatch exec` makes."""
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *argv]
+    return [*AS_AGENT, *argv]
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import agent_exec, free_port, require_root, wait_exit
+from conftest import AS_AGENT, agent_exec, free_port, require_root, wait_exit
 
 CLI = [sys.executable, "-m", "monitor.cli"]
-NOBODY = 65534
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
 
 SCRAPER = textwrap.dedent("""
     import sys, threading, time, urllib.request
@@ -135,7 +133,7 @@ def test_an_agent_scraping_metrics_in_a_loop_costs_little_cpu_and_kills_still_ha
     ssh.write_text("#!/bin/sh\nexec sleep 5\n")
     ssh.chmod(0o755)
     seconds = 5.0
-    scraper = agent_exec([*AS_NOBODY, "/usr/bin/python3", "-c", SCRAPER, monitor.url, "8",
+    scraper = agent_exec([*AS_AGENT, "/usr/bin/python3", "-c", SCRAPER, monitor.url, "8",
                           str(seconds)], agent="scraper", socket=monitor.sock,
                          stdout=subprocess.PIPE)
     try:
@@ -143,7 +141,7 @@ def test_an_agent_scraping_metrics_in_a_loop_costs_little_cpu_and_kills_still_ha
         assert scraper.stdout.readline().strip() == b"scraping"
         cpu0, t0 = cpu_seconds(monitor.proc.pid), time.monotonic()
         time.sleep(1.5)  # the scrape loop is in full swing
-        victim = agent_exec([*AS_NOBODY, str(ssh), "-NR", "2222:localhost:22",
+        victim = agent_exec([*AS_AGENT, str(ssh), "-NR", "2222:localhost:22",
                              "attacker.example"], agent="victim", socket=monitor.sock)
         assert wait_exit(victim, 10) == -signal.SIGKILL  # killed, not ended by its sleep
         out, _ = scraper.communicate(timeout=60)
