@@ -48,7 +48,7 @@ class Sources:
 
     def cmd(self, *args: str) -> list[str]:
         """Run with env=self.env and cwd=self.dir (`-m` puts the cwd first on sys.path)."""
-        return [sys.executable, "-m", "monitor.cli", *args]
+        return [sys.executable, "-m", "monitor.cli.main", *args]
 
 
 class ControlRefused(Exception):

@@ -27,9 +27,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
 
 from test_runtime_fake import FakeProbes, Log  # noqa: E402
 
-from monitor import events  # noqa: E402
-from monitor.config import load_config_text  # noqa: E402
-from monitor.events import (  # noqa: E402
+from monitor.config.settings import load_config_text  # noqa: E402
+from monitor.model import events  # noqa: E402
+from monitor.model.events import (  # noqa: E402
     EXEC_ARGS_OFFSET,
     CConnectEvent,
     CExecEvent,
@@ -37,9 +37,9 @@ from monitor.events import (  # noqa: E402
     EventType,
     ExecFlag,
 )
-from monitor.policy import default_policy  # noqa: E402
-from monitor.procfs import ProcFS  # noqa: E402
-from monitor.runtime import Monitor  # noqa: E402
+from monitor.policy.rules import default_policy  # noqa: E402
+from monitor.service.runtime import Monitor  # noqa: E402
+from monitor.sessions.procfs import ProcFS  # noqa: E402
 
 SESSION = 0x80000001
 

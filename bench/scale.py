@@ -76,8 +76,8 @@ from harness import (
 
 SESSION_MAX = 1000  # processes per idle agent session (default policy: fork-bomb above 2000)
 MAX_PROCESSES = 65536  # monitor.max_processes for every phase (room for 10,000+ and loops)
-KERNEL_MAX_RULES = 64  # rules the probes hold (monitor/events.py MAX_RULES); docs/policy.md
-# the generated rule kinds that the kernel can enforce by itself (monitor/kpolicy.py:
+KERNEL_MAX_RULES = 64  # rules the probes hold (monitor/model/events.py MAX_RULES); docs/policy.md
+# the generated rule kinds that the kernel can enforce by itself (monitor/policy/kernel_tables.py:
 # connect rules that deny/kill, exec rules on names alone that kill)
 KERNEL_KINDS = frozenset({"connect-deny-net-port", "connect-kill-host", "exec-kill-name",
                           "connect-deny-ipv6-range", "connect-kill-cgnat-port",

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from monitor.config import Config, load_config_text
-from monitor.errors import EnvironmentProblem
-from monitor.events import Event
-from monitor.loader import ProbeOptions, Probes
-from monitor.policy import Policy
-from monitor.runtime import Monitor
+from monitor.config.settings import Config, load_config_text
+from monitor.kernel.loader import ProbeOptions, Probes
+from monitor.model.errors import EnvironmentProblem
+from monitor.model.events import Event
+from monitor.policy.rules import Policy
+from monitor.service.runtime import Monitor
 
 IN_CI = os.environ.get("CI") == "true"
 SOCKET = "/run/agentwatch-test/control.sock"
@@ -159,7 +159,7 @@ def free_port() -> int:
 def agent_exec(argv: list[str], agent: str = "test", socket: str = SOCKET,
                **kw: object) -> subprocess.Popen[bytes]:
     """Start argv as an agent root through the real `agentwatch exec` path."""
-    cmd = [sys.executable, "-m", "monitor.cli", "exec", "--socket", socket, "--agent", agent,
+    cmd = [sys.executable, "-m", "monitor.cli.main", "exec", "--socket", socket, "--agent", agent,
            "--", *argv]
     return subprocess.Popen(cmd, **kw)  # type: ignore[call-overload, no-any-return]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from conftest import Running, require_root, wait_exit
 
-from monitor.config import load_config_text
-from monitor.events import ExecEvent, ForkEvent
+from monitor.config.settings import load_config_text
+from monitor.model.events import ExecEvent, ForkEvent
 
 
 def _config(tmp_path: Path) -> str:

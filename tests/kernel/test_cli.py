@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import AGENT_UID, as_agent, free_port, require_root
 
-from monitor.errors import EnvironmentProblem
-from monitor.loader import check_host
+from monitor.kernel.loader import check_host
+from monitor.model.errors import EnvironmentProblem
 
-CLI = [sys.executable, "-m", "monitor.cli"]
+CLI = [sys.executable, "-m", "monitor.cli.main"]
 
 
 def run(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -37,7 +37,7 @@ def test_bad_config_is_refused_at_start_with_file_line_and_reason(tmp_path: Path
 
 def test_not_root_is_one_clear_sentence_and_exit_3(tmp_path: Path) -> None:
     require_root()
-    from monitor.cli import main
+    from monitor.cli.main import main
 
     r, w = os.pipe()
     pid = os.fork()

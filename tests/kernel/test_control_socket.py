@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import SOCKET, Running, agent_exec, wait_exit
 
-CLI = [sys.executable, "-m", "monitor.cli"]
+CLI = [sys.executable, "-m", "monitor.cli.main"]
 
 
 def send_raw(data: bytes, timeout: float = 10) -> dict[str, object]:

@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 from conftest import AGENT_UID, AS_AGENT, free_port, require_root
 
-from monitor.alerts import Notifier, kill_alert
-from monitor.auditlog import AuditLog
-from monitor.config import AlertSettings
-from monitor.runtime import JsonLog
+from monitor.config.settings import AlertSettings
+from monitor.observe.alerts import Notifier, kill_alert
+from monitor.observe.auditlog import AuditLog
+from monitor.service.runtime import JsonLog
 
 Mount = Callable[[str], Path]
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import Running, agent_exec, require_root, wait_exit
 
-from monitor.config import load_config_text
-from monitor.policy import default_policy, load_policy_text
-from monitor.procfs import ProcFS
+from monitor.config.settings import load_config_text
+from monitor.policy.rules import default_policy, load_policy_text
+from monitor.sessions.procfs import ProcFS
 
 SOCK = "/run/agentwatch-test/enforce.sock"
 NS = f"awtest{os.getpid()}"
@@ -332,8 +332,8 @@ def test_monitor_mode_kills_nothing_and_logs_every_would_be_kill(tmp_path: Path)
 # --- guard rails on the real kill path ------------------------------------------------------
 
 def test_kill_path_guard_rails_on_real_processes(enforcing: Running) -> None:
-    from monitor.enforcer import Outcome
-    from monitor.judge import boot_ns
+    from monitor.enforce.enforcer import Outcome
+    from monitor.enforce.judge import boot_ns
 
     enf = enforcing.monitor.enforcer
     p = agent_exec(["/bin/sleep", "30"], agent="claude-code", socket=SOCK)

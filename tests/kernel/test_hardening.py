@@ -30,9 +30,9 @@ from conftest import (
     wait_exit,
 )
 
-from monitor.config import load_config_text
-from monitor.events import Counter
-from monitor.policy import load_policy_text
+from monitor.config.settings import load_config_text
+from monitor.model.events import Counter
+from monitor.policy.rules import load_policy_text
 
 POLICY = """
 mode: enforce
@@ -193,7 +193,7 @@ def test_what_ran_in_the_gap_before_a_pinned_restart_is_judged(reachable_tmp: Pa
     from test_recovery import start as start_cli
     from test_recovery import wait_for
 
-    from monitor import control
+    from monitor.service import control
 
     require_root()
     pin = f"/sys/fs/bpf/awtest-gap-{os.getpid()}"
@@ -228,7 +228,7 @@ def test_what_ran_in_the_gap_before_a_pinned_restart_is_judged(reachable_tmp: Pa
             agent.wait()
         mon.send_signal(signal.SIGTERM)
         mon.wait(timeout=20)
-        subprocess.run([sys.executable, "-m", "monitor.cli", "detach", "--pin-dir", pin],
+        subprocess.run([sys.executable, "-m", "monitor.cli.main", "detach", "--pin-dir", pin],
                        capture_output=True, timeout=30)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import AS_AGENT, agent_exec, free_port, require_root, wait_exit
 
-CLI = [sys.executable, "-m", "monitor.cli"]
+CLI = [sys.executable, "-m", "monitor.cli.main"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SCRAPER = textwrap.dedent("""

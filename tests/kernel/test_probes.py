@@ -18,7 +18,7 @@ from pathlib import Path
 
 from conftest import Running, agent_exec, wait_exit
 
-from monitor.events import (
+from monitor.model.events import (
     ARGS_SIZE,
     ConnectEvent,
     Counter,

@@ -16,9 +16,9 @@ from typing import Any
 
 from conftest import free_port, require_root
 
-from monitor import control
+from monitor.service import control
 
-CLI = [sys.executable, "-m", "monitor.cli"]
+CLI = [sys.executable, "-m", "monitor.cli.main"]
 
 
 def setup(tmp: Path, fail_closed: float = 0) -> tuple[Path, Path, str, str]:

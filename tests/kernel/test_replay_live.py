@@ -11,12 +11,12 @@ from pathlib import Path
 from conftest import Running, agent_exec, require_root, wait_exit
 from test_enforce import NS, PUBLIC, scaled_default_policy_text
 
-from monitor.config import load_config_text
-from monitor.output import record
-from monitor.policy import load_policy_text
-from monitor.replay import read_recording, replay
+from monitor.config.settings import load_config_text
+from monitor.observe.output import record
+from monitor.policy.replay import read_recording, replay
+from monitor.policy.rules import load_policy_text
 
-CLI = [sys.executable, "-m", "monitor.cli"]
+CLI = [sys.executable, "-m", "monitor.cli.main"]
 
 
 def test_replay_gives_the_same_verdicts_as_live(tmp_path: Path) -> None:

@@ -29,10 +29,10 @@ from conftest import (
     wait_exit,
 )
 
-from monitor import control
-from monitor.events import ExecEvent
+from monitor.model.events import ExecEvent
+from monitor.service import control
 
-CLI = [sys.executable, "-m", "monitor.cli"]
+CLI = [sys.executable, "-m", "monitor.cli.main"]
 
 
 def policy_killing(name: str, mode: str = "enforce") -> str:

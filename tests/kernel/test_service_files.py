@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from conftest import IN_CI
 
-from monitor.config import check_trusted, load_config
-from monitor.install import (
+from monitor.config.settings import check_trusted, load_config
+from monitor.policy.rules import load_policy
+from monitor.service.install import (
     AUDIT_LOG,
     MANIFEST,
     UNIT_PATH,
@@ -26,7 +27,6 @@ from monitor.install import (
     unit_text,
     wanted_files,
 )
-from monitor.policy import load_policy
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "packaging" / "agentwatch.service"

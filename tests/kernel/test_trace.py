@@ -19,7 +19,7 @@ from typing import Any
 
 from conftest import SOCKET, Running, agent_exec, require_root, wait_exit
 
-CLI = [sys.executable, "-m", "monitor.cli"]
+CLI = [sys.executable, "-m", "monitor.cli.main"]
 
 
 _readers: dict[int, queue.Queue[str | None]] = {}

@@ -1,4 +1,4 @@
-"""Unit tests for monitor.alerts: kill alerts reach a real HTTP server on 127.0.0.1 in the
+"""Unit tests for monitor.observe.alerts: kill alerts reach a real HTTP server on 127.0.0.1 in the
 Alertmanager v2 shape and the documented webhook shape, survive receiver outages and
 restarts through the on-disk spool, each exactly once, without retry storms.
 """
@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
-from monitor.alerts import (
+from monitor.config.settings import AlertSettings
+from monitor.model.errors import EnvironmentProblem
+from monitor.observe.alerts import (
     ALERTMANAGER,
     KILL,
     KILL_SWITCH,
@@ -32,10 +34,8 @@ from monitor.alerts import (
     rfc3339,
     webhook_payload,
 )
-from monitor.config import AlertSettings
-from monitor.engine import Verdict
-from monitor.errors import EnvironmentProblem
-from monitor.policy import Action, Mode
+from monitor.policy.engine import Verdict
+from monitor.policy.rules import Action, Mode
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "alerts.md"
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from monitor.auditlog import AuditLog
-from monitor.runtime import JsonLog
+from monitor.observe.auditlog import AuditLog
+from monitor.service.runtime import JsonLog
 
 
 class Reports:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.config import load_config_text
-from monitor.errors import ConfigError
-from monitor.policy import load_policy_text
-from monitor.runtime import check_capacity
+from monitor.config.settings import load_config_text
+from monitor.model.errors import ConfigError
+from monitor.policy.rules import load_policy_text
+from monitor.service.runtime import check_capacity
 
 POLICY = """mode: enforce
 rules:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from monitor import cli
-from monitor.errors import ControlError
-from monitor.events import ExecEvent, ExecFlag, ForkEvent, Header
-from monitor.output import record
+from monitor.cli import main as cli
+from monitor.model.errors import ControlError
+from monitor.model.events import ExecEvent, ExecFlag, ForkEvent, Header
+from monitor.observe.output import record
 
 CLEAR, TITLE = "\x1b[2J", "\x1b]0;owned\x07"
 RAW = b"\x9b\xff".decode("utf-8", "surrogateescape")  # bytes that were not UTF-8

@@ -1,4 +1,4 @@
-"""Unit tests for monitor.cmdline: one decoding for every byte a process hands over, the
+"""Unit tests for monitor.model.cmdline: one decoding for every byte a process hands over, the
 comparison of a cut command line with /proc's, and the clips that bound what is kept."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from monitor import cmdline
+from monitor.model import cmdline
 
 ARGS = st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\0", b"")), max_size=12)
 

@@ -1,11 +1,12 @@
-"""Unit tests for monitor.completion: a cut argv is completed from /proc only when /proc
+"""Unit tests for monitor.sessions.completion: a cut argv is completed from /proc only when /proc
 shows the same bytes continued, and is otherwise judged as cut, saying why."""
 
 from __future__ import annotations
 
-from monitor import cmdline, completion
-from monitor.events import ARGS_SIZE, ExecEvent, ExecFlag, Header
-from monitor.procfs import ProcInfo
+from monitor.model import cmdline
+from monitor.model.events import ARGS_SIZE, ExecEvent, ExecFlag, Header
+from monitor.sessions import completion
+from monitor.sessions.procfs import ProcInfo
 
 CUT = ExecFlag.ARGV_FROM_MM | ExecFlag.ARGV_TRUNC_LEN
 

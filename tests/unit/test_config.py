@@ -1,4 +1,5 @@
-"""Unit tests for monitor.config and monitor.yamlsource (no root, no host users needed)."""
+"""Unit tests for monitor.config.settings and monitor.config.yamlsource (no root, no host users
+needed)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from timebox import within
 
-from monitor.config import (
+from monitor.config.settings import (
     AgentSpec,
     AlertSettings,
     Config,
@@ -22,8 +23,8 @@ from monitor.config import (
     load_config_text,
     split_listen,
 )
-from monitor.errors import ConfigError, Location
-from monitor.yamlsource import parse_yaml
+from monitor.config.yamlsource import parse_yaml
+from monitor.model.errors import ConfigError, Location
 
 USERS = {"agent": 1001, "ci": 1002}
 SRC = "agents.yaml"
@@ -218,7 +219,7 @@ def test_literal_bracket_glob_is_fine() -> None:
 
 
 def test_embedded_default_loads() -> None:
-    from monitor.policy import default_policy
+    from monitor.policy.rules import default_policy
 
     cfg = default_config()
     assert cfg.agents == ()  # the default agents live in the default policy
@@ -684,7 +685,7 @@ def test_embedded_default_alert_and_metrics_examples_are_valid_when_uncommented(
 
 
 def test_service_settings_parse_and_bad_ones_name_the_key() -> None:
-    from monitor.config import check_trusted  # noqa: F401 — part of the same surface
+    from monitor.config.settings import check_trusted  # noqa: F401 — part of the same surface
 
     cfg = load("monitor:\n  audit_log: /var/log/agentwatch/audit.jsonl\n"
                "  pin_dir: /sys/fs/bpf/agentwatch\n  fail_closed_seconds: 30\n")
@@ -702,7 +703,7 @@ def test_service_settings_parse_and_bad_ones_name_the_key() -> None:
 def test_check_trusted_refuses_files_others_can_write(tmp_path: Path) -> None:
     import os
 
-    from monitor.config import check_trusted
+    from monitor.config.settings import check_trusted
 
     tmp_path.chmod(0o755)
     f = tmp_path / "policy.yaml"
@@ -767,7 +768,7 @@ def test_config_check_exits_2_for_a_fifo_without_waiting_for_a_writer(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import os
 
-    from monitor.cli import main
+    from monitor.cli.main import main
 
     fifo = tmp_path / "config.yaml"
     os.mkfifo(fifo)

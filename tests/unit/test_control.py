@@ -1,4 +1,5 @@
-"""Unit tests for monitor.control: a real ControlServer on a Unix socket with fake handlers."""
+"""Unit tests for monitor.service.control: a real ControlServer on a Unix socket with fake
+handlers."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from monitor import control
-from monitor.control import ControlServer, Peer, request, stream
-from monitor.errors import ControlError
+from monitor.model.errors import ControlError
+from monitor.service import control
+from monitor.service.control import ControlServer, Peer, request, stream
 
 NOBODY = 65534
 

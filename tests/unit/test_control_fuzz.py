@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from monitor.control import ControlServer, Peer, request
+from monitor.service.control import ControlServer, Peer, request
 
 OPS = ("echo", "ping", "status")
 

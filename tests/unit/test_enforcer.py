@@ -1,4 +1,5 @@
-"""Unit tests for monitor.enforcer: the guard rails of every kill, with a fake signal sender,
+"""Unit tests for monitor.enforce.enforcer: the guard rails of every kill, with a fake signal
+sender,
 a fake kernel process map and a fixture /proc tree (no root, nothing is really signalled).
 
 The fakes share one journal of calls, so a test can check the order: the pidfd is opened
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor.enforcer import Enforcer, KillResult, Outcome
-from monitor.procfs import PF_KTHREAD, ProcFS, ProcInfo, clock_ticks
+from monitor.enforce.enforcer import Enforcer, KillResult, Outcome
+from monitor.sessions.procfs import PF_KTHREAD, ProcFS, ProcInfo, clock_ticks
 
 TICK_NS = 1_000_000_000 // clock_ticks()
 S1, S2 = 0x8000_0001, 0x8000_0002

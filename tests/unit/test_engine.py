@@ -1,4 +1,4 @@
-"""Unit tests for monitor.engine: each matcher, scoping, CPU windows, and the default policy
+"""Unit tests for monitor.policy.engine: each matcher, scoping, CPU windows, and the default policy
 against the incident and against ordinary agent work."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from itertools import pairwise
 
 import pytest
 
-from monitor.engine import (
+from monitor.policy.engine import (
     CpuWindows,
     Verdict,
     argv_rules,
@@ -20,7 +20,7 @@ from monitor.engine import (
     match_connect,
     match_exec,
 )
-from monitor.policy import Action, Mode, Policy, Rule, default_policy, load_policy_text
+from monitor.policy.rules import Action, Mode, Policy, Rule, default_policy, load_policy_text
 
 S = 1_000_000_000  # ns per second
 AF_INET, AF_INET6 = 2, 10

@@ -1,4 +1,4 @@
-"""Unit tests for monitor.events: decoding raw ring-buffer records built exactly as the
+"""Unit tests for monitor.model.events: decoding raw ring-buffer records built exactly as the
 probes (probes/agentwatch.bpf.c) send them, and the mirror staying in step with the C header.
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor import events
-from monitor.events import (
+from monitor.model import events
+from monitor.model.events import (
     EXEC_ARGS_OFFSET,
     MIRRORS,
     CCommKey,
@@ -37,7 +37,7 @@ from monitor.events import (
     decode,
     size_cflags,
 )
-from monitor.procfs import ProcFS
+from monitor.sessions.procfs import ProcFS
 
 PROBES = Path(__file__).resolve().parents[2] / "probes"
 HEADER_H = PROBES / "agentwatch.h"
@@ -524,7 +524,7 @@ def test_size_cflags_match_the_static_asserts() -> None:
 
 
 def test_argv_read_from_the_new_programs_memory_is_split_on_nuls() -> None:
-    from monitor.events import EXEC_ARGS_OFFSET, CExecEvent, EventType, ExecFlag, decode
+    from monitor.model.events import EXEC_ARGS_OFFSET, CExecEvent, EventType, ExecFlag, decode
 
     block = b"/bin/true\0--from-rodata\0\0x\0"
     e = CExecEvent()

@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from test_metrics import FakeSource, busy_source, registry_for, value
 
-from monitor.config import MetricsSettings, load_config_text
-from monitor.errors import ConfigError
-from monitor.metrics import serve
+from monitor.config.settings import MetricsSettings, load_config_text
+from monitor.model.errors import ConfigError
+from monitor.observe.metrics import serve
 
 
 class Served:

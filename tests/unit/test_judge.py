@@ -1,5 +1,5 @@
-"""Unit tests for monitor.judge: evaluate -> log -> count -> enforce, fed with synthetic
-events through a real Tracker (as monitor/runtime.py does: tracker first, then judge), with
+"""Unit tests for monitor.enforce.judge: evaluate -> log -> count -> enforce, fed with synthetic
+events through a real Tracker (as monitor/service/runtime.py does: tracker first, then judge), with
 a recording stand-in for the Enforcer, or a real Enforcer over a fake kernel map, a fake
 signal sender and a fixture /proc tree.
 """
@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
-from monitor.enforcer import Enforcer, KillResult, Outcome
-from monitor.events import (
+from monitor.enforce.enforcer import Enforcer, KillResult, Outcome
+from monitor.enforce.judge import Judge
+from monitor.model.events import (
     SESSION_KERNEL_BIT,
     ConnectEvent,
     Event,
@@ -26,11 +27,10 @@ from monitor.events import (
     VerdictEvent,
     VerdictKind,
 )
-from monitor.judge import Judge
-from monitor.kpolicy import compile_kernel
-from monitor.policy import Policy, default_policy, load_policy_text
-from monitor.procfs import ProcFS, clock_ticks
-from monitor.tracker import Tracker
+from monitor.policy.kernel_tables import compile_kernel
+from monitor.policy.rules import Policy, default_policy, load_policy_text
+from monitor.sessions.procfs import ProcFS, clock_ticks
+from monitor.sessions.tracker import Tracker
 
 S1 = SESSION_KERNEL_BIT | 1
 S2 = SESSION_KERNEL_BIT | 2
@@ -94,7 +94,7 @@ class Rig:
                            self.log)
 
     def feed(self, *evs: Event) -> None:
-        """What monitor/runtime.py does with each event of a tracked process."""
+        """What monitor/service/runtime.py does with each event of a tracked process."""
         for ev in evs:
             proc = self.tracker.apply(ev)
             session = self.tracker.session(ev.h.session)

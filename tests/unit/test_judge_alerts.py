@@ -21,11 +21,11 @@ from test_judge import (
     policy,
 )
 
-from monitor.alerts import Notifier
-from monitor.config import AlertSettings
-from monitor.enforcer import Enforcer, Outcome
-from monitor.events import VerdictKind
-from monitor.judge import Judge
+from monitor.config.settings import AlertSettings
+from monitor.enforce.enforcer import Enforcer, Outcome
+from monitor.enforce.judge import Judge
+from monitor.model.events import VerdictKind
+from monitor.observe.alerts import Notifier
 
 
 def rig_with_alerts(tmp_path: Path, p=None, enforcer=None) -> tuple[Rig, Notifier]:

@@ -1,5 +1,6 @@
-"""Unit tests for monitor.kpolicy: which rules the kernel enforces, and that the BPF map
-contents make the kernel give the same answer as monitor/engine.py for every destination.
+"""Unit tests for monitor.policy.kernel_tables: which rules the kernel enforces, and that the
+BPF map
+contents make the kernel give the same answer as monitor/policy/engine.py for every destination.
 
 kernel_connect_hits reproduces connect_hits() in probes/agentwatch.bpf.c: an LPM-trie
 lookup of the destination as a 16-byte (IPv4-mapped) address, which returns the entry of
@@ -18,9 +19,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from monitor.engine import match_connect, match_exec
-from monitor.events import COMM_LEN, MAX_RULES, EventType, KAction, RuleMask
-from monitor.kpolicy import (
+from monitor.model.events import COMM_LEN, MAX_RULES, EventType, KAction, RuleMask
+from monitor.policy.engine import match_connect, match_exec
+from monitor.policy.kernel_tables import (
     KernelTables,
     compile_kernel,
     kernel_connect_hits,
@@ -28,7 +29,7 @@ from monitor.kpolicy import (
     rules_of,
     wake_mask,
 )
-from monitor.policy import (
+from monitor.policy.rules import (
     Action,
     ConnectMatch,
     EventKind,
@@ -395,7 +396,7 @@ def test_exec_names_cut_inside_a_utf8_character_match_in_kernel_and_engine() -> 
     t = compile_kernel(p)
     raw = "ééééééééé".encode()[: COMM_LEN - 1]  # what the kernel's comm holds
     assert t.exec_names.get(raw, 0) == 1  # the kernel kills it
-    comm = raw.decode("utf-8", "surrogateescape")  # what monitor/events.py decodes
+    comm = raw.decode("utf-8", "surrogateescape")  # what monitor/model/events.py decodes
     assert match_exec(p.rules[0], "bot", "/opt/x/renamed", comm, [comm])
 
 

@@ -21,10 +21,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from monitor.config import Config, load_config, load_config_text
-from monitor.errors import ConfigError
-from monitor.policy import Policy, load_policy, load_policy_text
-from monitor.yamlcompose import LOADER, compose
+from monitor.config.settings import Config, load_config, load_config_text
+from monitor.config.yamlcompose import LOADER, compose
+from monitor.model.errors import ConfigError
+from monitor.policy.rules import Policy, load_policy, load_policy_text
 
 FUZZ = settings(max_examples=150, deadline=timedelta(seconds=5), database=None,
                 suppress_health_check=[HealthCheck.too_slow,

@@ -1,4 +1,4 @@
-"""Unit tests for monitor.metrics: what a user scraping /metrics sees.
+"""Unit tests for monitor.observe.metrics: what a user scraping /metrics sees.
 
 Each test uses a fresh CollectorRegistry and a fake source (tracker sessions built from the
 real dataclasses, judge counts as Counters, BPF counters as a dict), reads the exposition
@@ -19,11 +19,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.auditlog import SinkStats
-from monitor.errors import AgentwatchError, ConfigError, EnvironmentProblem
-from monitor.events import Counter as BpfCounter
-from monitor.events import EventType, Header, KAction, VerdictEvent, VerdictKind
-from monitor.metrics import (
+from monitor.model.errors import AgentwatchError, ConfigError, EnvironmentProblem
+from monitor.model.events import Counter as BpfCounter
+from monitor.model.events import EventType, Header, KAction, VerdictEvent, VerdictKind
+from monitor.model.safetext import ELLIPSIS, LABEL_MAX
+from monitor.observe.auditlog import SinkStats
+from monitor.observe.metrics import (
     DEFAULT_ADDRESS,
     KILL_LATENCY_BUCKETS,
     MAX_AGENTS,
@@ -40,8 +41,7 @@ from monitor.metrics import (
     serve,
     usage_of,
 )
-from monitor.safetext import ELLIPSIS, LABEL_MAX
-from monitor.tracker import Process, Session
+from monitor.sessions.tracker import Process, Session
 
 SHA = "5f" * 32
 LOADED_AT = 1_700_000_000.0
@@ -491,7 +491,7 @@ def test_names_that_are_not_utf8_do_not_break_the_scrape() -> None:
     m.observe_exec("codex", bad)
     m.observe_event("exec", "bad-\udcff-agent")  # a registered name from JSON can be this
     fams = scrape(registry_for(src))
-    # the bytes stay visible, as the trace shows them (monitor.safetext)
+    # the bytes stay visible, as the trace shows them (monitor.model.safetext)
     assert value(fams, "agentwatch_execs_total", agent="codex", binary="\\xff\\xfeevil") == 2
     assert value(fams, "agentwatch_events_total", agent="bad-\\xff-agent", kind="exec") == 1
 

@@ -1,4 +1,4 @@
-"""Unit tests for monitor.output: JSON records and the one-line column format."""
+"""Unit tests for monitor.observe.output: JSON records and the one-line column format."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import unicodedata
 
 import pytest
 
-from monitor.events import (
+from monitor.model.events import (
     STATUS_UNSET,
     ConnectEvent,
     Event,
@@ -18,7 +18,7 @@ from monitor.events import (
     ForkEvent,
     Header,
 )
-from monitor.output import HEADER, columns, columns_of, describe_status, record, to_json
+from monitor.observe.output import HEADER, columns, columns_of, describe_status, record, to_json
 
 H = Header(ts_ns=12_345_678_901, pid=4242, tid=4243, session=0x80000005, agent=0, uid=1000,
            comm="node")

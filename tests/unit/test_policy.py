@@ -1,4 +1,4 @@
-"""Unit tests for monitor.policy: load, validate, compile (no root, no host users needed)."""
+"""Unit tests for monitor.policy.rules: load, validate, compile (no root, no host users needed)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from timebox import within
 
-from monitor.config import AgentSpec, Matcher, default_config
-from monitor.engine import evaluate_exec
-from monitor.errors import ConfigError, Location
-from monitor.policy import (
+from monitor.config.regex import Regex, compile_pattern
+from monitor.config.settings import AgentSpec, Matcher, default_config
+from monitor.model.address import fold_network
+from monitor.model.errors import ConfigError, Location
+from monitor.policy.engine import evaluate_exec
+from monitor.policy.rules import (
     Action,
     ConnectMatch,
     CpuMatch,
@@ -28,10 +30,8 @@ from monitor.policy import (
     default_policy,
     load_policy,
     load_policy_text,
-    normalise_network,
     parse_duration,
 )
-from monitor.regex import Regex, compile_pattern
 
 SRC = "policy.yaml"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "policy.md"
@@ -210,8 +210,8 @@ def test_mapped_and_plain_forms_of_one_network_are_one_entry() -> None:
 
 
 def test_normalise_network_leaves_other_ipv6_alone() -> None:
-    assert normalise_network(V6("::/0")) == V6("::/0")
-    assert normalise_network(V6("64:ff9b::/96")) == V6("64:ff9b::/96")
+    assert fold_network(V6("::/0")) == V6("::/0")
+    assert fold_network(V6("64:ff9b::/96")) == V6("64:ff9b::/96")
 
 
 @pytest.mark.parametrize(("value", "seconds"), [
@@ -498,7 +498,7 @@ def test_default_policy_loads_in_enforce_mode() -> None:
 
 
 def test_default_agents_are_defined_once_across_default_config_and_policy() -> None:
-    from monitor.runtime import merged_agents
+    from monitor.service.runtime import merged_agents
 
     merged = merged_agents(default_config(), default_policy())  # raises on a duplicate
     assert [a.name for a in merged] == [a.name for a in default_policy().agents]
@@ -599,7 +599,7 @@ def test_a_pattern_re2_cannot_run_is_refused_naming_the_construct(pattern: str,
 
 def test_policy_check_names_every_refused_pattern_and_exits_2(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from monitor.cli import main
+    from monitor.cli.main import main
 
     path = tmp_path / "p.yaml"
     path.write_text(HEAD + "lists:\n  bad: ['(a)\\1']\nrules:\n  - name: a\n    event: exec\n"
@@ -613,7 +613,7 @@ def test_policy_check_names_every_refused_pattern_and_exits_2(
 
 
 def test_argv_with_bytes_that_are_not_utf8_is_matched_whole() -> None:
-    # argv is bytes; monitor/events.py decodes it with surrogateescape. RE2 matches UTF-8:
+    # argv is bytes; monitor/model/events.py decodes it with surrogateescape. RE2 matches UTF-8:
     # each byte that is not UTF-8 is matched as U+FFFD, so . and [^ ] still match it.
     policy = load(HEAD + """\
 rules:
@@ -687,7 +687,7 @@ def test_limits_on_size_aliases_and_numbers() -> None:
 def test_the_c_yaml_loader_is_used_where_installed() -> None:
     import yaml
 
-    from monitor import yamlcompose
+    from monitor.config import yamlcompose
 
     expected = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
     assert yamlcompose.LOADER is expected

@@ -1,4 +1,5 @@
-"""Unit tests for monitor.procfs against fixture /proc trees (and once against the real /proc)."""
+"""Unit tests for monitor.sessions.procfs against fixture /proc trees (and once against the
+real /proc)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from monitor import cmdline
-from monitor.procfs import (
+from monitor.model import cmdline
+from monitor.sessions.procfs import (
     PF_KTHREAD,
     Adoption,
     ProcFS,

@@ -1,5 +1,5 @@
-"""Unit tests for monitor.replay: recordings in the `trace --json/--record` format (written
-here with monitor/output.py's own record(), from typed events) replayed against a policy."""
+"""Unit tests for monitor.policy.replay: recordings in the `trace --json/--record` format (written
+here with monitor/observe/output.py's own record(), from typed events) replayed against a policy."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from monitor.engine import Verdict
-from monitor.errors import ConfigError, Location
-from monitor.events import (
+from monitor.model.errors import ConfigError, Location
+from monitor.model.events import (
     SESSION_KERNEL_BIT,
     ConnectEvent,
     Event,
@@ -22,9 +21,10 @@ from monitor.events import (
     ForkEvent,
     Header,
 )
-from monitor.output import record
-from monitor.policy import Action, default_policy, load_policy_text
-from monitor.replay import read_recording, replay
+from monitor.observe.output import record
+from monitor.policy.engine import Verdict
+from monitor.policy.replay import read_recording, replay
+from monitor.policy.rules import Action, default_policy, load_policy_text
 
 S1 = SESSION_KERNEL_BIT | 1
 S2 = SESSION_KERNEL_BIT | 2

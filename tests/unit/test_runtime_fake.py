@@ -1,4 +1,4 @@
-"""Unit tests for monitor.runtime.Monitor with fake probes and a fixture /proc tree.
+"""Unit tests for monitor.service.runtime.Monitor with fake probes and a fixture /proc tree.
 
 The OS is a constructor argument: FakeProbes stands in for the BPF object (it keeps the
 kernel maps as dicts, with the same key semantics as probes/agentwatch.bpf.c) and ProcFS
@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 from timebox import within
 
-from monitor import cmdline, events
-from monitor.config import Config, load_config_text
-from monitor.control import Peer
-from monitor.errors import ControlError
-from monitor.events import (
+from monitor.config.settings import Config, load_config_text
+from monitor.kernel.loader import ProbeOptions, TrackedProc
+from monitor.model import cmdline, events
+from monitor.model.cmdline import comm_bytes
+from monitor.model.errors import ControlError
+from monitor.model.events import (
     AGENT_PENDING,
     ANY_UID,
     SESSION_KERNEL_BIT,
@@ -37,10 +38,10 @@ from monitor.events import (
     Header,
     Setting,
 )
-from monitor.loader import ProbeOptions, TrackedProc
-from monitor.policy import load_policy_text
-from monitor.procfs import PF_KTHREAD, ProcFS, ProcInfo
-from monitor.runtime import JsonLog, Monitor
+from monitor.policy.rules import load_policy_text
+from monitor.service.control import Peer
+from monitor.service.runtime import JsonLog, Monitor
+from monitor.sessions.procfs import PF_KTHREAD, ProcFS, ProcInfo
 
 USERS = {"agent": 1001, "ci": 1002}
 
@@ -223,7 +224,7 @@ class FakeProbes:
         self.match_comm.clear()
         self.match_uid.clear()
         for comm, agent, uid in comms:  # same truncation and key as Probes
-            key = (comm.encode()[: events.COMM_LEN - 1].ljust(16, b"\0"), uid)
+            key = (comm_bytes(comm).ljust(events.COMM_LEN, b"\0"), uid)
             assert key not in self.match_comm, f"duplicate kernel key {key}"
             self.match_comm[key] = agent
         for uid, agent in uids:
@@ -946,7 +947,7 @@ def test_the_monitor_keeps_at_most_max_processes_and_says_how_many_it_let_go(
 ])
 def test_policy_switches_reach_the_kernel_at_start_and_reload(
         tmp_path: Path, text: str, fail_closed: int, decide: int) -> None:
-    from monitor.policy import load_policy_text
+    from monitor.policy.rules import load_policy_text
 
     r = rig(tmp_path)
     r.mon.start()
@@ -964,7 +965,7 @@ def test_reconcile_forgets_what_the_kernel_stopped_tracking_and_judges_what_it_m
     """Records lost: a process the map dropped (its exit record lost) leaves the tracker
     after two ticks; one the map holds but no record announced is read from /proc and
     judged."""
-    from monitor.policy import load_policy_text
+    from monitor.policy.rules import load_policy_text
 
     r = rig(tmp_path)
     agent_tree(r.proc)
@@ -1002,8 +1003,8 @@ def test_audit_lines_and_alerts_a_full_disk_refuses_are_exported_and_overflow_co
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from monitor.alerts import kill_alert
-    from monitor.metrics import AgentwatchCollector
+    from monitor.observe.alerts import kill_alert
+    from monitor.observe.metrics import AgentwatchCollector
 
     audit = tmp_path / "audit.jsonl"
     audit.symlink_to("/dev/full")
@@ -1060,7 +1061,7 @@ HOSTILE_POLICIES = {
 
 def _reload(tmp_path: Path, text: str) -> tuple[bool, bool, dict[str, int], list[str]]:
     """(reload ok, policy unchanged, reload counts, reasons logged) after a reload of text."""
-    from monitor.policy import load_policy
+    from monitor.policy.rules import load_policy
 
     r = rig(tmp_path)
     before = r.mon.policy.sha256

@@ -1,4 +1,4 @@
-"""Unit tests for monitor.safefile: the trusted path walk, what a config or policy file may
+"""Unit tests for monitor.config.safefile: the trusted path walk, what a config or policy file may
 be, and reading bounded from the checked descriptor.
 
 Without root, files cannot be made root's, so the walk is tested with owners = {root, this
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from timebox import within
 
-from monitor.errors import ConfigError
-from monitor.policy import load_policy
-from monitor.safefile import MAX_FILE_BYTES, read_file
+from monitor.config.safefile import MAX_FILE_BYTES, read_file
+from monitor.model.errors import ConfigError
+from monitor.policy.rules import load_policy
 
 ME = frozenset({0, os.geteuid()})
 POLICY = b"mode: monitor\n"

@@ -1,4 +1,4 @@
-"""Unit tests for monitor.safetext: agent text made safe for a terminal and a metric label.
+"""Unit tests for monitor.model.safetext: agent text made safe for a terminal and a metric label.
 
 A table of hostile strings an agent can put in a comm, an exec path or an argv element,
 each with what an operator must see instead; then properties that hold for any string.
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from monitor.safetext import ELLIPSIS, LABEL_MAX, label_value, printable
+from monitor.model.safetext import ELLIPSIS, LABEL_MAX, label_value, printable
 
 BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 

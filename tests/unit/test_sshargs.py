@@ -1,4 +1,4 @@
-"""Unit tests for monitor.sshargs: what an ssh command line asks for, however spelled."""
+"""Unit tests for monitor.policy.sshargs: what an ssh command line asks for, however spelled."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from monitor.sshargs import (
+from monitor.policy.sshargs import (
     DYNAMIC_FORWARD,
     FEATURES,
     GATEWAY_PORTS,

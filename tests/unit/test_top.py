@@ -1,4 +1,4 @@
-"""Unit tests for monitor.top: the model from synthetic status dicts and stream records, the
+"""Unit tests for monitor.cli.top: the model from synthetic status dicts and stream records, the
 frame as an operator reads it, and run_top against a real ControlServer on a tmp socket."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from monitor.control import ControlServer, Subscribers
-from monitor.errors import ControlError
-from monitor.top import TopModel, _drain, _pump, render, run_top
+from monitor.cli.top import TopModel, _drain, _pump, render, run_top
+from monitor.model.errors import ControlError
+from monitor.service.control import ControlServer, Subscribers
 
 SHA = "ab12cd34ef56" + "0" * 52
 

@@ -1,9 +1,9 @@
-"""Unit tests for monitor.tracker: the session state machine fed with synthetic events."""
+"""Unit tests for monitor.sessions.tracker: the session state machine fed with synthetic events."""
 
 from __future__ import annotations
 
-from monitor import cmdline
-from monitor.events import (
+from monitor.model import cmdline
+from monitor.model.events import (
     SESSION_KERNEL_BIT,
     STATUS_UNSET,
     ConnectEvent,
@@ -14,7 +14,7 @@ from monitor.events import (
     ForkEvent,
     Header,
 )
-from monitor.tracker import HISTORY_CHARS, ConnectRecord, ExecRecord, Tracker
+from monitor.sessions.tracker import HISTORY_CHARS, ConnectRecord, ExecRecord, Tracker
 
 S1 = SESSION_KERNEL_BIT | 1
 S2 = SESSION_KERNEL_BIT | 2

@@ -1,0 +1,7 @@
+"""Sinks that only report: the audit log, Prometheus metrics and their exporter, pushed kill
+alerts, and how events look to people and programs (output).
+
+Never decides and never acts: nothing here kills a process, changes a session or writes a
+kernel map, and nothing here imports enforce (a unit test checks). A sink that fails (full
+disk, receiver down) is counted and retried, never allowed to stop the event loop.
+"""
