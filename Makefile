@@ -27,7 +27,7 @@ run: setup
 
 lint: venv
 	$(VENV)/bin/ruff check monitor tests bench dashboards
-	$(VENV)/bin/mypy monitor
+	$(VENV)/bin/mypy monitor tests/support
 
 test: setup observability lint
 	$(VPY) -m pytest tests -ra $(PYTEST_ARGS)
