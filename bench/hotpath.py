@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
 
 from test_runtime_fake import FakeProbes, Log  # noqa: E402
 
-from monitor.config.settings import load_config_text  # noqa: E402
+from monitor.config.load import load_config_text  # noqa: E402
 from monitor.model import events  # noqa: E402
 from monitor.model.events import (  # noqa: E402
     EXEC_ARGS_OFFSET,

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import IO
 
 from monitor import __version__
-from monitor.config.settings import Config, default_config, load_config
+from monitor.config.load import default_config, load_config
+from monitor.config.types import Config
 from monitor.kernel.loader import ProbeOptions, Probes
 from monitor.model.errors import AgentwatchError, ConfigError, ControlError
 from monitor.model.events import Event

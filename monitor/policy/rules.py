@@ -28,13 +28,8 @@ from typing import NamedTuple, TypeAlias, TypeVar
 
 from monitor.config.regex import Compiler, PatternError, Regex
 from monitor.config.safefile import read_file
-from monitor.config.settings import (
-    AgentSpec,
-    ProcessFacts,
-    UserLookup,
-    glob_problem,
-    parse_agents,
-)
+from monitor.config.types import UserLookup
+from monitor.config.validate_agents import glob_problem, parse_agents
 from monitor.config.yamlsource import (
     Node,
     Problems,
@@ -48,6 +43,7 @@ from monitor.config.yamlsource import (
     type_name,
 )
 from monitor.model.address import MAPPED_V4, fold_network
+from monitor.model.agents import AgentSpec, ProcessFacts
 from monitor.model.cmdline import comm_of
 from monitor.model.errors import ConfigError, Location
 from monitor.policy.sshargs import FEATURES as SSH_FEATURES

@@ -19,11 +19,12 @@ from pathlib import Path
 from traceback import format_exception
 from typing import IO, Any
 
-from monitor.config.settings import AgentSpec, Config, ProcessFacts
+from monitor.config.types import Config
 from monitor.enforce.enforcer import Enforcer, Outcome
 from monitor.enforce.judge import Judge
 from monitor.kernel.loader import Probes
 from monitor.model import cmdline, events
+from monitor.model.agents import AgentSpec, ProcessFacts
 from monitor.model.cmdline import comm_of
 from monitor.model.errors import ConfigError, ControlError, EnvironmentProblem, Location
 from monitor.model.events import (

@@ -30,7 +30,7 @@ from conftest import (
     wait_exit,
 )
 
-from monitor.config.settings import load_config_text
+from monitor.config.load import load_config_text
 from monitor.model.events import Counter
 from monitor.policy.rules import load_policy_text
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from monitor.config.settings import AlertSettings
+from monitor.config.types import AlertSettings
 from monitor.model.errors import EnvironmentProblem
 from monitor.observe.alerts import (
     ALERTMANAGER,

@@ -1,5 +1,5 @@
-"""Unit tests for monitor.config.settings and monitor.config.yamlsource (no root, no host users
-needed)."""
+"""Unit tests for monitor.config (types, validate, load) and monitor.config.yamlsource (no
+root, no host users needed)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,16 @@ from pathlib import Path
 import pytest
 from timebox import within
 
-from monitor.config.settings import (
-    AgentSpec,
+from monitor.config.load import default_config, load_config, load_config_text
+from monitor.config.types import (
     AlertSettings,
     Config,
-    Matcher,
     MetricsSettings,
     MonitorSettings,
-    ProcessFacts,
-    default_config,
-    load_config,
-    load_config_text,
     split_listen,
 )
 from monitor.config.yamlsource import parse_yaml
+from monitor.model.agents import AgentSpec, Matcher, ProcessFacts
 from monitor.model.errors import ConfigError, Location
 
 USERS = {"agent": 1001, "ci": 1002}
@@ -685,7 +681,7 @@ def test_embedded_default_alert_and_metrics_examples_are_valid_when_uncommented(
 
 
 def test_service_settings_parse_and_bad_ones_name_the_key() -> None:
-    from monitor.config.settings import check_trusted  # noqa: F401 — part of the same surface
+    from monitor.config.load import check_trusted  # noqa: F401 — part of the same surface
 
     cfg = load("monitor:\n  audit_log: /var/log/agentwatch/audit.jsonl\n"
                "  pin_dir: /sys/fs/bpf/agentwatch\n  fail_closed_seconds: 30\n")
@@ -703,7 +699,7 @@ def test_service_settings_parse_and_bad_ones_name_the_key() -> None:
 def test_check_trusted_refuses_files_others_can_write(tmp_path: Path) -> None:
     import os
 
-    from monitor.config.settings import check_trusted
+    from monitor.config.load import check_trusted
 
     tmp_path.chmod(0o755)
     f = tmp_path / "policy.yaml"

@@ -21,7 +21,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from monitor.config.settings import Config, load_config, load_config_text
+from monitor.config.load import load_config, load_config_text
+from monitor.config.types import Config
 from monitor.config.yamlcompose import LOADER, compose
 from monitor.model.errors import ConfigError
 from monitor.policy.rules import Policy, load_policy, load_policy_text

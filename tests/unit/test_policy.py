@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from timebox import within
 
+from monitor.config.load import default_config
 from monitor.config.regex import Regex, compile_pattern
-from monitor.config.settings import AgentSpec, Matcher, default_config
 from monitor.model.address import fold_network
+from monitor.model.agents import AgentSpec, Matcher
 from monitor.model.errors import ConfigError, Location
 from monitor.policy.engine import evaluate_exec
 from monitor.policy.rules import (

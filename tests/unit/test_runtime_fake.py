@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from timebox import within
 
-from monitor.config.settings import Config, load_config_text
+from monitor.config.load import load_config_text
+from monitor.config.types import Config
 from monitor.kernel.loader import ProbeOptions, TrackedProc
 from monitor.model import cmdline, events
 from monitor.model.cmdline import comm_bytes
