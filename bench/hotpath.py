@@ -37,7 +37,7 @@ from monitor.model.events import (  # noqa: E402
     EventType,
     ExecFlag,
 )
-from monitor.policy.rules import default_policy  # noqa: E402
+from monitor.policy.load import default_policy  # noqa: E402
 from monitor.service.runtime import Monitor  # noqa: E402
 from monitor.sessions.procfs import ProcFS  # noqa: E402
 

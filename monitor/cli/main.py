@@ -27,7 +27,8 @@ from monitor.model.errors import AgentwatchError, ConfigError, ControlError
 from monitor.model.events import Event
 from monitor.model.safetext import printable
 from monitor.observe.output import HEADER, columns, columns_of, record, to_json
-from monitor.policy.rules import Policy, default_policy, load_policy
+from monitor.policy.load import default_policy, load_policy
+from monitor.policy.types import Policy
 from monitor.service import control
 
 DEFAULT_SOCKET = "/run/agentwatch/control.sock"

@@ -32,7 +32,7 @@ from conftest import (
 
 from monitor.config.load import load_config_text
 from monitor.model.events import Counter
-from monitor.policy.rules import load_policy_text
+from monitor.policy.load import load_policy_text
 
 POLICY = """
 mode: enforce

@@ -6,8 +6,7 @@ import pytest
 
 from monitor.config.load import load_config_text
 from monitor.model.errors import ConfigError
-from monitor.policy.rules import load_policy_text
-from monitor.service.runtime import check_capacity
+from monitor.policy.load import check_capacity, load_policy_text
 
 POLICY = """mode: enforce
 rules:

@@ -215,7 +215,7 @@ def test_literal_bracket_glob_is_fine() -> None:
 
 
 def test_embedded_default_loads() -> None:
-    from monitor.policy.rules import default_policy
+    from monitor.policy.load import default_policy
 
     cfg = default_config()
     assert cfg.agents == ()  # the default agents live in the default policy

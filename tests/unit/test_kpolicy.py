@@ -29,15 +29,8 @@ from monitor.policy.kernel_tables import (
     rules_of,
     wake_mask,
 )
-from monitor.policy.rules import (
-    Action,
-    ConnectMatch,
-    EventKind,
-    ExecMatch,
-    Policy,
-    default_policy,
-    load_policy_text,
-)
+from monitor.policy.load import default_policy, load_policy_text
+from monitor.policy.types import Action, ConnectMatch, EventKind, ExecMatch, Policy
 
 AF_INET, AF_INET6 = 2, 10
 MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
