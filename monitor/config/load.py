@@ -15,12 +15,11 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 
-from monitor.config.safefile import read_file
+from monitor.config.safefile import read_file, utf8_text
 from monitor.config.types import Config, UserLookup
 from monitor.config.validate import ConfigReader
 from monitor.config.validate_agents import pwd_lookup
 from monitor.config.yamlsource import parse_yaml
-from monitor.model.errors import ConfigError, Location
 
 
 def load_config_text(text: str, source: str = "<string>", *,
@@ -42,12 +41,7 @@ def load_config(path: str | Path, *, user_lookup: UserLookup | None = None,
     """
     source = str(path)
     data = read_file(path, what="config file", trusted=trusted)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError([(Location(source), f"not UTF-8 text: {exc.reason} "
-                            f"at byte {exc.start}")]) from exc
-    return load_config_text(text, source, user_lookup=user_lookup)
+    return load_config_text(utf8_text(data, source), source, user_lookup=user_lookup)
 
 
 def default_config() -> Config:

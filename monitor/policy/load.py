@@ -16,7 +16,7 @@ import hashlib
 import importlib.resources
 from pathlib import Path
 
-from monitor.config.safefile import read_file
+from monitor.config.safefile import read_file, utf8_text
 from monitor.config.types import Config, UserLookup
 from monitor.config.yamlsource import parse_yaml
 from monitor.model.errors import ConfigError, Location
@@ -54,12 +54,7 @@ def load_policy(path: str | Path, *, user_lookup: UserLookup | None = None,
     """
     source = str(path)
     data = read_file(path, what="policy file", trusted=trusted)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError([(Location(source), f"not UTF-8 text: {exc.reason} "
-                            f"at byte {exc.start}")]) from exc
-    return _build(text, source, user_lookup, hashlib.sha256(data).hexdigest())
+    return _build(utf8_text(data, source), source, user_lookup, hashlib.sha256(data).hexdigest())
 
 
 def default_policy() -> Policy:
