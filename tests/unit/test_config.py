@@ -19,7 +19,14 @@ from monitor.config.types import (
     split_listen,
 )
 from monitor.config.yamlsource import parse_yaml
-from monitor.model.agents import AgentSpec, Matcher, ProcessFacts
+from monitor.model.agents import (
+    AgentSpec,
+    Matcher,
+    ProcessFacts,
+    merged_agents,
+    needs_userspace,
+    recognise,
+)
 from monitor.model.errors import ConfigError, Location
 
 USERS = {"agent": 1001, "ci": 1002}
@@ -191,6 +198,41 @@ def test_recognise_returns_first_agent_in_file_order() -> None:
     second = cfg.recognise(facts(comm="node", argv=("node", "server.js")))
     assert second is not None and second.name == "any-node"
     assert cfg.recognise(facts(comm="python3")) is None
+
+
+class _Contains:
+    """A command-line pattern without RE2: model.agents only needs search()."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+
+    def search(self, text: str) -> object | None:
+        return self.part if self.part in text else None
+
+
+def test_recognition_lives_in_model_and_takes_any_compiled_pattern() -> None:
+    agents = (AgentSpec("by-line", (Matcher(cmdline=_Contains("claude"), line=1),)),
+              AgentSpec("by-uid", (Matcher(uid=1000, line=2),)),
+              AgentSpec("user-side", (Matcher(comm="x", exe="/opt/*", line=3),)))
+    found = recognise(agents, facts(argv=("node", "claude")))
+    assert found is not None and found.name == "by-line"  # first in order, not the uid one
+    found = recognise(agents, facts(argv=("node",)))
+    assert found is not None and found.name == "by-uid"
+    assert recognise(agents, facts(uid=7)) is None
+    assert needs_userspace(agents) and not needs_userspace(agents[1:2])
+
+
+def test_an_agent_defined_in_both_files_is_refused() -> None:
+    cfg = load("agents: [{name: a, match: [{comm: a}]}, {name: b, match: [{comm: b}]}]")
+    from monitor.policy.load import load_policy_text
+
+    policy = load_policy_text("mode: monitor\nagents: [{name: b, match: [{comm: c}]}]\n",
+                              "policy.yaml")
+    with pytest.raises(ConfigError) as info:
+        merged_agents(cfg, policy)
+    assert info.value.problems == [(Location("policy.yaml"), f"agent 'b' is defined in both "
+                                    f"{SRC} and the policy: define it once")]
+    assert [a.name for a in merged_agents(cfg, load_policy_text("mode: monitor\n"))] == ["a", "b"]
 
 
 def test_yaml_anchors_and_merge_keys_are_allowed() -> None:
