@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
 
 from test_runtime_fake import FakeProbes, Log  # noqa: E402
 
-from monitor.config.settings import load_config_text  # noqa: E402
+from monitor.config.load import load_config_text  # noqa: E402
 from monitor.model import events  # noqa: E402
 from monitor.model.events import (  # noqa: E402
     EXEC_ARGS_OFFSET,
@@ -37,7 +37,7 @@ from monitor.model.events import (  # noqa: E402
     EventType,
     ExecFlag,
 )
-from monitor.policy.rules import default_policy  # noqa: E402
+from monitor.policy.load import default_policy  # noqa: E402
 from monitor.service.runtime import Monitor  # noqa: E402
 from monitor.sessions.procfs import ProcFS  # noqa: E402
 

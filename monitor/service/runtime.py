@@ -19,13 +19,13 @@ from pathlib import Path
 from traceback import format_exception
 from typing import IO, Any
 
-from monitor.config.settings import AgentSpec, Config, ProcessFacts
+from monitor.config.types import Config
 from monitor.enforce.enforcer import Enforcer, Outcome
 from monitor.enforce.judge import Judge
 from monitor.kernel.loader import Probes
 from monitor.model import cmdline, events
-from monitor.model.cmdline import comm_of
-from monitor.model.errors import ConfigError, ControlError, EnvironmentProblem, Location
+from monitor.model.agents import ProcessFacts, merged_agents
+from monitor.model.errors import ConfigError, ControlError, EnvironmentProblem
 from monitor.model.events import (
     ConnectEvent,
     DecodeError,
@@ -54,17 +54,11 @@ from monitor.policy.kernel_tables import (
     KernelTables,
     compile_kernel,
     connects_need_decisions,
+    kernel_matchers,
     wake_mask,
 )
-from monitor.policy.rules import (
-    Action,
-    EventKind,
-    FailClosed,
-    Mode,
-    Policy,
-    ProcessesMatch,
-    load_policy_text,
-)
+from monitor.policy.load import check_capacity, load_policy_text
+from monitor.policy.types import Action, FailClosed, Mode, Policy
 from monitor.service.control import ControlServer, Peer, Subscribers
 from monitor.service.sdnotify import SystemdNotifier
 from monitor.sessions import completion
@@ -72,63 +66,6 @@ from monitor.sessions.procfs import ProcFS, ProcInfo, plan_adoption
 from monitor.sessions.tracker import Process, Session, Tracker
 
 Sink = Callable[[Event, str], None]
-
-
-def merged_agents(config: Config, policy: Policy) -> tuple[AgentSpec, ...]:
-    """Agents from the config, then from the policy; a name defined twice is an error."""
-    seen = {a.name for a in config.agents}
-    dup = [a.name for a in policy.agents if a.name in seen]
-    if dup:
-        raise ConfigError([(Location(policy.source), f"agent {n!r} is defined in both "
-                            f"{config.source} and the policy: define it once")
-                           for n in dup])
-    return (*config.agents, *policy.agents)
-
-
-def check_capacity(config: Config, policy: Policy) -> None:
-    """A processes rule must be able to fire before the kernel's process map is full: a
-    map that holds fewer processes than a rule's `above` would fail new processes closed
-    (or leave them untracked) before the rule ever saw them."""
-    limit = config.monitor.max_processes
-    bad = [(r, r.match.above) for r in policy.rules_for(EventKind.PROCESSES)
-           if isinstance(r.match, ProcessesMatch) and r.match.above >= limit]
-    if bad:
-        raise ConfigError([(Location(policy.source, r.line, f"rules.{r.name}.match.above"),
-                            f"processes above {above} can never be counted: "
-                            f"monitor.max_processes ({limit}, in {config.source}) must be "
-                            f"more than that; raise it or lower the rule")
-                           for r, above in bad])
-
-
-def kernel_matchers(agents: Sequence[AgentSpec], index: Callable[[str], int] | None = None
-                    ) -> tuple[list[tuple[str, int, int]], list[tuple[int, int]]]:
-    """The in-kernel matcher tables, so the kernel picks what Config.recognise picks.
-
-    The kernel looks up (comm, uid), then (comm, any uid), then uid alone; the config says
-    the first agent in file order wins. Entries shadowed by an earlier one are dropped, and
-    an any-uid comm entry gets explicit (comm, uid) entries for the uids that earlier
-    uid-only agents claim.
-    """
-    comm_tab: dict[tuple[str, int], int] = {}
-    uid_tab: dict[int, int] = {}
-    for pos, agent in enumerate(agents):
-        idx = index(agent.name) if index is not None else pos
-        for m in agent.matchers:
-            if not m.in_kernel:
-                continue
-            if m.comm is None:
-                if m.uid is not None:
-                    uid_tab.setdefault(m.uid, idx)
-                continue
-            comm = comm_of(m.comm)
-            if m.uid is None:
-                comm_tab.setdefault((comm, events.ANY_UID), idx)
-                for uid, earlier in uid_tab.items():
-                    comm_tab.setdefault((comm, uid), earlier)
-            elif m.uid not in uid_tab and (comm, events.ANY_UID) not in comm_tab:
-                comm_tab.setdefault((comm, m.uid), idx)
-    return ([(c, idx, uid) for (c, uid), idx in comm_tab.items()],
-            list(uid_tab.items()))
 
 
 UNCONFIRMED_LOG_SECONDS = 10.0

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from monitor.config.settings import Config, load_config_text
+from monitor.config.load import load_config_text
+from monitor.config.types import Config
 from monitor.kernel.loader import ProbeOptions, Probes
 from monitor.model.errors import EnvironmentProblem
 from monitor.model.events import Event
-from monitor.policy.rules import Policy
+from monitor.policy.types import Policy
 from monitor.service.runtime import Monitor
 
 IN_CI = os.environ.get("CI") == "true"

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from timebox import within
 
-from monitor.config.settings import Config, load_config_text
+from monitor.config.load import load_config_text
+from monitor.config.types import Config
 from monitor.kernel.loader import ProbeOptions, TrackedProc
 from monitor.model import cmdline, events
-from monitor.model.cmdline import comm_bytes
 from monitor.model.errors import ControlError
 from monitor.model.events import (
     AGENT_PENDING,
@@ -38,7 +38,7 @@ from monitor.model.events import (
     Header,
     Setting,
 )
-from monitor.policy.rules import load_policy_text
+from monitor.policy.load import load_policy_text
 from monitor.service.control import Peer
 from monitor.service.runtime import JsonLog, Monitor
 from monitor.sessions.procfs import PF_KTHREAD, ProcFS, ProcInfo
@@ -218,13 +218,13 @@ class FakeProbes:
         self.calls.append(f"set_setting {setting.name}")
         self.settings[setting] = value
 
-    def set_matchers(self, comms: Iterable[tuple[str, int, int]],
+    def set_matchers(self, comms: Iterable[tuple[bytes, int, int]],
                      uids: Iterable[tuple[int, int]], gen: int = 0) -> None:
         self.calls.append("set_matchers")
         self.match_comm.clear()
         self.match_uid.clear()
-        for comm, agent, uid in comms:  # same truncation and key as Probes
-            key = (comm_bytes(comm).ljust(events.COMM_LEN, b"\0"), uid)
+        for comm, agent, uid in comms:  # same key as Probes (c_char[16] pads with NULs)
+            key = (comm.ljust(events.COMM_LEN, b"\0"), uid)
             assert key not in self.match_comm, f"duplicate kernel key {key}"
             self.match_comm[key] = agent
         for uid, agent in uids:
@@ -947,7 +947,7 @@ def test_the_monitor_keeps_at_most_max_processes_and_says_how_many_it_let_go(
 ])
 def test_policy_switches_reach_the_kernel_at_start_and_reload(
         tmp_path: Path, text: str, fail_closed: int, decide: int) -> None:
-    from monitor.policy.rules import load_policy_text
+    from monitor.policy.load import load_policy_text
 
     r = rig(tmp_path)
     r.mon.start()
@@ -965,7 +965,7 @@ def test_reconcile_forgets_what_the_kernel_stopped_tracking_and_judges_what_it_m
     """Records lost: a process the map dropped (its exit record lost) leaves the tracker
     after two ticks; one the map holds but no record announced is read from /proc and
     judged."""
-    from monitor.policy.rules import load_policy_text
+    from monitor.policy.load import load_policy_text
 
     r = rig(tmp_path)
     agent_tree(r.proc)
@@ -1061,7 +1061,7 @@ HOSTILE_POLICIES = {
 
 def _reload(tmp_path: Path, text: str) -> tuple[bool, bool, dict[str, int], list[str]]:
     """(reload ok, policy unchanged, reload counts, reasons logged) after a reload of text."""
-    from monitor.policy.rules import load_policy
+    from monitor.policy.load import load_policy
 
     r = rig(tmp_path)
     before = r.mon.policy.sha256
