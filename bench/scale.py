@@ -39,50 +39,47 @@ contacted; every process started here is stopped by pid (or its own process grou
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import re
-import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import kill_latency
 import scrape
-from harness import (
+from lib.harness import (
     BENCH,
-    CLK_TCK,
-    ROOT,
-    Monitor,
+    MAX_PROCESSES,
+    AwMonitor,
     Sources,
     bpf_holders,
+    idle_cpu_pct,
     log,
-    other_monitors,
     spread,
+    tree_cpu,
     wait_drained,
 )
+from lib.load import BUSY_LIMIT, OtherLoad, compile_c, gen, quiet_host
+from lib.machine import machine
+from lib.procs import Group, exit_on_signal, stop_groups, wait_for
 
 SESSION_MAX = 1000  # processes per idle agent session (default policy: fork-bomb above 2000)
-MAX_PROCESSES = 65536  # monitor.max_processes for every phase (room for 10,000+ and loops)
 KERNEL_MAX_RULES = 64  # rules the probes hold (monitor/model/events.py MAX_RULES); docs/policy.md
 # the generated rule kinds that the kernel can enforce by itself (monitor/policy/kernel_tables.py:
 # connect rules that deny/kill, exec rules on names alone that kill)
 KERNEL_KINDS = frozenset({"connect-deny-net-port", "connect-kill-host", "exec-kill-name",
                           "connect-deny-ipv6-range", "connect-kill-cgnat-port",
                           "exec-kill-agent-name"})
-BUSY_LIMIT = 0.25  # CPU cores of other work above which a phase is redone
 
 FORKER_C = r"""
 /* forker N: fork N children that sleep until killed (they die with the forker: PDEATHSIG),
@@ -120,210 +117,16 @@ int main(int argc, char **argv)
 """
 
 
-# --- harness (bench/harness.py has what bench/run.py shares; footprint.py uses these) ----
 
 
-def proc_status_mib(pid: int) -> dict[str, float]:
-    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem (/proc/PID/status) and Pss
-    (/proc/PID/smaps_rollup: a page mapped twice, like the ring buffer's, counted once), MiB."""
-    out = {}
-    for name in ("status", "smaps_rollup"):
-        try:
-            text = Path(f"/proc/{pid}/{name}").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "Pss"):
-                out[key] = round(int(value.split()[0]) / 1024, 1)
-    return out
-
-
-class AwMonitor(Monitor):
-    """`agentwatch run` with room for 10,000+ processes (max_processes) and its own metrics
-    port (never the default 9464 that another monitor may hold)."""
-
-    def __init__(self, tmp: Path, src: Sources, *, policy: Path | None = None,
-                 max_processes: int = MAX_PROCESSES, ring_mib: int = 8) -> None:
-        self.metrics_port = kill_latency.free_port()
-        super().__init__(tmp, src, f"  ring_buffer_mib: {ring_mib}\n"
-                         f"  max_processes: {max_processes}\n"
-                         f"metrics:\n  listen: '127.0.0.1:{self.metrics_port}'\n",
-                         policy=policy)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def start(self, timeout: float = 120) -> float:
-        return super().start(timeout)
-
-    def cpu_precise(self) -> float:
-        """CPU seconds of the monitor's live threads with nanosecond resolution (the first
-        field of /proc/PID/task/*/schedstat); cpu_seconds() counts 10 ms clock ticks, too
-        coarse for a few thousand events. A thread that exits between two reads takes its
-        time with it, so use it over windows with no /metrics scrape (one thread each)."""
-        total = 0
-        for task in Path(f"/proc/{self.pid}/task").iterdir():
-            try:
-                total += int((task / "schedstat").read_text().split()[0])
-            except (OSError, IndexError, ValueError):
-                continue
-        return total / 1e9
-
-    def memory(self) -> dict[str, float]:
-        """The monitor's memory, MiB: see proc_status_mib()."""
-        return proc_status_mib(self.pid)
-
-
-def exit_on_signal() -> None:
-    """SIGTERM/SIGHUP end the bench through its `finally` blocks (processes stopped)."""
-    def handler(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, handler)
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.5) -> float:
-    t0 = time.monotonic()
-    while not check():
-        if time.monotonic() - t0 > timeout:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-    return time.monotonic() - t0
-
-
-class Group:
-    """A process started in its own process group (pgid = its pid); stop_groups() ends it
-    with every process it started."""
-
-    def __init__(self, argv: Sequence[str], src: Sources, **kw: Any) -> None:
-        self.proc = subprocess.Popen(list(argv), env=src.env, cwd=src.dir,
-                                     start_new_session=True, **kw)
-
-
-def stop_groups(groups: Sequence[Group], timeout: float = 60) -> None:
-    """SIGKILL every group, reap the leaders, then wait until no member of any group is
-    left (orphans are reaped by init, which on this VM takes about a second: so all the
-    groups are waited for together)."""
-    for g in groups:
-        try:
-            os.killpg(g.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for g in groups:
-        try:
-            g.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            g.proc.kill()
-            g.proc.wait()
-    left = [g.proc.pid for g in groups]
-    deadline = time.monotonic() + timeout
-    while left and time.monotonic() < deadline:
-        still = []
-        for pgid in left:
-            try:
-                os.killpg(pgid, 0)
-                still.append(pgid)
-            except ProcessLookupError:
-                pass
-        left = still
-        if left:
-            time.sleep(0.1)
-    if left:
-        log(f"WARNING: process groups {left} still have members after {timeout:.0f} s")
 
 
 def tracked(status: dict[str, Any], prefix: str) -> int:
     return sum(s["processes"] for s in status["sessions"] if s["agent"].startswith(prefix))
 
 
-def tree_cpu(pid: int) -> float:
-    """utime + stime of a process plus its reaped children's (cutime + cstime)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(x) for x in fields[11:15]) / CLK_TCK
 
 
-class OtherLoad:
-    """CPU cores the host spent on anything but this bench between start() and cores():
-    busy time in /proc/stat minus our own, our reaped children's, and that of the pids
-    `ours` names (the monitor, agents we started: with their reaped children). What is
-    left is other people's work plus the little kernel-thread time our load causes."""
-
-    def __init__(self, ours: Callable[[], list[int]]) -> None:
-        self.ours = ours
-        self._t0 = self._others0 = 0.0
-
-    def _others(self) -> float:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = (sum(fields[:3]) + sum(fields[5:7])) / CLK_TCK  # user nice system irq softirq
-        usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        mine = sum(u.ru_utime + u.ru_stime for u in usage)
-        return busy - mine - sum(tree_cpu(pid) for pid in self.ours())
-
-    def start(self) -> None:
-        self._t0, self._others0 = time.monotonic(), self._others()
-
-    def cores(self) -> float:
-        used = self._others() - self._others0
-        return max(0.0, used) / max(time.monotonic() - self._t0, 1e-3)
-
-    def wait_quiet(self, timeout: float) -> float:
-        """Wait until others use less than BUSY_LIMIT cores over 1 s; returns seconds."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            self.start()
-            time.sleep(1)
-            if self.cores() < BUSY_LIMIT:
-                break
-        return time.monotonic() - t0
-
-
-def quiet_host(wait_s: float, monitor_pid: int | None = None) -> float:
-    """Wait (up to wait_s each) until no other process holds BPF programs and other work
-    is below BUSY_LIMIT cores; returns the seconds waited."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < wait_s and bpf_holders(monitor_pid):
-        time.sleep(0.5)
-    ours = [monitor_pid] if monitor_pid else []
-    OtherLoad(lambda: ours).wait_quiet(wait_s)
-    return time.monotonic() - t0
-
-
-def machine() -> dict[str, Any]:
-    """uname -r, nproc, CPU model, date, commit (and files modified in monitor/, probes/)."""
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-
-    def git(*args: str) -> str:
-        res = subprocess.run(["git", "--no-optional-locks", "-C", str(ROOT), *args],
-                             capture_output=True, text=True, check=False)
-        return res.stdout.strip()
-
-    return {"kernel": platform.release(), "nproc": os.cpu_count(), "cpu_model": model,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
-            "other_monitors": other_monitors(),
-            "git": {"commit": git("rev-parse", "HEAD"),
-                    "modified": [ln[3:] for ln in git("status", "--porcelain").splitlines()
-                                 if ln[3:].startswith(("monitor/", "probes/"))]}}
-
-
-def gen(argv: Sequence[str | int | Path], src: Sources) -> dict[str, Any]:
-    """Run `agentwatch exec ... gen ...` and return gen's JSON line."""
-    res = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False,
-                         stdin=subprocess.DEVNULL, env=src.env, cwd=src.dir)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({res.returncode}): "
-                           f"{res.stderr.strip()}")
-    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
 def tracked_loop(mon: AwMonitor, exe: Path, kind: str, n: int, port: int) -> dict[str, Any]:
@@ -332,7 +135,7 @@ def tracked_loop(mon: AwMonitor, exe: Path, kind: str, n: int, port: int) -> dic
     before = mon.status()
     cpu0 = mon.cpu_precise()
     extra = [port] if kind == "connect" else []
-    g = gen([*mon.exec_prefix("bench"), exe, f"loop-{kind}", n, *extra], mon.src)
+    g = gen(*mon.exec_prefix("bench"), exe, f"loop-{kind}", n, *extra, src=mon.src)
     # gen's own exec and exit, plus one connect event per connect, or fork+exec+exit per spawn
     expected = 2 + (n if kind == "connect" else 3 * n)
     # connects past the process's flood budget are counted in the kernel, not delivered
@@ -365,19 +168,6 @@ def loops(mon: AwMonitor, exe: Path, port: int, sizes: dict[str, int], reps: int
         out[f"{kind}_missing_events"] = sum(r["expected_events"] - r["delivered"] for r in rs)
     return out
 
-
-def idle_cpu_pct(mon: AwMonitor, seconds: float) -> float:
-    cpu0, t0 = mon.cpu_precise(), time.monotonic()
-    time.sleep(seconds)
-    return round(100 * (mon.cpu_precise() - cpu0) / (time.monotonic() - t0), 2)
-
-
-def compile_c(tmp: Path, name: str, source: str) -> Path:
-    src = tmp / f"{name}.c"
-    src.write_text(source)
-    out = tmp / name
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
-    return out
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -427,7 +217,7 @@ def process_phase(env: Env, n: int, p: dict[str, Any]) -> dict[str, Any]:
     mon = AwMonitor(env.phase_dir(f"procs{n}"), env.src)
     groups: list[Group] = []
     waited = quiet_host(p["wait_s"])
-    load = OtherLoad(lambda: [mon.pid] if mon.proc else [])
+    load = OtherLoad(lambda: [mon.pid] if mon.proc else [], tree_cpu)
     load.start()
     foreign: set[int] = set()
     try:
@@ -558,7 +348,7 @@ def check_policy(env: Env, path: Path) -> dict[str, Any]:
 def rule_phase(env: Env, k: int, policy: Path, p: dict[str, Any]) -> dict[str, Any]:
     mon = AwMonitor(env.phase_dir(f"rules{k}"), env.src, policy=policy)
     waited = quiet_host(p["wait_s"])
-    load = OtherLoad(lambda: [mon.pid] if mon.proc else [])
+    load = OtherLoad(lambda: [mon.pid] if mon.proc else [], tree_cpu)
     load.start()
     foreign: set[int] = set()
     try:
@@ -733,8 +523,8 @@ def main() -> int:
         res["machine"]["sources_sha256"] = env.src.sha256
         # warm-up (discarded, no monitor): page cache, binaries, so round 1's first phase
         # (always the smallest size, every ratio's base) does not pay for a cold start
-        gen([env.gen, "loop-exec", 200], env.src)
-        gen([env.gen, "loop-connect", 10_000, env.port], env.src)
+        gen(env.gen, "loop-exec", 200, src=env.src)
+        gen(env.gen, "loop-connect", 10_000, env.port, src=env.src)
         if args.only in (None, "processes"):
             phases = []
             for rnd in range(p["rounds"]):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
+BENCH = Path(__file__).resolve().parent.parent  # bench/, this file is in bench/lib/
 ROOT = BENCH.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -76,6 +76,15 @@ def request(sock: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
     return reply
 
 
+def free_port() -> int:
+    """A loopback TCP port free when asked (bound and released at once)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = int(s.getsockname()[1])
+    s.close()
+    return port
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -93,6 +102,15 @@ def proc_cpu(pid: int) -> float:
         return 0.0
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tree_cpu(pid: int) -> float:
+    """utime + stime of a process plus its reaped children's (cutime + cstime)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / CLK_TCK
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -293,3 +311,65 @@ class ScrapeLoop:
         seconds = time.monotonic() - self.start
         ok, failed = (int(x) for x in out.split())
         return ok, failed, seconds
+
+
+MAX_PROCESSES = 65536  # monitor.max_processes for every phase (room for 10,000+ and loops)
+
+
+def proc_status_mib(pid: int) -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem (/proc/PID/status) and Pss
+    (/proc/PID/smaps_rollup: a page mapped twice, like the ring buffer's, counted once), MiB."""
+    out = {}
+    for name in ("status", "smaps_rollup"):
+        try:
+            text = Path(f"/proc/{pid}/{name}").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "Pss"):
+                out[key] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
+class AwMonitor(Monitor):
+    """`agentwatch run` with room for 10,000+ processes (max_processes) and its own metrics
+    port (never the default 9464 that another monitor may hold)."""
+
+    def __init__(self, tmp: Path, src: Sources, *, policy: Path | None = None,
+                 max_processes: int = MAX_PROCESSES, ring_mib: int = 8) -> None:
+        self.metrics_port = free_port()
+        super().__init__(tmp, src, f"  ring_buffer_mib: {ring_mib}\n"
+                         f"  max_processes: {max_processes}\n"
+                         f"metrics:\n  listen: '127.0.0.1:{self.metrics_port}'\n",
+                         policy=policy)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self, timeout: float = 120) -> float:
+        return super().start(timeout)
+
+    def cpu_precise(self) -> float:
+        """CPU seconds of the monitor's live threads with nanosecond resolution (the first
+        field of /proc/PID/task/*/schedstat); cpu_seconds() counts 10 ms clock ticks, too
+        coarse for a few thousand events. A thread that exits between two reads takes its
+        time with it, so use it over windows with no /metrics scrape (one thread each)."""
+        total = 0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue
+        return total / 1e9
+
+    def memory(self) -> dict[str, float]:
+        """The monitor's memory, MiB: see proc_status_mib()."""
+        return proc_status_mib(self.pid)
+
+
+def idle_cpu_pct(mon: AwMonitor, seconds: float) -> float:
+    cpu0, t0 = mon.cpu_precise(), time.monotonic()
+    time.sleep(seconds)
+    return round(100 * (mon.cpu_precise() - cpu0) / (time.monotonic() - t0), 2)
