@@ -43,7 +43,7 @@ from typing import Any
 
 from lib.harness import AwMonitor, Sources, bpf_holders, idle_cpu_pct, log, tree_cpu
 from lib.load import BUSY_LIMIT, OtherLoad, quiet_host
-from lib.machine import machine
+from lib.machine import headline, machine, save_results
 from lib.procs import Group, exit_on_signal, stop_groups, wait_for
 
 BENCH = Path(__file__).resolve().parent
@@ -338,10 +338,7 @@ def report(res: dict[str, Any]) -> str:
     cpu_ok = w["cpu_pct"] <= CPU_GOAL_PCT
     events = f"{w['events_per_s']:.0f} ({w['lost']})"
     agents = f"{f['agents']} agents"
-    out = [f"agentwatch footprint bench  {m['date']}  kernel {m['kernel']}  {m['nproc']} CPUs  "
-           f"{m['cpu_model']}  commit {m['git']['commit'][:12]}"]
-    if m["other_monitors"]:
-        out.append(f"WARNING: other monitors were running: {m['other_monitors']}")
+    out = headline(m, "agentwatch footprint bench", commit=True)
     out += ["", f"{f['agents']} agents of ordinary tool use for {w['window_s']:.0f} s "
                 f"(git, ls, cat, python3 -c pass, a loopback connect every 0.5-0.9 s each); "
                 "default policy",
@@ -440,11 +437,7 @@ def main() -> int:
     res["goals"] = {"rss_le_80mib": rss_max <= RSS_GOAL_MIB, "rss_max_mib": rss_max,
                     "peak_vmhwm_le_80mib": w["memory_mib"]["VmHWM"] <= RSS_GOAL_MIB,
                     "cpu_le_2pct": w["cpu_pct"] <= CPU_GOAL_PCT}
-    res["runtime_s"] = round(time.monotonic() - t_start, 1)
-    res["machine"]["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    Path(args.output).write_text(json.dumps(res, indent=1) + "\n")
-    print(report(res))
-    print(f"\nruntime {res['runtime_s']} s; raw samples: {args.output}")
+    save_results(res, args.output, report(res), t_start)
     return 0
 
 

@@ -38,7 +38,6 @@ VENV_BIN = Path(sys.executable).parent
 AGENTWATCH = [str(VENV_BIN / "agentwatch")]
 
 
-
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -39,7 +39,6 @@ contacted; every process started here is stopped by pid (or its own process grou
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -65,13 +64,12 @@ from lib.harness import (
     bpf_holders,
     idle_cpu_pct,
     log,
-    spread,
     tree_cpu,
-    wait_drained,
 )
-from lib.load import BUSY_LIMIT, OtherLoad, compile_c, gen, quiet_host
-from lib.machine import machine
+from lib.load import BUSY_LIMIT, OtherLoad, compile_c, gen, loops, quiet_host
+from lib.machine import machine, save_results
 from lib.procs import Group, exit_on_signal, stop_groups, wait_for
+from lib.scalereport import PROCESS_FIGURES, RULE_FIGURES, report, summarize
 
 SESSION_MAX = 1000  # processes per idle agent session (default policy: fork-bomb above 2000)
 KERNEL_MAX_RULES = 64  # rules the probes hold (monitor/model/events.py MAX_RULES); docs/policy.md
@@ -117,57 +115,8 @@ int main(int argc, char **argv)
 """
 
 
-
-
-
-
 def tracked(status: dict[str, Any], prefix: str) -> int:
     return sum(s["processes"] for s in status["sessions"] if s["agent"].startswith(prefix))
-
-
-
-
-
-
-def tracked_loop(mon: AwMonitor, exe: Path, kind: str, n: int, port: int) -> dict[str, Any]:
-    """One run of gen's loop-connect / loop-exec as a tracked agent; then wait until the
-    monitor has taken every event the loop caused (or stopped moving)."""
-    before = mon.status()
-    cpu0 = mon.cpu_precise()
-    extra = [port] if kind == "connect" else []
-    g = gen(*mon.exec_prefix("bench"), exe, f"loop-{kind}", n, *extra, src=mon.src)
-    # gen's own exec and exit, plus one connect event per connect, or fork+exec+exit per spawn
-    expected = 2 + (n if kind == "connect" else 3 * n)
-    # connects past the process's flood budget are counted in the kernel, not delivered
-    shed = mon.status()["counters"]["shed"] - before["counters"]["shed"]
-    after, drain_s = wait_drained(mon, before["events"], expected - shed, quiet_s=0.5,
-                                  every=0.1)
-    cpu = mon.cpu_precise() - cpu0
-    delivered = after["events"] - before["events"]
-    return {"n": n, "us_per_op": g["elapsed_ns"] / n / 1000, "expected_events": expected,
-            "delivered": delivered, "aggregated": shed,
-            "lost": after["counters"]["lost"] - before["counters"]["lost"],
-            "drain_s": round(drain_s, 2), "monitor_cpu_s": round(cpu, 3),
-            "monitor_us_per_event": round(cpu * 1e6 / delivered, 2) if delivered else None}
-
-
-def loops(mon: AwMonitor, exe: Path, port: int, sizes: dict[str, int], reps: int
-          ) -> dict[str, Any]:
-    """R rounds of (connect, exec); per loop the fastest run is the figure."""
-    runs: dict[str, list[dict[str, Any]]] = {"connect": [], "exec": []}
-    for _ in range(reps):
-        for kind in runs:
-            runs[kind].append(tracked_loop(mon, exe, kind, sizes[kind], port))
-    out: dict[str, Any] = {"runs": runs}
-    for kind, rs in runs.items():
-        best = min(rs, key=lambda r: r["us_per_op"])
-        out[f"{kind}_us_per_op"] = best["us_per_op"]
-        per_ev = [r["monitor_us_per_event"] for r in rs if r["monitor_us_per_event"]]
-        out[f"{kind}_monitor_us_per_event"] = statistics.median(per_ev) if per_ev else None
-        out[f"{kind}_lost"] = sum(r["lost"] for r in rs)
-        out[f"{kind}_missing_events"] = sum(r["expected_events"] - r["delivered"] for r in rs)
-    return out
-
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -259,22 +208,6 @@ def process_phase(env: Env, n: int, p: dict[str, Any]) -> dict[str, Any]:
     res["waited_for_quiet_s"] = round(waited, 1)
     res["disturbed"] = bool(foreign) or res["other_load_cores"] > BUSY_LIMIT
     return res
-
-
-PROCESS_FIGURES = [  # (key, label, unit, format)
-    ("connect_us_per_op", "tracked connect loop", "µs/op", ".2f"),
-    ("exec_us_per_op", "tracked fork+exec loop", "µs/op", ".0f"),
-    ("connect_monitor_us_per_event", "monitor CPU per connect event", "µs", ".1f"),
-    ("exec_monitor_us_per_event", "monitor CPU per exec-loop event", "µs", ".1f"),
-    ("scrape_ms", "/metrics scrape, median", "ms", ".2f"),
-    ("kill_p50_ms", "userspace kill latency p50", "ms", ".2f"),
-    ("kill_p99_ms", "userspace kill latency p99", "ms", ".2f"),
-]
-PROCESS_EXTRAS = [("idle_cpu_pct", "monitor idle CPU, % of a core", ".2f"),
-                  ("rss_mib", "monitor RSS, MiB", ".1f"),
-                  ("monitor_start_s", "monitor start, s", ".1f"),
-                  ("create_s", "start + track the idle processes, s", ".1f"),
-                  ("tracked_at_end", "idle processes tracked at the end", ".0f")]
 
 
 # --- rules -------------------------------------------------------------------------------
@@ -374,12 +307,6 @@ def rule_phase(env: Env, k: int, policy: Path, p: dict[str, Any]) -> dict[str, A
     return res
 
 
-RULE_FIGURES = PROCESS_FIGURES[:4] + [
-    ("monitor_start_s", "monitor start until it answers", "s", ".2f")]
-RULE_EXTRAS = [("idle_cpu_pct", "monitor idle CPU, % of a core", ".2f"),
-               ("rss_mib", "monitor RSS, MiB", ".1f")]
-
-
 def retried(phase: Callable[[], dict[str, Any]], tries: int) -> dict[str, Any]:
     """Run a phase; while it was disturbed by other work, run it again (up to `tries` in
     all). The last attempt counts; the disturbed ones are kept under disturbed_attempts."""
@@ -390,95 +317,6 @@ def retried(phase: Callable[[], dict[str, Any]], tries: int) -> dict[str, Any]:
             f"{a['foreign_bpf_pids']}): again")
         attempts.append(phase())
     return {**attempts[-1], "disturbed_attempts": attempts[:-1]}
-
-
-# --- summary and report ------------------------------------------------------------------
-
-
-def summarize(phases: list[dict[str, Any]], sizes: list[int],
-              figures: list[tuple[str, str, str, str]]) -> dict[str, Any]:
-    """Per figure and size: absolute samples, and the per-round ratio against sizes[0]."""
-    base = sizes[0]
-    by_round: dict[int, dict[int, dict[str, Any]]] = {}
-    for ph in phases:
-        by_round.setdefault(ph["round"], {})[ph["size"]] = ph
-    out: dict[str, Any] = {}
-    for key, *_ in figures:
-        fig: dict[str, Any] = {}
-        for size in sizes:
-            values = [r[size][key] for r in by_round.values()
-                      if size in r and r[size].get(key) is not None]
-            ratios = [r[size][key] / r[base][key] for r in by_round.values()
-                      if size in r and base in r and r[size].get(key) is not None
-                      and r[base].get(key)]
-            fig[str(size)] = {"values": values,
-                              "median": statistics.median(values) if values else None,
-                              "ratio": spread(ratios) if ratios else None}
-        out[key] = fig
-    return out
-
-
-def table(title: str, summary: dict[str, Any], phases: list[dict[str, Any]], sizes: list[int],
-          figures: list[tuple[str, str, str, str]], extras: list[tuple[str, str, str]]
-          ) -> list[str]:
-    base = sizes[0]
-    head = f"  {'figure':<40}{base:>10,}" + "".join(
-        f"{f'{s:,}: ratio (min-max), abs':>34}" for s in sizes[1:])
-    lines = [title, head]
-    for key, label, unit, fmt in figures:
-        fig = summary[key]
-        b = fig[str(base)]["median"]
-        row = f"  {f'{label}, {unit}':<40}{format(b, fmt) if b is not None else '-':>10}"
-        for s in sizes[1:]:
-            f = fig[str(s)]
-            r = f["ratio"]
-            cell = (f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}), "
-                    f"{format(f['median'], fmt)}" if r else "-")
-            row += f"{cell:>34}"
-        lines.append(row)
-    for key, label, fmt in extras:
-        row = f"  {label:<40}"
-        for s in sizes:
-            vals = [ph["memory_mib_end"]["VmRSS"] if key == "rss_mib" else ph[key]
-                    for ph in phases if ph["size"] == s]
-            cell = format(statistics.median(vals), fmt) if vals else "-"
-            row += f"{cell:>10}" if s == base else f"{cell:>34}"
-        lines.append(row)
-    lost = sum(ph["connect_lost"] + ph["exec_lost"] for ph in phases)
-    missing = sum(ph["connect_missing_events"] + ph["exec_missing_events"] for ph in phases)
-    lines.append(f"  events lost (ring buffer): {lost}; events caused but not counted: {missing}")
-    disturbed = [f"{ph['size']}@round{ph['round']}" for ph in phases if ph["disturbed"]]
-    if disturbed:
-        lines.append(f"  DISTURBED phases (other BPF users or > {BUSY_LIMIT} cores of other "
-                     f"work): {', '.join(disturbed)}")
-    return lines
-
-
-def report(res: dict[str, Any]) -> str:
-    m = res["machine"]
-    out = [f"agentwatch scaling bench  {m['date']}  kernel {m['kernel']}  {m['nproc']} CPUs  "
-           f"{m['cpu_model']}  commit {m['git']['commit'][:12]}"]
-    if m["other_monitors"]:
-        out.append(f"WARNING: other monitors were running: {m['other_monitors']}")
-    rounds = res["params"]["rounds"]
-    if "processes" in res:
-        pr = res["processes"]
-        out += [""] + table(
-            f"Tracked processes (default policy; ratio vs {pr['sizes'][0]} processes, median "
-            f"and min-max over {rounds} round(s); 'abs' = median absolute value)",
-            pr["summary"], pr["phases"], pr["sizes"], PROCESS_FIGURES, PROCESS_EXTRAS)
-    if "rules" in res:
-        ru = res["rules"]
-        out += [""] + table(
-            f"Policy rules (ratio vs {ru['sizes'][0]} rules, median and min-max over "
-            f"{rounds} round(s))", ru["summary"], ru["phases"], ru["sizes"], RULE_FIGURES,
-            RULE_EXTRAS)
-        for k in ru["sizes"]:
-            c = ru["policies"][str(k)]
-            out.append(f"  {k:>5} rules: {c['kernel']} in the kernel, {c['userspace']} in "
-                       f"userspace ({c['eligible_overflow']} of them kernel-eligible but over "
-                       f"the kernel's {c['kernel_max']}-rule limit)")
-    return "\n".join(out)
 
 
 def main() -> int:
@@ -572,11 +410,7 @@ def main() -> int:
         if env is not None:
             env.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    res["runtime_s"] = round(time.monotonic() - t_start, 1)
-    res["machine"]["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    Path(args.output).write_text(json.dumps(res, indent=1) + "\n")
-    print(report(res))
-    print(f"\nruntime {res['runtime_s']} s; raw samples: {args.output}")
+    save_results(res, args.output, report(res), t_start)
     return 0
 
 

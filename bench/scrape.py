@@ -33,7 +33,6 @@ AGENTWATCH = str(Path(sys.executable).parent / "agentwatch")
 GAP = 1.05  # seconds between timed scrapes: longer than the exporter's default cache
 
 
-
 def scrape_ms(url: str, n: int, gap: float = 0.0) -> list[float]:
     """n scrapes, `gap` seconds apart (Prometheus scrapes every few seconds: a gap longer
     than the exporter's cache makes each scrape a fresh rendering)."""

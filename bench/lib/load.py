@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,10 +20,12 @@ from typing import Any
 from .harness import (
     BENCH,
     CLK_TCK,
+    AwMonitor,
     Sources,
     bpf_holders,
     proc_cpu,
     tree_cpu,
+    wait_drained,
 )
 
 BUSY_LIMIT = 0.25  # CPU cores of other work above which a measurement is redone
@@ -133,3 +136,43 @@ def quiet_host(wait_s: float, monitor_pid: int | None = None) -> float:
     ours = [monitor_pid] if monitor_pid else []
     OtherLoad(lambda: ours, tree_cpu).wait_quiet(wait_s)
     return time.monotonic() - t0
+
+
+def tracked_loop(mon: AwMonitor, exe: Path, kind: str, n: int, port: int) -> dict[str, Any]:
+    """One run of gen's loop-connect / loop-exec as a tracked agent; then wait until the
+    monitor has taken every event the loop caused (or stopped moving)."""
+    before = mon.status()
+    cpu0 = mon.cpu_precise()
+    extra = [port] if kind == "connect" else []
+    g = gen(*mon.exec_prefix("bench"), exe, f"loop-{kind}", n, *extra, src=mon.src)
+    # gen's own exec and exit, plus one connect event per connect, or fork+exec+exit per spawn
+    expected = 2 + (n if kind == "connect" else 3 * n)
+    # connects past the process's flood budget are counted in the kernel, not delivered
+    shed = mon.status()["counters"]["shed"] - before["counters"]["shed"]
+    after, drain_s = wait_drained(mon, before["events"], expected - shed, quiet_s=0.5,
+                                  every=0.1)
+    cpu = mon.cpu_precise() - cpu0
+    delivered = after["events"] - before["events"]
+    return {"n": n, "us_per_op": g["elapsed_ns"] / n / 1000, "expected_events": expected,
+            "delivered": delivered, "aggregated": shed,
+            "lost": after["counters"]["lost"] - before["counters"]["lost"],
+            "drain_s": round(drain_s, 2), "monitor_cpu_s": round(cpu, 3),
+            "monitor_us_per_event": round(cpu * 1e6 / delivered, 2) if delivered else None}
+
+
+def loops(mon: AwMonitor, exe: Path, port: int, sizes: dict[str, int], reps: int
+          ) -> dict[str, Any]:
+    """R rounds of (connect, exec); per loop the fastest run is the figure."""
+    runs: dict[str, list[dict[str, Any]]] = {"connect": [], "exec": []}
+    for _ in range(reps):
+        for kind in runs:
+            runs[kind].append(tracked_loop(mon, exe, kind, sizes[kind], port))
+    out: dict[str, Any] = {"runs": runs}
+    for kind, rs in runs.items():
+        best = min(rs, key=lambda r: r["us_per_op"])
+        out[f"{kind}_us_per_op"] = best["us_per_op"]
+        per_ev = [r["monitor_us_per_event"] for r in rs if r["monitor_us_per_event"]]
+        out[f"{kind}_monitor_us_per_event"] = statistics.median(per_ev) if per_ev else None
+        out[f"{kind}_lost"] = sum(r["lost"] for r in rs)
+        out[f"{kind}_missing_events"] = sum(r["expected_events"] - r["delivered"] for r in rs)
+    return out

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,23 @@ def bpf_prog_count() -> int | None:
                         ctypes.sizeof(attr)) != 0:
             return n if ctypes.get_errno() == 2 else None  # ENOENT: end of the list
         start, n = attr[1], n + 1
+
+
+def headline(m: dict[str, Any], title: str, *, commit: bool = False) -> list[str]:
+    """The first lines of a report: what ran where (and a warning if other monitors ran)."""
+    out = [f"{title}  {m['date']}  kernel {m['kernel']}  {m['nproc']} CPUs  {m['cpu_model']}"
+           + (f"  commit {m['git']['commit'][:12]}" if commit else "")]
+    if m["other_monitors"]:
+        out.append(f"WARNING: other monitors were running: {m['other_monitors']}")
+    return out
+
+
+def save_results(res: dict[str, Any], output: str, report: str, t_start: float) -> None:
+    """Record the runtime and the load average after, write the results to `output` and
+    print the report (bench/scale.py, bench/footprint.py)."""
+    res["runtime_s"] = round(time.monotonic() - t_start, 1)
+    res["machine"]["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    Path(output).write_text(json.dumps(res, indent=1) + "\n")
+    print(report)
+    print(f"\nruntime {res['runtime_s']} s; raw samples: {output}")
+

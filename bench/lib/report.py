@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .machine import headline
 from .overhead import LOOPS, TOOLS
 from .throughput import THROUGHPUT_GOAL
 
@@ -39,10 +40,7 @@ def goal_checks(o: dict[str, Any]) -> dict[str, Any]:
 
 def report(res: dict[str, Any]) -> str:
     m = res["machine"]
-    out = [f"agentwatch benchmark  {m['date']}  kernel {m['kernel']}  {m['nproc']} CPUs  "
-           f"{m['cpu_model']}"]
-    if m["other_monitors"]:
-        out.append(f"WARNING: other monitors were running: {m['other_monitors']}")
+    out = headline(m, "agentwatch benchmark")
     if "overhead" in res:
         o = res["overhead"]
         names = list(TOOLS)
