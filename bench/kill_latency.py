@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lib.harness import ScrapeLoop, free_port, proc_cpu
+from lib.harness import ScrapeLoop, free_port, proc_cpu, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -139,12 +139,7 @@ rules:
 
     def stop(self) -> None:
         self.watch.close()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout=15)
 
 
 def agent(mon: Monitor, name: str, argv: list[str], **kw: Any) -> subprocess.Popen[str]:

@@ -5,3 +5,10 @@ throughput, report). Importable as `lib` by a script in bench/ (its folder is on
 
 Nothing here runs on import; a benchmark is started only by a script's main().
 """
+
+import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:  # tests.support (free_port, stop_process) is shared with the tests
+    sys.path.append(_ROOT)

@@ -111,12 +111,8 @@ class AuditState:
                 log(f"WARNING: {e}")
         self.never_task_rule = False
         if self.guardian is not None:
-            self.guardian.terminate()  # it restores once more (harmless) and exits
-            try:
-                self.guardian.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.guardian.kill()
-                self.guardian.wait()
+            # it restores once more (harmless) and exits
+            stop_process(self.guardian, timeout=10)
             self.guardian = None
 
 

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.procs import free_port, stop_process
+
 BENCH = Path(__file__).resolve().parent.parent  # bench/, this file is in bench/lib/
 ROOT = BENCH.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -74,15 +76,6 @@ def request(sock: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
     if not isinstance(reply, dict) or not reply.get("ok"):
         raise ControlRefused(f"{sock}: {reply}")
     return reply
-
-
-def free_port() -> int:
-    """A loopback TCP port free when asked (bound and released at once)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -155,17 +148,6 @@ def other_monitors() -> list[str]:
         if any("agentwatch" in w for w in words[:3]) and ({"run", "trace"} & set(words)):
             found.append(f"{entry.name}: {' '.join(words)}")
     return found
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
-    """SIGTERM a child we started, by its pid, and wait for it; SIGKILL if it lingers."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Monitor:

@@ -12,27 +12,11 @@ from __future__ import annotations
 import ctypes as ct
 
 from monitor.model import cmdline
-from monitor.model.events import (
-    ARGS_SIZE,
-    EXEC_ARGS_OFFSET,
-    SESSION_KERNEL_BIT,
-    CConnectEvent,
-    CExecEvent,
-    CExitEvent,
-    CForkEvent,
-    CHeader,
-    ConnectEvent,
-    EventType,
-    ExecEvent,
-    ExecFlag,
-    ExitEvent,
-    Family,
-    ForkEvent,
-    Header,
-)
+from monitor.model import events as ev
+from monitor.model.events import ExecFlag, Header
 
-S1 = SESSION_KERNEL_BIT | 1  # two sessions the kernel started (agents 0 and 1 by default)
-S2 = SESSION_KERNEL_BIT | 2
+S1 = ev.SESSION_KERNEL_BIT | 1  # two sessions the kernel started (agents 0 and 1 by default)
+S2 = ev.SESSION_KERNEL_BIT | 2
 NO_FLAGS = ExecFlag(0)
 
 
@@ -49,7 +33,7 @@ def header(pid: int, ts: int, *, comm: str = "claude", session: int = S1, agent:
 def exec_event(pid: int, ts: int, argv: str | tuple[str, ...], *, exe: str | None = None,
                comm: str | None = None, ppid: int = 0, flags: int = NO_FLAGS,
                session: int = S1, agent: int = 0, cgroup_id: int = 1,
-               old_tid: int | None = None, h: Header | None = None) -> ExecEvent:
+               old_tid: int | None = None, h: Header | None = None) -> ev.ExecEvent:
     """An exec of `argv` (a tuple, or a command line split on spaces); by default the comm
     is the program's name as the kernel keeps it and the file is /usr/bin/NAME. `h`, when
     given, is the header as is (pid, ts, comm, session and agent are then not used)."""
@@ -58,35 +42,35 @@ def exec_event(pid: int, ts: int, argv: str | tuple[str, ...], *, exe: str | Non
     if h is None:
         h = header(pid, ts, comm=cmdline.comm_of(name) if comm is None else comm,
                    session=session, agent=agent)
-    return ExecEvent(h, old_tid=h.pid if old_tid is None else old_tid, ppid=ppid,
+    return ev.ExecEvent(h, old_tid=h.pid if old_tid is None else old_tid, ppid=ppid,
                      cgroup_id=cgroup_id, flags=flags, filename=exe or f"/usr/bin/{name}",
                      argv=args)
 
 
 def fork_event(pid: int, child: int, ts: int, *, comm: str = "bash", session: int = S1,
-               agent: int = 0) -> ForkEvent:
-    return ForkEvent(header(pid, ts, comm=comm, session=session, agent=agent),
+               agent: int = 0) -> ev.ForkEvent:
+    return ev.ForkEvent(header(pid, ts, comm=comm, session=session, agent=agent),
                      child_pid=child)
 
 
 def connect_event(pid: int, ts: int, address: str, port: int = 443, *, protocol: int = 6,
-                  family: Family | None = None, comm: str = "kworker", session: int = S1,
-                  agent: int = 0, h: Header | None = None) -> ConnectEvent:
+                  family: ev.Family | None = None, comm: str = "kworker", session: int = S1,
+                  agent: int = 0, h: Header | None = None) -> ev.ConnectEvent:
     """A connect to address:port; the family is the address's (IPv6 when it has a colon)
     unless given. `h`, when given, is the header as is."""
     if family is None:
-        family = Family.INET6 if ":" in address else Family.INET
+        family = ev.Family.INET6 if ":" in address else ev.Family.INET
     if h is None:
         h = header(pid, ts, comm=comm, session=session, agent=agent)
-    return ConnectEvent(h, family, address, port, protocol)
+    return ev.ConnectEvent(h, family, address, port, protocol)
 
 
 def exit_event(pid: int, ts: int, *, status: int = 0, ppid: int = 0, cpu_ns: int = 0,
                comm: str = "bash", session: int = S1, agent: int = 0,
-               h: Header | None = None) -> ExitEvent:
+               h: Header | None = None) -> ev.ExitEvent:
     if h is None:
         h = header(pid, ts, comm=comm, session=session, agent=agent)
-    return ExitEvent(h, exit_status=status, ppid=ppid, cpu_ns=cpu_ns)
+    return ev.ExitEvent(h, exit_status=status, ppid=ppid, cpu_ns=cpu_ns)
 
 
 # --- raw records, as the probes write them to the ring buffer ----------------------------
@@ -94,8 +78,8 @@ def exit_event(pid: int, ts: int, *, status: int = 0, ppid: int = 0, cpu_ns: int
 
 def raw_header(etype: int, *, pid: int = 4242, tid: int | None = None,
                session: int = 0x80000001, agent: int = 3, uid: int = 1000,
-               comm: bytes = b"claude", ts_ns: int = 123456789) -> CHeader:
-    h = CHeader()
+               comm: bytes = b"claude", ts_ns: int = 123456789) -> ev.CHeader:
+    h = ev.CHeader()
     h.ts_ns = ts_ns
     h.type = etype
     h.pid = pid
@@ -108,12 +92,12 @@ def raw_header(etype: int, *, pid: int = 4242, tid: int | None = None,
 
 
 def exec_record(args: list[bytes], *, argc: int | None = None, flags: int = 0,
-                filename: bytes = b"/usr/bin/git", h: CHeader | None = None) -> bytes:
+                filename: bytes = b"/usr/bin/git", h: ev.CHeader | None = None) -> bytes:
     """An exec record as sched_process_exec emits it: only the used part of `args`."""
     packed = b"".join(a + b"\0" for a in args)
-    assert len(packed) <= ARGS_SIZE
-    e = CExecEvent()
-    e.h = raw_header(EventType.EXEC) if h is None else h
+    assert len(packed) <= ev.ARGS_SIZE
+    e = ev.CExecEvent()
+    e.h = raw_header(ev.EventType.EXEC) if h is None else h
     e.old_tid = e.h.pid
     e.ppid = 77
     e.cgroup_id = 0x1234_5678_9ABC
@@ -121,16 +105,16 @@ def exec_record(args: list[bytes], *, argc: int | None = None, flags: int = 0,
     e.flags = flags
     e.args_len = len(packed)
     e.filename = filename
-    ct.memmove(ct.addressof(e) + EXEC_ARGS_OFFSET, packed, len(packed))
-    raw = bytes(e)[: EXEC_ARGS_OFFSET + len(packed)]
-    assert len(raw) == EXEC_ARGS_OFFSET + e.args_len
+    ct.memmove(ct.addressof(e) + ev.EXEC_ARGS_OFFSET, packed, len(packed))
+    raw = bytes(e)[: ev.EXEC_ARGS_OFFSET + len(packed)]
+    assert len(raw) == ev.EXEC_ARGS_OFFSET + e.args_len
     return raw
 
 
 def connect_record(family: int, addr: bytes, port: int, protocol: int = 6, *,
-                   h: CHeader | None = None) -> bytes:
-    c = CConnectEvent()
-    c.h = raw_header(EventType.CONNECT) if h is None else h
+                   h: ev.CHeader | None = None) -> bytes:
+    c = ev.CConnectEvent()
+    c.h = raw_header(ev.EventType.CONNECT) if h is None else h
     c.family = family
     c.port = port
     c.protocol = protocol
@@ -140,8 +124,8 @@ def connect_record(family: int, addr: bytes, port: int, protocol: int = 6, *,
 
 
 def exit_record(status: int, cpu_ns: int = 2_000_000, ppid: int = 77) -> bytes:
-    x = CExitEvent()
-    x.h = raw_header(EventType.EXIT)
+    x = ev.CExitEvent()
+    x.h = raw_header(ev.EventType.EXIT)
     x.exit_status = status
     x.ppid = ppid
     x.cpu_ns = cpu_ns
@@ -149,7 +133,7 @@ def exit_record(status: int, cpu_ns: int = 2_000_000, ppid: int = 77) -> bytes:
 
 
 def fork_record(child: int) -> bytes:
-    f = CForkEvent()
-    f.h = raw_header(EventType.FORK)
+    f = ev.CForkEvent()
+    f.h = raw_header(ev.EventType.FORK)
     f.child_pid = child
     return bytes(f)
