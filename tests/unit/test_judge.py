@@ -6,7 +6,6 @@ signal sender and a fixture /proc tree.
 
 from __future__ import annotations
 
-import os
 import textwrap
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +25,7 @@ from monitor.policy.kernel_tables import compile_kernel
 from monitor.policy.rules import Policy, default_policy, load_policy_text
 from monitor.sessions.procfs import ProcFS, clock_ticks
 from monitor.sessions.tracker import Tracker
+from tests.support import procfs
 from tests.support.events import S1, S2, exit_event, header
 from tests.support.events import connect_event as connect_ev
 from tests.support.events import exec_event as exec_ev
@@ -517,15 +517,8 @@ class Signaller:
 
 
 def write_proc(root: Path, pid: int, start_ticks: int) -> None:
-    d = root / str(pid)
-    d.mkdir(parents=True)
-    fields = ["S", "1", str(pid), str(pid), "0", "-1", "0"] + ["0"] * 12
-    fields += [str(start_ticks)] + ["0"] * 30
-    d.joinpath("stat").write_text(f"{pid} (sh) {' '.join(fields)}\n")
-    d.joinpath("status").write_text("Name:\tsh\nUid:\t1000\t1000\t1000\t1000\n")
-    d.joinpath("cmdline").write_bytes(b"sh\0")
-    d.joinpath("cgroup").write_text("0::/\n")
-    os.symlink("/usr/bin/sh", d / "exe")
+    procfs.make_proc(root, pid, 1, "sh", start=start_ticks, argv=("sh",), cgroup="0::/\n",
+                     exe="/usr/bin/sh")
 
 
 def test_with_the_real_enforcer_a_recycled_pid_survives(tmp_path: Path) -> None:
