@@ -112,9 +112,6 @@ def gen(*args: str | int | float | Path, src: Sources | None = None,
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-# --- 1. overhead: none / agentwatch / auditd / bpftrace ---------------------------------
-
-
 def loop_args(exe: Path, loop: str, sizes: dict[str, int], port: int) -> list[str | int | Path]:
     return [exe, f"loop-{loop}", sizes[loop], *([port] if loop == "connect" else [])]
 

@@ -208,6 +208,3 @@ def overhead_summary(raw: list[dict[str, Any]], names: list[str],
                     "same_as_untracked": src_kind != kind}
             out[kind][k] = row
     return out
-
-
-# --- 2. throughput ----------------------------------------------------------------------

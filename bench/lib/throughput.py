@@ -110,6 +110,3 @@ def throughput(mon: Monitor, exe: Path, port: int, rates: list[int], seconds: fl
         "cpu_pct_per_10k_eps": spread(per10k) if per10k else None,
         "steps": steps,
     }
-
-
-# --- report -----------------------------------------------------------------------------
