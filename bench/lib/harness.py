@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.procs import free_port, stop_process
+from tests.support.scrape import SCRAPER
 
 BENCH = Path(__file__).resolve().parent.parent  # bench/, this file is in bench/lib/
 ROOT = BENCH.parent
@@ -248,29 +249,6 @@ def wait_drained(mon: Monitor, base: int, expected: int, quiet_s: float = 1.0,
             break
         last = now
     return last, last_change - t0
-
-
-SCRAPER = """
-import sys, threading, time, urllib.request
-url, n = sys.argv[1], int(sys.argv[2])
-done, ok, failed = threading.Event(), [0], [0]
-def loop():
-    while not done.is_set():
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                r.read()
-            ok[0] += 1
-        except OSError:
-            failed[0] += 1
-            time.sleep(0.01)
-threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
-for t in threads:
-    t.start()
-print("scraping", flush=True)
-sys.stdin.read()
-done.set()
-print(ok[0], failed[0], flush=True)
-"""
 
 
 class ScrapeLoop:
