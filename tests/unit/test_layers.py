@@ -80,9 +80,9 @@ def imported_names(module: str, source: str) -> Iterator[tuple[int, str]]:
 def breaches(module: str, source: str) -> list[tuple[str, str, int, str]]:
     """(rule, module, line, import) for each import of `module` that breaks a rule."""
     parts = module.split(".")
-    if parts[0] != "monitor" or len(parts) < 3:
-        return []  # monitor/__init__.py itself: no stage
-    package = parts[1]
+    if parts[0] != "monitor":
+        return []
+    package = parts[1] if len(parts) > 2 else ""  # monitor/__init__.py: no stage of its own
     found = []
     for line, name in imported_names(module, source):
         for rule in RULES:
@@ -134,6 +134,7 @@ FORBIDDEN = [
     ("monitor.observe.metrics", "from ..enforce.judge import Judge\n",
      "observe never imports enforce"),
     ("monitor.sessions.tracker", "from bcc import BPF\n", "only kernel imports bcc"),
+    ("monitor.__init__", "import bcc\n", "only kernel imports bcc"),
     ("monitor.policy.engine", "from monitor.sessions.tracker import T\n",
      "policy imports no later stage"),
     ("monitor.service.runtime", "import monitor.cli.main\n", "nothing outside cli imports cli"),
