@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from monitor.kernel.abi import CCommKey, CMatch, CNameKey, CNetKey, CProc, CUidKey, size_cflags
 from monitor.kernel.btf import VMLINUX, task_offsets
 from monitor.kernel.pinning import PinnedLinks, ensure_bpffs, link_create
 from monitor.model import events
@@ -27,13 +28,7 @@ from monitor.model.events import (
     MAX_AGENTS,
     MAX_RULES,
     RULE_MASK_SLOTS,
-    CCommKey,
-    CMatch,
-    CNameKey,
-    CNetKey,
     Counter,
-    CProc,
-    CUidKey,
     Setting,
 )
 
@@ -135,7 +130,7 @@ class ProbeOptions:
             f"-DAW_TRACE_ALL={1 if self.trace_all else 0}",
             "-Wno-macro-redefined",
             "-Wno-ignored-attributes",
-            *events.size_cflags(),
+            *size_cflags(),
             *([f'-DAW_PIN_DIR="{self.pin_dir}"'] if self.pin_dir else []),
         ]
 

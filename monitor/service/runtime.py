@@ -22,13 +22,13 @@ from typing import IO, Any
 from monitor.config.settings import AgentSpec, Config, ProcessFacts
 from monitor.enforce.enforcer import Enforcer, Outcome
 from monitor.enforce.judge import Judge
+from monitor.kernel.abi import DecodeError, decode
 from monitor.kernel.loader import Probes
 from monitor.model import cmdline, events
 from monitor.model.cmdline import comm_of
 from monitor.model.errors import ConfigError, ControlError, EnvironmentProblem, Location
 from monitor.model.events import (
     ConnectEvent,
-    DecodeError,
     Event,
     ExecEvent,
     ExitEvent,
@@ -738,7 +738,7 @@ class Monitor:
 
     def _on_record(self, raw: bytes) -> None:
         try:
-            ev = events.decode(raw)
+            ev = decode(raw)
         except DecodeError as e:
             self.decode_errors += 1
             self.log("undecodable event", level="error", reason=str(e))

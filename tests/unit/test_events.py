@@ -1,5 +1,6 @@
-"""Unit tests for monitor.model.events: decoding raw ring-buffer records built exactly as the
-probes (probes/agentwatch.bpf.c) send them, and the mirror staying in step with the C header.
+"""Unit tests for the decoder (monitor.kernel.abi) and the vocabulary it produces
+(monitor.model.events): decoding raw ring-buffer records built exactly as the probes
+(probes/agentwatch.bpf.c) send them, and both staying in step with the C header.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.model import events
-from monitor.model.events import (
+from monitor.kernel.abi import (
     EXEC_ARGS_OFFSET,
     MIRRORS,
     CCommKey,
@@ -24,9 +24,14 @@ from monitor.model.events import (
     CForkEvent,
     CHeader,
     CMatch,
+    DecodeError,
+    decode,
+    size_cflags,
+)
+from monitor.model import events
+from monitor.model.events import (
     ConnectEvent,
     Counter,
-    DecodeError,
     EventType,
     ExecEvent,
     ExecFlag,
@@ -34,8 +39,6 @@ from monitor.model.events import (
     Family,
     ForkEvent,
     Setting,
-    decode,
-    size_cflags,
 )
 from monitor.sessions.procfs import ProcFS
 
@@ -524,8 +527,6 @@ def test_size_cflags_match_the_static_asserts() -> None:
 
 
 def test_argv_read_from_the_new_programs_memory_is_split_on_nuls() -> None:
-    from monitor.model.events import EXEC_ARGS_OFFSET, CExecEvent, EventType, ExecFlag, decode
-
     block = b"/bin/true\0--from-rodata\0\0x\0"
     e = CExecEvent()
     e.h.type = EventType.EXEC

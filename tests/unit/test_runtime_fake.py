@@ -19,6 +19,7 @@ import pytest
 from timebox import within
 
 from monitor.config.settings import Config, load_config_text
+from monitor.kernel.abi import CForkEvent, CHeader
 from monitor.kernel.loader import ProbeOptions, TrackedProc
 from monitor.model import cmdline, events
 from monitor.model.cmdline import comm_bytes
@@ -27,8 +28,6 @@ from monitor.model.events import (
     AGENT_PENDING,
     ANY_UID,
     SESSION_KERNEL_BIT,
-    CForkEvent,
-    CHeader,
     Counter,
     Event,
     EventType,
