@@ -10,7 +10,7 @@ import pytest
 from conftest import cannot_run, require_root
 
 from monitor.kernel.abi import MIRRORS
-from monitor.kernel.loader import check_host, probes_dir
+from monitor.kernel.host import check_host, probes_dir
 
 
 @pytest.fixture(scope="module")

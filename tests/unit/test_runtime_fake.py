@@ -20,7 +20,8 @@ from timebox import within
 
 from monitor.config.settings import Config, load_config_text
 from monitor.kernel.abi import CForkEvent, CHeader
-from monitor.kernel.loader import ProbeOptions, TrackedProc
+from monitor.kernel.loader import ProbeOptions
+from monitor.kernel.mapio import TrackedProc
 from monitor.model import cmdline, events
 from monitor.model.cmdline import comm_bytes
 from monitor.model.errors import ControlError
