@@ -16,10 +16,12 @@ from monitor.model.address import text_of
 from monitor.model.cmdline import c_string
 from monitor.model.cmdline import decode as decode_text
 from monitor.model.events import (
+    ADDR_LEN,
     ARGS_SIZE,
     COMM_LEN,
     FLAG_ARGV_FROM_MM,
     PATH_LEN,
+    V4_OFFSET,
     ConnectEvent,
     Event,
     EventType,
@@ -98,7 +100,7 @@ class CConnectEvent(ct.Structure):
         ("port", ct.c_uint16),
         ("protocol", ct.c_uint16),
         ("_pad", ct.c_uint16),
-        ("addr", ct.c_uint8 * 16),
+        ("addr", ct.c_uint8 * ADDR_LEN),
     ]
 
 
@@ -112,7 +114,7 @@ class CExitEvent(ct.Structure):
 
 
 class CNetKey(ct.Structure):
-    _fields_ = [("prefixlen", ct.c_uint32), ("gen", ct.c_uint8), ("addr", ct.c_uint8 * 16),
+    _fields_ = [("prefixlen", ct.c_uint32), ("gen", ct.c_uint8), ("addr", ct.c_uint8 * ADDR_LEN),
                 ("_pad", ct.c_uint8 * 3)]
 
 
@@ -131,7 +133,7 @@ class CVerdictEvent(ct.Structure):
         ("family", ct.c_uint16),
         ("port", ct.c_uint16),
         ("_pad", ct.c_uint32),
-        ("addr", ct.c_uint8 * 16),
+        ("addr", ct.c_uint8 * ADDR_LEN),
     ]
 
 
@@ -268,7 +270,7 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
             raise DecodeError(f"verdict record with unknown kind {vkind}") from None
         address = ""
         if kind == VerdictKind.CONNECT and family in _FAMILIES:
-            address = _address(Family.INET, raw[12:]) if family == Family.INET \
+            address = _address(Family.INET, raw[V4_OFFSET:]) if family == Family.INET \
                 else _address(Family.INET6, raw)
         return VerdictEvent(_header(buf), kind, rule, mask,
                             KAction(action) if action in _ACTIONS else None, bool(enforced),

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 from monitor.kernel.abi import CCommKey, CMatch, CNameKey, CNetKey, CProc, CUidKey
 from monitor.model import events
 from monitor.model.cmdline import comm_bytes
-from monitor.model.events import MAX_AGENTS, MAX_RULES, RULE_MASK_SLOTS, Counter, Setting
+from monitor.model.events import (
+    MAX_AGENTS,
+    MAX_RULES,
+    RULE_MASK_SLOTS,
+    Counter,
+    Doom,
+    Heartbeat,
+    Setting,
+)
 
 if TYPE_CHECKING:
     from monitor.policy.kernel_tables import KernelTables
@@ -167,13 +175,14 @@ class ProbeMaps:
         """Heartbeat for fail-closed: if none comes for fail_closed_s (0: never), probes that
         outlived the monitor kill every agent process."""
         hb = self.bpf[b"heartbeat"]
-        hb[ct.c_int(0)] = ct.c_uint64(time.monotonic_ns())  # == bpf_ktime_get_ns()
-        hb[ct.c_int(1)] = ct.c_uint64(int(fail_closed_s * 1e9))
+        hb[ct.c_int(int(Heartbeat.BEAT))] = ct.c_uint64(time.monotonic_ns())  # bpf_ktime_get_ns()
+        hb[ct.c_int(int(Heartbeat.LIMIT))] = ct.c_uint64(int(fail_closed_s * 1e9))
 
     def doom(self, session: int, manual: bool = False) -> None:
         """Every process of the session gets SIGKILL at its next trip through the kernel
         (in monitor mode too when `manual`: the operator's kill switch)."""
-        self.bpf[b"doomed"][ct.c_uint32(session)] = ct.c_uint32(2 if manual else 1)
+        doom = Doom.MANUAL if manual else Doom.POLICY
+        self.bpf[b"doomed"][ct.c_uint32(session)] = ct.c_uint32(int(doom))
 
     def latch(self, agent_index: int | None, on: bool) -> None:
         """Latch (or release) the kill switch for one agent index, or for all (None)."""

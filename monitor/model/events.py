@@ -16,6 +16,8 @@ PATH_LEN = 256
 MAX_ARGS = 20
 ARG_LEN = 128
 ARGS_SIZE = MAX_ARGS * ARG_LEN
+ADDR_LEN = 16  # an address in events and keys: IPv6, or IPv4 mapped
+V4_OFFSET = 12  # where the IPv4 address starts in its IPv4-mapped form
 SESSION_KERNEL_BIT = 0x80000000
 STATUS_UNSET = -1
 ANY_UID = 0xFFFFFFFF
@@ -115,6 +117,33 @@ class Setting(IntEnum):
     FAIL_CLOSED = 4
     CONNECT_DECIDE = 5
     UNTRACKABLE = 6
+
+
+SETTING_SLOTS = 7
+
+
+class Heartbeat(IntEnum):
+    """Indices of the `heartbeat` array."""
+
+    BEAT = 0  # the monitor's last heartbeat, monotonic ns (bpf_ktime_get_ns)
+    LIMIT = 1  # fail closed after this many ns without one (0: off)
+
+
+HEARTBEAT_SLOTS = 2
+
+
+class Doom(IntEnum):
+    """Values of the `doomed` map: why a session is being killed whole."""
+
+    POLICY = 1  # a kill-agent rule: killed in enforce mode only
+    MANUAL = 2  # the operator's kill switch: killed in monitor mode too
+
+
+# Every rule and matcher map exists GENERATIONS times (Setting.GEN says which is in force):
+# array maps are indexed gen * size + index, hash and LPM keys carry the generation.
+GENERATIONS = 2
+PORT_SLOTS = 65536  # `port_rules` entries per generation
+NET_GEN_BITS = 8  # prefix bits of a `net_rules` key taken by its generation byte
 
 
 class Family(IntEnum):
