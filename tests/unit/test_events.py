@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import ast
 import ctypes as ct
+import enum
 import ipaddress
 import re
+import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,13 +35,18 @@ from monitor.model import events
 from monitor.model.events import (
     ConnectEvent,
     Counter,
+    Doom,
     EventType,
     ExecEvent,
     ExecFlag,
     ExitEvent,
     Family,
     ForkEvent,
+    Heartbeat,
+    KAction,
+    RuleMask,
     Setting,
+    VerdictKind,
 )
 from monitor.sessions.procfs import ProcFS
 
@@ -66,12 +74,12 @@ def header(etype: int, *, pid: int = 4242, tid: int | None = None, session: int 
 
 
 def exec_record(args: list[bytes], *, argc: int | None = None, flags: int = 0,
-                filename: bytes = b"/usr/bin/git", **hdr: object) -> bytes:
+                filename: bytes = b"/usr/bin/git", **hdr: Any) -> bytes:
     """An exec record as sched_process_exec emits it: only the used part of `args`."""
     packed = b"".join(a + b"\0" for a in args)
     assert len(packed) <= events.ARGS_SIZE
     e = CExecEvent()
-    e.h = header(EventType.EXEC, **hdr)  # type: ignore[arg-type]
+    e.h = header(EventType.EXEC, **hdr)
     e.old_tid = e.h.pid
     e.ppid = 77
     e.cgroup_id = 0x1234_5678_9ABC
@@ -86,9 +94,9 @@ def exec_record(args: list[bytes], *, argc: int | None = None, flags: int = 0,
 
 
 def connect_record(family: int, addr: bytes, port: int, protocol: int = 6,
-                   **hdr: object) -> bytes:
+                   **hdr: Any) -> bytes:
     c = CConnectEvent()
-    c.h = header(EventType.CONNECT, **hdr)  # type: ignore[arg-type]
+    c.h = header(EventType.CONNECT, **hdr)
     c.family = family
     c.port = port
     c.protocol = protocol
@@ -418,41 +426,82 @@ def test_header_defines_were_found() -> None:
             "AW_ARGS_SIZE", "AW_STATUS_UNSET"} <= set(H_DEFINES)
 
 
-@pytest.mark.parametrize(
-    ("prefix", "enum", "bounds"),
-    [
-        ("AW_EV_", EventType, set()),
-        ("AW_EXEC_", ExecFlag, set()),
-        ("AW_CNT_", Counter, {"MAX"}),
-        ("AW_SET_", Setting, {"MAX"}),
-    ],
-    ids=["EventType", "ExecFlag", "Counter", "Setting"],
-)
-def test_enum_matches_header_defines(prefix: str, enum: type, bounds: set[str]) -> None:
-    c_side = {k: v for k, v in _group(prefix).items() if k not in bounds}
-    py_side = {m.name: int(m.value) for m in enum}  # type: ignore[attr-defined]
+# Each group of #defines in probes/agentwatch.h that Python mirrors as an enum: prefix, the
+# enum, and the Python constant the group's _MAX (its slot count) must equal, if it has one.
+ENUM_GROUPS: list[tuple[str, type[enum.Enum], int | None]] = [
+    ("AW_EV_", EventType, None),
+    ("AW_ACT_", KAction, None),
+    ("AW_VERDICT_", VerdictKind, None),
+    ("AW_MASK_", RuleMask, events.RULE_MASK_SLOTS),
+    ("AW_EXEC_", ExecFlag, None),
+    ("AW_CNT_", Counter, events.COUNTER_SLOTS),
+    ("AW_SET_", Setting, events.SETTING_SLOTS),
+    ("AW_HB_", Heartbeat, events.HEARTBEAT_SLOTS),
+    ("AW_DOOM_", Doom, None),
+]
+
+# Single #defines and the Python value that mirrors each.
+SCALARS: dict[str, int] = {
+    "AW_COMM_LEN": events.COMM_LEN,
+    "AW_PATH_LEN": events.PATH_LEN,
+    "AW_MAX_ARGS": events.MAX_ARGS,
+    "AW_ARG_LEN": events.ARG_LEN,
+    "AW_ARGS_SIZE": events.ARGS_SIZE,
+    "AW_ADDR_LEN": events.ADDR_LEN,
+    "AW_ADDR_BITS": events.ADDR_LEN * 8,
+    "AW_V4_OFFSET": events.V4_OFFSET,
+    "AW_MAX_RULES": events.MAX_RULES,
+    "AW_MAX_AGENTS": events.MAX_AGENTS,
+    "AW_SESSION_KERNEL_BIT": events.SESSION_KERNEL_BIT,
+    "AW_STATUS_UNSET": events.STATUS_UNSET,
+    "AW_ANY_UID": events.ANY_UID,
+    "AW_AGENT_PENDING": events.AGENT_PENDING,
+    "AW_GENERATIONS": events.GENERATIONS,
+    "AW_PORT_SLOTS": events.PORT_SLOTS,
+    "AW_NET_GEN_BITS": events.NET_GEN_BITS,
+    "AW_SIGKILL": signal.SIGKILL,
+}
+
+# #defines only the probes use: Python neither writes nor reads what they size or encode.
+KERNEL_ONLY = {
+    "AW_BULK_WINDOW_SHIFT", "AW_BULK_BURST",  # the per-process connect-record budget
+    "AW_DOOMED_MAX", "AW_MATCH_MAX", "AW_UNTRACKABLE_MAX", "AW_NET_RULES_MAX",
+    "AW_NAME_RULES_MAX",  # hash/LPM map sizes (userspace writes fewer entries, or none)
+    "AW_SESSION_CPU_SHIFT", "AW_SESSION_CPU_MASK", "AW_SESSION_SEQ_MASK",  # kernel session
+    # ids are opaque to userspace beyond AW_SESSION_KERNEL_BIT
+    "AW_DATA_LOC_OFFSET_MASK",  # reading the exec tracepoint's filename
+}
+
+
+def test_every_header_define_is_mirrored_or_kernel_only() -> None:
+    """A #define added to the header must be mirrored in monitor/model/events.py (and listed
+    here) or declared kernel-only; one removed must leave these tables too."""
+    grouped = {n for n in H_DEFINES if any(n.startswith(p) for p, _, _ in ENUM_GROUPS)}
+    listed = set(SCALARS) | KERNEL_ONLY
+    assert not grouped & listed, "a define is both in an enum group and listed"
+    assert set(H_DEFINES) - grouped - listed == set(), "header defines with no mirror"
+    assert listed - set(H_DEFINES) == set(), "listed here but gone from the header"
+
+
+@pytest.mark.parametrize(("prefix", "enum_cls", "slots"), ENUM_GROUPS,
+                         ids=[e.__name__ for _, e, _ in ENUM_GROUPS])
+def test_enum_matches_header_defines(prefix: str, enum_cls: type[enum.Enum],
+                                     slots: int | None) -> None:
+    group = _group(prefix)
+    c_side = {k: v for k, v in group.items() if k != "MAX"}
+    py_side = {m.name: int(m.value) for m in enum_cls}
     assert c_side, f"no {prefix}* defines found in {HEADER_H}"
     assert c_side == py_side
-    for bound in bounds:
-        limit = _group(prefix)[bound]
-        assert all(0 <= v < limit for v in py_side.values()), (
-            f"{enum.__name__} value beyond {prefix}{bound}={limit}")
+    if slots is None:
+        assert "MAX" not in group, f"{prefix}MAX has no Python slot count to compare with"
+    else:
+        assert group["MAX"] == slots, f"{prefix}MAX"
+        assert all(0 <= v < slots for v in py_side.values()), (
+            f"{enum_cls.__name__} value beyond {prefix}MAX={slots}")
 
 
 def test_scalar_constants_match_header() -> None:
-    expect = {
-        "AW_COMM_LEN": events.COMM_LEN,
-        "AW_PATH_LEN": events.PATH_LEN,
-        "AW_MAX_ARGS": events.MAX_ARGS,
-        "AW_ARG_LEN": events.ARG_LEN,
-        "AW_ARGS_SIZE": events.ARGS_SIZE,
-        "AW_SESSION_KERNEL_BIT": events.SESSION_KERNEL_BIT,
-        "AW_STATUS_UNSET": events.STATUS_UNSET,
-        "AW_ANY_UID": events.ANY_UID,
-        "AW_AGENT_PENDING": events.AGENT_PENDING,
-        "AW_CNT_MAX": events.COUNTER_SLOTS,
-    }
-    assert {k: _c_value(H_DEFINES[k], H_DEFINES) for k in expect} == expect
+    assert {k: _c_value(H_DEFINES[k], H_DEFINES) for k in SCALARS} == SCALARS
 
 
 def test_family_matches_probe_defines() -> None:
@@ -499,8 +548,8 @@ def test_every_shared_struct_has_a_mirror() -> None:
 def test_mirror_fields_match_header(name: str) -> None:
     c_fields = _c_structs()[name]
     mirror = _ALL_MIRRORS[name]
-    py_fields = []
-    for fname, ftype in mirror._fields_:  # type: ignore[misc]
+    py_fields: list[tuple[str, type, int | None]] = []
+    for fname, ftype, *_bits in mirror._fields_:
         if issubclass(ftype, ct.Array):
             py_fields.append((fname, ftype._type_, ftype._length_))
         else:
