@@ -3,7 +3,7 @@
 Feeds synthetic ring-buffer records (connect, exec, fork+exit) of one tracked process
 through Monitor._on_record, the function the ring-buffer callback calls, with the default
 policy, and reports microseconds per record. Baseline in the same run: the decoder alone
-(events.decode) on the same records, so the ratio says what tracking, judging and metrics
+(abi.decode) on the same records, so the ratio says what tracking, judging and metrics
 add on top of decoding. Rounds alternate (decode, full, decode, full, ...); medians and
 min-max are printed. No root, no BPF: FakeProbes from the unit tests stands in for the
 kernel maps.
@@ -28,15 +28,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
 from test_runtime_fake import FakeProbes, Log  # noqa: E402
 
 from monitor.config.load import load_config_text  # noqa: E402
-from monitor.model import events  # noqa: E402
-from monitor.model.events import (  # noqa: E402
+from monitor.kernel import abi  # noqa: E402
+from monitor.kernel.abi import (  # noqa: E402
     EXEC_ARGS_OFFSET,
     CConnectEvent,
     CExecEvent,
     CHeader,
-    EventType,
-    ExecFlag,
 )
+from monitor.model.events import EventType, ExecFlag  # noqa: E402
 from monitor.policy.load import default_policy  # noqa: E402
 from monitor.service.runtime import Monitor  # noqa: E402
 from monitor.sessions.procfs import ProcFS  # noqa: E402
@@ -104,7 +103,7 @@ def main() -> int:
         recs = records(args.records, mix, os.getpid())
         dec, full = [], []
         for _ in range(args.rounds):
-            dec.append(per_record_us(events.decode, recs))
+            dec.append(per_record_us(abi.decode, recs))
             full.append(per_record_us(monitor()._on_record, recs))
         d, f = statistics.median(dec), statistics.median(full)
         print(f"{mix:<8} {d:15.2f} {f:13.2f} {f / d:6.2f} {1e6 / f:20,.0f}   "

@@ -1,9 +1,9 @@
 /* agentwatch.bpf.c — tracepoint probes that keep every agent's process tree in the kernel
  * and stream what tracked processes do (fork, exec, connect, exit) through one ring buffer.
  *
- * Compiled by BCC (monitor/loader.py) with constants passed as -D flags, never by pasting
+ * Compiled by BCC (monitor/kernel/loader.py) with constants passed as -D flags, never by pasting
  * text. The kernel headers on these hosts do not match the running kernel, so the only
- * struct fields read are at offsets taken from the running kernel's BTF (monitor/btf.py:
+ * struct fields read are at offsets taken from the running kernel's BTF (monitor/kernel/btf.py:
  * task->mm, task->exit_code, mm->arg_start/arg_end), passed in as -D constants.
  *
  * No syscall tracepoint is used: attaching any one of them sends every syscall of every
@@ -26,7 +26,7 @@
 #endif
 
 #if !defined(AW_TASK_MM_OFF) || !defined(AW_TASK_EXIT_CODE_OFF)
-#error "task_struct offsets from BTF missing (monitor/loader.py passes them)"
+#error "task_struct offsets from BTF missing (monitor/kernel/loader.py passes them)"
 #endif
 
 #define AW_CLONE_THREAD 0x00010000ULL
@@ -34,8 +34,8 @@
 #define AW_AF_INET6 10
 
 #ifdef AW_PY_SIZEOF_EXEC_EVENT
-_Static_assert(sizeof(struct aw_header) == AW_PY_SIZEOF_HEADER, "aw_header layout drifted from monitor/events.py");
-_Static_assert(sizeof(struct aw_proc) == AW_PY_SIZEOF_PROC, "aw_proc layout drifted from monitor/events.py");
+_Static_assert(sizeof(struct aw_header) == AW_PY_SIZEOF_HEADER, "aw_header layout drifted from monitor/kernel/abi.py");
+_Static_assert(sizeof(struct aw_proc) == AW_PY_SIZEOF_PROC, "aw_proc layout drifted from monitor/kernel/abi.py");
 _Static_assert(sizeof(struct aw_fork_event) == AW_PY_SIZEOF_FORK_EVENT, "aw_fork_event drifted");
 _Static_assert(sizeof(struct aw_exec_event) == AW_PY_SIZEOF_EXEC_EVENT, "aw_exec_event drifted");
 _Static_assert(sizeof(struct aw_connect_event) == AW_PY_SIZEOF_CONNECT_EVENT, "aw_connect_event drifted");
@@ -51,20 +51,20 @@ _Static_assert(sizeof(struct aw_verdict_event) == AW_PY_SIZEOF_VERDICT_EVENT, "a
 BPF_RINGBUF_OUTPUT(decisions, AW_RINGBUF_PAGES);
 BPF_RINGBUF_OUTPUT(events, AW_RINGBUF_PAGES);
 #ifdef AW_PIN_DIR
-/* Survives the monitor (monitor/recovery.py): the tree state a restarted monitor resumes. */
+/* Survives the monitor (pin_dir): the tree state a restarted monitor recovers and resumes. */
 BPF_TABLE_PINNED("hash", u32, struct aw_proc, procs, AW_MAX_PROCS, AW_PIN_DIR "/procs");
 BPF_TABLE_PINNED("percpu_array", u32, u32, session_seq, 1, AW_PIN_DIR "/session_seq");
-BPF_TABLE_PINNED("hash", u32, u32, doomed, 1024, AW_PIN_DIR "/doomed");
+BPF_TABLE_PINNED("hash", u32, u32, doomed, AW_DOOMED_MAX, AW_PIN_DIR "/doomed");
 #else
 BPF_HASH(procs, u32, struct aw_proc, AW_MAX_PROCS);
 BPF_PERCPU_ARRAY(session_seq, u32, 1);
-BPF_HASH(doomed, u32, u32, 1024); /* sessions being killed whole (kill-agent) */
+BPF_HASH(doomed, u32, u32, AW_DOOMED_MAX); /* sessions being killed whole (AW_DOOM_*) */
 #endif
-/* [0]: the monitor's last heartbeat (bpf_ktime_get_ns); [1]: fail-closed after this many
- * ns without one (0: off). Agents whose monitor is gone that long are killed. */
-BPF_ARRAY(heartbeat, u64, 2);
-BPF_HASH(match_comm, struct aw_comm_key, struct aw_match, 2048);
-BPF_HASH(match_uid, struct aw_uid_key, struct aw_match, 2048);
+/* [AW_HB_BEAT]: the monitor's last heartbeat (bpf_ktime_get_ns); [AW_HB_LIMIT]: fail-closed
+ * after this many ns without one (0: off). Agents whose monitor is gone that long are killed. */
+BPF_ARRAY(heartbeat, u64, AW_HB_MAX);
+BPF_HASH(match_comm, struct aw_comm_key, struct aw_match, AW_MATCH_MAX);
+BPF_HASH(match_uid, struct aw_uid_key, struct aw_match, AW_MATCH_MAX);
 BPF_PERCPU_ARRAY(exec_scratch, struct aw_exec_event, 1);
 BPF_PERCPU_ARRAY(last_switch, u64, 1);
 BPF_PERCPU_ARRAY(counters, u64, AW_CNT_MAX);
@@ -77,15 +77,15 @@ BPF_ARRAY(agent_shed, u64, AW_MAX_AGENTS + 1);
 BPF_TABLE("lru_hash", u32, struct aw_last_dest, last_connect, AW_MAX_PROCS);
 /* Processes of agents that could not be tracked (procs full): killed at their first trip
  * through the kernel when fail-closed is on. */
-BPF_HASH(untrackable, u32, u32, 4096);
+BPF_HASH(untrackable, u32, u32, AW_UNTRACKABLE_MAX);
 
-/* Kernel-enforced rules (monitor/kpolicy.py). */
-BPF_ARRAY(rule_action, u32, 2 * AW_MAX_RULES);
-BPF_ARRAY(rule_masks, u64, 2 * AW_MASK_MAX);
-BPF_ARRAY(rule_scope, u64, 2 * AW_MAX_AGENTS);
-BPF_LPM_TRIE(net_rules, struct aw_net_key, u64, 8192);
-BPF_ARRAY(port_rules, u64, 2 * 65536);
-BPF_HASH(exec_rules, struct aw_name_key, u64, 2048);
+/* Kernel-enforced rules (monitor/policy/kernel_tables.py), AW_GENERATIONS copies each. */
+BPF_ARRAY(rule_action, u32, AW_GENERATIONS * AW_MAX_RULES);
+BPF_ARRAY(rule_masks, u64, AW_GENERATIONS * AW_MASK_MAX);
+BPF_ARRAY(rule_scope, u64, AW_GENERATIONS * AW_MAX_AGENTS);
+BPF_LPM_TRIE(net_rules, struct aw_net_key, u64, AW_NET_RULES_MAX);
+BPF_ARRAY(port_rules, u64, AW_GENERATIONS * AW_PORT_SLOTS);
+BPF_HASH(exec_rules, struct aw_name_key, u64, AW_NAME_RULES_MAX);
 BPF_ARRAY(latched, u32, AW_MAX_AGENTS + 1); /* kill switch latched: per agent, [MAX] = all */
 
 #ifndef AW_WAKE_NS
@@ -147,7 +147,7 @@ static __always_inline int fail_closed(const struct aw_proc *p, int enforce)
     count(AW_CNT_DECISION_LOST);
     if (!enforce || !setting(AW_SET_FAIL_CLOSED))
         return 0;
-    bpf_send_signal(9);
+    bpf_send_signal(AW_SIGKILL);
     count(AW_CNT_KILLS);
     return 1;
 }
@@ -160,7 +160,7 @@ static __always_inline int untrackable_check(u32 tgid)
         return 0;
     if (!untrackable.lookup(&tgid))
         return 0;
-    bpf_send_signal(9);
+    bpf_send_signal(AW_SIGKILL);
     count(AW_CNT_KILLS);
     return 1;
 }
@@ -215,11 +215,11 @@ static __always_inline u64 connect_hits(u32 g, u32 agent, const u8 *addr16, u16 
     if (!scope)
         return 0;
     struct aw_net_key k = {};
-    k.prefixlen = 8 + 128;
+    k.prefixlen = AW_NET_GEN_BITS + AW_ADDR_BITS;
     k.gen = g;
-    __builtin_memcpy(k.addr, addr16, 16);
+    __builtin_memcpy(k.addr, addr16, AW_ADDR_LEN);
     u64 *a = net_rules.lookup(&k);
-    u32 pk = g * 65536 + port;
+    u32 pk = g * AW_PORT_SLOTS + port;
     u64 *p = port_rules.lookup(&pk);
     u64 inside = ((a ? *a : 0) | mask_at(g, AW_MASK_ANY_ADDR)) &
                  ((p ? *p : 0) | mask_at(g, AW_MASK_ANY_PORT));
@@ -253,7 +253,7 @@ static __always_inline void verdict(u32 g, u64 pid_tgid, const struct aw_proc *p
     u64 kill = hit & mask_at(g, AW_MASK_KILL);
     u32 enforced = 0;
     if (kill && enforcing(g)) {
-        bpf_send_signal(9);
+        bpf_send_signal(AW_SIGKILL);
         count(AW_CNT_KILLS);
         enforced = 1;
     }
@@ -278,22 +278,22 @@ static __always_inline void verdict(u32 g, u64 pid_tgid, const struct aw_proc *p
     ev->port = port;
     ev->_pad = 0;
     if (addr16)
-        __builtin_memcpy(ev->addr, addr16, 16);
+        __builtin_memcpy(ev->addr, addr16, AW_ADDR_LEN);
     else
-        __builtin_memset(ev->addr, 0, 16);
+        __builtin_memset(ev->addr, 0, AW_ADDR_LEN);
     decisions.ringbuf_submit(ev, wake_flags(AW_EV_VERDICT));
 }
 
 /* kill-agent: every process of a doomed session dies at its next trip through the kernel
  * (fork, exec, being switched out).
- * A session doomed by the manual kill switch (value 2) dies in monitor mode too. */
+ * A session doomed by the manual kill switch (AW_DOOM_MANUAL) dies in monitor mode too. */
 static __always_inline int doom_check(u32 g, const struct aw_proc *p)
 {
     if (!p)
         return 0;
     u32 *d = doomed.lookup((u32 *)&p->session);
-    if (d && (*d == 2 || enforcing(g))) {
-        bpf_send_signal(9);
+    if (d && (*d == AW_DOOM_MANUAL || enforcing(g))) {
+        bpf_send_signal(AW_SIGKILL);
         count(AW_CNT_KILLS);
         return 1;
     }
@@ -304,11 +304,11 @@ static __always_inline int doom_check(u32 g, const struct aw_proc *p)
  * programs outlived it through pinned links: every agent process dies at its next switch. */
 static __always_inline int orphan_check(u64 now)
 {
-    u32 k0 = 0, k1 = 1;
+    u32 k0 = AW_HB_BEAT, k1 = AW_HB_LIMIT;
     u64 *beat = heartbeat.lookup(&k0);
     u64 *limit = heartbeat.lookup(&k1);
     if (beat && limit && *limit && *beat && now > *beat + *limit) {
-        bpf_send_signal(9);
+        bpf_send_signal(AW_SIGKILL);
         count(AW_CNT_KILLS);
         return 1;
     }
@@ -325,7 +325,7 @@ static __always_inline int latch_check(const struct aw_proc *p)
     if (!(l && *l) && agent < AW_MAX_AGENTS)
         l = latched.lookup(&agent);
     if (l && *l) {
-        bpf_send_signal(9);
+        bpf_send_signal(AW_SIGKILL);
         count(AW_CNT_KILLS);
         return 1;
     }
@@ -348,7 +348,7 @@ static __always_inline void cannot_track(u32 child, const struct aw_proc *parent
         settings.update(&key, &one);
         return;
     }
-    bpf_send_signal(9);
+    bpf_send_signal(AW_SIGKILL);
     count(AW_CNT_KILLS);
 }
 
@@ -398,7 +398,7 @@ TRACEPOINT_PROBE(task, task_newtask)
 }
 
 /* The new program's argv, straight from its memory (mm->arg_start..arg_end, offsets from
- * the running kernel's BTF, see monitor/btf.py): the kernel has just written those pages,
+ * the running kernel's BTF, see monitor/kernel/btf.py): the kernel has just written those pages,
  * so this read cannot fault the way a read of execve's argv pointers at syscall entry can
  * (a fresh fork child's argv in not-yet-faulted file pages), and it is what the program
  * really got: nothing can change it between the check and the use. */
@@ -433,8 +433,9 @@ static __always_inline struct aw_proc *new_root(u32 tgid, u32 agent)
     struct aw_proc r = {};
     /* per-CPU sequence (no atomics with a return value in BCC's LLVM): cpu in bits 24-30 */
     *seq += 1;
-    r.session = AW_SESSION_KERNEL_BIT | ((bpf_get_smp_processor_id() & 0x7f) << 24) |
-                (*seq & 0xffffff);
+    r.session = AW_SESSION_KERNEL_BIT |
+                ((bpf_get_smp_processor_id() & AW_SESSION_CPU_MASK) << AW_SESSION_CPU_SHIFT) |
+                (*seq & AW_SESSION_SEQ_MASK);
     r.agent = agent;
     r.exit_status = AW_STATUS_UNSET;
     r.start_ns = bpf_ktime_get_boot_ns();
@@ -484,7 +485,7 @@ static __always_inline struct aw_proc *match_new_root(u32 g, u32 tgid, u32 *flag
             count(AW_CNT_UNTRACKABLE);
             count_agent(1, m->agent);
             if (setting(AW_SET_FAIL_CLOSED) && enforcing(g)) {
-                bpf_send_signal(9);
+                bpf_send_signal(AW_SIGKILL);
                 count(AW_CNT_KILLS);
             }
         }
@@ -537,7 +538,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     ev->ppid = p ? p->ppid : 0;
     ev->cgroup_id = bpf_get_current_cgroup_id();
     ev->_pad = 0;
-    u16 loc = args->data_loc_filename & 0xFFFF;
+    u16 loc = args->data_loc_filename & AW_DATA_LOC_OFFSET_MASK;
     bpf_probe_read_kernel_str(ev->filename, sizeof(ev->filename), (void *)args + loc);
 
     ev->argc = 0; /* NUL-separated block, counted by the decoder */
@@ -648,13 +649,13 @@ static __always_inline int connect_sent(struct aw_proc *p, u32 tgid, const u8 *a
     struct aw_last_dest *last = last_connect.lookup(&tgid);
     if (!within && last && last->port == port) {
         u64 a[2], b[2];
-        __builtin_memcpy(a, last->addr, 16);
-        __builtin_memcpy(b, addr16, 16);
+        __builtin_memcpy(a, last->addr, AW_ADDR_LEN);
+        __builtin_memcpy(b, addr16, AW_ADDR_LEN);
         if (a[0] == b[0] && a[1] == b[1])
             return 0;
     }
     struct aw_last_dest d = {};
-    __builtin_memcpy(d.addr, addr16, 16);
+    __builtin_memcpy(d.addr, addr16, AW_ADDR_LEN);
     d.port = port;
     last_connect.update(&tgid, &d);
     return 1;
@@ -711,10 +712,10 @@ static __always_inline int cgroup_connect(struct bpf_sock_addr *ctx, const u8 *a
     ev->protocol = (u16)ctx->protocol;
     ev->_pad = 0;
     if (family == AW_AF_INET) {
-        __builtin_memcpy(ev->addr, addr16 + 12, 4);
-        __builtin_memset(ev->addr + 4, 0, 12);
+        __builtin_memcpy(ev->addr, addr16 + AW_V4_OFFSET, 4);
+        __builtin_memset(ev->addr + 4, 0, AW_ADDR_LEN - 4);
     } else {
-        __builtin_memcpy(ev->addr, addr16, 16);
+        __builtin_memcpy(ev->addr, addr16, AW_ADDR_LEN);
     }
     events.ringbuf_submit(ev, wake_flags(AW_EV_CONNECT));
     return allow;
@@ -722,11 +723,11 @@ static __always_inline int cgroup_connect(struct bpf_sock_addr *ctx, const u8 *a
 
 int aw_connect4(struct bpf_sock_addr *ctx)
 {
-    u8 a16[16] = {};
-    a16[10] = 0xff;
-    a16[11] = 0xff;
+    u8 a16[AW_ADDR_LEN] = {};
+    a16[AW_V4_OFFSET - 2] = 0xff; /* ::ffff:a.b.c.d */
+    a16[AW_V4_OFFSET - 1] = 0xff;
     u32 ip = ctx->user_ip4;
-    __builtin_memcpy(a16 + 12, &ip, 4);
+    __builtin_memcpy(a16 + AW_V4_OFFSET, &ip, 4);
     return cgroup_connect(ctx, a16, AW_AF_INET, bpf_ntohs((u16)ctx->user_port), 1);
 }
 
@@ -737,8 +738,8 @@ int aw_connect6(struct bpf_sock_addr *ctx)
     w[1] = ctx->user_ip6[1];
     w[2] = ctx->user_ip6[2];
     w[3] = ctx->user_ip6[3];
-    u8 a16[16];
-    __builtin_memcpy(a16, w, 16);
+    u8 a16[AW_ADDR_LEN];
+    __builtin_memcpy(a16, w, AW_ADDR_LEN);
     return cgroup_connect(ctx, a16, AW_AF_INET6, bpf_ntohs((u16)ctx->user_port),
                           is_v4mapped(a16));
 }

@@ -1,5 +1,6 @@
 /* agentwatch.h — the one definition of every event and map value shared between the
- * BPF probes (agentwatch.bpf.c) and the Python decoder (monitor/events.py mirrors it; a
+ * BPF probes (agentwatch.bpf.c) and the Python decoder (monitor/kernel/abi.py mirrors the
+ * structs, monitor/model/events.py the constants; a unit test compares every constant, a
  * kernel test compares the mirror with the layout clang compiled, and the loader passes
  * the mirror's sizes as -DAW_PY_SIZEOF_* so a drift fails the build, never the decode).
  *
@@ -13,30 +14,31 @@
 #define AW_MAX_ARGS 20
 #define AW_ARG_LEN 128
 #define AW_ARGS_SIZE (AW_MAX_ARGS * AW_ARG_LEN)
+#define AW_ADDR_LEN 16 /* bytes of an address in events and keys: IPv6, or IPv4 mapped */
 
-/* Event types (monitor/events.py: EventType). */
+/* Event types (monitor/model/events.py: EventType). */
 #define AW_EV_FORK 1
 #define AW_EV_EXEC 2
 #define AW_EV_CONNECT 3
 #define AW_EV_EXIT 4
 #define AW_EV_VERDICT 5
 
-/* Kernel-enforced rules (monitor/kpolicy.py compiles the policy into these maps). */
+/* Kernel-enforced rules (monitor/policy/kernel_tables.py compiles the policy into these maps). */
 #define AW_MAX_RULES 64   /* one bit each in a u64 mask */
 #define AW_MAX_AGENTS 256 /* agent indices with in-kernel rules */
 
-/* Rule actions (monitor/events.py: KAction). */
+/* Rule actions (monitor/model/events.py: KAction). */
 #define AW_ACT_ALERT 1
 #define AW_ACT_DENY 2
 #define AW_ACT_KILL 3
 #define AW_ACT_KILL_AGENT 4
 
-/* Verdict kinds (monitor/events.py: VerdictKind). */
+/* Verdict kinds (monitor/model/events.py: VerdictKind). */
 #define AW_VERDICT_EXEC 1
 #define AW_VERDICT_CONNECT 2
 #define AW_VERDICT_DOOMED 3 /* a process of a session being killed whole */
 
-/* Index of the `rule_masks` array (monitor/events.py: RuleMask). */
+/* Index of the `rule_masks` array (monitor/model/events.py: RuleMask). */
 #define AW_MASK_ANY_ADDR 0 /* connect rules without an address condition */
 #define AW_MASK_ANY_PORT 1 /* connect rules without a port condition */
 #define AW_MASK_INET 2     /* connect rules that apply to IPv4 (incl. IPv4-mapped IPv6) */
@@ -47,7 +49,7 @@
 #define AW_MASK_ENFORCE 7  /* non-zero: enforce (kill, deny); zero: monitor mode */
 #define AW_MASK_MAX 8
 
-/* Exec flags (monitor/events.py: ExecFlag). */
+/* Exec flags (monitor/model/events.py: ExecFlag). */
 #define AW_EXEC_ARGV_TRUNC_COUNT 0x1 /* more than AW_MAX_ARGS arguments */
 #define AW_EXEC_ARGV_TRUNC_LEN 0x2   /* an argument longer than AW_ARG_LEN - 1 bytes */
 #define AW_EXEC_ARGV_MISSING 0x4     /* argv could not be read from the new program's memory */
@@ -60,13 +62,13 @@
                                       * argc not counted */
 #define AW_EXEC_ARGV_FAULT 0x20      /* reading argv from user memory failed part way (no
                                       * longer set; kept so old recordings still decode) */
-/* Set by the monitor in userspace (monitor/completion.py), never by the probes: reserved
+/* Set by the monitor in userspace (monitor/sessions/completion.py), never by the probes: reserved
  * here so that no probe flag takes their bits. */
 #define AW_EXEC_ARGV_COMPLETED 0x10000   /* cut argv completed from /proc (same bytes continued) */
 #define AW_EXEC_ARGV_UNCONFIRMED 0x20000 /* cut argv /proc could not confirm: judged as cut */
 #define AW_EXEC_ARGV_CLIPPED 0x40000     /* argv holds the head and tail of a longer one */
 
-/* Per-CPU counters (monitor/events.py: Counter). */
+/* Per-CPU counters (monitor/model/events.py: Counter). */
 #define AW_CNT_LOST 0          /* events dropped: ring buffer full */
 #define AW_CNT_CONNECTS 1      /* IPv4/IPv6 connects by tracked processes (cgroup hooks) */
 #define AW_CNT_SPARE 2         /* unused (was: connects of other families, which the cgroup
@@ -83,7 +85,7 @@
                                 * killed at their first trip through the kernel */
 #define AW_CNT_MAX 11
 
-/* Settings array indices (monitor/events.py: Setting). */
+/* Settings array indices (monitor/model/events.py: Setting). */
 #define AW_SET_EXEC_CANDIDATES 0 /* 1: untracked execs are sent as candidates */
 #define AW_SET_MONITOR_TGID 1    /* the monitor's own tgid, never tracked */
 #define AW_SET_GEN 2             /* which generation (0/1) of the rule and matcher maps is in
@@ -109,6 +111,43 @@
 /* exit_status value while unknown. */
 #define AW_STATUS_UNSET (-1)
 
+/* Every rule and matcher map exists AW_GENERATIONS times (see AW_SET_GEN): array maps are
+ * indexed gen * size + index, hash and LPM keys carry the generation. */
+#define AW_GENERATIONS 2 /* generations of each rule and matcher map (0 and 1) */
+#define AW_PORT_SLOTS 65536 /* `port_rules` entries per generation: one per port */
+#define AW_NET_GEN_BITS 8 /* prefix bits of a `net_rules` key taken by its generation byte */
+#define AW_ADDR_BITS 128  /* address bits of a `net_rules` key (IPv6; IPv4 mapped) */
+#define AW_V4_OFFSET 12   /* where the IPv4 address starts in its IPv4-mapped IPv6 form */
+
+/* Indices of the `heartbeat` array (monitor/model/events.py: Heartbeat). */
+#define AW_HB_BEAT 0  /* the monitor's last heartbeat (bpf_ktime_get_ns) */
+#define AW_HB_LIMIT 1 /* fail closed after this many ns without one (0: off) */
+#define AW_HB_MAX 2
+
+/* Values of the `doomed` map (monitor/model/events.py: Doom). */
+#define AW_DOOM_POLICY 1 /* a kill-agent rule doomed the session: killed in enforce mode only */
+#define AW_DOOM_MANUAL 2 /* the operator's kill switch: killed in monitor mode too */
+
+/* Sizes of the maps whose size only the probes rely on. */
+#define AW_DOOMED_MAX 1024      /* sessions being killed whole at once */
+#define AW_MATCH_MAX 2048       /* in-kernel agent matchers, per map (both generations) */
+#define AW_UNTRACKABLE_MAX 4096 /* agent processes waiting to be killed (procs was full) */
+#define AW_NET_RULES_MAX 8192   /* address prefixes of kernel connect rules (both generations) */
+#define AW_NAME_RULES_MAX 2048  /* program names of kernel exec rules (both generations) */
+
+/* A session id made in the kernel: AW_SESSION_KERNEL_BIT, the CPU that made it (7 bits,
+ * from bit AW_SESSION_CPU_SHIFT) and that CPU's sequence number (24 bits): unique without
+ * atomics, which BCC's LLVM cannot return a value from. */
+#define AW_SESSION_CPU_SHIFT 24
+#define AW_SESSION_CPU_MASK 0x7f
+#define AW_SESSION_SEQ_MASK 0xffffff
+
+/* The one signal the probes send (bpf_send_signal): SIGKILL, which cannot be caught. */
+#define AW_SIGKILL 9
+
+/* Offset part of a tracepoint's __data_loc field (the high 16 bits are the length). */
+#define AW_DATA_LOC_OFFSET_MASK 0xffff
+
 /* Value of the `procs` map, keyed by tgid: one tracked process. */
 struct aw_proc {
     __u32 session;     /* agent session (tree) id */
@@ -130,14 +169,11 @@ struct aw_proc {
 
 /* Value of `last_connect` (per tracked tgid): the destination of its last connect record. */
 struct aw_last_dest {
-    __u8 addr[16];
+    __u8 addr[AW_ADDR_LEN];
     __u16 port;
     __u16 _pad;
     __u32 _pad2;
 };
-
-/* Every rule and matcher map exists twice (generation 0 and 1, see AW_SET_GEN): array maps
- * are indexed gen * size + index, hash and LPM keys carry the generation. */
 
 /* Value of the `match_comm` / `match_uid` maps: an agent recognised in the kernel. */
 struct aw_match {
@@ -147,7 +183,7 @@ struct aw_match {
 #define AW_ANY_UID 0xffffffffu
 
 /* Key of `match_comm`: looked up with the process's uid, then with AW_ANY_UID. Userspace
- * resolves overlapping entries so the first agent in config order wins (monitor/runtime.py). */
+ * resolves overlapping entries so the first agent in config order wins (monitor/service/runtime.py). */
 struct aw_comm_key {
     char comm[AW_COMM_LEN];
     __u32 uid;
@@ -163,7 +199,7 @@ struct aw_uid_key {
 struct aw_net_key {
     __u32 prefixlen; /* 8 (the generation byte) + address prefix */
     __u8 gen;
-    __u8 addr[16];
+    __u8 addr[AW_ADDR_LEN];
     __u8 _pad[3];
 };
 
@@ -213,7 +249,7 @@ struct aw_connect_event {
     __u16 port;     /* host byte order */
     __u16 protocol; /* IPPROTO_TCP (6), IPPROTO_UDP (17), ... */
     __u16 _pad;
-    __u8 addr[16];
+    __u8 addr[AW_ADDR_LEN];
 };
 
 struct aw_exit_event {
@@ -227,14 +263,14 @@ struct aw_exit_event {
 struct aw_verdict_event {
     struct aw_header h;
     __u32 kind;     /* AW_VERDICT_* */
-    __u32 rule;     /* lowest matching rule index (monitor/kpolicy.py names it) */
+    __u32 rule;     /* lowest matching rule index (monitor/policy/ names it) */
     __u64 mask;     /* every matching rule */
     __u32 action;   /* AW_ACT_* of `rule` */
     __u32 enforced; /* 1: SIGKILL sent / connect refused; 0: monitor mode */
     __u16 family;
     __u16 port;
     __u32 _pad;
-    __u8 addr[16];
+    __u8 addr[AW_ADDR_LEN];
 };
 
 #endif /* AGENTWATCH_H */

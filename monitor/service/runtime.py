@@ -22,13 +22,13 @@ from typing import IO, Any
 from monitor.config.types import Config
 from monitor.enforce.enforcer import Enforcer, Outcome
 from monitor.enforce.judge import Judge
+from monitor.kernel.abi import DecodeError, decode
 from monitor.kernel.loader import Probes
 from monitor.model import cmdline, events
 from monitor.model.agents import ProcessFacts, merged_agents
 from monitor.model.errors import ConfigError, ControlError, EnvironmentProblem
 from monitor.model.events import (
     ConnectEvent,
-    DecodeError,
     Event,
     ExecEvent,
     ExitEvent,
@@ -675,7 +675,7 @@ class Monitor:
 
     def _on_record(self, raw: bytes) -> None:
         try:
-            ev = events.decode(raw)
+            ev = decode(raw)
         except DecodeError as e:
             self.decode_errors += 1
             self.log("undecodable event", level="error", reason=str(e))

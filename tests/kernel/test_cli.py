@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import AGENT_UID, as_agent, free_port, require_root
 
-from monitor.kernel.loader import check_host
+from monitor.kernel.host import check_host
 from monitor.model.errors import EnvironmentProblem
 
 CLI = [sys.executable, "-m", "monitor.cli.main"]

@@ -1,4 +1,4 @@
-"""The ctypes mirror in monitor/model/events.py against the layout clang compiled from
+"""The ctypes mirror in monitor/kernel/abi.py against the layout clang compiled from
 probes/agentwatch.h (Tetragon's alignchecker idea): every field at the same offset and size."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from conftest import cannot_run, require_root
 
-from monitor.kernel.loader import check_host, probes_dir
-from monitor.model.events import MIRRORS
+from monitor.kernel.abi import MIRRORS
+from monitor.kernel.host import check_host, probes_dir
 
 
 @pytest.fixture(scope="module")

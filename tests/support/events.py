@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes as ct
 
+from monitor.kernel import abi
 from monitor.model import cmdline
 from monitor.model import events as ev
 from monitor.model.events import ExecFlag, Header
@@ -78,8 +79,8 @@ def exit_event(pid: int, ts: int, *, status: int = 0, ppid: int = 0, cpu_ns: int
 
 def raw_header(etype: int, *, pid: int = 4242, tid: int | None = None,
                session: int = 0x80000001, agent: int = 3, uid: int = 1000,
-               comm: bytes = b"claude", ts_ns: int = 123456789) -> ev.CHeader:
-    h = ev.CHeader()
+               comm: bytes = b"claude", ts_ns: int = 123456789) -> abi.CHeader:
+    h = abi.CHeader()
     h.ts_ns = ts_ns
     h.type = etype
     h.pid = pid
@@ -92,11 +93,11 @@ def raw_header(etype: int, *, pid: int = 4242, tid: int | None = None,
 
 
 def exec_record(args: list[bytes], *, argc: int | None = None, flags: int = 0,
-                filename: bytes = b"/usr/bin/git", h: ev.CHeader | None = None) -> bytes:
+                filename: bytes = b"/usr/bin/git", h: abi.CHeader | None = None) -> bytes:
     """An exec record as sched_process_exec emits it: only the used part of `args`."""
     packed = b"".join(a + b"\0" for a in args)
     assert len(packed) <= ev.ARGS_SIZE
-    e = ev.CExecEvent()
+    e = abi.CExecEvent()
     e.h = raw_header(ev.EventType.EXEC) if h is None else h
     e.old_tid = e.h.pid
     e.ppid = 77
@@ -105,15 +106,15 @@ def exec_record(args: list[bytes], *, argc: int | None = None, flags: int = 0,
     e.flags = flags
     e.args_len = len(packed)
     e.filename = filename
-    ct.memmove(ct.addressof(e) + ev.EXEC_ARGS_OFFSET, packed, len(packed))
-    raw = bytes(e)[: ev.EXEC_ARGS_OFFSET + len(packed)]
-    assert len(raw) == ev.EXEC_ARGS_OFFSET + e.args_len
+    ct.memmove(ct.addressof(e) + abi.EXEC_ARGS_OFFSET, packed, len(packed))
+    raw = bytes(e)[: abi.EXEC_ARGS_OFFSET + len(packed)]
+    assert len(raw) == abi.EXEC_ARGS_OFFSET + e.args_len
     return raw
 
 
 def connect_record(family: int, addr: bytes, port: int, protocol: int = 6, *,
-                   h: ev.CHeader | None = None) -> bytes:
-    c = ev.CConnectEvent()
+                   h: abi.CHeader | None = None) -> bytes:
+    c = abi.CConnectEvent()
     c.h = raw_header(ev.EventType.CONNECT) if h is None else h
     c.family = family
     c.port = port
@@ -124,7 +125,7 @@ def connect_record(family: int, addr: bytes, port: int, protocol: int = 6, *,
 
 
 def exit_record(status: int, cpu_ns: int = 2_000_000, ppid: int = 77) -> bytes:
-    x = ev.CExitEvent()
+    x = abi.CExitEvent()
     x.h = raw_header(ev.EventType.EXIT)
     x.exit_status = status
     x.ppid = ppid
@@ -133,7 +134,7 @@ def exit_record(status: int, cpu_ns: int = 2_000_000, ppid: int = 77) -> bytes:
 
 
 def fork_record(child: int) -> bytes:
-    f = ev.CForkEvent()
+    f = abi.CForkEvent()
     f.h = raw_header(ev.EventType.FORK)
     f.child_pid = child
     return bytes(f)

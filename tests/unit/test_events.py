@@ -1,38 +1,33 @@
-"""Unit tests for monitor.model.events: decoding raw ring-buffer records built exactly as the
-probes (probes/agentwatch.bpf.c) send them, and the mirror staying in step with the C header.
+"""Unit tests for the decoder (monitor.kernel.abi): raw ring-buffer records, built exactly as
+the probes (probes/agentwatch.bpf.c) send them, decoded into the typed events of
+monitor.model.events. That both stay in step with the C header is test_header.py's job.
 """
 
 from __future__ import annotations
 
-import ast
 import ctypes as ct
 import ipaddress
-import re
 import socket
 from pathlib import Path
 
 import pytest
 
-from monitor.model import events
-from monitor.model.events import (
+from monitor.kernel.abi import (
     EXEC_ARGS_OFFSET,
-    MIRRORS,
-    CCommKey,
     CExecEvent,
     CHeader,
-    CMatch,
-    ConnectEvent,
-    Counter,
     DecodeError,
+    decode,
+)
+from monitor.model import events
+from monitor.model.events import (
+    ConnectEvent,
     EventType,
     ExecEvent,
     ExecFlag,
     ExitEvent,
     Family,
     ForkEvent,
-    Setting,
-    decode,
-    size_cflags,
 )
 from monitor.sessions.procfs import ProcFS
 from tests.support.events import (
@@ -42,11 +37,6 @@ from tests.support.events import (
     fork_record,
 )
 from tests.support.events import raw_header as header
-
-PROBES = Path(__file__).resolve().parents[2] / "probes"
-HEADER_H = PROBES / "agentwatch.h"
-BPF_C = PROBES / "agentwatch.bpf.c"
-
 
 # --- header and fork -----------------------------------------------------------------------
 
@@ -308,162 +298,7 @@ def test_connect_with_unknown_family_is_a_decode_error(family: int) -> None:
         decode(connect_record(family, bytes(16), 0, 0))
 
 
-# --- the mirror follows probes/agentwatch.h -------------------------------------------------
-
-
-def _strip_comments(text: str) -> str:
-    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
-    return re.sub(r"//[^\n]*", " ", text)
-
-
-def _c_defines(path: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for m in re.finditer(r"^\s*#define\s+(AW_\w+)\s+(.+?)\s*$",
-                         _strip_comments(path.read_text()), flags=re.M):
-        out[m.group(1)] = m.group(2)
-    return out
-
-
-def _c_value(expr: str, defines: dict[str, str]) -> int:
-    """Evaluate a C integer constant expression made of literals and other defines."""
-    expr = re.sub(r"\b(0[xX][0-9a-fA-F]+|\d+)[uUlL]*\b", r"\1", expr)
-    expr = re.sub(r"\bAW_\w+\b", lambda m: f"({_c_value(defines[m.group(0)], defines)})",
-                  expr)
-    tree = ast.parse(expr, mode="eval")
-    allowed = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.operator,
-               ast.unaryop)
-    for node in ast.walk(tree):
-        assert isinstance(node, allowed), f"not a plain constant expression: {expr}"
-    value = eval(compile(tree, "<define>", "eval"))
-    assert isinstance(value, int)
-    return value
-
-
-H_DEFINES = _c_defines(HEADER_H)
-
-
-def _group(prefix: str) -> dict[str, int]:
-    return {name.removeprefix(prefix): _c_value(v, H_DEFINES)
-            for name, v in H_DEFINES.items() if name.startswith(prefix)}
-
-
-def test_header_defines_were_found() -> None:
-    # guards the regex: if it silently matched nothing every comparison below would pass
-    assert {"AW_EV_FORK", "AW_EXEC_NEW_ROOT", "AW_CNT_LOST", "AW_SET_MONITOR_TGID",
-            "AW_ARGS_SIZE", "AW_STATUS_UNSET"} <= set(H_DEFINES)
-
-
-@pytest.mark.parametrize(
-    ("prefix", "enum", "bounds"),
-    [
-        ("AW_EV_", EventType, set()),
-        ("AW_EXEC_", ExecFlag, set()),
-        ("AW_CNT_", Counter, {"MAX"}),
-        ("AW_SET_", Setting, {"MAX"}),
-    ],
-    ids=["EventType", "ExecFlag", "Counter", "Setting"],
-)
-def test_enum_matches_header_defines(prefix: str, enum: type, bounds: set[str]) -> None:
-    c_side = {k: v for k, v in _group(prefix).items() if k not in bounds}
-    py_side = {m.name: int(m.value) for m in enum}  # type: ignore[attr-defined]
-    assert c_side, f"no {prefix}* defines found in {HEADER_H}"
-    assert c_side == py_side
-    for bound in bounds:
-        limit = _group(prefix)[bound]
-        assert all(0 <= v < limit for v in py_side.values()), (
-            f"{enum.__name__} value beyond {prefix}{bound}={limit}")
-
-
-def test_scalar_constants_match_header() -> None:
-    expect = {
-        "AW_COMM_LEN": events.COMM_LEN,
-        "AW_PATH_LEN": events.PATH_LEN,
-        "AW_MAX_ARGS": events.MAX_ARGS,
-        "AW_ARG_LEN": events.ARG_LEN,
-        "AW_ARGS_SIZE": events.ARGS_SIZE,
-        "AW_SESSION_KERNEL_BIT": events.SESSION_KERNEL_BIT,
-        "AW_STATUS_UNSET": events.STATUS_UNSET,
-        "AW_ANY_UID": events.ANY_UID,
-        "AW_AGENT_PENDING": events.AGENT_PENDING,
-        "AW_CNT_MAX": events.COUNTER_SLOTS,
-    }
-    assert {k: _c_value(H_DEFINES[k], H_DEFINES) for k in expect} == expect
-
-
-def test_family_matches_probe_defines() -> None:
-    c = _c_defines(BPF_C)
-    assert _c_value(c["AW_AF_INET"], c) == Family.INET == socket.AF_INET
-    assert _c_value(c["AW_AF_INET6"], c) == Family.INET6 == socket.AF_INET6
-
-
-_C_TYPES: dict[str, type] = {
-    "__u8": ct.c_uint8, "__u16": ct.c_uint16, "__u32": ct.c_uint32, "__s32": ct.c_int32,
-    "__u64": ct.c_uint64, "char": ct.c_char,
-}
-_ALL_MIRRORS: dict[str, type[ct.Structure]] = {
-    **MIRRORS, "aw_match": CMatch, "aw_comm_key": CCommKey,
-}
-_KERNEL_ONLY = {"aw_exec_args", "aw_connect_args", "aw_last_dest"}  # never cross to userspace
-
-
-def _c_structs() -> dict[str, list[tuple[str, type, int | None]]]:
-    """struct name -> [(field, ctypes scalar or mirror, array length or None)]."""
-    text = _strip_comments(HEADER_H.read_text())
-    structs: dict[str, list[tuple[str, type, int | None]]] = {}
-    for m in re.finditer(r"struct\s+(aw_\w+)\s*\{(.*?)\};", text, flags=re.S):
-        fields = []
-        for decl in filter(None, (d.strip() for d in m.group(2).split(";"))):
-            f = re.fullmatch(r"(struct\s+\w+|\w+)\s+(\w+)\s*(?:\[([^\]]+)\])?", decl)
-            assert f, f"cannot parse field {decl!r} of struct {m.group(1)}"
-            ctype, name, length = f.groups()
-            if ctype.startswith("struct"):
-                kind: type = _ALL_MIRRORS[ctype.split()[1]]
-            else:
-                kind = _C_TYPES[ctype]
-            fields.append((name, kind, None if length is None else _c_value(length, H_DEFINES)))
-        structs[m.group(1)] = fields
-    return structs
-
-
-def test_every_shared_struct_has_a_mirror() -> None:
-    structs = _c_structs()
-    assert set(structs) - _KERNEL_ONLY == set(_ALL_MIRRORS)
-
-
-@pytest.mark.parametrize("name", sorted(_ALL_MIRRORS))
-def test_mirror_fields_match_header(name: str) -> None:
-    c_fields = _c_structs()[name]
-    mirror = _ALL_MIRRORS[name]
-    py_fields = []
-    for fname, ftype in mirror._fields_:  # type: ignore[misc]
-        if issubclass(ftype, ct.Array):
-            py_fields.append((fname, ftype._type_, ftype._length_))
-        else:
-            py_fields.append((fname, ftype, None))
-    assert py_fields == c_fields
-
-
-def test_exec_args_offset() -> None:
-    # header, old_tid, ppid, cgroup_id, argc, flags, args_len, _pad, filename
-    assert EXEC_ARGS_OFFSET == 48 + 4 + 4 + 8 + 4 * 4 + events.PATH_LEN
-    assert ct.sizeof(CExecEvent) == EXEC_ARGS_OFFSET + events.ARGS_SIZE
-
-
-def test_size_cflags_match_the_static_asserts() -> None:
-    flags = dict(f.removeprefix("-D").split("=") for f in size_cflags())
-    text = BPF_C.read_text()
-    used = set(re.findall(r"\bAW_PY_SIZEOF_\w+", text))
-    assert used, "no AW_PY_SIZEOF_* found in the probes"
-    assert set(flags) == used
-    pairs = re.findall(r"sizeof\(struct\s+(aw_\w+)\)\s*==\s*(AW_PY_SIZEOF_\w+)", text)
-    assert {flag for _, flag in pairs} == used  # every flag is checked by a static assert
-    for struct, flag in pairs:
-        assert int(flags[flag]) == ct.sizeof(MIRRORS[struct]), (struct, flag)
-
-
 def test_argv_read_from_the_new_programs_memory_is_split_on_nuls() -> None:
-    from monitor.model.events import EXEC_ARGS_OFFSET, CExecEvent, EventType, ExecFlag, decode
-
     block = b"/bin/true\0--from-rodata\0\0x\0"
     e = CExecEvent()
     e.h.type = EventType.EXEC

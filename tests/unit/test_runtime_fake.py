@@ -20,15 +20,15 @@ from timebox import within
 
 from monitor.config.load import load_config_text
 from monitor.config.types import Config
-from monitor.kernel.loader import ProbeOptions, TrackedProc
+from monitor.kernel.abi import CForkEvent, CHeader
+from monitor.kernel.loader import ProbeOptions
+from monitor.kernel.mapio import TrackedProc
 from monitor.model import cmdline, events
 from monitor.model.errors import ControlError
 from monitor.model.events import (
     AGENT_PENDING,
     ANY_UID,
     SESSION_KERNEL_BIT,
-    CForkEvent,
-    CHeader,
     Counter,
     Event,
     EventType,
