@@ -168,7 +168,7 @@ def baseline_imports(src: scale.Sources) -> dict[str, Any]:
     code = ("import importlib, json\n"
             "mods = []\n"
             "for m in ('bcc', 'monitor.cli.main', 'monitor.service.runtime',\n"
-            "          'monitor.kernel.loader', 'monitor.observe.metrics',\n"
+            "          'monitor.kernel.loader', 'monitor.observe.collector',\n"
             "          'monitor.observe.alerts', 'monitor.policy.rules'):\n"
             "    try:\n"
             "        importlib.import_module(m); mods.append(m)\n"

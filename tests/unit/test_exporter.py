@@ -23,7 +23,7 @@ from test_metrics import FakeSource, busy_source, registry_for, value
 
 from monitor.config.settings import MetricsSettings, load_config_text
 from monitor.model.errors import ConfigError
-from monitor.observe.metrics import serve
+from monitor.observe.collector import serve
 
 
 class Served:

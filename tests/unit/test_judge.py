@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
-from monitor.enforce.enforcer import Enforcer, KillResult, Outcome
+from monitor.enforce.enforcer import Enforcer, KillOutcome, KillResult
 from monitor.enforce.judge import Judge
 from monitor.model.events import (
     SESSION_KERNEL_BIT,
@@ -56,20 +56,20 @@ MONITOR_DEFAULT = load_policy_text(  # the default rules, in monitor mode
 class FakeEnforcer:
     """Records what the judge asks for; every kill succeeds unless told otherwise."""
 
-    def __init__(self, outcome: Outcome = Outcome.KILLED) -> None:
+    def __init__(self, outcome: KillOutcome = KillOutcome.KILLED) -> None:
         self.outcome = outcome
         self.kills: list[tuple[int, int, int | None]] = []
         self.session_kills: list[tuple[int, list[int]]] = []
 
     def kill(self, pid: int, session: int, event_ts_ns: int | None = None) -> KillResult:
         self.kills.append((pid, session, event_ts_ns))
-        return KillResult(pid, self.outcome, "" if self.outcome == Outcome.KILLED else "why")
+        return KillResult(pid, self.outcome, "" if self.outcome == KillOutcome.KILLED else "why")
 
     def kill_session(self, session: int, known: Iterable[int] = (),
                      rounds: int = 20) -> list[KillResult]:
         pids = list(known)
         self.session_kills.append((session, pids))
-        return [KillResult(p, Outcome.KILLED) for p in pids]
+        return [KillResult(p, KillOutcome.KILLED) for p in pids]
 
 
 class Log:
@@ -275,7 +275,7 @@ def test_ordinary_work_gives_no_verdict() -> None:
 
 
 def test_a_kill_that_finds_the_process_gone_is_logged_but_not_counted_as_a_kill() -> None:
-    rig = Rig(enforcer=FakeEnforcer(Outcome.GONE))
+    rig = Rig(enforcer=FakeEnforcer(KillOutcome.GONE))
     agent_tree(rig)
     rig.feed(exec_ev(102, T0 + 9, "kworker -o stratum+tcp://pool.example:3333", ppid=101))
     [line] = rig.log.verdicts()

@@ -1004,7 +1004,7 @@ def test_audit_lines_and_alerts_a_full_disk_refuses_are_exported_and_overflow_co
     from prometheus_client.parser import text_string_to_metric_families
 
     from monitor.observe.alerts import kill_alert
-    from monitor.observe.metrics import AgentwatchCollector
+    from monitor.observe.collector import AgentwatchCollector
 
     audit = tmp_path / "audit.jsonl"
     audit.symlink_to("/dev/full")
