@@ -327,6 +327,20 @@ def test_monitor_mode_kills_nothing_and_says_would_kill() -> None:
     assert all(mode == "monitor" for (_, _, _, mode) in rig.judge.counts)
 
 
+def test_every_verdict_line_names_its_outcome_by_label() -> None:
+    """`top` and other readers tell a kill from "would kill" by the label, not the text."""
+    rig = Rig(MONITOR_DEFAULT)
+    agent_tree(rig)
+    rig.feed(exec_ev(102, T0 + 9, INCIDENT_SSH, ppid=101),
+             exec_ev(102, T0 + 10, "ssh -L 1:x:2 h", ppid=101))
+    assert [v["outcome_label"] for v in rig.log.verdicts()] == ["would_kill", "alerted"]
+    rig = Rig(enforcer=FakeEnforcer(KillOutcome.GONE))
+    agent_tree(rig)
+    rig.feed(exec_ev(102, T0 + 6, INCIDENT_SSH, ppid=101))
+    [line] = rig.log.verdicts()
+    assert (line["outcome"], line["outcome_label"]) == ("gone: why", "not_enforced")
+
+
 def test_monitor_mode_kill_agent_does_not_touch_the_session() -> None:
     p = policy("""\
         mode: monitor
