@@ -29,8 +29,8 @@ from monitor.model.events import (
     VerdictKind,
 )
 from monitor.model.outcome import Outcome
-from monitor.observe.alerts import Notifier
 from monitor.observe.metrics import MetricsState
+from monitor.observe.notifier import Notifier
 from monitor.policy.engine import (
     CpuWindows,
     Verdict,

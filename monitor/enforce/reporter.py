@@ -14,8 +14,8 @@ from typing import Any
 
 from monitor.enforce.decision import Done
 from monitor.model.cmdline import clip
-from monitor.observe.alerts import Notifier
 from monitor.observe.metrics import MetricsState
+from monitor.observe.notifier import Notifier
 from monitor.sessions.tracker import Tracker
 
 Log = Callable[..., None]

@@ -13,7 +13,7 @@ dict). Nothing here does I/O or imports anything of the monitor.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from monitor.model.outcome import Outcome
@@ -21,14 +21,20 @@ from monitor.model.outcome import Outcome
 Json = dict[str, Any]
 
 
-def _int(d: Mapping[str, Any], key: str, default: int = 0) -> int:
+def _number(d: Mapping[str, Any], key: str, kind: type[int] | type[float],
+            default: float) -> Any:
+    """d[key] as kind, or default when it is missing or no number (a bool is none)."""
     value = d.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         return default
     try:
-        return int(value)
+        return kind(value)
     except ValueError:
         return default
+
+
+def _int(d: Mapping[str, Any], key: str, default: int = 0) -> int:
+    return int(_number(d, key, int, default))
 
 
 def _opt_int(d: Mapping[str, Any], key: str) -> int | None:
@@ -36,13 +42,7 @@ def _opt_int(d: Mapping[str, Any], key: str) -> int | None:
 
 
 def _float(d: Mapping[str, Any], key: str, default: float = 0.0) -> float:
-    value = d.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        return default
+    return float(_number(d, key, float, default))
 
 
 def _str(d: Mapping[str, Any], key: str, default: str = "") -> str:
@@ -248,6 +248,12 @@ def parse_record(d: Mapping[str, Any]) -> StreamRecord | None:
 # --- the status reply ------------------------------------------------------------------------
 
 
+def _flat(record: Any) -> Json:
+    """A flat record's fields in order, tuples as lists (as JSON has them)."""
+    return {f.name: list(v) if isinstance(v := getattr(record, f.name), tuple) else v
+            for f in fields(record)}
+
+
 @dataclass(frozen=True)
 class SessionStatus:
     session: int
@@ -259,9 +265,7 @@ class SessionStatus:
     connects: int
 
     def to_json(self) -> Json:
-        return {"session": self.session, "agent": self.agent, "root_pid": self.root_pid,
-                "processes": self.processes, "cpu_seconds": self.cpu_seconds,
-                "execs": self.execs, "connects": self.connects}
+        return _flat(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SessionStatus:
@@ -279,8 +283,7 @@ class PolicyStatus:
     kernel_rules: tuple[str, ...] = ()
 
     def to_json(self) -> Json:
-        return {"source": self.source, "sha256": self.sha256, "mode": self.mode,
-                "rules": self.rules, "kernel_rules": list(self.kernel_rules)}
+        return _flat(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> PolicyStatus:
@@ -297,8 +300,7 @@ class VerdictTotal:
     count: int
 
     def to_json(self) -> Json:
-        return {"agent": self.agent, "rule": self.rule, "action": self.action,
-                "mode": self.mode, "count": self.count}
+        return _flat(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> VerdictTotal:

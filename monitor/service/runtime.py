@@ -37,7 +37,6 @@ from monitor.model.events import (
     VerdictEvent,
     VerdictKind,
 )
-from monitor.observe.alerts import Notifier
 from monitor.observe.auditlog import AuditLog, SinkStats
 from monitor.observe.metrics import (
     AgentUsage,
@@ -48,6 +47,7 @@ from monitor.observe.metrics import (
     rule_verdict,
     usage_of,
 )
+from monitor.observe.notifier import Notifier
 from monitor.observe.output import record
 from monitor.policy.engine import Verdict, argv_rules
 from monitor.policy.kernel_tables import (

@@ -25,7 +25,7 @@ from monitor.config.settings import AlertSettings
 from monitor.enforce.enforcer import Enforcer, KillOutcome
 from monitor.enforce.judge import Judge
 from monitor.model.events import VerdictKind
-from monitor.observe.alerts import Notifier
+from monitor.observe.notifier import Notifier
 
 
 def rig_with_alerts(tmp_path: Path, p=None, enforcer=None) -> tuple[Rig, Notifier]:
@@ -38,6 +38,7 @@ def rig_with_alerts(tmp_path: Path, p=None, enforcer=None) -> tuple[Rig, Notifie
 
 
 def pending(n: Notifier):
+    n.flush(5)  # spooled by the writer's thread, then handed to the lanes
     return list(n._lanes[0].pending.values())
 
 

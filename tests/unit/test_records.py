@@ -8,19 +8,7 @@ from typing import Any
 
 import pytest
 
-from monitor.model.events import (
-    ConnectEvent,
-    Event,
-    ExecEvent,
-    ExecFlag,
-    ExitEvent,
-    Family,
-    ForkEvent,
-    Header,
-    KAction,
-    VerdictEvent,
-    VerdictKind,
-)
+from monitor.model import events as e
 from monitor.model.outcome import Outcome
 from monitor.model.records import (
     ConnectRecord,
@@ -30,21 +18,22 @@ from monitor.model.records import (
 )
 from monitor.observe.output import record
 
-H = Header(ts_ns=5_000, pid=4242, tid=4243, session=0x80000005, agent=0, uid=1000, comm="sh")
+H = e.Header(ts_ns=5_000, pid=4242, tid=4243, session=0x80000005, agent=0, uid=1000,
+             comm="sh")
 
-EVENTS: list[Event] = [
-    ExecEvent(H, old_tid=4243, ppid=4000, cgroup_id=9, flags=ExecFlag.NEW_ROOT,
-              filename="/bin/sh", argv=("sh", "-c", "true")),
-    ConnectEvent(H, Family.INET6, "2001:db8::1", 443, 6),
-    ForkEvent(H, child_pid=4300),
-    VerdictEvent(H, VerdictKind.CONNECT, rule=3, mask=8, action=KAction.DENY, enforced=True,
-                 family=2, address="203.0.113.9", port=22),
-    ExitEvent(H, exit_status=9, ppid=4000, cpu_ns=1_000),
+EVENTS: list[e.Event] = [
+    e.ExecEvent(H, old_tid=4243, ppid=4000, cgroup_id=9, flags=e.ExecFlag.NEW_ROOT,
+                filename="/bin/sh", argv=("sh", "-c", "true")),
+    e.ConnectEvent(H, e.Family.INET6, "2001:db8::1", 443, 6),
+    e.ForkEvent(H, child_pid=4300),
+    e.VerdictEvent(H, e.VerdictKind.CONNECT, rule=3, mask=8, action=e.KAction.DENY,
+                   enforced=True, family=2, address="203.0.113.9", port=22),
+    e.ExitEvent(H, exit_status=9, ppid=4000, cpu_ns=1_000),
 ]
 
 
 @pytest.mark.parametrize("ev", EVENTS, ids=lambda ev: type(ev).__name__)
-def test_every_event_record_reads_back_as_it_was_sent(ev: Event) -> None:
+def test_every_event_record_reads_back_as_it_was_sent(ev: e.Event) -> None:
     sent = json.loads(json.dumps(record(ev, "claude-code")))
     got = parse_record(sent)
     assert got is not None and got.to_json() == sent
