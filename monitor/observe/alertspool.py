@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from monitor.model.errors import EnvironmentProblem
 from monitor.observe.alerts import Alert
 from monitor.observe.auditlog import SinkStats
 
@@ -66,6 +67,30 @@ class Spool:
                       *(self.path / "sent" / n for n in self.receivers)):
                 d.mkdir(mode=0o700, exist_ok=True)
             self._dirs_ready = True
+
+    def open(self) -> tuple[dict[str, Alert], dict[str, set[str]]]:
+        """Create the spool and read what a previous run left in it (see load()). Raises
+        EnvironmentProblem if it cannot be made or read, or if another user could write
+        to it (and so forge or remove alerts)."""
+        try:
+            self.make_dirs()
+        except OSError as exc:
+            raise EnvironmentProblem(
+                f"cannot create the alert spool {self.path}: {exc.strerror or exc}; set "
+                "alerts.spool_dir to a writable directory") from exc
+        for d in (self.path, self.queue):
+            st = d.stat()
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise EnvironmentProblem(
+                    f"the alert spool {d} is not owned by this user or is writable by "
+                    "others, who could then forge or remove alerts: chown it and "
+                    "chmod go-w it, or set alerts.spool_dir")
+        try:
+            return self.load()
+        except OSError as exc:
+            raise EnvironmentProblem(
+                f"cannot read the alert spool {self.path}: {exc.strerror or exc} "
+                f"({exc.filename}); fix its permissions or set alerts.spool_dir") from exc
 
     def write(self, name: str, data: bytes) -> None:
         """Write one alert whole or not at all; OSError if the disk refused."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from monitor.config.settings import AlertSettings
-from monitor.model.errors import EnvironmentProblem
 from monitor.observe.alerts import (
     ALERTMANAGER,
     Alert,
@@ -106,26 +104,7 @@ class Notifier:
         another user could write to it."""
         if not self.enabled or self._started:
             return
-        spool = self.spool.path
-        try:
-            self.spool.make_dirs()
-        except OSError as exc:
-            raise EnvironmentProblem(
-                f"cannot create the alert spool {spool}: {exc.strerror or exc}; set "
-                "alerts.spool_dir to a writable directory") from exc
-        for d in (spool, self.spool.queue):
-            st = d.stat()
-            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-                raise EnvironmentProblem(
-                    f"the alert spool {d} is not owned by this user or is writable by "
-                    "others, who could then forge or remove alerts: chown it and "
-                    "chmod go-w it, or set alerts.spool_dir")
-        try:
-            found, sent = self.spool.load()
-        except OSError as exc:
-            raise EnvironmentProblem(
-                f"cannot read the alert spool {spool}: {exc.strerror or exc} "
-                f"({exc.filename}); fix its permissions or set alerts.spool_dir") from exc
+        found, sent = self.spool.open()
         with self._cond:
             for lane in self._lanes:
                 merged = {**{n: a for n, a in found.items() if n not in sent[lane.name]},
@@ -142,7 +121,8 @@ class Notifier:
         for name in gone:  # every receiver took it before the last stop
             self.spool.remove(name)
         self.log("alert delivery started", receivers=list(self.receivers),
-                 spooled=self.spooled(), spool_dir=str(spool), instance=self.instance)
+                 spooled=self.spooled(), spool_dir=str(self.spool.path),
+                 instance=self.instance)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the delivery threads (a request under way may finish) and the spool writer
