@@ -119,7 +119,8 @@ class Judge:
             verdicts = [v for v in evaluate_processes(
                 self.policy, agent=agent, session=h.session, live=live, pid=h.pid)
                 if self._first(v, per_process=False)]
-        self._carry_out([self.decide(v, h.ts_ns) for v in verdicts])
+        if verdicts:
+            self._carry_out([self.decide(v, h.ts_ns) for v in verdicts])
         return verdicts
 
     def on_running(self, proc: Process, agent: str) -> list[Verdict]:
