@@ -170,7 +170,7 @@ def baseline_imports(src: Sources) -> dict[str, Any]:
     code = ("import importlib, json\n"
             "mods = []\n"
             "for m in ('bcc', 'monitor.cli.main', 'monitor.service.runtime',\n"
-            "          'monitor.kernel.loader', 'monitor.observe.metrics',\n"
+            "          'monitor.kernel.loader', 'monitor.observe.collector',\n"
             "          'monitor.observe.alerts', 'monitor.policy.load'):\n"
             "    try:\n"
             "        importlib.import_module(m); mods.append(m)\n"

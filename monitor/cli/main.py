@@ -101,7 +101,7 @@ def _run_monitor(cfg: Config, loaded: tuple[Policy | None, float], sock: str | N
                  reloader: Callable[[], tuple[Config, Policy]] | None = None) -> int:
     from prometheus_client import CollectorRegistry
 
-    from monitor.observe.metrics import AgentwatchCollector, serve
+    from monitor.observe.collector import AgentwatchCollector, serve
     from monitor.service.runtime import Monitor
 
     policy, load_seconds = loaded

@@ -26,6 +26,8 @@ from rich.table import Table
 from rich.text import Text
 
 from monitor.model.errors import ControlError
+from monitor.model.outcome import Outcome
+from monitor.model.records import ConnectRecord, PolicyVerdictRecord, StatusReply, VerdictTotal
 from monitor.model.safetext import printable
 from monitor.service import control
 
@@ -69,20 +71,21 @@ class VerdictRow:
     rule: str
     action: str
     mode: str
-    outcome: str
+    outcome: str  # the log line's text, shown as it is
     pid: int
     session: int
     reason: str
+    kind: Outcome | None = None  # what the record says became of the verdict
 
     @property
     def killed(self) -> bool:
-        """Something was really killed ("killed", "killed in the kernel", "agent session
-        killed (...)"); "would kill" in monitor mode is not a kill."""
-        return "killed" in self.outcome
+        """Something was really killed (in userspace, in the kernel, a whole session);
+        "would kill" in monitor mode is not a kill."""
+        return self.kind is not None and self.kind.killed
 
     @property
     def would_kill(self) -> bool:
-        return self.outcome.startswith("would")
+        return self.kind is not None and self.kind.would
 
 
 class TopModel:
@@ -95,7 +98,7 @@ class TopModel:
         self.sessions: list[SessionRow] = []
         self.connections: deque[Connection] = deque(maxlen=recent)
         self.verdicts: deque[VerdictRow] = deque(maxlen=recent)
-        self.verdict_totals: list[dict[str, Any]] = []
+        self.verdict_totals: list[VerdictTotal] = []
         self.agents: list[str] = []
         self.snapshots = 0
         self.events = 0
@@ -112,61 +115,55 @@ class TopModel:
         self._prev_at: float | None = None
         self._prev_cpu: dict[int, float] = {}
 
-    def update_status(self, status: Mapping[str, Any], now: float | None = None) -> None:
+    def update_status(self, status: Mapping[str, Any] | StatusReply,
+                      now: float | None = None) -> None:
         """Fold one `status` reply; rates come from the difference with the previous one."""
+        st = status if isinstance(status, StatusReply) else StatusReply.from_json(status)
         now = self._clock() if now is None else now
         dt = now - self._prev_at if self._prev_at is not None else 0.0
-        events = int(status.get("events") or 0)
-        if dt > 0 and events >= self.events:
-            self.events_per_second = (events - self.events) / dt
+        if dt > 0 and st.events >= self.events:
+            self.events_per_second = (st.events - self.events) / dt
         else:  # first snapshot, or the monitor restarted in between
             self.events_per_second = None
         rows = []
-        for s in status.get("sessions") or []:
-            sid, cpu = int(s.get("session", 0)), float(s.get("cpu_seconds") or 0.0)
-            before = self._prev_cpu.get(sid)
-            rate = max(cpu - before, 0.0) / dt if dt > 0 and before is not None else None
-            rows.append(SessionRow(sid, str(s.get("agent") or "-"), int(s.get("root_pid", 0)),
-                                   int(s.get("processes", 0)), cpu, rate,
-                                   int(s.get("execs", 0)), int(s.get("connects", 0))))
+        for s in st.sessions:
+            before = self._prev_cpu.get(s.session)
+            rate = (max(s.cpu_seconds - before, 0.0) / dt
+                    if dt > 0 and before is not None else None)
+            rows.append(SessionRow(s.session, s.agent, s.root_pid, s.processes, s.cpu_seconds,
+                                   rate, s.execs, s.connects))
         rows.sort(key=lambda r: (r.cpu_rate if r.cpu_rate is not None else -1.0,
                                  r.cpu_seconds), reverse=True)
         self.sessions = rows
         self._prev_cpu = {r.session: r.cpu_seconds for r in rows}
         self._prev_at = now
         self.snapshots += 1
-        self.events = events
-        self.lost = int((status.get("counters") or {}).get("lost", 0))
-        self.decode_errors = int(status.get("decode_errors") or 0)
-        self.probes = int(status.get("probes") or 0)
-        policy = status.get("policy") or {}
-        self.policy_mode = str(policy.get("mode") or "")
-        self.policy_sha256 = str(policy.get("sha256") or "")
-        self.policy_source = str(policy.get("source") or "")
-        self.rules = int(policy.get("rules") or 0)
-        self.kernel_rules = len(policy.get("kernel_rules") or [])
-        self.verdict_totals = list(status.get("verdicts") or [])
-        self.agents = [str(a) for a in status.get("agents") or []]
+        self.events = st.events
+        self.lost = st.counters.get("lost", 0)
+        self.decode_errors = st.decode_errors
+        self.probes = st.probes
+        self.policy_mode = st.policy.mode
+        self.policy_sha256 = st.policy.sha256
+        self.policy_source = st.policy.source
+        self.rules = st.policy.rules
+        self.kernel_rules = len(st.policy.kernel_rules)
+        self.verdict_totals = list(st.verdicts)
+        self.agents = list(st.agents)
 
     def add_record(self, rec: Mapping[str, Any], at: float | None = None) -> None:
         """Fold one stream record; kinds other than connect and policy_verdict are ignored."""
         at = self._wall() if at is None else at
         kind = rec.get("event")
-        if kind == "connect":
-            host = str(rec.get("address"))
-            if rec.get("family") == "ipv6":
-                host = f"[{host}]"
+        if kind == ConnectRecord.EVENT:
+            c = ConnectRecord.from_json(rec)
             self.connections.append(Connection(
-                at, str(rec.get("agent") or "-"), int(rec.get("session") or 0),
-                int(rec.get("pid") or 0), str(rec.get("comm") or ""),
-                f"{host}:{rec.get('port')}", str(rec.get("protocol") or "?")))
-        elif kind == "policy_verdict":
+                at, c.agent or "-", c.session, c.pid, c.comm, c.destination,
+                c.protocol or "?"))
+        elif kind == PolicyVerdictRecord.EVENT:
+            v = PolicyVerdictRecord.from_json(rec)
             self.verdicts.append(VerdictRow(
-                at, str(rec.get("agent") or "-"), str(rec.get("rule") or ""),
-                str(rec.get("action") or ""), str(rec.get("mode") or ""),
-                str(rec.get("outcome") or ""), int(rec.get("pid") or 0),
-                int(rec.get("session") or 0),
-                str(rec.get("reason") or rec.get("destination") or rec.get("exe") or "")))
+                at, v.agent or "-", v.rule, v.action, v.mode, v.outcome, v.pid, v.session,
+                v.reason or v.destination or v.exe or "", v.kind))
 
 
 # --- rendering ---------------------------------------------------------------------------
@@ -245,10 +242,10 @@ def _verdicts(model: TopModel) -> Table:
         style = "bold red" if v.killed else "yellow" if v.would_kill else ""
         t.add_row(_t(_clock_time(v.at)), _t(v.agent), _t(v.rule), _t(f"{v.action} ({v.mode})"),
                   _t(v.outcome), _t(v.pid), _t(v.reason), style=style)
-    totals = sorted(model.verdict_totals, key=lambda v: -int(v.get("count", 0)))
+    totals = sorted(model.verdict_totals, key=lambda v: -v.count)
     if totals:
-        shown = [f"{v.get('rule')} ×{v.get('count')} ({v.get('agent')}, {v.get('action')}, "
-                 f"{v.get('mode')})" for v in totals[:5]]
+        shown = [f"{v.rule} ×{v.count} ({v.agent}, {v.action}, {v.mode})"
+                 for v in totals[:5]]
         more = f" and {len(totals) - 5} more" if len(totals) > 5 else ""
         t.caption = _t("since the monitor started: " + " · ".join(shown) + more)
     elif not model.verdicts:
@@ -304,8 +301,8 @@ def _drain(model: TopModel, records: queue.SimpleQueue[object]) -> None:
             model.add_record(item)
 
 
-def _status(path: str | Path) -> dict[str, Any]:
-    return control.request(path, {"op": "status"})
+def _status(path: str | Path) -> StatusReply:
+    return StatusReply.from_json(control.request(path, {"op": "status"}))
 
 
 def run_top(socket_path: str | Path, interval: float = 1.0, once: bool = False, *,

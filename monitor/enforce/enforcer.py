@@ -21,7 +21,10 @@ from typing import Protocol
 from monitor.sessions.procfs import ProcFS, clock_ticks
 
 
-class Outcome(StrEnum):
+class KillOutcome(StrEnum):
+    """What one SIGKILL attempt did (not to be confused with monitor.model.outcome.Outcome,
+    what became of a verdict)."""
+
     KILLED = "killed"
     GONE = "gone"
     REFUSED = "refused"
@@ -30,7 +33,7 @@ class Outcome(StrEnum):
 @dataclass(frozen=True)
 class KillResult:
     pid: int
-    outcome: Outcome
+    outcome: KillOutcome
     reason: str = ""
 
 
@@ -73,30 +76,30 @@ class Enforcer:
     def kill(self, pid: int, session: int, event_ts_ns: int | None = None) -> KillResult:
         """SIGKILL `pid` if, and only if, it is still the agent process the verdict named."""
         if pid <= 1:
-            return KillResult(pid, Outcome.REFUSED, f"pid {pid} is never killed")
+            return KillResult(pid, KillOutcome.REFUSED, f"pid {pid} is never killed")
         if pid in self.protected():
-            return KillResult(pid, Outcome.REFUSED, "the monitor or one of its ancestors")
+            return KillResult(pid, KillOutcome.REFUSED, "the monitor or one of its ancestors")
         try:
             fd = self.signaller.open(pid)
         except ProcessLookupError:
-            return KillResult(pid, Outcome.GONE, "exited before the kill")
+            return KillResult(pid, KillOutcome.GONE, "exited before the kill")
         try:
             info = self.procfs.read(pid)
             if info is None:
-                return KillResult(pid, Outcome.GONE, "exited before the kill")
+                return KillResult(pid, KillOutcome.GONE, "exited before the kill")
             if info.kernel_thread:
-                return KillResult(pid, Outcome.REFUSED, "a kernel thread")
+                return KillResult(pid, KillOutcome.REFUSED, "a kernel thread")
             if self.kernel.session_of(pid) != session:
-                return KillResult(pid, Outcome.REFUSED,
+                return KillResult(pid, KillOutcome.REFUSED,
                                   f"not a process of agent session {session}")
             if event_ts_ns is not None and \
                     info.start_ticks * self._tick_ns > event_ts_ns + self._tick_ns:
-                return KillResult(pid, Outcome.REFUSED, "pid recycled after the event")
+                return KillResult(pid, KillOutcome.REFUSED, "pid recycled after the event")
             try:
                 self.signaller.kill(fd)
             except ProcessLookupError:
-                return KillResult(pid, Outcome.GONE, "exited before the kill")
-            return KillResult(pid, Outcome.KILLED)
+                return KillResult(pid, KillOutcome.GONE, "exited before the kill")
+            return KillResult(pid, KillOutcome.KILLED)
         finally:
             self.signaller.close(fd)
 

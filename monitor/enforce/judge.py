@@ -1,22 +1,25 @@
-"""Apply the policy to what agents do: evaluate (monitor/policy/engine.py), log every verdict as
-one structured line, count it, and carry it out (monitor/enforce/enforcer.py) in enforce mode.
+"""Apply the policy to what agents do: evaluate (monitor/policy/engine.py) and decide.
 
-Kernel verdicts (rules the probes enforce themselves) arrive as VerdictEvents just before
-the event they concern; they are logged and counted here, never enforced twice. In monitor
-mode nothing is killed: every verdict is logged as "would kill". This module does no
-matching of its own and never signals a process except through the Enforcer.
+For each verdict the judge returns a Decision (monitor/enforce/decision.py): what to do and
+the outcome meant. In monitor mode nothing is done: every verdict is "would kill" (or "would
+refuse"). The executor (monitor/enforce/executor.py) carries a decision out through the
+Enforcer, and the reporter (monitor/enforce/reporter.py) logs, counts and alerts what came
+of it; the judge runs the three in that order for every verdict. Kernel verdicts (rules the
+probes enforce themselves) arrive as VerdictEvents just before the event they concern; they
+are decided and reported here, never enforced twice. This module does no matching of its
+own, never signals a process and keeps no counters (MetricsState does).
 """
 
 from __future__ import annotations
 
-import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
-from monitor.enforce.enforcer import Enforcer, KillResult, Outcome
-from monitor.model.cmdline import clip
+from monitor.enforce.decision import Decision, Step, boot_ns, latency_since
+from monitor.enforce.enforcer import Enforcer
+from monitor.enforce.executor import Executor
+from monitor.enforce.reporter import Reporter
 from monitor.model.events import (
     ConnectEvent,
     Event,
@@ -25,7 +28,9 @@ from monitor.model.events import (
     VerdictEvent,
     VerdictKind,
 )
-from monitor.observe.alerts import Notifier
+from monitor.model.outcome import Outcome
+from monitor.observe.metrics import MetricsState
+from monitor.observe.notifier import Notifier
 from monitor.policy.engine import (
     CpuWindows,
     Verdict,
@@ -44,33 +49,36 @@ Log = Callable[..., None]
 
 
 CONNECT_MEMO_SIZE = 65536
-
-
-def boot_ns() -> int:
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+KERNEL_SEEN_SIZE = 4096
 
 
 class Judge:
     def __init__(self, policy: Policy, tables: KernelTables, enforcer: Enforcer,
-                 tracker: Tracker, log: Log,
-                 on_kill_latency: Callable[[str, float], None] | None = None,
+                 tracker: Tracker, log: Log, *, metrics: MetricsState | None = None,
                  alerts: Notifier | None = None) -> None:
         self.policy = policy
-        self.alerts = alerts
         self.tables = tables
-        self.enforcer = enforcer
         self.tracker = tracker
-        self.log = log
+        self.metrics = metrics if metrics is not None else MetricsState()
+        self.executor = Executor(enforcer, tracker)
+        self.reporter = Reporter(log, self.metrics, tracker, alerts)
         self.kernel_rules = frozenset(r.name for r in tables.rules)
-        self.counts: Counter[tuple[str, str, str, str]] = Counter()  # agent, rule, action, mode
-        self.kills: Counter[tuple[str, str]] = Counter()  # agent, rule
-        self.on_kill_latency = on_kill_latency
         self.cpu = CpuWindows()
         self._kernel_seen: OrderedDict[tuple[int, str], None] = OrderedDict()
         self._once: set[tuple[str, int, int]] = set()  # (rule, session, pid) of repeating rules
         # connect verdicts depend only on (agent, destination) under one policy: remembered,
         # so a busy agent's repeated connects do not walk every userspace rule again
         self._connect_memo: dict[tuple[str, str, int], list[Verdict]] = {}
+
+    @property
+    def counts(self) -> dict[tuple[str, str, str, str], int]:
+        """(agent, rule, action, mode) -> verdicts recorded (kept by MetricsState)."""
+        return self.metrics.verdict_counts()
+
+    @property
+    def kills(self) -> dict[tuple[str, str], int]:
+        """(agent, rule) -> kills carried out (kept by MetricsState)."""
+        return self.metrics.kill_counts()
 
     def use(self, policy: Policy, tables: KernelTables) -> None:
         """A reloaded policy: judge from now on by it (counters and windows carry over)."""
@@ -83,7 +91,7 @@ class Judge:
     def on_event(self, ev: Event, agent: str, proc: Process | None) -> list[Verdict]:
         """Judge one event; returns the userspace verdicts acted on (for the metrics)."""
         if isinstance(ev, VerdictEvent):
-            self._kernel_verdict(ev, agent)
+            self._carry_out(self._kernel_decisions(ev, agent))
             return []
         if proc is None:
             return []
@@ -111,8 +119,8 @@ class Judge:
             verdicts = [v for v in evaluate_processes(
                 self.policy, agent=agent, session=h.session, live=live, pid=h.pid)
                 if self._first(v, per_process=False)]
-        for v in verdicts:
-            self.act(v, h.ts_ns)
+        if verdicts:
+            self._carry_out([self.decide(v, h.ts_ns) for v in verdicts])
         return verdicts
 
     def on_running(self, proc: Process, agent: str) -> list[Verdict]:
@@ -121,26 +129,22 @@ class Judge:
         rules on its current program and command line, as if it had just exec'd."""
         verdicts = evaluate_exec(self.policy, agent=agent, session=proc.session, pid=proc.pid,
                                  exe=proc.exe, comm=proc.comm, argv=proc.argv)
-        for v in verdicts:
-            self.act(v, None)
+        self._carry_out([self.decide(v, None) for v in verdicts])
         return verdicts
-
-    def _latency(self, path: str, event_ts_ns: int) -> None:
-        ns = max(0, boot_ns() - event_ts_ns)
-        if self.on_kill_latency is not None:
-            self.on_kill_latency(path, ns / 1e9)
 
     def on_tick(self, now_ns: int | None = None) -> None:
         if not self.policy.rules_for(EventKind.CPU):
             return
         sessions = [(s.id, s.agent, s.cpu_ns, [(p.pid, p.cpu_ns) for p in s.processes.values()])
                     for s in self.tracker.sessions()]
+        decisions = []
         for v in evaluate_cpu(self.policy, self.cpu, now_ns=now_ns or boot_ns(),
                               sessions=sessions):
             rule = self.policy.rule(v.rule)
             per_process = rule is not None and getattr(rule.match, "scope", "") == "process"
             if self._first(v, per_process=per_process):
-                self.act(v, None)
+                decisions.append(self.decide(v, None))
+        self._carry_out(decisions)
 
     def forget_session(self, session: int) -> None:
         self._once = {k for k in self._once if k[1] != session}
@@ -154,14 +158,33 @@ class Judge:
         self._once.add(key)
         return True
 
-    # --- kernel verdicts -----------------------------------------------------------------
+    # --- deciding ----------------------------------------------------------------------
 
-    def _kernel_verdict(self, ev: VerdictEvent, agent: str) -> None:
+    def decide(self, v: Verdict, event_ts_ns: int | None) -> Decision:
+        """What to do about a userspace verdict (event_ts_ns: the event judged, if any)."""
+        if self.policy.mode == Mode.MONITOR and v.action != Action.ALERT:
+            would = Outcome.WOULD_KILL if v.action != Action.DENY else Outcome.WOULD_REFUSE
+            return Decision(v, Step.NOTHING, would)
+        if v.action == Action.ALERT:
+            return Decision(v, Step.NOTHING, Outcome.ALERTED)
+        if v.action == Action.KILL:
+            if v.pid <= 0:
+                return Decision(v, Step.NOTHING, Outcome.NOT_ENFORCED, "no process named")
+            return Decision(v, Step.KILL_PROCESS, Outcome.KILLED, event_ts_ns=event_ts_ns)
+        if v.action == Action.KILL_AGENT:
+            return Decision(v, Step.KILL_SESSION, Outcome.SESSION_KILLED)
+        # deny outside the kernel: only when over the kernel rule limit
+        return Decision(v, Step.NOTHING, Outcome.NOT_ENFORCED,
+                        "deny rules beyond the kernel's rule limit")
+
+    def _kernel_decisions(self, ev: VerdictEvent, agent: str) -> list[Decision]:
+        """A kernel verdict: one decision per rule it names (the kernel did the deed)."""
         h = ev.h
         proc = self.tracker.process(h.pid)
+        decisions = []
         for rule in rules_of(ev.mask, self.tables.rules):
             self._kernel_seen[(h.pid, rule.name)] = None
-            while len(self._kernel_seen) > 4096:
+            while len(self._kernel_seen) > KERNEL_SEEN_SIZE:
                 self._kernel_seen.popitem(last=False)
             if ev.verdict == VerdictKind.CONNECT:
                 dest = format_destination(destination_address(ev.address), ev.port)
@@ -172,68 +195,22 @@ class Judge:
             v = Verdict(rule.name, rule.action, self.policy.mode, agent, h.session, h.pid,
                         reason, exe=proc.exe if proc else None,
                         argv=proc.argv if proc else None, destination=dest)
-            outcome = "would kill" if self.policy.mode == Mode.MONITOR else (
-                "killed in the kernel" if ev.enforced and rule.action != Action.DENY
-                else "refused in the kernel" if ev.enforced else "alert")
-            if ev.enforced and rule.action in (Action.KILL, Action.KILL_AGENT):
-                self._latency("kernel", h.ts_ns)
+            latency = (latency_since(h.ts_ns) if ev.enforced
+                       and rule.action in (Action.KILL, Action.KILL_AGENT) else None)
             if rule.action == Action.KILL_AGENT and self.policy.mode == Mode.ENFORCE:
-                self._kill_session(v, first="the offending process killed in the kernel; ")
+                decisions.append(Decision(v, Step.KILL_SESSION, Outcome.SESSION_KILLED,
+                                          in_kernel=True, kernel_latency=latency))
                 continue
-            self._record(v, outcome, kill=outcome == "killed in the kernel")
-            if ev.enforced and rule.action == Action.KILL:
-                self.kills[(agent, rule.name)] += 1
+            outcome = Outcome.WOULD_KILL if self.policy.mode == Mode.MONITOR else (
+                Outcome.KILLED_IN_KERNEL if ev.enforced and rule.action != Action.DENY
+                else Outcome.REFUSED_IN_KERNEL if ev.enforced else Outcome.ALERTED)
+            decisions.append(Decision(
+                v, Step.NOTHING, outcome, in_kernel=True, kernel_latency=latency,
+                kernel_kill=ev.enforced and rule.action == Action.KILL))
+        return decisions
 
-    # --- acting --------------------------------------------------------------------------
+    # --- acting and reporting ------------------------------------------------------------
 
-    def act(self, v: Verdict, event_ts_ns: int | None) -> None:
-        if self.policy.mode == Mode.MONITOR and v.action != Action.ALERT:
-            self._record(v, "would kill" if v.action != Action.DENY else "would refuse")
-            return
-        if v.action == Action.ALERT:
-            self._record(v, "alert")
-        elif v.action == Action.KILL:
-            if v.pid <= 0:
-                self._record(v, "not enforced: no process named")
-                return
-            result = self.enforcer.kill(v.pid, v.session, event_ts_ns)
-            self._record(v, self._outcome(result), kill=result.outcome == Outcome.KILLED)
-            if result.outcome == Outcome.KILLED:
-                self.kills[(v.agent, v.rule)] += 1
-                if event_ts_ns is not None:
-                    self._latency("userspace", event_ts_ns)
-        elif v.action == Action.KILL_AGENT:
-            self._kill_session(v)
-        else:  # deny outside the kernel: only when over the kernel rule limit
-            self._record(v, "not enforced: deny rules beyond the kernel's rule limit")
-
-    def _kill_session(self, v: Verdict, first: str = "") -> None:
-        session = self.tracker.session(v.session)
-        known = list(session.processes) if session else []
-        results = self.enforcer.kill_session(v.session, known)
-        killed = sum(1 for r in results if r.outcome == Outcome.KILLED)
-        self._record(v, f"agent session killed ({first}{killed} processes signalled)",
-                     kill=True, refused=[f"{r.pid}: {r.reason}" for r in results
-                              if r.outcome == Outcome.REFUSED])
-        self.kills[(v.agent, v.rule)] += 1
-
-    @staticmethod
-    def _outcome(r: KillResult) -> str:
-        return "killed" if r.outcome == Outcome.KILLED else f"{r.outcome.value}: {r.reason}"
-
-    def _record(self, v: Verdict, outcome: str, *, kill: bool = False, **extra: Any) -> None:
-        self.counts[(v.agent, v.rule, v.action.value, v.mode.value)] += 1
-        chain = self.tracker.ancestry(v.pid) if v.pid > 0 else []
-        ancestry = [{"pid": p.pid, "comm": p.comm, "exe": p.exe} for p in chain]
-        exe = v.exe if v.exe is not None else (chain[0].exe if chain else None)
-        argv = v.argv if v.argv is not None else (chain[0].argv if chain else None)
-        if argv is not None:
-            argv = clip(argv)  # judged whole; a log line and an alert get KEEP_CHARS of it
-        self.log("verdict", level="warning", agent=v.agent, rule=v.rule, action=v.action.value,
-                 mode=v.mode.value, outcome=outcome, session=v.session, pid=v.pid,
-                 reason=v.reason, exe=exe, argv=list(argv) if argv else None,
-                 destination=v.destination, cpu_cores=v.cpu_cores, processes=v.processes,
-                 ancestry=ancestry, **extra)
-        if kill and self.alerts is not None:
-            self.alerts.kill(v, outcome, exe=exe, argv=argv)
-
+    def _carry_out(self, decisions: list[Decision]) -> None:
+        for d in decisions:
+            self.reporter.report(self.executor.execute(d))

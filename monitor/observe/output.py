@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from monitor.model.events import (
-    ConnectEvent,
-    Event,
-    ExecEvent,
-    ExecFlag,
-    ExitEvent,
-    ForkEvent,
-    VerdictEvent,
+from monitor.model.events import ConnectEvent, Event, ExecEvent, ExecFlag, ForkEvent, VerdictEvent
+from monitor.model.records import (
+    ConnectRecord,
+    EventRecord,
+    ExecRecord,
+    ExitRecord,
+    ForkRecord,
+    KernelVerdictRecord,
 )
 from monitor.model.safetext import printable
 
@@ -31,30 +31,33 @@ def describe_status(status: int) -> str:
     return f"exit {(status >> 8) & 0xFF}"
 
 
+def typed_record(ev: Event, agent: str) -> EventRecord:
+    """The record of one event (monitor.model.records), as the stream and files carry it."""
+    h = ev.h
+    head: dict[str, Any] = {"ts_ns": h.ts_ns, "agent": agent or None, "session": h.session,
+                            "pid": h.pid, "tid": h.tid, "uid": h.uid, "comm": h.comm}
+    if isinstance(ev, ExecEvent):
+        return ExecRecord(**head, filename=ev.filename, argv=tuple(ev.argv), ppid=ev.ppid,
+                          argv_truncated=ev.argv_truncated,
+                          flags=tuple(f.name.lower() for f in ExecFlag
+                                      if ev.flags & f and f.name))
+    if isinstance(ev, ConnectEvent):
+        return ConnectRecord(**head, family="ipv4" if ev.family == 2 else "ipv6",
+                             address=ev.address, port=ev.port, protocol=ev.transport)
+    if isinstance(ev, ForkEvent):
+        return ForkRecord(**head, child_pid=ev.child_pid)
+    if isinstance(ev, VerdictEvent):
+        return KernelVerdictRecord(
+            **head, rule=ev.rule, rules_mask=ev.mask, verdict=ev.verdict.name.lower(),
+            action=ev.action.name.lower() if ev.action else None, enforced=ev.enforced,
+            address=ev.address or None, port=ev.port or None)
+    return ExitRecord(**head, exit_status=ev.exit_status, exit_code=ev.exit_code,
+                      signal=ev.signal, ppid=ev.ppid, cpu_ns=ev.cpu_ns)
+
+
 def record(ev: Event, agent: str) -> dict[str, Any]:
     """A flat JSON-ready dict of one event (the `trace --json` and `--record` format)."""
-    h = ev.h
-    out: dict[str, Any] = {
-        "ts_ns": h.ts_ns, "event": ev.kind.name.lower(), "agent": agent or None,
-        "session": h.session, "pid": h.pid, "tid": h.tid, "uid": h.uid, "comm": h.comm,
-    }
-    if isinstance(ev, ExecEvent):
-        out.update(filename=ev.filename, argv=list(ev.argv), ppid=ev.ppid,
-                   argv_truncated=ev.argv_truncated,
-                   flags=[f.name.lower() for f in ExecFlag if ev.flags & f and f.name])
-    elif isinstance(ev, ConnectEvent):
-        out.update(family="ipv4" if ev.family == 2 else "ipv6", address=ev.address,
-                   port=ev.port, protocol=ev.transport)
-    elif isinstance(ev, ForkEvent):
-        out.update(child_pid=ev.child_pid)
-    elif isinstance(ev, VerdictEvent):
-        out.update(rule=ev.rule, rules_mask=ev.mask, verdict=ev.verdict.name.lower(),
-                   action=ev.action.name.lower() if ev.action else None,
-                   enforced=ev.enforced, address=ev.address or None, port=ev.port or None)
-    elif isinstance(ev, ExitEvent):
-        out.update(exit_status=ev.exit_status, exit_code=ev.exit_code, signal=ev.signal,
-                   ppid=ev.ppid, cpu_ns=ev.cpu_ns)
-    return out
+    return typed_record(ev, agent).to_json()
 
 
 def to_json(ev: Event, agent: str) -> str:

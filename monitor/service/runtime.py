@@ -20,7 +20,7 @@ from traceback import format_exception
 from typing import IO, Any
 
 from monitor.config.types import Config
-from monitor.enforce.enforcer import Enforcer, Outcome
+from monitor.enforce.enforcer import Enforcer, KillOutcome
 from monitor.enforce.judge import Judge
 from monitor.kernel.abi import DecodeError, decode
 from monitor.kernel.loader import Probes
@@ -37,7 +37,6 @@ from monitor.model.events import (
     VerdictEvent,
     VerdictKind,
 )
-from monitor.observe.alerts import Notifier
 from monitor.observe.auditlog import AuditLog, SinkStats
 from monitor.observe.metrics import (
     AgentUsage,
@@ -48,6 +47,7 @@ from monitor.observe.metrics import (
     rule_verdict,
     usage_of,
 )
+from monitor.observe.notifier import Notifier
 from monitor.observe.output import record
 from monitor.policy.engine import Verdict, argv_rules
 from monitor.policy.kernel_tables import (
@@ -160,7 +160,7 @@ class Monitor:
         self.notifier = Notifier(config.alerts, log=self.log)
         self.judge = Judge(self.policy, self.tables, self.enforcer, self.tracker,
                            self._verdict_log,
-                           on_kill_latency=self.metrics.observe_kill_latency,
+                           metrics=self.metrics,
                            alerts=self.notifier)
         self.subscribers = Subscribers()
         self.lock = threading.RLock()
@@ -363,7 +363,7 @@ class Monitor:
         killed = 0
         for sid, known in targets:
             results = self.enforcer.kill_session(sid, known, manual=True)
-            killed += sum(1 for r in results if r.outcome == Outcome.KILLED)
+            killed += sum(1 for r in results if r.outcome == KillOutcome.KILLED)
         outcome = f"{len(targets)} agent sessions killed ({killed} processes signalled)"
         self.log("killswitch", agent=key, action="latch" if latch else "kill",
                  sessions=[t[0] for t in targets], killed=killed, requested_by=requested_by)

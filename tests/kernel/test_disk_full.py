@@ -25,8 +25,9 @@ import pytest
 from conftest import AGENT_UID, AS_AGENT, free_port, require_root
 
 from monitor.config.types import AlertSettings
-from monitor.observe.alerts import Notifier, kill_alert
+from monitor.observe.alerts import kill_alert
 from monitor.observe.auditlog import AuditLog
+from monitor.observe.notifier import Notifier
 from monitor.service.runtime import JsonLog
 
 Mount = Callable[[str], Path]
@@ -128,6 +129,7 @@ def test_alerts_on_a_full_spool_disk_all_arrive_after_space_returns(
     n = notifier(spool, port)
     filler = fill_as_nobody(disk)
     ids = [n.notify(alert(i)).id for i in range(171)]  # type: ignore[union-attr]
+    n.flush(5)  # each tried on disk by the spool writer's thread
     assert not [p for p in (spool / "queue").iterdir() if p.name.startswith(".")], \
         "a cut-short temp file is left taking space"
     filler.unlink()  # space is back

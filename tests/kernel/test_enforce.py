@@ -332,8 +332,8 @@ def test_monitor_mode_kills_nothing_and_logs_every_would_be_kill(tmp_path: Path)
 # --- guard rails on the real kill path ------------------------------------------------------
 
 def test_kill_path_guard_rails_on_real_processes(enforcing: Running) -> None:
-    from monitor.enforce.enforcer import Outcome
-    from monitor.enforce.judge import boot_ns
+    from monitor.enforce.decision import boot_ns
+    from monitor.enforce.enforcer import KillOutcome
 
     enf = enforcing.monitor.enforcer
     p = agent_exec(["/bin/sleep", "30"], agent="claude-code", socket=SOCK)
@@ -341,15 +341,15 @@ def test_kill_path_guard_rails_on_real_processes(enforcing: Running) -> None:
     try:
         ev, _ = enforcing.log.wait_for(lambda e, a: e.h.pid == p.pid and e.h.session != 0)
         session = ev.h.session
-        assert enf.kill(1, session).outcome == Outcome.REFUSED
-        assert enf.kill(os.getpid(), session).outcome == Outcome.REFUSED  # the monitor
-        assert enf.kill(os.getppid(), session).outcome == Outcome.REFUSED  # its ancestor
-        assert enf.kill(plain.pid, session).outcome == Outcome.REFUSED  # not an agent
+        assert enf.kill(1, session).outcome == KillOutcome.REFUSED
+        assert enf.kill(os.getpid(), session).outcome == KillOutcome.REFUSED  # the monitor
+        assert enf.kill(os.getppid(), session).outcome == KillOutcome.REFUSED  # its ancestor
+        assert enf.kill(plain.pid, session).outcome == KillOutcome.REFUSED  # not an agent
         # an event older than the process: its pid was recycled since, never kill
         stale = enf.kill(p.pid, session, event_ts_ns=boot_ns() - 3_600 * 10**9)
-        assert stale.outcome == Outcome.REFUSED and "recycled" in stale.reason
+        assert stale.outcome == KillOutcome.REFUSED and "recycled" in stale.reason
         assert plain.poll() is None and p.poll() is None
-        assert enf.kill(p.pid, session, event_ts_ns=boot_ns()).outcome == Outcome.KILLED
+        assert enf.kill(p.pid, session, event_ts_ns=boot_ns()).outcome == KillOutcome.KILLED
         assert killed(p)
     finally:
         plain.kill()

@@ -27,13 +27,14 @@ from monitor.observe.alerts import (
     WEBHOOK,
     WEBHOOK_SCHEMA,
     Alert,
-    Notifier,
     alertmanager_payload,
     kill_alert,
     kill_switch_alert,
     rfc3339,
     webhook_payload,
 )
+from monitor.observe.auditlog import SinkStats
+from monitor.observe.notifier import Notifier
 from monitor.policy.engine import Verdict
 from monitor.policy.types import Action, Mode
 
@@ -323,6 +324,7 @@ def test_an_alert_delivered_late_still_fires() -> None:
 def test_notify_spools_atomically_with_sortable_names(tmp_path: Path) -> None:
     n = Notifier(settings(tmp_path, None), log=Logs())  # not started: nothing is sent
     alerts = [n.notify(alert(i)) for i in (2, 0, 1)]
+    n.flush(5)  # the spool writer's thread writes them, not notify()
     files = sorted((tmp_path / "queue").iterdir())
     assert [f.name.split("-", 1)[1] for f in files] == [
         f"{a.id}.json" for a in sorted(alerts, key=lambda a: a.starts_at)  # type: ignore
@@ -338,6 +340,7 @@ def test_receiver_down_then_back_delivers_each_alert_once(tmp_path: Path,
     logs = Logs()
     n = notifier(tmp_path, receiver, logs)
     ids = [n.notify(alert(i)).id for i in range(3)]  # type: ignore[union-attr]
+    n.flush(5)  # written by the spool writer's thread
     wait_for(lambda: n.deliveries[(WEBHOOK, "failure")] >= 2)
     assert n.spooled() == 3 and len(list((tmp_path / "queue").iterdir())) == 3
     assert "alert receiver unreachable; alerts stay spooled and are retried" in \
@@ -418,6 +421,7 @@ def test_200_kills_in_an_outage_arrive_in_a_few_requests(tmp_path: Path,
         a = alert(i, agent=("claude-code", "codex")[i % 2],
                   rule=("no-reverse-ssh", "no-mining")[i // 100])
         ids.append(n.notify(a).id)  # type: ignore[union-attr]
+    n.flush(10)  # all 200 on disk and on the lanes, as before the receiver recovers
     time.sleep(0.6)
     failed = receiver.count(AM_PATH, 500) + receiver.count(HOOK_PATH, 500)
     elapsed = time.monotonic() - start
@@ -458,6 +462,36 @@ def test_notify_returns_at_once_while_the_receiver_hangs(tmp_path: Path,
     assert len(set(webhook_ids(receiver))) == 21
 
 
+def test_notify_returns_without_touching_the_disk(tmp_path: Path, receiver: Receiver,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spool disk that hangs (an NFS server gone, a dying disk) holds up the spool writer's
+    thread, never notify()'s caller (the event loop); the alerts are spooled, in order, once
+    the disk answers, and only then sent, so none is lost by a crash after that."""
+    receiver.stop()
+    n = notifier(tmp_path, receiver)
+    disk = n.spool.write
+    hung = threading.Event()
+    release = threading.Event()
+
+    def hanging(name: str, data: bytes) -> None:
+        hung.set()
+        release.wait(10)
+        disk(name, data)
+
+    monkeypatch.setattr(n.spool, "write", hanging)
+    start = time.monotonic()
+    ids = [n.notify(alert(i)).id for i in range(5)]  # type: ignore[union-attr]
+    assert time.monotonic() - start < 0.2
+    assert hung.wait(5) and queued_ids(tmp_path) == []
+    assert n.spooled() == 5 and n.sink_stats().buffered == 5
+    assert receiver.requests == []
+    release.set()
+    assert n.flush(5)
+    assert queued_ids(tmp_path) == ids
+    assert n.sink_stats() == SinkStats(0, 0, 0)
+    n.close()
+
+
 def test_backoff_doubles_up_to_the_cap(tmp_path: Path) -> None:
     calls: list[float] = []
 
@@ -484,6 +518,7 @@ def test_an_alert_the_receiver_refuses_is_dropped_there_not_retried_forever(
     n = notifier(tmp_path, receiver, logs, am=False)
     n.close()  # queue first, then send everything in one go
     ids = [n.notify(alert(i)).id for i in range(5)]  # type: ignore[union-attr]
+    n.flush(5)  # all five on the lane before it starts
     n.start()
     assert n.drain(5)
     n.close()
@@ -496,6 +531,7 @@ def test_corrupt_spool_files_are_moved_aside_and_logged(tmp_path: Path,
                                                         receiver: Receiver) -> None:
     first = Notifier(settings(tmp_path, receiver), log=Logs())
     good = first.notify(alert())
+    first.flush(5)  # on disk (the spool writer's thread writes it)
     queue = tmp_path / "queue"
     (queue / f"{1:019d}-{'0' * 8}-0000-0000-0000-{'0' * 12}.json").write_text("{not json")
     (queue / f"{2:019d}-{'1' * 8}-0000-0000-0000-{'0' * 12}.json").write_text(
@@ -595,6 +631,7 @@ def test_beyond_the_memory_bound_the_oldest_alerts_are_dropped_counted_and_logge
     n = notifier(tmp_path, receiver, logs, memory_bytes=5 * size + size // 2)
     repair = break_spool(tmp_path)
     ids = [n.notify(alert(i)).id for i in range(20)]  # type: ignore[union-attr]
+    n.flush(5)  # each tried on disk by the spool writer's thread
     stats = n.sink_stats()
     assert stats.buffered == 5 and stats.dropped == 15 and stats.write_errors >= 1
     assert n.spooled() == 5, "dropped alerts are not delivered either"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor.enforce.enforcer import Enforcer, KillResult, Outcome
+from monitor.enforce.enforcer import Enforcer, KillOutcome, KillResult
 from monitor.sessions.procfs import PF_KTHREAD, ProcFS, ProcInfo, clock_ticks
 from tests.support import procfs
 
@@ -148,7 +148,7 @@ def proc(tmp_path: Path) -> Path:
 
 def test_a_process_of_the_session_is_killed_through_its_pidfd(proc: Path) -> None:
     rig = Rig(proc, {200: S1})
-    assert rig.kill(200, ts=2000 * TICK_NS) == KillResult(200, Outcome.KILLED)
+    assert rig.kill(200, ts=2000 * TICK_NS) == KillResult(200, KillOutcome.KILLED)
     assert rig.signaller.killed == [200]
     # opened first, then checked, then signalled, then closed
     assert rig.journal == [("open", 200), ("proc", 200), ("session_of", 200), ("kill", 200),
@@ -159,7 +159,7 @@ def test_a_process_of_the_session_is_killed_through_its_pidfd(proc: Path) -> Non
 def test_pid_0_and_1_are_never_signalled(proc: Path, pid: int) -> None:
     rig = Rig(proc, {0: S1, 1: S1, -1: S1})
     result = rig.kill(pid)
-    assert result.outcome == Outcome.REFUSED
+    assert result.outcome == KillOutcome.REFUSED
     assert rig.signaller.killed == []
     assert "kill" not in rig.journal.names()
     rig.assert_every_pidfd_closed()
@@ -169,7 +169,7 @@ def test_pid_0_and_1_are_never_signalled(proc: Path, pid: int) -> None:
 def test_the_monitor_and_its_ancestors_are_refused(proc: Path, pid: int) -> None:
     rig = Rig(proc, {pid: S1})  # even if the kernel map (wrongly) lists it in the session
     result = rig.kill(pid)
-    assert result.outcome == Outcome.REFUSED
+    assert result.outcome == KillOutcome.REFUSED
     assert "monitor" in result.reason
     assert rig.signaller.killed == []
     rig.assert_every_pidfd_closed()
@@ -178,7 +178,7 @@ def test_the_monitor_and_its_ancestors_are_refused(proc: Path, pid: int) -> None
 def test_a_kernel_thread_is_refused(proc: Path) -> None:
     rig = Rig(proc, {50: S1})
     result = rig.kill(50)
-    assert result.outcome == Outcome.REFUSED
+    assert result.outcome == KillOutcome.REFUSED
     assert "kernel thread" in result.reason
     assert rig.signaller.killed == []
     assert rig.journal.names()[0] == "open"
@@ -190,7 +190,7 @@ def test_a_process_outside_the_named_session_is_refused(proc: Path,
                                                         members: dict[int, int]) -> None:
     rig = Rig(proc, members)
     result = rig.kill(200, S1)
-    assert result.outcome == Outcome.REFUSED
+    assert result.outcome == KillOutcome.REFUSED
     assert str(S1) in result.reason
     assert rig.signaller.killed == []
     assert rig.journal.names()[:1] == ["open"]
@@ -205,12 +205,12 @@ def test_a_recycled_pid_is_refused_and_the_original_process_is_killed(tmp_path: 
     rig = Rig(tmp_path, {200: S1})
     # the event happened more than a tick before this process started: another process
     recycled = rig.kill(200, ts=started_ns - TICK_NS - 1)
-    assert recycled.outcome == Outcome.REFUSED
+    assert recycled.outcome == KillOutcome.REFUSED
     assert "recycled" in recycled.reason
     assert rig.signaller.killed == []
     # a process that started before the event (or within the tick /proc rounds to) dies
     for ts in (started_ns - TICK_NS, started_ns, started_ns + 3600 * 10**9):
-        assert rig.kill(200, ts=ts).outcome == Outcome.KILLED
+        assert rig.kill(200, ts=ts).outcome == KillOutcome.KILLED
         rig.kernel.members[200] = S1  # back in the map for the next round
     assert rig.signaller.killed == [200, 200, 200]
     rig.assert_every_pidfd_closed()
@@ -219,13 +219,13 @@ def test_a_recycled_pid_is_refused_and_the_original_process_is_killed(tmp_path: 
 def test_without_an_event_time_the_start_time_is_not_checked(tmp_path: Path) -> None:
     make_proc(tmp_path, 200, start=10**9)
     rig = Rig(tmp_path, {200: S1})
-    assert rig.kill(200, ts=None).outcome == Outcome.KILLED
+    assert rig.kill(200, ts=None).outcome == KillOutcome.KILLED
 
 
 def test_gone_at_open_is_not_an_error(proc: Path) -> None:
     rig = Rig(proc, {200: S1}, gone_at_open=[200])
     result = rig.kill(200)
-    assert result.outcome == Outcome.GONE
+    assert result.outcome == KillOutcome.GONE
     assert rig.signaller.killed == []
     assert rig.journal == [("open", 200)]  # nothing opened, nothing to close
 
@@ -233,7 +233,7 @@ def test_gone_at_open_is_not_an_error(proc: Path) -> None:
 def test_gone_at_send_is_not_an_error_and_closes_the_pidfd(proc: Path) -> None:
     rig = Rig(proc, {200: S1}, gone_at_send=[200])
     result = rig.kill(200)
-    assert result.outcome == Outcome.GONE
+    assert result.outcome == KillOutcome.GONE
     assert rig.journal.names() == ["open", "proc", "session_of", "kill", "close"]
     rig.assert_every_pidfd_closed()
 
@@ -241,7 +241,7 @@ def test_gone_at_send_is_not_an_error_and_closes_the_pidfd(proc: Path) -> None:
 def test_gone_from_proc_after_open_closes_the_pidfd(tmp_path: Path) -> None:
     rig = Rig(tmp_path, {200: S1})  # no /proc/200: it exited after the pidfd was opened
     result = rig.kill(200)
-    assert result.outcome == Outcome.GONE
+    assert result.outcome == KillOutcome.GONE
     assert rig.signaller.killed == []
     rig.assert_every_pidfd_closed()
 
@@ -268,8 +268,8 @@ def test_kill_session_dooms_first_then_kills_every_member(proc: Path) -> None:
     assert rig.journal[0] == ("doom", S1)
     assert rig.kernel.doomed == [S1]
     assert sorted(rig.signaller.killed) == [200, 201, 202]
-    assert {r.pid: r.outcome for r in results} == {200: Outcome.KILLED, 201: Outcome.KILLED,
-                                                   202: Outcome.KILLED}
+    assert {r.pid: r.outcome for r in results} == {200: KillOutcome.KILLED, 201: KillOutcome.KILLED,
+                                                   202: KillOutcome.KILLED}
     assert 300 not in rig.signaller.killed
     rig.assert_every_pidfd_closed()
 
@@ -279,7 +279,7 @@ def test_kill_session_catches_a_process_forked_between_rounds(proc: Path) -> Non
     rig = Rig(proc, {200: S1, 201: S1}, forks={2: [(203, S1)]})
     results = rig.enforcer.kill_session(S1)
     assert sorted(rig.signaller.killed) == [200, 201, 203]
-    assert {r.pid for r in results if r.outcome == Outcome.KILLED} == {200, 201, 203}
+    assert {r.pid for r in results if r.outcome == KillOutcome.KILLED} == {200, 201, 203}
     # it stops as soon as the kernel lists nobody: rounds 1 and 2 killed, round 3 empty
     assert rig.kernel.rounds == 3
     assert rig.journal.names()[-1] == "session_pids"
@@ -291,8 +291,8 @@ def test_kill_session_never_signals_a_pid_outside_the_session(proc: Path) -> Non
     results = rig.enforcer.kill_session(S1, known=[200, 300, 1, MONITOR, 204])
     assert rig.signaller.killed == [200]
     outcomes = {r.pid: r.outcome for r in results}
-    assert outcomes == {200: Outcome.KILLED, 300: Outcome.REFUSED, 1: Outcome.REFUSED,
-                        MONITOR: Outcome.REFUSED, 204: Outcome.REFUSED}
+    assert outcomes == {200: KillOutcome.KILLED, 300: KillOutcome.REFUSED, 1: KillOutcome.REFUSED,
+                        MONITOR: KillOutcome.REFUSED, 204: KillOutcome.REFUSED}
     assert rig.kernel.members == {300: S2, 204: S2}
     rig.assert_every_pidfd_closed()
 
@@ -302,7 +302,7 @@ def test_kill_session_gives_up_after_its_rounds(proc: Path) -> None:
     rig = Rig(proc, {200: S1, 999: S1})
     results = rig.enforcer.kill_session(S1, rounds=5)
     assert rig.kernel.rounds == 5
-    assert {r.pid: r.outcome for r in results} == {200: Outcome.KILLED, 999: Outcome.GONE}
+    assert {r.pid: r.outcome for r in results} == {200: KillOutcome.KILLED, 999: KillOutcome.GONE}
     assert rig.signaller.killed == [200]
     rig.assert_every_pidfd_closed()
 

@@ -24,7 +24,7 @@ from test_metrics import FakeSource, busy_source, registry_for, value
 from monitor.config.load import load_config_text
 from monitor.config.types import MetricsSettings
 from monitor.model.errors import ConfigError
-from monitor.observe.metrics import serve
+from monitor.observe.collector import serve
 
 
 class Served:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
-from monitor.enforce.enforcer import Enforcer, KillResult, Outcome
+from monitor.enforce.enforcer import Enforcer, KillOutcome, KillResult
 from monitor.enforce.judge import Judge
 from monitor.model.events import (
     Event,
@@ -53,20 +53,20 @@ MONITOR_DEFAULT = load_policy_text(  # the default rules, in monitor mode
 class FakeEnforcer:
     """Records what the judge asks for; every kill succeeds unless told otherwise."""
 
-    def __init__(self, outcome: Outcome = Outcome.KILLED) -> None:
+    def __init__(self, outcome: KillOutcome = KillOutcome.KILLED) -> None:
         self.outcome = outcome
         self.kills: list[tuple[int, int, int | None]] = []
         self.session_kills: list[tuple[int, list[int]]] = []
 
     def kill(self, pid: int, session: int, event_ts_ns: int | None = None) -> KillResult:
         self.kills.append((pid, session, event_ts_ns))
-        return KillResult(pid, self.outcome, "" if self.outcome == Outcome.KILLED else "why")
+        return KillResult(pid, self.outcome, "" if self.outcome == KillOutcome.KILLED else "why")
 
     def kill_session(self, session: int, known: Iterable[int] = (),
                      rounds: int = 20) -> list[KillResult]:
         pids = list(known)
         self.session_kills.append((session, pids))
-        return [KillResult(p, Outcome.KILLED) for p in pids]
+        return [KillResult(p, KillOutcome.KILLED) for p in pids]
 
 
 class Log:
@@ -254,7 +254,7 @@ def test_ordinary_work_gives_no_verdict() -> None:
 
 
 def test_a_kill_that_finds_the_process_gone_is_logged_but_not_counted_as_a_kill() -> None:
-    rig = Rig(enforcer=FakeEnforcer(Outcome.GONE))
+    rig = Rig(enforcer=FakeEnforcer(KillOutcome.GONE))
     agent_tree(rig)
     rig.feed(exec_ev(102, T0 + 9, "kworker -o stratum+tcp://pool.example:3333", ppid=101))
     [line] = rig.log.verdicts()
@@ -304,6 +304,20 @@ def test_monitor_mode_kills_nothing_and_says_would_kill() -> None:
     assert rig.judge.kills == {}
     assert sum(rig.judge.counts.values()) == 3
     assert all(mode == "monitor" for (_, _, _, mode) in rig.judge.counts)
+
+
+def test_every_verdict_line_names_its_outcome_by_label() -> None:
+    """`top` and other readers tell a kill from "would kill" by the label, not the text."""
+    rig = Rig(MONITOR_DEFAULT)
+    agent_tree(rig)
+    rig.feed(exec_ev(102, T0 + 9, INCIDENT_SSH, ppid=101),
+             exec_ev(102, T0 + 10, "ssh -L 1:x:2 h", ppid=101))
+    assert [v["outcome_label"] for v in rig.log.verdicts()] == ["would_kill", "alerted"]
+    rig = Rig(enforcer=FakeEnforcer(KillOutcome.GONE))
+    agent_tree(rig)
+    rig.feed(exec_ev(102, T0 + 6, INCIDENT_SSH, ppid=101))
+    [line] = rig.log.verdicts()
+    assert (line["outcome"], line["outcome_label"]) == ("gone: why", "not_enforced")
 
 
 def test_monitor_mode_kill_agent_does_not_touch_the_session() -> None:

@@ -22,10 +22,10 @@ from test_judge import (
 )
 
 from monitor.config.types import AlertSettings
-from monitor.enforce.enforcer import Enforcer, Outcome
+from monitor.enforce.enforcer import Enforcer, KillOutcome
 from monitor.enforce.judge import Judge
 from monitor.model.events import VerdictKind
-from monitor.observe.alerts import Notifier
+from monitor.observe.notifier import Notifier
 
 
 def rig_with_alerts(tmp_path: Path, p=None, enforcer=None) -> tuple[Rig, Notifier]:
@@ -38,6 +38,7 @@ def rig_with_alerts(tmp_path: Path, p=None, enforcer=None) -> tuple[Rig, Notifie
 
 
 def pending(n: Notifier):
+    n.flush(5)  # spooled by the writer's thread, then handed to the lanes
     return list(n._lanes[0].pending.values())
 
 
@@ -52,7 +53,7 @@ def test_userspace_kill_alerts(tmp_path: Path) -> None:
 
 
 def test_gone_is_not_a_kill(tmp_path: Path) -> None:
-    rig, n = rig_with_alerts(tmp_path, enforcer=FakeEnforcer(Outcome.GONE))
+    rig, n = rig_with_alerts(tmp_path, enforcer=FakeEnforcer(KillOutcome.GONE))
     agent_tree(rig)
     rig.feed(exec_ev(102, T0 + 6, INCIDENT_SSH, ppid=101))
     assert pending(n) == []

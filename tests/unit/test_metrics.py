@@ -1,8 +1,9 @@
 """Unit tests for monitor.observe.metrics: what a user scraping /metrics sees.
 
 Each test uses a fresh CollectorRegistry and a fake source (tracker sessions built from the
-real dataclasses, judge counts as Counters, BPF counters as a dict), reads the exposition
-back with prometheus_client's parser and checks names, types, labels and values.
+real dataclasses, verdict and kill counts in its MetricsState, BPF counters as a dict),
+reads the exposition back with prometheus_client's parser and checks names, types, labels
+and values.
 """
 
 from __future__ import annotations
@@ -24,21 +25,19 @@ from monitor.model.events import Counter as BpfCounter
 from monitor.model.events import EventType, Header, KAction, VerdictEvent, VerdictKind
 from monitor.model.safetext import ELLIPSIS, LABEL_MAX
 from monitor.observe.auditlog import SinkStats
+from monitor.observe.collector import AgentwatchCollector, parse_address, serve
 from monitor.observe.metrics import (
     DEFAULT_ADDRESS,
     KILL_LATENCY_BUCKETS,
     MAX_AGENTS,
     MAX_BINARIES,
     AgentUsage,
-    AgentwatchCollector,
     MetricsState,
     PolicyInfo,
     connect_verdict,
     destination_class,
     kernel_connect_verdict,
-    parse_address,
     rule_verdict,
-    serve,
     usage_of,
 )
 from monitor.sessions.tracker import Process, Session
@@ -88,8 +87,6 @@ class FakeSource:
         self.metrics = MetricsState(agents, kernel="6.1.0-test", host_cpus=8,
                                     clock=lambda: LOADED_AT)
         self.sessions: list[Session] = []
-        self.counts: Counter[tuple[str, str, str, str]] = Counter()
-        self.kills: Counter[tuple[str, str]] = Counter()
         self.kernel: dict[BpfCounter, int] = {c: 0 for c in BpfCounter}
         self.kernel_reads = 0
         self.attached = 15
@@ -102,12 +99,6 @@ class FakeSource:
 
     def agent_usage(self) -> Mapping[str, AgentUsage]:
         return usage_of(self.sessions)
-
-    def verdict_counts(self) -> Mapping[tuple[str, str, str, str], int]:
-        return dict(self.counts)
-
-    def kill_counts(self) -> Mapping[tuple[str, str], int]:
-        return dict(self.kills)
 
     def agent_losses(self) -> Mapping[str, tuple[int, int]]:
         return self.losses
@@ -194,8 +185,9 @@ def busy_source() -> FakeSource:
     m.observe_delivery("alertmanager", True)
     m.observe_delivery("webhook", False)
     src.add_session(1, "claude-code", procs=3, cpu_ns=500_000_000)
-    src.counts[("claude-code", "no-ssh", "kill", "enforce")] += 2
-    src.kills[("claude-code", "no-ssh")] += 1
+    for _ in range(2):
+        src.metrics.count_verdict("claude-code", "no-ssh", "kill", "enforce")
+    src.metrics.count_kill("claude-code", "no-ssh")
     src.kernel.update({BpfCounter.LOST: 4, BpfCounter.DENIED: 2, BpfCounter.KILLS: 1})
     return src
 
@@ -360,7 +352,7 @@ def test_counters_never_go_down_between_scrapes() -> None:
     m.observe_event("exec", "claude-code")
     m.observe_exec("claude-code", "/bin/sh")
     m.observe_kill_latency("userspace", 0.2)
-    src.counts[("codex", "no-curl", "alert", "monitor")] += 1
+    src.metrics.count_verdict("codex", "no-curl", "alert", "monitor")
     src.kernel[BpfCounter.LOST] += 1
     after = counter_samples(scrape(registry))
     for key, old in before.items():
@@ -440,8 +432,8 @@ def test_two_hundred_agents_yield_at_most_sixty_five_agent_labels() -> None:
         m.observe_connect(name, "127.0.0.1", "allowed")
         m.observe_killswitch(name)
         src.add_session(i + 1, name, procs=1, cpu_ns=1_000_000)
-        src.counts[(name, "r", "alert", "monitor")] += 1
-        src.kills[(name, "r")] += 1
+        src.metrics.count_verdict(name, "r", "alert", "monitor")
+        src.metrics.count_kill(name, "r")
     fams = scrape(registry)
     agents = label_values(fams, "agent")
     assert len(agents) <= MAX_AGENTS + 1
@@ -672,7 +664,7 @@ def test_scrape_time_with_fifty_agents_of_a_hundred_processes(
             m.observe_event("exec", name)
         for address in ("127.0.0.1", "10.0.0.1", "8.8.8.8", "fe80::1"):
             m.observe_connect(name, address, "allowed")
-        src.counts[(name, "no-ssh", "kill", "enforce")] += 1
+        src.metrics.count_verdict(name, "no-ssh", "kill", "enforce")
     registry = registry_for(src)
     scrape(registry)
     rounds = 20

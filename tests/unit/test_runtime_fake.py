@@ -1004,7 +1004,7 @@ def test_audit_lines_and_alerts_a_full_disk_refuses_are_exported_and_overflow_co
     from prometheus_client.parser import text_string_to_metric_families
 
     from monitor.observe.alerts import kill_alert
-    from monitor.observe.metrics import AgentwatchCollector
+    from monitor.observe.collector import AgentwatchCollector
 
     audit = tmp_path / "audit.jsonl"
     audit.symlink_to("/dev/full")
@@ -1023,6 +1023,7 @@ def test_audit_lines_and_alerts_a_full_disk_refuses_are_exported_and_overflow_co
             mon.notifier.notify(kill_alert(agent="claude-code", rule="r", action="kill",
                                            outcome="killed", reason="r", at=1e9 + i,
                                            argv=("x" * 100_000,)))
+        mon.notifier.flush(5)  # each tried on disk by the spool writer's thread
         registry = CollectorRegistry()
         registry.register(AgentwatchCollector(mon))
         text = generate_latest(registry).decode()

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from monitor.cli.top import TopModel, _drain, _pump, render, run_top
 from monitor.model.errors import ControlError
+from monitor.model.outcome import Outcome
 from monitor.service.control import ControlServer, Subscribers
 
 SHA = "ab12cd34ef56" + "0" * 52
@@ -46,10 +47,19 @@ def connect(port: int, protocol: str = "tcp", *, family: str = "ipv4",
             "port": port, "protocol": protocol}
 
 
+# the outcome_label the monitor sends with each outcome text these tests use
+KIND_OF = {"killed": Outcome.KILLED, "killed in the kernel": Outcome.KILLED_IN_KERNEL,
+           "agent session killed (3 processes signalled)": Outcome.SESSION_KILLED,
+           "would kill": Outcome.WOULD_KILL, "alert": Outcome.ALERTED,
+           "refused in the kernel": Outcome.REFUSED_IN_KERNEL}
+
+
 def verdict(outcome: str, *, rule: str = "no-ssh", action: str = "kill",
-            mode: str = "enforce", pid: int = 4242) -> dict[str, Any]:
+            mode: str = "enforce", pid: int = 4242,
+            kind: Outcome | None = None) -> dict[str, Any]:
+    label = (kind or KIND_OF[outcome]).label
     return {"event": "policy_verdict", "agent": "claude", "rule": rule, "action": action,
-            "mode": mode, "outcome": outcome, "pid": pid, "session": 1,
+            "mode": mode, "outcome": outcome, "outcome_label": label, "pid": pid, "session": 1,
             "reason": "connect to 203.0.113.9:22 (port 22)", "exe": "/usr/bin/ssh",
             "argv": ["ssh", "host"], "destination": "203.0.113.9:22"}
 
@@ -223,7 +233,8 @@ def hostile_model() -> TopModel:
     m.update_status(st, now=0.0)
     m.add_record({**connect(443, HOSTILE, address=f"10.0.0.5{HOSTILE}"), "comm": HOSTILE,
                   "agent": HOSTILE})
-    m.add_record({**verdict(f"killed{HOSTILE}", rule=HOSTILE, action=HOSTILE, mode=HOSTILE),
+    m.add_record({**verdict(f"killed{HOSTILE}", rule=HOSTILE, action=HOSTILE, mode=HOSTILE,
+                          kind=Outcome.KILLED),
                   "agent": HOSTILE, "reason": f"exe /tmp/{RAW}{HOSTILE}"})
     m.stream_error = f"the event stream failed: {HOSTILE}"
     return m
