@@ -29,7 +29,7 @@ from monitor.model.safetext import printable
 from monitor.observe.output import HEADER, columns, columns_of, record, to_json
 from monitor.policy.load import default_policy, load_policy
 from monitor.policy.types import Policy
-from monitor.service import control
+from monitor.service import client
 
 DEFAULT_SOCKET = "/run/agentwatch/control.sock"
 
@@ -165,7 +165,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     try:
         if not args.all:
             try:
-                stream = control.stream(sock)
+                stream = client.stream(sock)
             except ControlError:
                 stream = None
             if stream is not None:
@@ -205,7 +205,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not argv:
         raise ControlError("nothing to run: give the command after `--`, e.g. "
                            "`agentwatch exec --agent bot -- ./agent.sh`")
-    reply = control.request(_socket(args), {"op": "register", "agent": args.agent})
+    reply = client.request(_socket(args), {"op": "register", "agent": args.agent})
     if args.verbose:
         print(f"agentwatch: {argv[0]} runs as agent {args.agent!r}, session "
               f"{reply.get('session')}", file=sys.stderr)
@@ -221,7 +221,7 @@ def cmd_killswitch(args: argparse.Namespace) -> int:
     req: dict[str, object] = {"op": "killswitch", "latch": args.latch, "release": args.release}
     if args.agent:
         req["agent"] = args.agent
-    reply = control.request(_socket(args), req, timeout=30)
+    reply = client.request(_socket(args), req, timeout=30)
     if args.release:
         print(printable(f"kill switch released for {reply.get('released')}; still latched: "
                         f"{', '.join(reply.get('latched') or []) or 'nothing'}"))
@@ -234,7 +234,7 @@ def cmd_killswitch(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    reply = control.request(_socket(args), {"op": "reload"}, timeout=30)
+    reply = client.request(_socket(args), {"op": "reload"}, timeout=30)
     print(f"policy reloaded: sha256 {reply.get('policy_sha256')}")
     return 0
 
@@ -260,7 +260,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    reply = control.request(_socket(args), {"op": "status"})
+    reply = client.request(_socket(args), {"op": "status"})
     reply.pop("ok", None)
     print(json.dumps(reply, indent=2))
     return 0

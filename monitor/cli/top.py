@@ -29,7 +29,7 @@ from monitor.model.errors import ControlError
 from monitor.model.outcome import Outcome
 from monitor.model.records import ConnectRecord, PolicyVerdictRecord, StatusReply, VerdictTotal
 from monitor.model.safetext import printable
-from monitor.service import control
+from monitor.service import client
 
 RECENT = 20
 Clock = Callable[[], float]
@@ -302,7 +302,7 @@ def _drain(model: TopModel, records: queue.SimpleQueue[object]) -> None:
 
 
 def _status(path: str | Path) -> StatusReply:
-    return StatusReply.from_json(control.request(path, {"op": "status"}))
+    return StatusReply.from_json(client.request(path, {"op": "status"}))
 
 
 def run_top(socket_path: str | Path, interval: float = 1.0, once: bool = False, *,
@@ -327,7 +327,7 @@ def run_top(socket_path: str | Path, interval: float = 1.0, once: bool = False, 
         return 0
     records: queue.SimpleQueue[object] = queue.SimpleQueue()
     done = threading.Event()
-    reader = threading.Thread(target=_pump, args=(control.stream(socket_path), records, done),
+    reader = threading.Thread(target=_pump, args=(client.stream(socket_path), records, done),
                               name="agentwatch-top-stream", daemon=True)
     reader.start()  # it ends with the stream; a blocked read dies with the process
     try:

@@ -18,33 +18,28 @@ operation. The client side is used by `agentwatch exec`, `trace`, `top` and the 
 from __future__ import annotations
 
 import errno
-import json
-import math
 import os
-import re
 import select
 import selectors
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from monitor.model.errors import ControlError
+from monitor.service.client import request
+from monitor.service.wire import MAX_REQUEST, RequestError, line_of, parse_request
 
-MAX_REQUEST = 64 * 1024  # bytes in one request line
-MAX_DEPTH = 16  # arrays and objects nested in a request
-MAX_DIGITS = 20  # digits of an integer in a request (a 64-bit one has at most 20)
 REQUEST_SECONDS = 5.0  # from connect to the request's newline
 REPLY_SECONDS = 5.0  # for the client to take its reply
 MAX_WAITING = 128  # connections still sending their request; more: the oldest is dropped
 MAX_BUSY = 8  # requests being handled at once (and as many kill switch requests)
 MAX_SUBSCRIBERS = 32
 OP_WAIT_SECONDS = 30.0  # for the request of the same op before it to finish
-MAX_REPLY = 64 * 1024 * 1024  # what a client reads of one reply line
 SO_PEERPIDFD = 77  # Linux 6.5+: a pidfd of the process that connected
 
 
@@ -101,92 +96,10 @@ def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-# --- requests ---------------------------------------------------------------------------
-
-
-class RequestError(ValueError):
-    """A request refused before any handler saw it; the message is the reply's error."""
-
-
-_NOT_A_REQUEST = "malformed request: expected a JSON object with a string 'op'"
-
-
-# strings (skipped whole, possessively: no backtracking) and the brackets between them
-_STRUCTURE = re.compile(r'"(?:[^"\\]++|\\.)*+"|[\[\]{}]')
-
-
-def _depth_exceeds(text: str, limit: int) -> bool:
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    depth = 0
-    for m in _STRUCTURE.finditer(text):
-        c = m.group()
-        if c in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif c in "]}":
-            depth -= 1
-    return False
-
-
-def _int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_DIGITS:
-        raise RequestError(f"malformed request: a number of more than {MAX_DIGITS} digits")
-    return int(text)
-
-
-def _float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise RequestError("malformed request: a number out of range")
-    return value
-
-
-def _constant(text: str) -> Any:
-    raise RequestError(f"malformed request: {text} is not JSON")
-
-
-def parse_request(line: bytes) -> dict[str, Any]:
-    """The request object of one line (without its newline), or RequestError saying why
-    not. Bounded in time and memory whatever the bytes: the length, nesting and number
-    sizes are checked before or while parsing, never after."""
-    if len(line) > MAX_REQUEST:
-        raise RequestError(f"request too long: more than {MAX_REQUEST} bytes")
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RequestError(f"malformed request: not UTF-8 (byte {e.start})") from None
-    if not text.strip():
-        raise RequestError(_NOT_A_REQUEST)
-    if _depth_exceeds(text, MAX_DEPTH):
-        raise RequestError(f"malformed request: nested deeper than {MAX_DEPTH} levels")
-    try:
-        req = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
-    except RequestError:
-        raise
-    except json.JSONDecodeError as e:
-        raise RequestError(f"malformed request: not JSON ({e.msg} at column {e.colno})"
-                           ) from None
-    except (ValueError, RecursionError) as e:  # whatever the bounds above missed
-        raise RequestError(f"malformed request: {type(e).__name__}") from None
-    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-        raise RequestError(_NOT_A_REQUEST)
-    return req
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    try:
-        return (json.dumps(obj, allow_nan=False) + "\n").encode()
-    except (TypeError, ValueError) as e:  # a handler's reply that JSON cannot carry
-        return (json.dumps({"ok": False, "error": f"internal error: unencodable reply ({e})"})
-                + "\n").encode()
-
-
 def _refuse(conn: socket.socket, error: str) -> None:
     """Best effort, never blocking: one error line (it fits an empty socket buffer)."""
     try:
-        conn.send(_line({"ok": False, "error": error}))
+        conn.send(line_of({"ok": False, "error": error}))
     except OSError:
         pass  # the client is gone or stuck: closing is all that is left to do
     conn.close()
@@ -465,7 +378,7 @@ class ControlServer:
             return str(e)
         op = req["op"]
         if op == "subscribe":
-            if not self.subscribers.add(w.conn, _line({"ok": True})):
+            if not self.subscribers.add(w.conn, line_of({"ok": True})):
                 return f"too many subscribers (at most {self.subscribers.limit})"
             w.peer.close()
             return None
@@ -502,7 +415,7 @@ class ControlServer:
                 finally:
                     lock.release()
             conn.settimeout(self.reply_seconds)
-            conn.sendall(_line(reply))
+            conn.sendall(line_of(reply))
         except OSError:
             pass  # the client left, or did not take its reply in time: nothing to tell it
         finally:
@@ -519,85 +432,3 @@ def _answers(path: Path) -> bool:
     except ControlError:
         return False
     return True
-
-
-def request(path: str | Path, req: dict[str, Any], timeout: float = 5) -> dict[str, Any]:
-    """Send one request; return the reply, or raise ControlError with the monitor's reason."""
-    with _connect(path, timeout) as s:
-        try:
-            try:
-                s.sendall((json.dumps(req) + "\n").encode())
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the monitor may have refused us already: its reason is still readable
-            reply = _read_reply(s)
-        except OSError as e:  # includes TimeoutError: accepted but never answered
-            raise ControlError(f"the monitor on {path} did not answer ({e or 'timed out'})"
-                               ) from None
-    if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "request refused")))
-    return reply
-
-
-def stream(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Subscribe to the monitor's event stream (connects now, raises ControlError if it
-    cannot); the returned iterator yields one dict per event."""
-    s = _connect(path, 5)
-    try:
-        s.sendall(b'{"op": "subscribe"}\n')
-        f = s.makefile("rb")
-        first = json.loads(f.readline() or b"{}")
-    except (OSError, json.JSONDecodeError) as e:
-        s.close()
-        raise ControlError(f"subscription to {path} failed: {e}") from None
-    if not first.get("ok"):
-        s.close()
-        raise ControlError(str(first.get("error", "subscription refused")))
-    s.settimeout(None)
-
-    def lines() -> Iterator[dict[str, Any]]:
-        try:
-            for line in f:
-                yield json.loads(line)
-        finally:
-            s.close()
-
-    return lines()
-
-
-def _connect(path: str | Path, timeout: float) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                s.connect(str(path))
-                break
-            except BlockingIOError:  # the backlog is full (many clients at once): retry
-                if time.monotonic() > deadline:
-                    raise ControlError(f"the monitor on {path} is too busy to accept a "
-                                       "connection: try again") from None
-                time.sleep(0.01)
-    except (FileNotFoundError, ConnectionRefusedError) as e:
-        s.close()
-        raise ControlError(f"no agentwatch monitor is listening on {path} ({e.strerror}): "
-                           "start one with `agentwatch run` or `systemctl start agentwatch`"
-                           ) from None
-    except PermissionError:
-        s.close()
-        raise ControlError(f"permission denied on {path}: the control socket is root-only"
-                           ) from None
-    return s
-
-
-def _read_reply(s: socket.socket) -> dict[str, Any]:
-    with s.makefile("rb") as f:
-        raw = f.readline(MAX_REPLY)
-    line = raw.decode("utf-8", "replace")
-    try:
-        reply = json.loads(line)
-    except json.JSONDecodeError:
-        raise ControlError(f"the monitor sent a malformed reply: {line[:200]!r}") from None
-    if not isinstance(reply, dict):
-        raise ControlError("the monitor sent a malformed reply")
-    return reply

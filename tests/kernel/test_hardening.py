@@ -193,7 +193,7 @@ def test_what_ran_in_the_gap_before_a_pinned_restart_is_judged(reachable_tmp: Pa
     from test_recovery import start as start_cli
     from test_recovery import wait_for
 
-    from monitor.service import control
+    from monitor.service import client
 
     require_root()
     pin = f"/sys/fs/bpf/awtest-gap-{os.getpid()}"
@@ -213,7 +213,7 @@ def test_what_ran_in_the_gap_before_a_pinned_restart_is_judged(reachable_tmp: Pa
     try:
         agent = start_as_agent(["/bin/sh", "-c", script])
         wait_for(lambda: any(s["root_pid"] == agent.pid for s in
-                             control.request(sock, {"op": "status"})["sessions"]),
+                             client.request(sock, {"op": "status"})["sessions"]),
                  "agent session not seen")
         mon.send_signal(signal.SIGKILL)
         mon.wait()

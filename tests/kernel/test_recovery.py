@@ -16,7 +16,7 @@ from typing import Any
 
 from conftest import free_port, require_root
 
-from monitor.service import control
+from monitor.service import client, control
 
 CLI = [sys.executable, "-m", "monitor.cli.main"]
 
@@ -41,7 +41,7 @@ def start(config: Path, policy: Path, sock: str, log: Path) -> subprocess.Popen[
     deadline = time.monotonic() + 60
     while True:
         try:
-            control.request(sock, {"op": "ping"}, timeout=2)
+            client.request(sock, {"op": "ping"}, timeout=2)
             return p
         except control.ControlError:
             assert p.poll() is None, log.read_text()[-2000:]
@@ -50,7 +50,7 @@ def start(config: Path, policy: Path, sock: str, log: Path) -> subprocess.Popen[
 
 
 def session_of(sock: str, root: int) -> dict[str, Any] | None:
-    status = control.request(sock, {"op": "status"})
+    status = client.request(sock, {"op": "status"})
     return next((s for s in status["sessions"] if s["root_pid"] == root), None)
 
 

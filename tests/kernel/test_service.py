@@ -30,7 +30,7 @@ from conftest import (
 )
 
 from monitor.model.events import ExecEvent
-from monitor.service import control
+from monitor.service import client, control
 from tests.support.procs import stop_process
 
 CLI = [sys.executable, "-m", "monitor.cli.main"]
@@ -73,7 +73,7 @@ class Service:
                 return m
 
     def status(self) -> dict[str, object]:
-        return control.request(self.sock, {"op": "status"})
+        return client.request(self.sock, {"op": "status"})
 
     def lines(self) -> list[dict[str, object]]:
         out = []
@@ -307,4 +307,4 @@ def test_killswitch_refuses_bad_requests(running: Running) -> None:
                         ({"op": "killswitch", "agent": "no-such-agent"}, "unknown agent"),
                         ({"op": "killswitch", "latch": True, "release": True}, "not both")):
         with pytest.raises(control.ControlError, match=reason):
-            control.request(SOCKET, req)
+            client.request(SOCKET, req)

@@ -102,7 +102,7 @@ def test_trace_log_lines_escape_agent_fields(capsys: pytest.CaptureFixture[str])
 def test_status_prints_hostile_strings_as_json_escapes(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     reply = {"ok": True, "sessions": [{"agent": "claude", "root_comm": f"{CLEAR}{RAW}"}]}
-    monkeypatch.setattr(cli.control, "request", lambda path, req, **kw: dict(reply))
+    monkeypatch.setattr(cli.client, "request", lambda path, req, **kw: dict(reply))
     assert cli.main(["status", "--socket", "/nonexistent"]) == 0
     out = capsys.readouterr().out
     safe_lines(out)
@@ -114,7 +114,7 @@ def test_an_error_that_echoes_agent_text_is_escaped(
     def refuse(path: str, req: object, **kw: object) -> dict[str, object]:
         raise ControlError(f"the monitor refused: process {CLEAR}{RAW}{FORGED} exited")
 
-    monkeypatch.setattr(cli.control, "request", refuse)
+    monkeypatch.setattr(cli.client, "request", refuse)
     assert cli.main(["status", "--socket", "/nonexistent"]) == 4
     lines = safe_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "\\x1b[2J\\x9b\\xff\\nwould kill" in lines[0]

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from monitor.model.errors import ControlError
-from monitor.service import control
-from monitor.service.control import ControlServer, Peer, request, stream
+from monitor.service import client, control
+from monitor.service.client import request, stream
+from monitor.service.control import ControlServer, Peer
 
 NOBODY = 65534
 
@@ -390,7 +391,7 @@ def test_request_reports_a_refusal_sent_before_its_request(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(path))
         listener.listen(1)
-        real_connect = control._connect
+        real_connect = client._connect
 
         def connect_then_refuse(p: str | Path, timeout: float) -> socket.socket:
             s = real_connect(p, timeout)
@@ -399,7 +400,7 @@ def test_request_reports_a_refusal_sent_before_its_request(
             conn.close()
             return s
 
-        monkeypatch.setattr(control, "_connect", connect_then_refuse)
+        monkeypatch.setattr(client, "_connect", connect_then_refuse)
         with pytest.raises(ControlError, match="permission denied: the control socket accepts "
                            "root only"):
             request(path, {"op": "status"})

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from monitor.service.control import ControlServer, Peer, request
+from monitor.service.client import request
+from monitor.service.control import ControlServer, Peer
 
 OPS = ("echo", "ping", "status")
 

@@ -1,0 +1,102 @@
+"""The client side of the control socket, used by `agentwatch exec`, `trace`, `top`,
+`status`, `killswitch` and the others: one request and its reply, or the event stream.
+
+Every failure to reach or understand the monitor is a ControlError with one sentence
+saying what to do. It never retries a request that reached the monitor, and reads at
+most MAX_REPLY bytes of a reply line.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from monitor.model.errors import ControlError
+
+MAX_REPLY = 64 * 1024 * 1024  # what a client reads of one reply line
+
+
+def request(path: str | Path, req: dict[str, Any], timeout: float = 5) -> dict[str, Any]:
+    """Send one request; return the reply, or raise ControlError with the monitor's reason."""
+    with _connect(path, timeout) as s:
+        try:
+            try:
+                s.sendall((json.dumps(req) + "\n").encode())
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the monitor may have refused us already: its reason is still readable
+            reply = _read_reply(s)
+        except OSError as e:  # includes TimeoutError: accepted but never answered
+            raise ControlError(f"the monitor on {path} did not answer ({e or 'timed out'})"
+                               ) from None
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "request refused")))
+    return reply
+
+
+def stream(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Subscribe to the monitor's event stream (connects now, raises ControlError if it
+    cannot); the returned iterator yields one dict per event."""
+    s = _connect(path, 5)
+    try:
+        s.sendall(b'{"op": "subscribe"}\n')
+        f = s.makefile("rb")
+        first = json.loads(f.readline() or b"{}")
+    except (OSError, json.JSONDecodeError) as e:
+        s.close()
+        raise ControlError(f"subscription to {path} failed: {e}") from None
+    if not first.get("ok"):
+        s.close()
+        raise ControlError(str(first.get("error", "subscription refused")))
+    s.settimeout(None)
+
+    def lines() -> Iterator[dict[str, Any]]:
+        try:
+            for line in f:
+                yield json.loads(line)
+        finally:
+            s.close()
+
+    return lines()
+
+
+def _connect(path: str | Path, timeout: float) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                s.connect(str(path))
+                break
+            except BlockingIOError:  # the backlog is full (many clients at once): retry
+                if time.monotonic() > deadline:
+                    raise ControlError(f"the monitor on {path} is too busy to accept a "
+                                       "connection: try again") from None
+                time.sleep(0.01)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        s.close()
+        raise ControlError(f"no agentwatch monitor is listening on {path} ({e.strerror}): "
+                           "start one with `agentwatch run` or `systemctl start agentwatch`"
+                           ) from None
+    except PermissionError:
+        s.close()
+        raise ControlError(f"permission denied on {path}: the control socket is root-only"
+                           ) from None
+    return s
+
+
+def _read_reply(s: socket.socket) -> dict[str, Any]:
+    with s.makefile("rb") as f:
+        raw = f.readline(MAX_REPLY)
+    line = raw.decode("utf-8", "replace")
+    try:
+        reply = json.loads(line)
+    except json.JSONDecodeError:
+        raise ControlError(f"the monitor sent a malformed reply: {line[:200]!r}") from None
+    if not isinstance(reply, dict):
+        raise ControlError("the monitor sent a malformed reply")
+    return reply
