@@ -25,7 +25,7 @@ from monitor.kernel.loader import ProbeOptions, Probes
 from monitor.model.errors import EnvironmentProblem
 from monitor.model.events import Event
 from monitor.policy.rules import Policy
-from monitor.service.runtime import Monitor
+from monitor.service.daemon import Monitor
 
 IN_CI = os.environ.get("CI") == "true"
 SOCKET = "/run/agentwatch-test/control.sock"

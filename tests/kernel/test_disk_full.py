@@ -27,7 +27,7 @@ from conftest import AGENT_UID, AS_AGENT, free_port, require_root
 from monitor.config.settings import AlertSettings
 from monitor.observe.alerts import Notifier, kill_alert
 from monitor.observe.auditlog import AuditLog
-from monitor.service.runtime import JsonLog
+from monitor.observe.jsonlog import JsonLog
 
 Mount = Callable[[str], Path]
 

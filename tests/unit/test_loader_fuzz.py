@@ -197,7 +197,7 @@ def test_a_reload_keeps_the_running_policy_unless_the_new_one_loads(
     before = r.mon.policy.sha256
     path = tmp_path / "policy.yaml"
     path.write_text(text, encoding="utf-8", errors="surrogateescape")
-    r.mon.reloader = lambda: (r.mon.config, load_policy(path, user_lookup=users))
+    r.mon.reloads.loader = lambda: (r.mon.config, load_policy(path, user_lookup=users))
     if r.mon.reload_from_files():
         assert r.mon.policy.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     else:

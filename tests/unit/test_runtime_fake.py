@@ -1,4 +1,4 @@
-"""Unit tests for monitor.service.runtime.Monitor with fake probes and a fixture /proc tree.
+"""Unit tests for monitor.service.daemon.Monitor with fake probes and a fixture /proc tree.
 
 The OS is a constructor argument: FakeProbes stands in for the BPF object (it keeps the
 kernel maps as dicts, with the same key semantics as probes/agentwatch.bpf.c) and ProcFS
@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import textwrap
-from collections.abc import Callable, Iterable
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,8 @@ import pytest
 from timebox import within
 
 from monitor.config.settings import Config, load_config_text
-from monitor.kernel.loader import ProbeOptions, TrackedProc
+from monitor.kernel.loader import TrackedProc
 from monitor.model import cmdline, events
-from monitor.model.cmdline import comm_bytes
 from monitor.model.errors import ControlError
 from monitor.model.events import (
     AGENT_PENDING,
@@ -29,7 +30,6 @@ from monitor.model.events import (
     SESSION_KERNEL_BIT,
     CForkEvent,
     CHeader,
-    Counter,
     Event,
     EventType,
     ExecEvent,
@@ -38,10 +38,14 @@ from monitor.model.events import (
     Header,
     Setting,
 )
-from monitor.policy.rules import load_policy_text
+from monitor.observe.jsonlog import JsonLog
+from monitor.policy.rules import Mode, load_policy_text
 from monitor.service.control import Peer
-from monitor.service.runtime import JsonLog, Monitor
+from monitor.service.daemon import Monitor
 from monitor.sessions.procfs import PF_KTHREAD, ProcFS, ProcInfo
+from tests.support.enforce import FakeSignaller
+from tests.support.kernel import FakeProbes
+from tests.support.log import Log
 
 USERS = {"agent": 1001, "ci": 1002}
 
@@ -133,152 +137,6 @@ def agent_tree(root: Path, monitor_parent: int = 1) -> None:
 # --- fakes ---------------------------------------------------------------------------------
 
 
-class FakeProbes:
-    """What Monitor uses of loader.Probes, with the kernel maps kept as dicts."""
-
-    def __init__(self, trace_all: bool = False) -> None:
-        self.options = ProbeOptions(trace_all=trace_all)
-        self.attached = 0
-        self.expected = 10
-        self.opened = False
-        self.callback: Callable[[bytes], None] | None = None
-        self.procs: dict[int, TrackedProc] = {}
-        self.track_calls: list[tuple[int, int, int, int]] = []
-        self.untrack_calls: list[int] = []
-        self.retag_calls: list[tuple[int, int]] = []
-        self.settings: dict[Setting, int] = {}
-        # match_comm keyed by the 16-byte comm, match_uid keyed by uid, as in the probes
-        self.match_comm: dict[tuple[bytes, int], int] = {}
-        self.match_uid: dict[int, int] = {}
-        self.polls = 0
-        self.doomed: set[int] = set()
-        self.beats: list[float] = []
-        self.calls: list[str] = []  # order of the lifecycle and map-writing calls
-        self.lost = 0  # Counter.LOST
-
-    def open(self) -> None:
-        self.calls.append("open")
-        self.opened = True
-        self.attached = 10
-
-    def close(self) -> None:
-        self.calls.append("close")
-        self.opened = False
-        self.attached = 0
-
-    def release_compiler(self) -> int:
-        self.calls.append("release_compiler")
-        return 0
-
-    def on_record(self, callback: Callable[[bytes], None]) -> None:
-        self.calls.append("on_record")
-        self.callback = callback
-
-    def poll(self, timeout_ms: int = 100) -> None:
-        self.polls += 1
-
-    def track(self, pid: int, session: int, agent: int, ppid: int = 0,
-              start_ns: int = 0) -> None:
-        self.calls.append("track")
-        self.track_calls.append((pid, session, agent, ppid))
-        self.procs[pid] = TrackedProc(pid, session, agent, ppid, events.STATUS_UNSET, 0,
-                                      start_ns)
-
-    def untrack(self, pid: int) -> None:
-        self.untrack_calls.append(pid)
-        self.procs.pop(pid, None)
-
-    def untrack_if(self, pid: int, session: int) -> bool:
-        if pid not in self.procs or self.procs[pid].session != session:
-            return False
-        self.untrack(pid)
-        return True
-
-    def retag(self, pid: int, agent: int) -> None:
-        self.retag_calls.append((pid, agent))
-        if pid in self.procs:
-            self.procs[pid] = replace(self.procs[pid], agent=agent)
-
-    def is_tracked(self, pid: int) -> bool:
-        return pid in self.procs
-
-    def tracked(self) -> list[TrackedProc]:
-        return list(self.procs.values())
-
-    def cpu_readings(self) -> list[tuple[int, int]]:
-        return [(t.pid, t.cpu_ns) for t in self.procs.values()]
-
-    def agent_losses(self) -> dict[int, tuple[int, int]]:
-        return {}
-
-    def counters(self) -> dict[Counter, int]:
-        return {c: self.lost if c == Counter.LOST else 0 for c in Counter}
-
-    def set_setting(self, setting: Setting, value: int) -> None:
-        self.calls.append(f"set_setting {setting.name}")
-        self.settings[setting] = value
-
-    def set_matchers(self, comms: Iterable[tuple[str, int, int]],
-                     uids: Iterable[tuple[int, int]], gen: int = 0) -> None:
-        self.calls.append("set_matchers")
-        self.match_comm.clear()
-        self.match_uid.clear()
-        for comm, agent, uid in comms:  # same truncation and key as Probes
-            key = (comm_bytes(comm).ljust(events.COMM_LEN, b"\0"), uid)
-            assert key not in self.match_comm, f"duplicate kernel key {key}"
-            self.match_comm[key] = agent
-        for uid, agent in uids:
-            self.match_uid[uid] = agent
-
-    def install_rules(self, tables: object, agent_names: list[str], gen: int = 0) -> None:
-        self.calls.append("install_rules")
-        self.tables = tables
-
-    def flip(self, gen: int) -> None:
-        self.gen = gen
-
-    def beat(self, fail_closed_s: float) -> None:
-        self.beats.append(fail_closed_s)
-
-    def attach_cgroup(self, path: str | None = None) -> str:
-        self.calls.append("attach_cgroup")
-        return "/fake/cgroup"
-
-    def doom(self, session: int) -> None:
-        self.doomed.add(session)
-
-    def undoom(self, session: int) -> None:
-        self.doomed.discard(session)
-
-    def session_of(self, pid: int) -> int | None:
-        t = self.procs.get(pid)
-        return t.session if t else None
-
-    def session_pids(self, session: int) -> list[int]:
-        return [p for p, t in self.procs.items() if t.session == session]
-
-    def kernel_match(self, comm: str, uid: int) -> int | None:
-        """The agent index match_new_root() in the probes would pick, or None."""
-        key = comm.encode()[:15].ljust(16, b"\0")
-        m = self.match_comm.get((key, uid))
-        if m is None:
-            m = self.match_comm.get((key, ANY_UID))
-        if m is not None:
-            return m
-        return self.match_uid.get(uid)
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __call__(self, msg: str, level: str = "info", **fields: Any) -> None:
-        self.lines.append((msg, level, fields))
-
-    def find(self, msg: str) -> list[dict[str, Any]]:
-        return [f for m, _, f in self.lines if m == msg]
-
-
 @dataclass
 class Rig:
     mon: Monitor
@@ -295,7 +153,7 @@ def rig(tmp_path: Path, cfg: Config | None = None, trace_all: bool = False,
     probes = FakeProbes(trace_all)
     seen: list[tuple[Event, str]] = []
     log = Log()
-    mon = Monitor(cfg or config(), probes=probes,  # type: ignore[arg-type]
+    mon = Monitor(cfg or config(), probes=probes,
                   procfs=procfs or ProcFS(proc),
                   sink=lambda ev, agent: seen.append((ev, agent)), log=log)
     return Rig(mon, probes, seen, log, proc)
@@ -311,7 +169,7 @@ def header(pid: int, *, session: int = 0, agent: int = 0, comm: str = "python3",
 
 def test_install_matchers_fills_kernel_tables(tmp_path: Path) -> None:
     r = rig(tmp_path)
-    r.mon.install_matchers()
+    r.mon.reloads.install_matchers()
     assert r.probes.match_comm == {
         (b"claude".ljust(16, b"\0"), ANY_UID): CLAUDE,
         (b"node".ljust(16, b"\0"), USERS["agent"]): SCOPED_NODE,
@@ -336,7 +194,7 @@ def test_no_exec_candidates_without_userspace_matchers(tmp_path: Path) -> None:
               - comm: claude
               - uid: 1500
         """))
-    r.mon.install_matchers()
+    r.mon.reloads.install_matchers()
     assert r.probes.settings[Setting.EXEC_CANDIDATES] == 0
     assert r.probes.kernel_match("claude", 1) == 0
     assert r.probes.kernel_match("sh", 1500) == 0
@@ -353,7 +211,7 @@ def test_any_userspace_key_turns_candidates_on(tmp_path: Path, key: str) -> None
             match:
               - {key}
         """))
-    r.mon.install_matchers()
+    r.mon.reloads.install_matchers()
     assert r.probes.settings[Setting.EXEC_CANDIDATES] == 1
     assert list(r.probes.match_comm.items()) == [((b"claude".ljust(16, b"\0"), ANY_UID), 0)]
     assert r.probes.match_uid == {}
@@ -366,7 +224,7 @@ def test_long_comm_is_cut_like_the_kernel_cuts_it(tmp_path: Path) -> None:
             match:
               - comm: abcdefghijklmno
         """))
-    r.mon.install_matchers()
+    r.mon.reloads.install_matchers()
     assert r.probes.kernel_match("abcdefghijklmno", 0) == 0
 
 
@@ -387,11 +245,11 @@ def test_kernel_matchers_follow_file_order_across_comm_and_uid(tmp_path: Path) -
                 uid: 1500
         """)
     r = rig(tmp_path, cfg)
-    r.mon.install_matchers()
+    r.mon.reloads.install_matchers()
     for comm, uid in (("claude", 1500), ("claude", 1600), ("claude", 7), ("node", 1500),
                       ("node", 1600), ("sh", 1500), ("sh", 7)):
         facts = ProcInfo(1, 0, comm, "/x", (comm,), uid, "/", 1, False)
-        spec = cfg.recognise(r.mon._facts(facts))
+        spec = cfg.recognise(r.mon.recognizer.facts(facts))
         want = None if spec is None else [a.name for a in cfg.agents].index(spec.name)
         assert r.probes.kernel_match(comm, uid) == want, (comm, uid)
 
@@ -408,10 +266,10 @@ def test_kernel_matchers_agree_with_file_order(tmp_path: Path) -> None:
                 user: ci
         """)
     r = rig(tmp_path, cfg)
-    r.mon.install_matchers()
+    r.mon.reloads.install_matchers()
     for uid in (1000, USERS["ci"]):
         facts = ProcInfo(1, 0, "claude", "/x", ("claude",), uid, "/", 1, False)
-        spec = cfg.recognise(r.mon._facts(facts))
+        spec = cfg.recognise(r.mon.recognizer.facts(facts))
         assert spec is not None and spec.name == "first"
         assert r.probes.kernel_match("claude", uid) == 0, f"uid {uid}"
 
@@ -422,7 +280,7 @@ def test_kernel_matchers_agree_with_file_order(tmp_path: Path) -> None:
 def test_adopt_running_tree(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc)
-    assert r.mon.adopt_running() == 6
+    assert r.mon.adopter.adopt_running() == 6
     assert set(r.probes.procs) == {B, B + 1, B + 2, B + 3, B + 20, B + 21}
     by_pid = {pid: (sid, agent, ppid) for pid, sid, agent, ppid in r.probes.track_calls}
     s_claude, s_aider = by_pid[B][0], by_pid[B + 20][0]
@@ -449,7 +307,7 @@ def test_adopt_running_tree(tmp_path: Path) -> None:
 def test_adopt_never_takes_monitor_pid1_or_kernel_threads(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc)
-    r.mon.adopt_running()
+    r.mon.adopter.adopt_running()
     touched = {pid for pid, *_ in r.probes.track_calls}
     assert ME not in touched
     assert 1 not in touched
@@ -461,7 +319,7 @@ def test_adopt_never_takes_monitor_pid1_or_kernel_threads(tmp_path: Path) -> Non
 def test_adopt_skips_the_agent_the_monitor_runs_inside(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc, monitor_parent=B + 1)  # the monitor was started from the agent's shell
-    r.mon.adopt_running()
+    r.mon.adopter.adopt_running()
     assert {s.agent for s in r.mon.tracker.sessions()} == {"aider"}
     assert not {B, B + 1} & set(r.probes.procs)
 
@@ -469,11 +327,11 @@ def test_adopt_skips_the_agent_the_monitor_runs_inside(tmp_path: Path) -> None:
 def test_adopt_is_not_repeated(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc)
-    r.mon.adopt_running()
+    r.mon.adopter.adopt_running()
     calls = len(r.probes.track_calls)
     sessions = {s.id for s in r.mon.tracker.sessions()}
     # a second start-up scan must not open new sessions for trees already tracked
-    r.mon._adopt_stragglers(r.mon._excluded())
+    r.mon.adopter.adopt_stragglers(r.mon.recognizer.excluded())
     assert len(r.probes.track_calls) == calls
     assert {s.id for s in r.mon.tracker.sessions()} == sessions
 
@@ -505,7 +363,7 @@ def test_child_forked_during_first_scan_is_adopted(tmp_path: Path) -> None:
     agent_tree(proc)
     make_proc(proc, B + 4, B + 3, "ssh", argv=("ssh", "host"))
     r = rig(tmp_path, procfs=LateFork(proc, B + 4))
-    assert r.mon.adopt_running() == 7
+    assert r.mon.adopter.adopt_running() == 7
     git = r.probes.procs[B + 3]
     assert r.probes.procs[B + 4].session == git.session
     assert r.probes.procs[B + 4].ppid == B + 3
@@ -541,7 +399,7 @@ def test_start_attaches_before_adopting_and_logs(tmp_path: Path) -> None:
 def test_register_starts_a_session(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc)
-    s = r.mon.register(B + 10, "my-tool")
+    s = r.mon.registry.register(B + 10, "my-tool")
     assert s.agent == "my-tool" and s.root_pid == B + 10
     assert not s.id & SESSION_KERNEL_BIT
     idx = r.mon.agents.index("my-tool")
@@ -555,24 +413,26 @@ def test_register_starts_a_session(tmp_path: Path) -> None:
 def test_register_refuses_already_tracked_pid(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc)
-    r.mon.adopt_running()
+    r.mon.adopter.adopt_running()
     calls = list(r.probes.track_calls)
     sessions = {s.id for s in r.mon.tracker.sessions()}
     with pytest.raises(ControlError, match=f"process {B + 2} is already tracked as part of "
                        "agent 'claude-code'"):
-        r.mon.register(B + 2, "other")
+        r.mon.registry.register(B + 2, "other")
     assert r.probes.track_calls == calls
     assert {s.id for s in r.mon.tracker.sessions()} == sessions
     proc = r.mon.tracker.process(B + 2)
-    assert proc is not None and r.mon.tracker.session(proc.session) is not None
-    assert r.mon.tracker.session(proc.session).agent == "claude-code"  # type: ignore[union-attr]
+    assert proc is not None
+    session = r.mon.tracker.session(proc.session)
+    assert session is not None
+    assert session.agent == "claude-code"
 
 
 def test_register_refuses_missing_pid(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc)
     with pytest.raises(ControlError, match=f"process {B + 99} is gone"):
-        r.mon.register(B + 99, "x")
+        r.mon.registry.register(B + 99, "x")
     assert r.probes.track_calls == []
     assert r.mon.tracker.sessions() == []
 
@@ -581,7 +441,7 @@ def test_register_refuses_the_monitor_itself(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc)
     with pytest.raises(ControlError, match="monitor"):
-        r.mon.register(ME, "x")
+        r.mon.registry.register(ME, "x")
     assert r.probes.track_calls == []
 
 
@@ -599,13 +459,13 @@ class FakePeer(Peer):
 def test_register_op_reply(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc)
-    reply = r.mon._op_register({"op": "register", "agent": "tool"}, FakePeer(B + 10))
+    reply = r.mon.registry.op_register({"op": "register", "agent": "tool"}, FakePeer(B + 10))
     assert reply["ok"] is True and reply["pid"] == B + 10
     assert r.mon.tracker.session(reply["session"]) is not None
-    again = r.mon._op_register({"op": "register", "agent": "tool"}, FakePeer(B + 10))
+    again = r.mon.registry.op_register({"op": "register", "agent": "tool"}, FakePeer(B + 10))
     assert again["ok"] is False and "already tracked" in again["error"]
     for bad in ("", None, 5, "x" * 64, "bot\x1b]0;pwned\x07", "a\nb", "bad-\udcff"):
-        refused = r.mon._op_register({"op": "register", "agent": bad}, FakePeer(B + 1))
+        refused = r.mon.registry.op_register({"op": "register", "agent": bad}, FakePeer(B + 1))
         assert refused["ok"] is False and "1-63 printable characters" in refused["error"]
     assert not r.probes.is_tracked(B + 1)
 
@@ -616,7 +476,7 @@ def test_register_refuses_a_peer_that_exited_before_its_request_was_handled(
     would make an innocent process an agent root."""
     r = rig(tmp_path)
     agent_tree(r.proc)
-    reply = r.mon._op_register({"op": "register", "agent": "tool"},
+    reply = r.mon.registry.op_register({"op": "register", "agent": "tool"},
                                FakePeer(B + 10, alive=False))
     assert reply["ok"] is False and "exited before it was registered" in reply["error"]
     assert r.probes.track_calls == []
@@ -742,7 +602,7 @@ def test_register_accepts_a_pid_still_in_a_pending_session(tmp_path: Path) -> No
     r = rig(tmp_path)
     agent_tree(r.proc)
     r.probes.procs[B + 10] = TrackedProc(B + 10, PENDING, AGENT_PENDING, 0, -1, 0, 0)
-    s = r.mon.register(B + 10, "my-tool")
+    s = r.mon.registry.register(B + 10, "my-tool")
     assert r.probes.procs[B + 10].session == s.id
     assert r.probes.procs[B + 10].agent == r.mon.agents.index("my-tool")
 
@@ -753,7 +613,7 @@ def test_late_rejection_does_not_untrack_a_registered_process(tmp_path: Path) ->
     ev = kernel_candidate(r, B + 10, ("agentwatch", "exec", "--agent", "my-tool"),
                           comm="agentwatch")
     # the register request is served before the main loop reads the candidate's exec
-    s = r.mon.register(B + 10, "my-tool")
+    s = r.mon.registry.register(B + 10, "my-tool")
     r.mon.handle(ev)
     assert r.probes.is_tracked(B + 10), "the registered agent root was untracked"
     assert r.probes.procs[B + 10].session == s.id
@@ -824,7 +684,7 @@ def test_raw_records_are_decoded_and_bad_ones_counted(tmp_path: Path) -> None:
 def test_tick_reads_cpu_from_kernel_map(tmp_path: Path) -> None:
     r = rig(tmp_path)
     agent_tree(r.proc)
-    r.mon.adopt_running()
+    r.mon.adopter.adopt_running()
     r.probes.procs[B + 2] = replace(r.probes.procs[B + 2], cpu_ns=2_500_000_000)
     r.probes.procs[B] = replace(r.probes.procs[B], cpu_ns=500_000_000)
     r.mon.tick()
@@ -953,7 +813,7 @@ def test_policy_switches_reach_the_kernel_at_start_and_reload(
     r.mon.start()
     try:
         assert r.probes.settings[Setting.FAIL_CLOSED] == 1  # the default: kill
-        r.mon.reload(r.mon.config, load_policy_text(text, "p.yaml"))
+        r.mon.reloads.swap(r.mon.config, load_policy_text(text, "p.yaml"))
         assert r.probes.settings[Setting.FAIL_CLOSED] == fail_closed
         assert r.probes.settings[Setting.CONNECT_DECIDE] == decide
     finally:
@@ -971,7 +831,7 @@ def test_reconcile_forgets_what_the_kernel_stopped_tracking_and_judges_what_it_m
     agent_tree(r.proc)
     r.mon.start()
     try:
-        r.mon.reload(r.mon.config, load_policy_text(
+        r.mon.reloads.swap(r.mon.config, load_policy_text(
             "mode: monitor\nrules:\n  - name: no-reverse\n    event: exec\n"
             "    action: kill\n    match: {ssh: [remote_forward]}\n", "p.yaml"))
         (session,) = [s for s in r.mon.tracker.sessions() if s.agent == "claude-code"]
@@ -1011,7 +871,7 @@ def test_audit_lines_and_alerts_a_full_disk_refuses_are_exported_and_overflow_co
     spool = tmp_path / "spool"
     cfg = config(CONFIG + f"  audit_log: {audit}\nalerts:\n  webhook_url: http://127.0.0.1:9/x\n"
                  f"  spool_dir: {spool}\n")
-    mon = Monitor(cfg, probes=FakeProbes(False),  # type: ignore[arg-type]
+    mon = Monitor(cfg, probes=FakeProbes(False),
                   procfs=ProcFS(tmp_path / "proc"))
     mon.notifier.start()
     try:
@@ -1024,7 +884,7 @@ def test_audit_lines_and_alerts_a_full_disk_refuses_are_exported_and_overflow_co
                                            outcome="killed", reason="r", at=1e9 + i,
                                            argv=("x" * 100_000,)))
         registry = CollectorRegistry()
-        registry.register(AgentwatchCollector(mon))
+        registry.register(AgentwatchCollector(mon.report))
         text = generate_latest(registry).decode()
         got = {(s.name, s.labels["sink"]): s.value
                for f in text_string_to_metric_families(text) for s in f.samples
@@ -1067,7 +927,7 @@ def _reload(tmp_path: Path, text: str) -> tuple[bool, bool, dict[str, int], list
     before = r.mon.policy.sha256
     path = tmp_path / "policy.yaml"
     path.write_text(text)
-    r.mon.reloader = lambda: (r.mon.config, load_policy(path))
+    r.mon.reloads.loader = lambda: (r.mon.config, load_policy(path))
     ok = r.mon.reload_from_files()
     return (ok, r.mon.policy.sha256 == before, r.mon.metrics.snapshot().reloads,
             [f["reason"] for f in r.log.find("policy reload refused")])
@@ -1091,10 +951,112 @@ def test_a_loader_bug_during_a_reload_is_logged_and_the_monitor_keeps_running(
     def broken() -> tuple[Config, Any]:
         raise RecursionError("maximum recursion depth exceeded")
 
-    r.mon.reloader = broken
+    r.mon.reloads.loader = broken
     assert r.mon.reload_from_files() is False
     assert r.mon.policy.sha256 == before
     [refused] = r.log.find("policy reload refused")
     assert refused["reason"].startswith("internal error RecursionError")
     assert "broken" in refused["traceback"]
     assert r.mon.metrics.snapshot().reloads["refused"] == 1
+
+
+# --- the kill switch (the operator's: it kills in monitor mode too) -------------------------
+
+
+def killswitch_rig(tmp_path: Path) -> tuple[Rig, FakeSignaller]:
+    """The fixture tree adopted under a monitor-mode policy, with a fake signaller: the
+    fixture's pids may name real processes on this host, which no test may signal."""
+    r = rig(tmp_path)
+    assert r.mon.policy.mode == Mode.MONITOR
+    agent_tree(r.proc)
+    r.mon.adopter.adopt_running()
+    signaller = FakeSignaller(r.probes)
+    r.mon.enforcer.signaller = signaller
+    return r, signaller
+
+
+def session_of(r: Rig, root: int) -> int:
+    proc = r.mon.tracker.process(root)
+    assert proc is not None
+    return proc.session
+
+
+def test_the_kill_switch_kills_in_monitor_mode_too(tmp_path: Path) -> None:
+    r, signaller = killswitch_rig(tmp_path)
+    claude, aider = session_of(r, B), session_of(r, B + 20)
+    reply = r.mon.kill_switch.op({"op": "killswitch", "agent": "claude-code"}, FakePeer(77),
+                                 r.mon.on_loop)
+    # every process of the one agent's session, none of the other agent's
+    assert reply == {"ok": True, "sessions": 1, "killed": 4, "latched": []}
+    assert sorted(signaller.killed) == [B, B + 1, B + 2, B + 3]
+    assert r.probes.manual == {claude}  # doomed as the operator's: kills in monitor mode
+    assert aider not in r.probes.doomed
+    assert r.probes.session_pids(aider) == [B + 20, B + 21]
+    assert r.log.find("killswitch") == [{"agent": "claude-code", "action": "kill",
+                                         "sessions": [claude], "killed": 4,
+                                         "requested_by": "pid 77"}]
+    counts = {a.label: a.killswitch for a in r.mon.metrics.snapshot().agents}
+    assert counts["claude-code"] == 1 and counts["aider"] == 0
+    assert r.probes.latched == {}
+
+
+def test_a_latched_kill_switch_kills_a_new_session_until_released(tmp_path: Path) -> None:
+    r, signaller = killswitch_rig(tmp_path)
+    reply = r.mon.kill_switch.op({"op": "killswitch", "agent": "aider", "latch": True},
+                                 FakePeer(77), r.mon.on_loop)
+    assert reply == {"ok": True, "sessions": 1, "killed": 2, "latched": ["aider"]}
+    assert r.probes.latched == {AIDER: True}
+    # registering a latched agent is refused; a new session recognised in userspace dies
+    with pytest.raises(ControlError, match="the kill switch is latched for 'aider'"):
+        r.mon.registry.register(B + 10, "aider")
+    make_proc(r.proc, B + 30, 1, "python3", argv=("python3", "-m", "aider"))
+    r.mon.handle(kernel_candidate(r, B + 30, ("python3", "-m", "aider")))
+    wait_until(lambda: B + 30 in signaller.killed)
+    assert PENDING in r.probes.manual
+    reply = r.mon.kill_switch.op({"op": "killswitch", "agent": "aider", "release": True},
+                                 FakePeer(77), r.mon.on_loop)
+    assert reply == {"ok": True, "released": "aider", "latched": []}
+    assert r.probes.latched == {AIDER: False}
+    assert [f["action"] for f in r.log.find("killswitch")] == ["latch", "release"]
+
+
+def test_the_kill_switch_refuses_an_unknown_agent(tmp_path: Path) -> None:
+    r, signaller = killswitch_rig(tmp_path)
+    reply = r.mon.kill_switch.op({"op": "killswitch", "agent": "nobody"}, FakePeer(77),
+                                 r.mon.on_loop)
+    assert reply["ok"] is False and "unknown agent 'nobody'" in reply["error"]
+    assert signaller.killed == [] and r.probes.doomed == set()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for what another thread does (timebox.within runs its function in a child
+    process, which cannot see this process's threads)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"not so within {timeout} s"
+        time.sleep(0.001)
+
+
+def test_control_operations_run_on_the_loop(tmp_path: Path) -> None:
+    """register, status, reload and the kill switch's latch reach the loop through its
+    queue: the loop is the one writer of session state."""
+    r = rig(tmp_path)
+    agent_tree(r.proc)
+    stop = threading.Event()
+    loop = threading.Thread(target=r.mon.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        wait_until(lambda: r.probes.polls > 0)
+        assert r.mon.on_loop(threading.current_thread) is loop
+        reply = r.mon._handlers()["register"]({"op": "register", "agent": "tool"},
+                                              FakePeer(B + 10))
+        assert reply == {"ok": True, "session": 1, "pid": B + 10}
+        status = r.mon._handlers()["status"]({"op": "status"}, FakePeer(B + 10))
+        assert [s["agent"] for s in status["sessions"]] == ["tool"]
+        with pytest.raises(ControlError, match="unknown agent"):
+            r.mon.on_loop(lambda: r.mon.kill_switch.plan("nobody", False, False, ""))
+    finally:
+        stop.set()
+        loop.join(5)
+    assert not loop.is_alive()
+    assert r.mon.on_loop(threading.current_thread) is threading.current_thread()
