@@ -13,14 +13,11 @@ status). It never signals a process itself.
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
 from monitor.config.settings import Config
 from monitor.enforce.enforcer import Enforcer
@@ -33,15 +30,15 @@ from monitor.model.events import DecodeError, Event, ExecEvent, ExitEvent
 from monitor.observe.alerts import Notifier
 from monitor.observe.jsonlog import JsonLog
 from monitor.observe.metrics import MetricsState
-from monitor.observe.output import record
 from monitor.policy.engine import argv_rules
 from monitor.policy.kernel_tables import compile_kernel
 from monitor.policy.rules import Policy, load_policy_text
-from monitor.service.control import ControlServer, Handler, Peer, Subscribers
+from monitor.service.control import ControlServer, Handler, Subscribers
+from monitor.service.inbox import Inbox
 from monitor.service.reload import Reload
 from monitor.service.runtime import check_capacity, merged_agents
 from monitor.service.sdnotify import SystemdNotifier
-from monitor.service.status import InForce, Report
+from monitor.service.status import Feed, InForce, Report
 from monitor.sessions import completion
 from monitor.sessions.adoption import Adopter
 from monitor.sessions.clock import Clock, SystemClock
@@ -52,7 +49,6 @@ from monitor.sessions.registry import AgentTable, Recognizer, Registry, SessionI
 from monitor.sessions.tracker import Tracker
 
 Sink = Callable[[Event, str], None]
-T = TypeVar("T")
 
 BURST_GAP_SECONDS = 0.002
 BATCH_SECONDS = 0.001
@@ -85,8 +81,9 @@ class Monitor:
         self.enforcer = Enforcer(self.probes, self.procfs, self.recognizer.excluded)
         self.notifier = Notifier(config.alerts, log=self.log)
         self.subscribers = Subscribers()
+        self.feed = Feed(self.subscribers, self.log)
         self.judge = Judge(policy, self.now.tables, self.enforcer, self.tracker,
-                           self._verdict_log, on_kill_latency=self.metrics.observe_kill_latency,
+                           self.feed.verdict_log, on_kill_latency=self.metrics.observe_kill_latency,
                            alerts=self.notifier)
         self.kill_switch = KillSwitch(self.agents, self.probes, self.tracker, self.enforcer,
                                       self.log, self.metrics, self.notifier)
@@ -111,10 +108,8 @@ class Monitor:
         self.decode_errors = 0
         self.cgroup: str | None = None
         self._control: ControlServer | None = None
-        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = \
-            queue.SimpleQueue()
-        self._inbox_lock = threading.Lock()
-        self._looping = False  # run() drains the inbox: ops wait for it
+        self.inbox = Inbox(self.lock)  # control operations, run by the loop
+        self.on_loop = self.inbox.call
 
     @property
     def policy(self) -> Policy:
@@ -123,13 +118,6 @@ class Monitor:
     @property
     def config(self) -> Config:
         return self.now.config
-
-    def _verdict_log(self, msg: str, level: str = "info", **fields: Any) -> None:
-        """The judge's log lines; verdicts also stream to subscribers (agentwatch top)."""
-        self.log(msg, level=level, **fields)
-        if msg == "verdict" and self.subscribers:
-            self.subscribers.send(json.dumps({"event": "policy_verdict", **fields},
-                                             default=str, separators=(",", ":")))
 
     def _save_agents(self) -> None:
         if self.now.config.monitor.pin_dir:
@@ -177,7 +165,7 @@ class Monitor:
             "register": queued(self.registry.op_register),
             "status": queued(lambda req, peer: {"ok": True, **self.status()}),
             "killswitch": lambda req, peer: self.kill_switch.op(req, peer, self.on_loop),
-            "reload": queued(self._op_reload),
+            "reload": queued(self.reloads.op),
         }
 
     def stop(self) -> None:
@@ -196,8 +184,7 @@ class Monitor:
         next_tick = time.monotonic() + tick
         self.sd.ready(self.report.status_line())
         last = 0.0
-        with self._inbox_lock:
-            self._looping = True
+        self.inbox.open()
         try:
             while not stop.is_set():
                 # Records that may need a userspace kill wake this at once; the others at
@@ -215,53 +202,20 @@ class Monitor:
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
                     self.reload_from_files()
-                self._drain()
+                self.inbox.drain()
                 if now >= next_tick:
                     self.tick()
                     self.sd.status(self.report.status_line())
                     next_tick = now + tick
         finally:
-            with self._inbox_lock:
-                self._looping = False
-            self._drain()  # what came in as the loop ended
+            self.inbox.close()  # runs what came in as the loop ended
 
     # --- control operations: run on the loop ---------------------------------------------
-
-    def on_loop(self, fn: Callable[[], T]) -> T:
-        """Run fn on the loop (under the lock) and return its result or raise its error;
-        where no loop runs (before run(), after it, in tests), right here."""
-        fut: Future[T] | None = None
-        with self._inbox_lock:
-            if self._looping:
-                fut = Future()
-                self._inbox.put((fn, fut))
-        if fut is None:
-            with self.lock:
-                return fn()
-        result: T = fut.result()
-        return result
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                fn, fut = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                with self.lock:
-                    fut.set_result(fn())
-            except BaseException as e:  # handed to the waiting thread, which raises it
-                fut.set_exception(e)
 
     def reload_from_files(self) -> bool:
         """SIGHUP or `reload`: load config and policy again; a bad one is refused."""
         with self.lock:
             return self.reloads.from_files()
-
-    def _op_reload(self, req: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        ok = self.reload_from_files()
-        return {"ok": ok, "policy_sha256": self.now.policy.sha256} if ok else {
-            "ok": False, "error": "reload refused: see the monitor's log (the old policy stays)"}
 
     def status(self) -> dict[str, Any]:
         return self.report.status(self.events, self.decode_errors)
@@ -308,7 +262,7 @@ class Monitor:
         if self.sink is not None:
             self.sink(ev, agent)
         if self.subscribers:
-            self.subscribers.send(json.dumps(record(ev, agent), separators=(",", ":")))
+            self.feed.event(ev, agent)
 
     def tick(self) -> None:
         """Read what the kernel sums (CPU time per process) into the tracker, and make the

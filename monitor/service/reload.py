@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from traceback import format_exception
+from typing import Any
 
 from monitor.config.settings import Config
 from monitor.enforce.judge import Judge
@@ -92,6 +93,12 @@ class Reload:
         self.metrics.observe_reload(True, time.monotonic() - start)
         self.sd.ready(self.status_line())
         return True
+
+    def op(self, req: dict[str, Any], peer: object) -> dict[str, Any]:
+        """The control socket's `reload` (run on the loop)."""
+        ok = self.from_files()
+        return {"ok": ok, "policy_sha256": self.now.policy.sha256} if ok else {
+            "ok": False, "error": "reload refused: see the monitor's log (the old policy stays)"}
 
     def _refused(self, reason: str, start: float, **fields: object) -> bool:
         self.metrics.observe_reload(False, time.monotonic() - start)

@@ -1,6 +1,6 @@
-"""What the daemon reports about itself: the policy in force, the `status` reply, the
-systemd status line, the per-event metrics it feeds, and the readings the Prometheus
-collector takes at scrape time (observe.metrics.MetricsSource).
+"""What the daemon reports: the policy in force, the `status` reply, the systemd status
+line, the per-event metrics it feeds, the readings the Prometheus collector takes at
+scrape time (observe.metrics.MetricsSource), and the stream to control-socket subscribers.
 
 Reads state, never writes session or judge state: the readers that run on other threads
 (the collector's HTTP thread) take the daemon's lock. Nothing here decides or acts.
@@ -8,8 +8,9 @@ Reads state, never writes session or judge state: the readers that run on other 
 
 from __future__ import annotations
 
+import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +31,11 @@ from monitor.observe.metrics import (
     rule_verdict,
     usage_of,
 )
+from monitor.observe.output import record
 from monitor.policy.engine import Verdict
 from monitor.policy.kernel_tables import KernelTables
 from monitor.policy.rules import Action, Mode, Policy
+from monitor.service.control import Subscribers
 from monitor.sessions.registry import AgentTable
 from monitor.sessions.tracker import Process, Tracker
 
@@ -49,6 +52,26 @@ class InForce:
     specs: tuple[AgentSpec, ...]
     tables: KernelTables
     gen: int = 0  # the generation of the kernel's rule and matcher maps in force
+
+
+class Feed:
+    """What `agentwatch top` and `trace` subscribers are streamed: events, and verdicts
+    (which also go to the log)."""
+
+    def __init__(self, subscribers: Subscribers, log: Callable[..., None]) -> None:
+        self.subscribers = subscribers
+        self.log = log
+
+    def verdict_log(self, msg: str, level: str = "info", **fields: Any) -> None:
+        """The judge's log lines; verdicts also stream to subscribers (agentwatch top)."""
+        self.log(msg, level=level, **fields)
+        if msg == "verdict" and self.subscribers:
+            self.subscribers.send(json.dumps({"event": "policy_verdict", **fields},
+                                             default=str, separators=(",", ":")))
+
+    def event(self, ev: Event, agent: str) -> None:
+        if self.subscribers:
+            self.subscribers.send(json.dumps(record(ev, agent), separators=(",", ":")))
 
 
 class Report:

@@ -1,0 +1,65 @@
+"""The daemon loop's inbox: work other threads (the control socket's) hand to the loop, so
+the loop stays the one writer of session and judge state.
+
+`call(fn)` queues fn and waits for the loop to run it (under the daemon's lock), then
+returns its result or raises its error in the caller. While no loop drains the inbox
+(before the loop starts, after it ends, in unit tests that drive the daemon by hand) fn
+runs right away in the caller, under the same lock: nothing waits for a loop that is not
+there. Nothing here knows what the work is.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Inbox:
+    def __init__(self, lock: threading.RLock) -> None:
+        self.lock = lock  # the daemon's: held while the work runs
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = \
+            queue.SimpleQueue()
+        self._gate = threading.Lock()  # orders `open`/`close` against `call`
+        self._open = False
+
+    def open(self) -> None:
+        """The loop starts draining: from now on `call` waits for it."""
+        with self._gate:
+            self._open = True
+
+    def close(self) -> None:
+        """The loop stops draining: run what is queued, and `call` runs work inline."""
+        with self._gate:
+            self._open = False
+        self.drain()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the loop and return its result, or raise what it raised."""
+        fut: Future[T] | None = None
+        with self._gate:
+            if self._open:
+                fut = Future()
+                self._queue.put((fn, fut))
+        if fut is None:
+            with self.lock:
+                return fn()
+        result: T = fut.result()
+        return result
+
+    def drain(self) -> None:
+        """Run every queued piece of work (the loop calls this each round)."""
+        while True:
+            try:
+                fn, fut = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                with self.lock:
+                    fut.set_result(fn())
+            except BaseException as e:  # handed to the waiting thread, which raises it
+                fut.set_exception(e)
