@@ -42,7 +42,9 @@ from monitor.observe.jsonlog import JsonLog
 from monitor.policy.rules import Mode, load_policy_text
 from monitor.service.control import Peer
 from monitor.service.daemon import Monitor
+from monitor.sessions.intake import UNCONFIRMED_LOG_SECONDS
 from monitor.sessions.procfs import PF_KTHREAD, ProcFS, ProcInfo
+from tests.support.clock import FakeClock
 from tests.support.enforce import FakeSignaller
 from tests.support.kernel import FakeProbes
 from tests.support.log import Log
@@ -714,11 +716,11 @@ rules:
 CUT = ExecFlag.ARGV_FROM_MM | ExecFlag.ARGV_TRUNC_LEN
 
 
-def argv_rig(tmp_path: Path) -> Rig:
+def argv_rig(tmp_path: Path, clock: FakeClock | None = None) -> Rig:
     r = rig(tmp_path)
     r.mon = Monitor(config(), load_policy_text(ARGV_POLICY, "argv.yaml"), probes=r.probes,
                     procfs=ProcFS(r.proc), sink=lambda ev, agent: r.sink.append((ev, agent)),
-                    log=r.log)
+                    log=r.log, clock=clock)
     return r
 
 
@@ -781,6 +783,21 @@ def test_a_cut_command_line_proc_cannot_confirm_is_counted_and_said(
     assert said["judged_bytes"] == events.ARGS_SIZE
     (ev, _), *_ = r.sink
     assert isinstance(ev, ExecEvent) and ev.argv_truncated
+
+
+def test_an_unconfirmed_command_line_is_said_again_after_the_quiet_window(
+        tmp_path: Path) -> None:
+    clock = FakeClock()
+    r = argv_rig(tmp_path, clock)
+    said = "command line judged on the probes' cut copy"
+    for _ in range(3):
+        r.mon.handle(cut_exec(B + 61, SSH_R))
+        clock.advance(UNCONFIRMED_LOG_SECONDS / 4)
+    assert [f["unsaid"] for f in r.log.find(said)] == [0]
+    clock.advance(UNCONFIRMED_LOG_SECONDS / 4)  # 10 s after the first: said again
+    r.mon.handle(cut_exec(B + 61, SSH_R))
+    assert [f["unsaid"] for f in r.log.find(said)] == [0, 2]
+    assert r.mon.metrics.argv_unconfirmed() == {("claude-code", "gone"): 4}
 
 
 def test_the_monitor_keeps_at_most_max_processes_and_says_how_many_it_let_go(
