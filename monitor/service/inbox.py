@@ -5,7 +5,7 @@ the loop stays the one writer of session and judge state.
 returns its result or raises its error in the caller. While no loop drains the inbox
 (before the loop starts, after it ends, in unit tests that drive the daemon by hand) fn
 runs right away in the caller, under the same lock: nothing waits for a loop that is not
-there. Nothing here knows what the work is.
+there, and the loop never waits for itself. Nothing here knows what the work is.
 """
 
 from __future__ import annotations
@@ -25,24 +25,24 @@ class Inbox:
         self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = \
             queue.SimpleQueue()
         self._gate = threading.Lock()  # orders `open`/`close` against `call`
-        self._open = False
+        self._loop: int | None = None  # the draining thread's ident, while it drains
 
     def open(self) -> None:
-        """The loop starts draining: from now on `call` waits for it."""
+        """The loop (the calling thread) starts draining: from now on `call` waits for it."""
         with self._gate:
-            self._open = True
+            self._loop = threading.get_ident()
 
     def close(self) -> None:
         """The loop stops draining: run what is queued, and `call` runs work inline."""
         with self._gate:
-            self._open = False
+            self._loop = None
         self.drain()
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run fn on the loop and return its result, or raise what it raised."""
         fut: Future[T] | None = None
         with self._gate:
-            if self._open:
+            if self._loop is not None and self._loop != threading.get_ident():
                 fut = Future()
                 self._queue.put((fn, fut))
         if fut is None:
