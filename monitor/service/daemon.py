@@ -223,6 +223,8 @@ class Monitor:
     # --- events --------------------------------------------------------------------------
 
     def _on_record(self, raw: bytes) -> None:
+        if self.inbox.waiting:  # a control operation: run it now, not after the flood
+            self.inbox.drain()
         try:
             ev = events.decode(raw)
         except DecodeError as e:

@@ -26,6 +26,7 @@ class Inbox:
             queue.SimpleQueue()
         self._gate = threading.Lock()  # orders `open`/`close` against `call`
         self._loop: int | None = None  # the draining thread's ident, while it drains
+        self.waiting = False  # work is queued: the loop drains between two records too
 
     def open(self) -> None:
         """The loop (the calling thread) starts draining: from now on `call` waits for it."""
@@ -45,6 +46,7 @@ class Inbox:
             if self._loop is not None and self._loop != threading.get_ident():
                 fut = Future()
                 self._queue.put((fn, fut))
+                self.waiting = True
         if fut is None:
             with self.lock:
                 return fn()
@@ -52,7 +54,9 @@ class Inbox:
         return result
 
     def drain(self) -> None:
-        """Run every queued piece of work (the loop calls this each round)."""
+        """Run every queued piece of work (the loop calls this each round, and between two
+        records when `waiting`: a flood of records never holds up the kill switch)."""
+        self.waiting = False
         while True:
             try:
                 fn, fut = self._queue.get_nowait()
