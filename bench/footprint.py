@@ -169,7 +169,7 @@ def baseline_imports(src: scale.Sources) -> dict[str, Any]:
             "mods = []\n"
             "for m in ('bcc', 'monitor.cli.main', 'monitor.service.daemon',\n"
             "          'monitor.kernel.loader', 'monitor.observe.metrics',\n"
-            "          'monitor.observe.alerts', 'monitor.policy.rules'):\n"
+            "          'monitor.observe.alerts', 'monitor.policy.load'):\n"
             "    try:\n"
             "        importlib.import_module(m); mods.append(m)\n"
             "    except Exception:\n"

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from monitor.config.settings import load_config_text  # noqa: E402
+from monitor.config.load import load_config_text  # noqa: E402
 from monitor.model import events  # noqa: E402
 from monitor.model.events import (  # noqa: E402
     EXEC_ARGS_OFFSET,
@@ -35,7 +35,7 @@ from monitor.model.events import (  # noqa: E402
     EventType,
     ExecFlag,
 )
-from monitor.policy.rules import default_policy  # noqa: E402
+from monitor.policy.load import default_policy  # noqa: E402
 from monitor.service.daemon import Monitor  # noqa: E402
 from monitor.sessions.procfs import ProcFS  # noqa: E402
 from tests.support.kernel import FakeProbes  # noqa: E402

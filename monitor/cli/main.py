@@ -20,13 +20,15 @@ from collections.abc import Callable, Sequence
 from typing import IO
 
 from monitor import __version__
-from monitor.config.settings import Config, default_config, load_config
+from monitor.config.load import default_config, load_config
+from monitor.config.types import Config
 from monitor.kernel.loader import ProbeOptions, Probes
 from monitor.model.errors import AgentwatchError, ConfigError, ControlError
 from monitor.model.events import Event
 from monitor.model.safetext import printable
 from monitor.observe.output import HEADER, columns, columns_of, record, to_json
-from monitor.policy.rules import Policy, default_policy, load_policy
+from monitor.policy.load import default_policy, load_policy
+from monitor.policy.types import Policy
 from monitor.service import control
 
 DEFAULT_SOCKET = "/run/agentwatch/control.sock"

@@ -71,6 +71,16 @@ def read_file(path: str | Path, *, what: str = "file", trusted: bool = False,
                           ) from None
 
 
+
+def utf8_text(data: bytes, source: str) -> str:
+    """The file's bytes as text; ConfigError (at the file) if they are not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([(Location(source), f"not UTF-8 text: {exc.reason} "
+                            f"at byte {exc.start}")]) from exc
+
+
 def _kind(mode: int) -> str | None:
     """What a non-regular file is, or None for a regular file."""
     for test, name in _KINDS:

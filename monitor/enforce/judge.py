@@ -37,7 +37,7 @@ from monitor.policy.engine import (
     format_destination,
 )
 from monitor.policy.kernel_tables import KernelTables, rules_of
-from monitor.policy.rules import Action, EventKind, Mode, Policy
+from monitor.policy.types import Action, EventKind, Mode, Policy
 from monitor.sessions.tracker import Process, Tracker
 
 Log = Callable[..., None]

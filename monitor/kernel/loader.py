@@ -21,12 +21,9 @@ from typing import TYPE_CHECKING, Any
 from monitor.kernel.btf import VMLINUX, task_offsets
 from monitor.kernel.pinning import PinnedLinks, ensure_bpffs, link_create
 from monitor.model import events
-from monitor.model.cmdline import comm_bytes
 from monitor.model.errors import EnvironmentProblem
 from monitor.model.events import (
     MAX_AGENTS,
-    MAX_RULES,
-    RULE_MASK_SLOTS,
     CCommKey,
     CMatch,
     CNameKey,
@@ -440,21 +437,20 @@ class Probes:
     def set_setting(self, setting: Setting, value: int) -> None:
         self.bpf[b"settings"][ct.c_int(int(setting))] = ct.c_uint32(value)
 
-    def set_matchers(self, comms: Iterable[tuple[str, int, int]],
+    def set_matchers(self, comms: Iterable[tuple[bytes, int, int]],
                      uids: Iterable[tuple[int, int]], gen: int = 0) -> None:
         """Replace the in-kernel agent matchers.
 
-        comms: (comm, agent index, uid or events.ANY_UID); uids: (uid, agent index). The
-        kernel looks up (comm, uid), then (comm, ANY_UID), then uid: overlaps must already be
-        resolved (monitor.service.runtime.kernel_matchers) so each key appears once.
+        comms: (comm as the kernel holds it, agent index, uid or events.ANY_UID); uids:
+        (uid, agent index), as monitor.policy.kernel_tables.kernel_matchers computes them
+        (overlaps resolved, each key once). Written as given.
         """
         comm_table = self.bpf[b"match_comm"]
         uid_table = self.bpf[b"match_uid"]
         self._clear_gen(b"match_comm", gen)
         self._clear_gen(b"match_uid", gen)
         for comm, agent, uid in comms:
-            key = CCommKey(comm_bytes(comm), uid, gen)
-            comm_table[key] = CMatch(agent, 0)
+            comm_table[CCommKey(comm, uid, gen)] = CMatch(agent, 0)
         for uid, agent in uids:
             uid_table[CUidKey(uid, gen)] = CMatch(agent, 0)
 
@@ -462,36 +458,24 @@ class Probes:
 
     def install_rules(self, tables: KernelTables, agent_names: list[str], gen: int) -> None:
         """Write the compiled kernel rules into generation `gen` (0/1) of the rule maps; they
-        take effect at flip(gen). agent_names[i] is the agent of index i."""
+        take effect at flip(gen). agent_names[i] is the agent of index i. Every key and value
+        comes from tables.rule_maps (monitor/policy/kernel_tables.py): written as given."""
         b = self.bpf
-        n = MAX_RULES
-        acts = [int(a) for a in tables.actions]
-        b[b"rule_action"].items_update_batch((ct.c_int * n)(*range(gen * n, gen * n + n)),
-                                             (ct.c_uint32 * n)(*acts + [0] * (n - len(acts))))
-        masks = [0] * RULE_MASK_SLOTS
-        for k, v in tables.masks.items():
-            masks[int(k)] = v
-        m = RULE_MASK_SLOTS
-        b[b"rule_masks"].items_update_batch((ct.c_int * m)(*range(gen * m, gen * m + m)),
-                                            (ct.c_uint64 * m)(*masks))
-        scopes = [tables.scope(agent_names[i]) if i < len(agent_names) else tables.all_agents
-                  for i in range(MAX_AGENTS)]
-        a = MAX_AGENTS
-        b[b"rule_scope"].items_update_batch((ct.c_int * a)(*range(gen * a, gen * a + a)),
-                                            (ct.c_uint64 * a)(*scopes))
-        ports = [0] * 65536
-        for port, mask in tables.ports.items():
-            ports[port] = mask
-        b[b"port_rules"].items_update_batch(
-            (ct.c_int * 65536)(*range(gen * 65536, gen * 65536 + 65536)),
-            (ct.c_uint64 * 65536)(*ports))
+        maps = tables.rule_maps(agent_names, gen)
+        for name, value_type, slots in ((b"rule_action", ct.c_uint32, maps.actions),
+                                        (b"rule_masks", ct.c_uint64, maps.masks),
+                                        (b"rule_scope", ct.c_uint64, maps.scopes),
+                                        (b"port_rules", ct.c_uint64, maps.ports)):
+            n = len(slots.keys)
+            b[name].items_update_batch((ct.c_int * n)(*slots.keys),
+                                       (value_type * n)(*slots.values))
         self._clear_gen(b"net_rules", gen)
         nets = b[b"net_rules"]
-        for addr, plen, mask in tables.networks:
-            nets[CNetKey(8 + plen, gen, (ct.c_uint8 * 16)(*addr))] = ct.c_uint64(mask)
+        for prefixlen, addr, mask in maps.networks:
+            nets[CNetKey(prefixlen, gen, (ct.c_uint8 * 16)(*addr))] = ct.c_uint64(mask)
         self._clear_gen(b"exec_rules", gen)
         names = b[b"exec_rules"]
-        for comm, mask in tables.exec_names.items():
+        for comm, mask in maps.exec_names:
             names[CNameKey(comm, gen)] = ct.c_uint64(mask)
 
     def _clear_gen(self, table: bytes, gen: int) -> None:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from monitor import __version__
-from monitor.config.settings import AlertSettings
+from monitor.config.types import AlertSettings
 from monitor.model.errors import EnvironmentProblem
 from monitor.model.safetext import printable
 from monitor.observe.auditlog import SinkStats

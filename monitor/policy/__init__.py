@@ -1,6 +1,8 @@
-"""The policy: rules read, validated and compiled (rules), the pure evaluator that turns
-event facts into verdicts (engine, sshargs), the one place that turns a policy into the
-kernel's rule tables (kernel_tables), and replay of recordings.
+"""The policy, staged like a compiler: read and validated with every problem at file:line,
+compiled into typed rules (load -> validate, validate_match -> types), the pure evaluator
+that turns event facts into verdicts (engine, sshargs), the one place that turns a policy
+and the agents' matchers into the kernel's tables (kernel_tables), and replay of
+recordings.
 
 Pure: no I/O but reading the policy file, no kernel, no process, no clock of its own. It
 never imports sessions, enforce, observe or service (a unit test checks).

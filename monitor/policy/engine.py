@@ -24,7 +24,8 @@ from typing import TypeAlias
 
 from monitor.model.address import fold
 from monitor.model.cmdline import comm_of
-from monitor.policy.rules import (
+from monitor.policy.sshargs import possible_features, requested_features
+from monitor.policy.types import (
     Action,
     Address,
     ConnectMatch,
@@ -38,7 +39,6 @@ from monitor.policy.rules import (
     format_duration,
     span_text,
 )
-from monitor.policy.sshargs import possible_features, requested_features
 
 CpuKey: TypeAlias = tuple[str, int]  # ("process", pid) or ("agent", session)
 SessionCpu: TypeAlias = tuple[int, str, int, Iterable[tuple[int, int]]]

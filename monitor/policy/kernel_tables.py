@@ -1,6 +1,9 @@
-"""Compile the kernel-enforceable part of a policy into the contents of the BPF rule maps.
+"""Compile for the kernel: a policy into the contents of the BPF rule maps, and the agents'
+matchers into the matcher maps (the one place that does either).
 
-Pure: takes a Policy, returns KernelTables (plain values); monitor/kernel/loader.py writes them.
+Pure: takes a Policy, returns KernelTables (plain values), whose rule_maps() gives every
+key and value of one generation of the rule maps; kernel_matchers() gives the match_comm
+and match_uid entries. monitor/kernel/loader.py only writes what these return.
 Kernel-enforceable: connect rules on destination (networks, ports, family, allow-lists) with
 action deny/kill/kill-agent, and exec rules on program name alone with action
 kill/kill-agent. At most MAX_RULES of them; the rest stay in userspace (and are listed, so
@@ -11,14 +14,34 @@ the same rule and destination — a unit test compares them.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from monitor.model.agents import AgentSpec
 from monitor.model.cmdline import comm_bytes
-from monitor.model.events import MAX_RULES, EventType, KAction, RuleMask
-from monitor.policy.rules import Action, ConnectMatch, EventKind, ExecMatch, Mode, Policy, Rule
+from monitor.model.events import (
+    ANY_UID,
+    MAX_AGENTS,
+    MAX_RULES,
+    RULE_MASK_SLOTS,
+    EventType,
+    KAction,
+    RuleMask,
+)
+from monitor.policy.types import (
+    Action,
+    ConnectMatch,
+    EventKind,
+    ExecMatch,
+    Mode,
+    Network,
+    Policy,
+    Rule,
+)
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+PORTS = 65536  # port_rules slots per generation: one per port
+LPM_GEN_BITS = 8  # net_rules keys start with the generation byte, which the prefix covers
 
 _KACTION = {Action.ALERT: KAction.ALERT, Action.DENY: KAction.DENY, Action.KILL: KAction.KILL,
             Action.KILL_AGENT: KAction.KILL_AGENT}
@@ -44,6 +67,84 @@ class KernelTables:
             if r is rule:
                 return i
         return None
+
+    def rule_maps(self, agent_names: Sequence[str], gen: int) -> RuleMaps:
+        """Every key and value of generation `gen` (0/1) of the rule maps.
+        agent_names[i] is the agent of index i; other indices get the all-agents scope."""
+        masks = [0] * RULE_MASK_SLOTS
+        for k, v in self.masks.items():
+            masks[int(k)] = v
+        ports = [0] * PORTS
+        for port, mask in self.ports.items():
+            ports[port] = mask
+        acts = [int(a) for a in self.actions]
+        return RuleMaps(
+            actions=_slots(gen, acts + [0] * (MAX_RULES - len(acts))),
+            masks=_slots(gen, masks),
+            scopes=_slots(gen, [self.scope(agent_names[i]) if i < len(agent_names)
+                                else self.all_agents for i in range(MAX_AGENTS)]),
+            ports=_slots(gen, ports),
+            networks=tuple((LPM_GEN_BITS + plen, addr, mask)
+                           for addr, plen, mask in self.networks),
+            exec_names=tuple(self.exec_names.items()))
+
+
+class Slots(NamedTuple):
+    """One generation of an array map: its keys (indices) and their values."""
+
+    keys: range
+    values: tuple[int, ...]
+
+
+def _slots(gen: int, values: Sequence[int]) -> Slots:
+    """Generation gen of an array map holds slots [gen * n, gen * n + n)."""
+    n = len(values)
+    return Slots(range(gen * n, gen * n + n), tuple(values))
+
+
+@dataclass(frozen=True)
+class RuleMaps:
+    """The rule maps' contents for one generation, as plain keys and values."""
+
+    actions: Slots  # rule_action: KAction of rule i (MAX_RULES slots)
+    masks: Slots  # rule_masks: RuleMask slot -> mask (RULE_MASK_SLOTS slots)
+    scopes: Slots  # rule_scope: agent index -> rules in force for it (MAX_AGENTS slots)
+    ports: Slots  # port_rules: port -> mask (PORTS slots)
+    networks: tuple[tuple[int, bytes, int], ...]  # net_rules: (LPM prefix length, 16-byte
+    #                                               address, mask)
+    exec_names: tuple[tuple[bytes, int], ...]  # exec_rules: (comm, mask)
+
+
+def kernel_matchers(agents: Sequence[AgentSpec], index: Callable[[str], int] | None = None
+                    ) -> tuple[list[tuple[bytes, int, int]], list[tuple[int, int]]]:
+    """The in-kernel matcher tables, so the kernel picks what model.agents.recognise picks.
+
+    Returns the match_comm entries (comm as the kernel holds it, agent index, uid or
+    ANY_UID) and the match_uid entries (uid, agent index). The kernel looks up (comm, uid),
+    then (comm, any uid), then uid alone; the first agent in file order wins. Entries
+    shadowed by an earlier one are dropped, and an any-uid comm entry gets explicit (comm,
+    uid) entries for the uids that earlier uid-only agents claim, so each key appears once.
+    """
+    comm_tab: dict[tuple[bytes, int], int] = {}
+    uid_tab: dict[int, int] = {}
+    for pos, agent in enumerate(agents):
+        idx = index(agent.name) if index is not None else pos
+        for m in agent.matchers:
+            if not m.in_kernel:
+                continue
+            if m.comm is None:
+                if m.uid is not None:
+                    uid_tab.setdefault(m.uid, idx)
+                continue
+            comm = comm_bytes(m.comm)
+            if m.uid is None:
+                comm_tab.setdefault((comm, ANY_UID), idx)
+                for uid, earlier in uid_tab.items():
+                    comm_tab.setdefault((comm, uid), earlier)
+            elif m.uid not in uid_tab and (comm, ANY_UID) not in comm_tab:
+                comm_tab.setdefault((comm, m.uid), idx)
+    return ([(c, idx, uid) for (c, uid), idx in comm_tab.items()],
+            list(uid_tab.items()))
 
 
 def wake_mask(policy: Policy, tables: KernelTables) -> int:

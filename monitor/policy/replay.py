@@ -14,7 +14,7 @@ from typing import Any
 
 from monitor.model.errors import ConfigError, Location
 from monitor.policy.engine import Verdict, evaluate_connect, evaluate_exec, evaluate_processes
-from monitor.policy.rules import Policy
+from monitor.policy.types import Policy
 
 _REQUIRED = {
     "exec": ("filename", "argv"),

@@ -19,24 +19,25 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from monitor.config.settings import Config
+from monitor.config.types import Config
 from monitor.enforce.enforcer import Enforcer
 from monitor.enforce.judge import Judge
 from monitor.enforce.killswitch import KillSwitch
 from monitor.kernel.loader import Probes
 from monitor.kernel.maps import KernelMaps
 from monitor.model import events
+from monitor.model.agents import merged_agents
 from monitor.model.events import DecodeError, Event, ExecEvent, ExitEvent
 from monitor.observe.alerts import Notifier
 from monitor.observe.jsonlog import JsonLog
 from monitor.observe.metrics import MetricsState
 from monitor.policy.engine import argv_rules
 from monitor.policy.kernel_tables import compile_kernel
-from monitor.policy.rules import Policy, load_policy_text
+from monitor.policy.load import check_capacity, load_policy_text
+from monitor.policy.types import Policy
 from monitor.service.control import ControlServer, Handler, Subscribers
 from monitor.service.inbox import Inbox
 from monitor.service.reload import Reload
-from monitor.service.runtime import check_capacity, merged_agents
 from monitor.service.sdnotify import SystemdNotifier
 from monitor.service.status import Feed, InForce, Report
 from monitor.sessions import completion

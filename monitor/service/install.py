@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from monitor import __version__
-from monitor.config.settings import MonitorSettings
+from monitor.config.types import MonitorSettings
 from monitor.model.errors import EnvironmentProblem
 
 UNIT_NAME = "agentwatch.service"

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from traceback import format_exception
 from typing import Any
 
-from monitor.config.settings import Config
+from monitor.config.types import Config
 from monitor.enforce.judge import Judge
 from monitor.kernel.maps import KernelMaps
+from monitor.model.agents import merged_agents
 from monitor.model.errors import ConfigError, EnvironmentProblem
 from monitor.model.events import Setting
 from monitor.observe.metrics import MetricsState
@@ -25,10 +26,11 @@ from monitor.policy.kernel_tables import (
     KernelTables,
     compile_kernel,
     connects_need_decisions,
+    kernel_matchers,
     wake_mask,
 )
-from monitor.policy.rules import FailClosed, Policy
-from monitor.service.runtime import check_capacity, kernel_matchers, merged_agents
+from monitor.policy.load import check_capacity
+from monitor.policy.types import FailClosed, Policy
 from monitor.service.sdnotify import SystemdNotifier
 from monitor.service.status import InForce
 from monitor.sessions.registry import AgentTable, Recognizer

@@ -14,10 +14,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from monitor.config.settings import AgentSpec, Config
+from monitor.config.types import Config
 from monitor.enforce.judge import Judge
 from monitor.kernel.maps import KernelMaps
 from monitor.model import events
+from monitor.model.agents import AgentSpec
 from monitor.model.events import ConnectEvent, Event, ExecEvent, ExitEvent, VerdictEvent
 from monitor.model.events import VerdictKind as VK
 from monitor.observe.alerts import Notifier
@@ -34,7 +35,7 @@ from monitor.observe.metrics import (
 from monitor.observe.output import record
 from monitor.policy.engine import Verdict
 from monitor.policy.kernel_tables import KernelTables
-from monitor.policy.rules import Action, Mode, Policy
+from monitor.policy.types import Action, Mode, Policy
 from monitor.service.control import Subscribers
 from monitor.sessions.registry import AgentTable
 from monitor.sessions.tracker import Process, Tracker

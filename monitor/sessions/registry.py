@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from monitor.config.settings import AgentSpec, ProcessFacts
 from monitor.kernel.maps import KernelMaps
+from monitor.model.agents import AgentSpec, ProcessFacts, needs_userspace, recognise
 from monitor.model.errors import ControlError
 from monitor.model.events import ExecEvent
 from monitor.sessions.procfs import ProcFS, ProcInfo
@@ -87,8 +87,7 @@ class Recognizer:
 
     def use(self, specs: Sequence[AgentSpec]) -> None:
         self.specs = tuple(specs)
-        self.userspace_matchers = any(not m.in_kernel for a in self.specs
-                                      for m in a.matchers)
+        self.userspace_matchers = needs_userspace(self.specs)
 
     def excluded(self) -> set[int]:
         """The monitor and its ancestors: never adopted, never killed."""
@@ -104,10 +103,8 @@ class Recognizer:
                             line=info.line if info.argv_clipped else None)
 
     def recognise_facts(self, facts: ProcessFacts) -> str | None:
-        for spec in self.specs:
-            if spec.matches(facts):
-                return spec.name
-        return None
+        spec = recognise(self.specs, facts)
+        return spec.name if spec is not None else None
 
     def recognise(self, info: ProcInfo) -> str | None:
         return self.recognise_facts(self.facts(info))

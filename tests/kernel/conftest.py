@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 
-from monitor.config.settings import Config, load_config_text
+from monitor.config.load import load_config_text
+from monitor.config.types import Config
 from monitor.kernel.loader import ProbeOptions, Probes
 from monitor.model.errors import EnvironmentProblem
 from monitor.model.events import Event
-from monitor.policy.rules import Policy
+from monitor.policy.types import Policy
 from monitor.service.daemon import Monitor
 
 IN_CI = os.environ.get("CI") == "true"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import Running, require_root, wait_exit
 
-from monitor.config.settings import load_config_text
+from monitor.config.load import load_config_text
 from monitor.model.events import ExecEvent, ForkEvent
 
 

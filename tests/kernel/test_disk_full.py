@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import AGENT_UID, AS_AGENT, free_port, require_root
 
-from monitor.config.settings import AlertSettings
+from monitor.config.types import AlertSettings
 from monitor.observe.alerts import Notifier, kill_alert
 from monitor.observe.auditlog import AuditLog
 from monitor.observe.jsonlog import JsonLog

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import Running, agent_exec, require_root, wait_exit
 
-from monitor.config.settings import load_config_text
-from monitor.policy.rules import default_policy, load_policy_text
+from monitor.config.load import load_config_text
+from monitor.policy.load import default_policy, load_policy_text
 from monitor.sessions.procfs import ProcFS
 
 SOCK = "/run/agentwatch-test/enforce.sock"

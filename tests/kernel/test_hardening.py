@@ -30,9 +30,9 @@ from conftest import (
     wait_exit,
 )
 
-from monitor.config.settings import load_config_text
+from monitor.config.load import load_config_text
 from monitor.model.events import Counter
-from monitor.policy.rules import load_policy_text
+from monitor.policy.load import load_policy_text
 
 POLICY = """
 mode: enforce

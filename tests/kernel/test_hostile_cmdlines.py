@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import AS_AGENT, Running, agent_exec, require_root, wait_exit
 
-from monitor.config.settings import load_config_text
+from monitor.config.load import load_config_text
 from monitor.model.events import ARGS_SIZE, ExecEvent
-from monitor.policy.rules import default_policy
+from monitor.policy.load import default_policy
 
 SOCK = "/run/agentwatch-test/cmdline.sock"
 AGENT = "claude-code"

@@ -11,10 +11,10 @@ from pathlib import Path
 from conftest import Running, agent_exec, require_root, wait_exit
 from test_enforce import NS, PUBLIC, scaled_default_policy_text
 
-from monitor.config.settings import load_config_text
+from monitor.config.load import load_config_text
 from monitor.observe.output import record
+from monitor.policy.load import load_policy_text
 from monitor.policy.replay import read_recording, replay
-from monitor.policy.rules import load_policy_text
 
 CLI = [sys.executable, "-m", "monitor.cli.main"]
 

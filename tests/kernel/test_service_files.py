@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from conftest import IN_CI
 
-from monitor.config.settings import check_trusted, load_config
-from monitor.policy.rules import load_policy
+from monitor.config.load import check_trusted, load_config
+from monitor.policy.load import load_policy
 from monitor.service.install import (
     AUDIT_LOG,
     MANIFEST,

@@ -107,13 +107,13 @@ class FakeProbes:
         self.calls.append(f"set_setting {setting.name}")
         self.settings[setting] = value
 
-    def set_matchers(self, comms: Iterable[tuple[str, int, int]],
+    def set_matchers(self, comms: Iterable[tuple[bytes, int, int]],
                      uids: Iterable[tuple[int, int]], gen: int = 0) -> None:
         self.calls.append("set_matchers")
         self.match_comm.clear()
         self.match_uid.clear()
-        for comm, agent, uid in comms:  # same truncation and key as Probes
-            key = (comm_bytes(comm).ljust(events.COMM_LEN, b"\0"), uid)
+        for comm, agent, uid in comms:  # same key as Probes (c_char[16] pads with NULs)
+            key = (comm.ljust(events.COMM_LEN, b"\0"), uid)
             assert key not in self.match_comm, f"duplicate kernel key {key}"
             self.match_comm[key] = agent
         for uid, agent in uids:

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from monitor.config.settings import Config, load_config_text
+from monitor.config.load import load_config_text
+from monitor.config.types import Config
 from monitor.kernel.loader import TrackedProc
 from monitor.model import events
 from monitor.model.events import (

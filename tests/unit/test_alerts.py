@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from monitor.config.settings import AlertSettings
+from monitor.config.types import AlertSettings
 from monitor.model.errors import EnvironmentProblem
 from monitor.observe.alerts import (
     ALERTMANAGER,
@@ -35,7 +35,7 @@ from monitor.observe.alerts import (
     webhook_payload,
 )
 from monitor.policy.engine import Verdict
-from monitor.policy.rules import Action, Mode
+from monitor.policy.types import Action, Mode
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "alerts.md"
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.config.settings import load_config_text
+from monitor.config.load import load_config_text
 from monitor.model.errors import ConfigError
-from monitor.policy.rules import load_policy_text
-from monitor.service.runtime import check_capacity
+from monitor.policy.load import check_capacity, load_policy_text
 
 POLICY = """mode: enforce
 rules:

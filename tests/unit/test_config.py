@@ -1,5 +1,5 @@
-"""Unit tests for monitor.config.settings and monitor.config.yamlsource (no root, no host users
-needed)."""
+"""Unit tests for monitor.config (types, validate, load) and monitor.config.yamlsource (no
+root, no host users needed)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,23 @@ from pathlib import Path
 import pytest
 from timebox import within
 
-from monitor.config.settings import (
-    AgentSpec,
+from monitor.config.load import default_config, load_config, load_config_text
+from monitor.config.types import (
     AlertSettings,
     Config,
-    Matcher,
     MetricsSettings,
     MonitorSettings,
-    ProcessFacts,
-    default_config,
-    load_config,
-    load_config_text,
     split_listen,
 )
 from monitor.config.yamlsource import parse_yaml
+from monitor.model.agents import (
+    AgentSpec,
+    Matcher,
+    ProcessFacts,
+    merged_agents,
+    needs_userspace,
+    recognise,
+)
 from monitor.model.errors import ConfigError, Location
 
 USERS = {"agent": 1001, "ci": 1002}
@@ -197,6 +200,41 @@ def test_recognise_returns_first_agent_in_file_order() -> None:
     assert cfg.recognise(facts(comm="python3")) is None
 
 
+class _Contains:
+    """A command-line pattern without RE2: model.agents only needs search()."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+
+    def search(self, text: str) -> object | None:
+        return self.part if self.part in text else None
+
+
+def test_recognition_lives_in_model_and_takes_any_compiled_pattern() -> None:
+    agents = (AgentSpec("by-line", (Matcher(cmdline=_Contains("claude"), line=1),)),
+              AgentSpec("by-uid", (Matcher(uid=1000, line=2),)),
+              AgentSpec("user-side", (Matcher(comm="x", exe="/opt/*", line=3),)))
+    found = recognise(agents, facts(argv=("node", "claude")))
+    assert found is not None and found.name == "by-line"  # first in order, not the uid one
+    found = recognise(agents, facts(argv=("node",)))
+    assert found is not None and found.name == "by-uid"
+    assert recognise(agents, facts(uid=7)) is None
+    assert needs_userspace(agents) and not needs_userspace(agents[1:2])
+
+
+def test_an_agent_defined_in_both_files_is_refused() -> None:
+    cfg = load("agents: [{name: a, match: [{comm: a}]}, {name: b, match: [{comm: b}]}]")
+    from monitor.policy.load import load_policy_text
+
+    policy = load_policy_text("mode: monitor\nagents: [{name: b, match: [{comm: c}]}]\n",
+                              "policy.yaml")
+    with pytest.raises(ConfigError) as info:
+        merged_agents(cfg, policy)
+    assert info.value.problems == [(Location("policy.yaml"), f"agent 'b' is defined in both "
+                                    f"{SRC} and the policy: define it once")]
+    assert [a.name for a in merged_agents(cfg, load_policy_text("mode: monitor\n"))] == ["a", "b"]
+
+
 def test_yaml_anchors_and_merge_keys_are_allowed() -> None:
     cfg = load("""\
         agents:
@@ -219,7 +257,7 @@ def test_literal_bracket_glob_is_fine() -> None:
 
 
 def test_embedded_default_loads() -> None:
-    from monitor.policy.rules import default_policy
+    from monitor.policy.load import default_policy
 
     cfg = default_config()
     assert cfg.agents == ()  # the default agents live in the default policy
@@ -685,7 +723,7 @@ def test_embedded_default_alert_and_metrics_examples_are_valid_when_uncommented(
 
 
 def test_service_settings_parse_and_bad_ones_name_the_key() -> None:
-    from monitor.config.settings import check_trusted  # noqa: F401 — part of the same surface
+    from monitor.config.load import check_trusted  # noqa: F401 — part of the same surface
 
     cfg = load("monitor:\n  audit_log: /var/log/agentwatch/audit.jsonl\n"
                "  pin_dir: /sys/fs/bpf/agentwatch\n  fail_closed_seconds: 30\n")
@@ -703,7 +741,7 @@ def test_service_settings_parse_and_bad_ones_name_the_key() -> None:
 def test_check_trusted_refuses_files_others_can_write(tmp_path: Path) -> None:
     import os
 
-    from monitor.config.settings import check_trusted
+    from monitor.config.load import check_trusted
 
     tmp_path.chmod(0o755)
     f = tmp_path / "policy.yaml"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from timebox import within
 
-from monitor.config.settings import Config
+from monitor.config.types import Config
 from monitor.kernel.loader import TrackedProc
 from monitor.model import events
 from monitor.model.errors import ControlError
@@ -29,7 +29,7 @@ from monitor.model.events import (
     Setting,
 )
 from monitor.observe.jsonlog import JsonLog
-from monitor.policy.rules import load_policy_text
+from monitor.policy.load import load_policy_text
 from monitor.service.daemon import Monitor
 from monitor.sessions.procfs import ProcFS
 from tests.support.kernel import FakeProbes
@@ -252,7 +252,7 @@ HOSTILE_POLICIES = {
 
 def _reload(tmp_path: Path, text: str) -> tuple[bool, bool, dict[str, int], list[str]]:
     """(reload ok, policy unchanged, reload counts, reasons logged) after a reload of text."""
-    from monitor.policy.rules import load_policy
+    from monitor.policy.load import load_policy
 
     r = rig(tmp_path)
     before = r.mon.policy.sha256

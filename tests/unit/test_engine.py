@@ -20,7 +20,8 @@ from monitor.policy.engine import (
     match_connect,
     match_exec,
 )
-from monitor.policy.rules import Action, Mode, Policy, Rule, default_policy, load_policy_text
+from monitor.policy.load import default_policy, load_policy_text
+from monitor.policy.types import Action, Mode, Policy, Rule
 
 S = 1_000_000_000  # ns per second
 AF_INET, AF_INET6 = 2, 10

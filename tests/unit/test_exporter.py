@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from test_metrics import FakeSource, busy_source, registry_for, value
 
-from monitor.config.settings import MetricsSettings, load_config_text
+from monitor.config.load import load_config_text
+from monitor.config.types import MetricsSettings
 from monitor.model.errors import ConfigError
 from monitor.observe.metrics import serve
 

@@ -15,7 +15,7 @@ from monitor.model.events import (
     ExecEvent,
     ExecFlag,
 )
-from monitor.policy.rules import load_policy_text
+from monitor.policy.load import load_policy_text
 from monitor.service.daemon import Monitor
 from monitor.sessions.intake import UNCONFIRMED_LOG_SECONDS
 from monitor.sessions.procfs import ProcFS

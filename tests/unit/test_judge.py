@@ -28,7 +28,8 @@ from monitor.model.events import (
     VerdictKind,
 )
 from monitor.policy.kernel_tables import compile_kernel
-from monitor.policy.rules import Policy, default_policy, load_policy_text
+from monitor.policy.load import default_policy, load_policy_text
+from monitor.policy.types import Policy
 from monitor.sessions.procfs import ProcFS, clock_ticks
 from monitor.sessions.tracker import Tracker
 

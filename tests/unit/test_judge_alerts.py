@@ -21,7 +21,7 @@ from test_judge import (
     policy,
 )
 
-from monitor.config.settings import AlertSettings
+from monitor.config.types import AlertSettings
 from monitor.enforce.enforcer import Enforcer, Outcome
 from monitor.enforce.judge import Judge
 from monitor.model.events import VerdictKind

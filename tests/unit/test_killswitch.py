@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from monitor.model.errors import ControlError
-from monitor.policy.rules import Mode
+from monitor.policy.types import Mode
 from tests.support.enforce import FakeSignaller
 from tests.support.monitor import (
     AIDER,

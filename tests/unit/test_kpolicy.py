@@ -19,25 +19,30 @@ from collections.abc import Iterator
 
 import pytest
 
-from monitor.model.events import COMM_LEN, MAX_RULES, EventType, KAction, RuleMask
+from monitor.model.events import (
+    ANY_UID,
+    COMM_LEN,
+    MAX_AGENTS,
+    MAX_RULES,
+    RULE_MASK_SLOTS,
+    EventType,
+    KAction,
+    RuleMask,
+)
 from monitor.policy.engine import match_connect, match_exec
 from monitor.policy.kernel_tables import (
+    LPM_GEN_BITS,
+    PORTS,
     KernelTables,
     compile_kernel,
     kernel_connect_hits,
     kernel_eligible,
+    kernel_matchers,
     rules_of,
     wake_mask,
 )
-from monitor.policy.rules import (
-    Action,
-    ConnectMatch,
-    EventKind,
-    ExecMatch,
-    Policy,
-    default_policy,
-    load_policy_text,
-)
+from monitor.policy.load import default_policy, load_policy_text
+from monitor.policy.types import Action, ConnectMatch, EventKind, ExecMatch, Policy
 
 AF_INET, AF_INET6 = 2, 10
 MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -580,3 +585,57 @@ def test_connects_wake_when_a_killing_connect_rule_is_left_to_userspace() -> Non
     assert EventType.CONNECT not in woken(alerts_over)
     kill_over = with_agents(rules.replace("action: alert", "action: kill"))
     assert EventType.CONNECT in woken(kill_over)
+
+
+# --- what the loader writes: every key and value of one generation -------------------------
+
+
+@pytest.mark.parametrize("gen", [0, 1])
+def test_rule_maps_fill_one_generation_of_every_array_map(gen: int) -> None:
+    p = with_agents(OVERLAPPING + """\
+- name: no-miner
+  event: exec
+  action: kill
+  agents: [ci]
+  match: {name: [xmrig]}
+""")
+    t = compile_kernel(p)
+    maps = t.rule_maps(["bot", "ci"], gen)
+    for slots, n in ((maps.actions, MAX_RULES), (maps.masks, RULE_MASK_SLOTS),
+                     (maps.scopes, MAX_AGENTS), (maps.ports, PORTS)):
+        assert slots.keys == range(gen * n, gen * n + n)
+        assert len(slots.values) == n
+    assert maps.actions.values[:len(t.rules)] == tuple(int(a) for a in t.actions)
+    assert set(maps.actions.values[len(t.rules):]) == {0}
+    assert [maps.masks.values[int(k)] for k in RuleMask] == [t.masks[k] for k in RuleMask]
+    # index 0 is bot, 1 is ci; every other index (later agents, pending) gets the
+    # rules scoped to every agent
+    assert maps.scopes.values[:2] == (t.scope("bot"), t.scope("ci"))
+    assert set(maps.scopes.values[2:]) == {t.all_agents}
+    assert t.scope("ci") != t.all_agents
+    assert {i: m for i, m in enumerate(maps.ports.values) if m} == dict(t.ports)
+    # the LPM key's prefix length covers the generation byte in front of the address
+    assert maps.networks == tuple((LPM_GEN_BITS + plen, addr, mask)
+                                  for addr, plen, mask in t.networks)
+    assert maps.exec_names == ((b"xmrig", t.masks[RuleMask.KILL] & t.by_agent["ci"]),)
+
+
+def test_kernel_matchers_hold_the_kernels_comm_and_follow_file_order() -> None:
+    p = policy("""\
+        mode: monitor
+        agents:
+          - {name: by-uid, match: [{uid: 1500}]}
+          - {name: named, match: [{comm: naïve}]}
+          - {name: scoped, match: [{comm: naïve, uid: 1600}, {comm: x, uid: 1500}]}
+          - {name: user-side, match: [{comm: y, exe: /usr/bin/y}]}
+        """)
+    comms, uids = kernel_matchers(p.agents)
+    assert uids == [(1500, 0)]
+    comm = "naïve".encode()  # the kernel's comm: bytes, as the process named itself
+    # the any-uid entry shadows the later uid-scoped one and carries the uid agent's claim;
+    # the comm+uid 1500 entry of "scoped" is shadowed by the uid-only agent before it;
+    # exe-matchers are userspace's
+    assert sorted(comms) == sorted([(comm, 1, ANY_UID), (comm, 0, 1500)])
+    comms, uids = kernel_matchers(p.agents, {"by-uid": 7, "named": 8, "scoped": 9,
+                                              "user-side": 10}.__getitem__)
+    assert uids == [(1500, 7)] and sorted(comms) == sorted([(comm, 8, ANY_UID), (comm, 7, 1500)])

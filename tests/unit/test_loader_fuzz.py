@@ -21,10 +21,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from monitor.config.settings import Config, load_config, load_config_text
+from monitor.config.load import load_config, load_config_text
+from monitor.config.types import Config
 from monitor.config.yamlcompose import LOADER, compose
 from monitor.model.errors import ConfigError
-from monitor.policy.rules import Policy, load_policy, load_policy_text
+from monitor.policy.load import load_policy, load_policy_text
+from monitor.policy.types import Policy
 
 FUZZ = settings(max_examples=150, deadline=timedelta(seconds=5), database=None,
                 suppress_health_check=[HealthCheck.too_slow,

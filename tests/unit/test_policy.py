@@ -1,4 +1,5 @@
-"""Unit tests for monitor.policy.rules: load, validate, compile (no root, no host users needed)."""
+"""Unit tests for monitor.policy (types, validate, load): load, validate, compile (no root, no
+host users needed)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from pathlib import Path
 import pytest
 from timebox import within
 
+from monitor.config.load import default_config
 from monitor.config.regex import Regex, compile_pattern
-from monitor.config.settings import AgentSpec, Matcher, default_config
 from monitor.model.address import fold_network
+from monitor.model.agents import AgentSpec, Matcher
 from monitor.model.errors import ConfigError, Location
 from monitor.policy.engine import evaluate_exec
-from monitor.policy.rules import (
+from monitor.policy.load import default_policy, load_policy, load_policy_text
+from monitor.policy.types import (
     Action,
     ConnectMatch,
     CpuMatch,
@@ -27,11 +30,8 @@ from monitor.policy.rules import (
     Policy,
     ProcessesMatch,
     Rule,
-    default_policy,
-    load_policy,
-    load_policy_text,
-    parse_duration,
 )
+from monitor.policy.validate_match import parse_duration
 
 SRC = "policy.yaml"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "policy.md"
@@ -498,7 +498,7 @@ def test_default_policy_loads_in_enforce_mode() -> None:
 
 
 def test_default_agents_are_defined_once_across_default_config_and_policy() -> None:
-    from monitor.service.runtime import merged_agents
+    from monitor.model.agents import merged_agents
 
     merged = merged_agents(default_config(), default_policy())  # raises on a duplicate
     assert [a.name for a in merged] == [a.name for a in default_policy().agents]

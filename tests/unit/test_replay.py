@@ -23,8 +23,9 @@ from monitor.model.events import (
 )
 from monitor.observe.output import record
 from monitor.policy.engine import Verdict
+from monitor.policy.load import default_policy, load_policy_text
 from monitor.policy.replay import read_recording, replay
-from monitor.policy.rules import Action, default_policy, load_policy_text
+from monitor.policy.types import Action
 
 S1 = SESSION_KERNEL_BIT | 1
 S2 = SESSION_KERNEL_BIT | 2

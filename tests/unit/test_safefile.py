@@ -16,7 +16,7 @@ from timebox import within
 
 from monitor.config.safefile import MAX_FILE_BYTES, read_file
 from monitor.model.errors import ConfigError
-from monitor.policy.rules import load_policy
+from monitor.policy.load import load_policy
 
 ME = frozenset({0, os.geteuid()})
 POLICY = b"mode: monitor\n"
