@@ -41,12 +41,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import scale
+from lib.harness import AwMonitor, Sources, bpf_holders, idle_cpu_pct, log, tree_cpu
+from lib.load import BUSY_LIMIT, OtherLoad, quiet_host
+from lib.machine import headline, machine, save_results
+from lib.procs import Group, exit_on_signal, stop_groups, wait_for
 
 BENCH = Path(__file__).resolve().parent
 RSS_GOAL_MIB = 80
 CPU_GOAL_PCT = 2.0
-log = scale.log
 
 # One agent: ordinary tool use every 0.5-0.9 s. $1 = work dir, $2 = port to connect to.
 AGENT_SCRIPT = r"""
@@ -162,7 +164,7 @@ def smaps_split(pid: int) -> dict[str, dict[str, float]]:
             for key, d in out.items()}
 
 
-def baseline_imports(src: scale.Sources) -> dict[str, Any]:
+def baseline_imports(src: Sources) -> dict[str, Any]:
     """RSS of a Python that only imports BCC and the monitor's modules (no probes compiled,
     no BPF): the part of the monitor's RSS that is interpreter and libraries."""
     code = ("import importlib, json\n"
@@ -240,20 +242,20 @@ def sessions_sum(status: dict[str, Any], key: str) -> int:
     return sum(int(s.get(key, 0)) for s in status["sessions"] if s["agent"].startswith("agent-"))
 
 
-def footprint(src: scale.Sources, tmp: Path, agents: int, seconds: float, idle_s: float
+def footprint(src: Sources, tmp: Path, agents: int, seconds: float, idle_s: float
               ) -> dict[str, Any]:
-    mon = scale.AwMonitor(tmp / "monitor", src)
+    mon = AwMonitor(tmp / "monitor", src)
     work = make_workdir(tmp)
     listener = Listener()
-    groups: list[scale.Group] = []
+    groups: list[Group] = []
     res: dict[str, Any] = {"agents": agents, "seconds": seconds}
     try:
-        res["waited_for_quiet_s"] = round(scale.quiet_host(30), 1)
+        res["waited_for_quiet_s"] = round(quiet_host(30), 1)
         res["baseline_imports_mib"] = baseline_imports(src)
         res["monitor_start_s"] = round(mon.start(), 2)
         res["monitor_started"] = mon.started_line()
         time.sleep(2.0)
-        idle_cpu = scale.idle_cpu_pct(mon, idle_s)  # schedstat: a few ticks is too coarse
+        idle_cpu = idle_cpu_pct(mon, idle_s)  # schedstat: a few ticks is too coarse
         res["idle"] = {"cpu_pct": round(idle_cpu, 2), "seconds": idle_s,
                        "memory_mib": mon.memory(), "smaps_mib": smaps_split(mon.pid),
                        "bpf": bpf_memory(mon.pid)}
@@ -263,19 +265,19 @@ def footprint(src: scale.Sources, tmp: Path, agents: int, seconds: float, idle_s
         log(f"starting {agents} agents")
         t_agents = time.monotonic()
         for i in range(agents):
-            groups.append(scale.Group(
+            groups.append(Group(
                 [*mon.exec_prefix(f"agent-{i:02d}"), "/bin/bash", "-c", AGENT_SCRIPT,
                  f"agent-{i:02d}", str(work), str(listener.port)],
                 src, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
-        scale.wait_for(f"{agents} agent sessions",
+        wait_for(f"{agents} agent sessions",
                        lambda: sum(s["agent"].startswith("agent-")
                                    for s in mon.status()["sessions"]) >= agents, 120)
         res["agents_start_s"] = round(time.monotonic() - t_agents, 1)
         time.sleep(2.0)  # every agent past its first round
 
-        load = scale.OtherLoad(lambda: [mon.pid, *(g.proc.pid for g in groups)])
+        load = OtherLoad(lambda: [mon.pid, *(g.proc.pid for g in groups)], tree_cpu)
         load.start()
-        foreign = set(scale.bpf_holders(mon.pid))
+        foreign = set(bpf_holders(mon.pid))
         before, accepted0 = mon.status(), listener.accepted
         cpu0, t0 = mon.cpu_seconds(), time.monotonic()
         rss_samples = []
@@ -286,7 +288,7 @@ def footprint(src: scale.Sources, tmp: Path, agents: int, seconds: float, idle_s
         cpu, window = mon.cpu_seconds() - cpu0, time.monotonic() - t0
         after = mon.status()
         others = load.cores()
-        foreign.update(scale.bpf_holders(mon.pid))
+        foreign.update(bpf_holders(mon.pid))
         events = after["events"] - before["events"]
         res["work"] = {
             "window_s": round(window, 2), "monitor_cpu_s": round(cpu, 2),
@@ -303,16 +305,16 @@ def footprint(src: scale.Sources, tmp: Path, agents: int, seconds: float, idle_s
             "memory_mib": mon.memory(), "smaps_mib": smaps_split(mon.pid),
             "bpf": bpf_memory(mon.pid),
             "other_load_cores": round(others, 2), "foreign_bpf_pids": sorted(foreign),
-            "disturbed": bool(foreign) or others > scale.BUSY_LIMIT}
+            "disturbed": bool(foreign) or others > BUSY_LIMIT}
         w = res["work"]
         log(f"end: RSS {w['memory_mib']['VmRSS']} MiB (HWM {w['memory_mib']['VmHWM']}), CPU "
             f"{w['cpu_pct']}%, {w['events_per_s']} events/s, lost {w['lost']}")
         stopping, groups = groups, []
-        scale.stop_groups(stopping)
+        stop_groups(stopping)
         time.sleep(2.0)
         res["after_agents_stopped"] = {"memory_mib": mon.memory()}
     finally:
-        scale.stop_groups(groups)
+        stop_groups(groups)
         mon.stop()
         listener.close()
     return res
@@ -336,10 +338,7 @@ def report(res: dict[str, Any]) -> str:
     cpu_ok = w["cpu_pct"] <= CPU_GOAL_PCT
     events = f"{w['events_per_s']:.0f} ({w['lost']})"
     agents = f"{f['agents']} agents"
-    out = [f"agentwatch footprint bench  {m['date']}  kernel {m['kernel']}  {m['nproc']} CPUs  "
-           f"{m['cpu_model']}  commit {m['git']['commit'][:12]}"]
-    if m["other_monitors"]:
-        out.append(f"WARNING: other monitors were running: {m['other_monitors']}")
+    out = headline(m, "agentwatch footprint bench", commit=True)
     out += ["", f"{f['agents']} agents of ordinary tool use for {w['window_s']:.0f} s "
                 f"(git, ls, cat, python3 -c pass, a loopback connect every 0.5-0.9 s each); "
                 "default policy",
@@ -414,10 +413,10 @@ def main() -> int:
     if os.geteuid() != 0:
         print("footprint: needs root (the monitor loads BPF probes)", file=sys.stderr)
         return 3
-    scale.exit_on_signal()
+    exit_on_signal()
     seconds = args.seconds or (15.0 if args.quick else 60.0)
     idle_s = 5.0 if args.quick else 10.0
-    res: dict[str, Any] = {"machine": scale.machine(), "params": {
+    res: dict[str, Any] = {"machine": machine(), "params": {
         "quick": args.quick, "agents": args.agents, "seconds": seconds, "idle_s": idle_s,
         "agent_script": AGENT_SCRIPT,
         "goals": {"rss_mib": RSS_GOAL_MIB, "cpu_pct_of_one_core": CPU_GOAL_PCT}}}
@@ -426,7 +425,7 @@ def main() -> int:
     t_start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="agentwatch-footprint-"))
     try:
-        src = scale.Sources(tmp)
+        src = Sources(tmp)
         res["machine"]["sources_sha256"] = src.sha256
         res["footprint"] = footprint(src, tmp, args.agents, seconds, idle_s)
     finally:
@@ -438,11 +437,7 @@ def main() -> int:
     res["goals"] = {"rss_le_80mib": rss_max <= RSS_GOAL_MIB, "rss_max_mib": rss_max,
                     "peak_vmhwm_le_80mib": w["memory_mib"]["VmHWM"] <= RSS_GOAL_MIB,
                     "cpu_le_2pct": w["cpu_pct"] <= CPU_GOAL_PCT}
-    res["runtime_s"] = round(time.monotonic() - t_start, 1)
-    res["machine"]["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    Path(args.output).write_text(json.dumps(res, indent=1) + "\n")
-    print(report(res))
-    print(f"\nruntime {res['runtime_s']} s; raw samples: {args.output}")
+    save_results(res, args.output, report(res), t_start)
     return 0
 
 

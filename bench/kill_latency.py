@@ -31,19 +31,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import ScrapeLoop, proc_cpu
+from lib.harness import ScrapeLoop, free_port, proc_cpu, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 AGENTWATCH = [str(VENV_BIN / "agentwatch")]
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return int(port)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -147,12 +139,7 @@ rules:
 
     def stop(self) -> None:
         self.watch.close()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout=15)
 
 
 def agent(mon: Monitor, name: str, argv: list[str], **kw: Any) -> subprocess.Popen[str]:

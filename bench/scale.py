@@ -39,50 +39,45 @@ contacted; every process started here is stopped by pid (or its own process grou
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import re
-import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import kill_latency
 import scrape
-from harness import (
+from lib.harness import (
     BENCH,
-    CLK_TCK,
-    ROOT,
-    Monitor,
+    MAX_PROCESSES,
+    AwMonitor,
     Sources,
     bpf_holders,
+    idle_cpu_pct,
     log,
-    other_monitors,
-    spread,
-    wait_drained,
+    tree_cpu,
 )
+from lib.load import BUSY_LIMIT, OtherLoad, compile_c, gen, loops, quiet_host
+from lib.machine import machine, save_results
+from lib.procs import Group, exit_on_signal, stop_groups, wait_for
+from lib.scalereport import PROCESS_FIGURES, RULE_FIGURES, report, summarize
 
 SESSION_MAX = 1000  # processes per idle agent session (default policy: fork-bomb above 2000)
-MAX_PROCESSES = 65536  # monitor.max_processes for every phase (room for 10,000+ and loops)
 KERNEL_MAX_RULES = 64  # rules the probes hold (monitor/model/events.py MAX_RULES); docs/policy.md
 # the generated rule kinds that the kernel can enforce by itself (monitor/policy/kernel_tables.py:
 # connect rules that deny/kill, exec rules on names alone that kill)
 KERNEL_KINDS = frozenset({"connect-deny-net-port", "connect-kill-host", "exec-kill-name",
                           "connect-deny-ipv6-range", "connect-kill-cgnat-port",
                           "exec-kill-agent-name"})
-BUSY_LIMIT = 0.25  # CPU cores of other work above which a phase is redone
 
 FORKER_C = r"""
 /* forker N: fork N children that sleep until killed (they die with the forker: PDEATHSIG),
@@ -120,264 +115,8 @@ int main(int argc, char **argv)
 """
 
 
-# --- harness (bench/harness.py has what bench/run.py shares; footprint.py uses these) ----
-
-
-def proc_status_mib(pid: int) -> dict[str, float]:
-    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem (/proc/PID/status) and Pss
-    (/proc/PID/smaps_rollup: a page mapped twice, like the ring buffer's, counted once), MiB."""
-    out = {}
-    for name in ("status", "smaps_rollup"):
-        try:
-            text = Path(f"/proc/{pid}/{name}").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "Pss"):
-                out[key] = round(int(value.split()[0]) / 1024, 1)
-    return out
-
-
-class AwMonitor(Monitor):
-    """`agentwatch run` with room for 10,000+ processes (max_processes) and its own metrics
-    port (never the default 9464 that another monitor may hold)."""
-
-    def __init__(self, tmp: Path, src: Sources, *, policy: Path | None = None,
-                 max_processes: int = MAX_PROCESSES, ring_mib: int = 8) -> None:
-        self.metrics_port = kill_latency.free_port()
-        super().__init__(tmp, src, f"  ring_buffer_mib: {ring_mib}\n"
-                         f"  max_processes: {max_processes}\n"
-                         f"metrics:\n  listen: '127.0.0.1:{self.metrics_port}'\n",
-                         policy=policy)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def start(self, timeout: float = 120) -> float:
-        return super().start(timeout)
-
-    def cpu_precise(self) -> float:
-        """CPU seconds of the monitor's live threads with nanosecond resolution (the first
-        field of /proc/PID/task/*/schedstat); cpu_seconds() counts 10 ms clock ticks, too
-        coarse for a few thousand events. A thread that exits between two reads takes its
-        time with it, so use it over windows with no /metrics scrape (one thread each)."""
-        total = 0
-        for task in Path(f"/proc/{self.pid}/task").iterdir():
-            try:
-                total += int((task / "schedstat").read_text().split()[0])
-            except (OSError, IndexError, ValueError):
-                continue
-        return total / 1e9
-
-    def memory(self) -> dict[str, float]:
-        """The monitor's memory, MiB: see proc_status_mib()."""
-        return proc_status_mib(self.pid)
-
-
-def exit_on_signal() -> None:
-    """SIGTERM/SIGHUP end the bench through its `finally` blocks (processes stopped)."""
-    def handler(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, handler)
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.5) -> float:
-    t0 = time.monotonic()
-    while not check():
-        if time.monotonic() - t0 > timeout:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-    return time.monotonic() - t0
-
-
-class Group:
-    """A process started in its own process group (pgid = its pid); stop_groups() ends it
-    with every process it started."""
-
-    def __init__(self, argv: Sequence[str], src: Sources, **kw: Any) -> None:
-        self.proc = subprocess.Popen(list(argv), env=src.env, cwd=src.dir,
-                                     start_new_session=True, **kw)
-
-
-def stop_groups(groups: Sequence[Group], timeout: float = 60) -> None:
-    """SIGKILL every group, reap the leaders, then wait until no member of any group is
-    left (orphans are reaped by init, which on this VM takes about a second: so all the
-    groups are waited for together)."""
-    for g in groups:
-        try:
-            os.killpg(g.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for g in groups:
-        try:
-            g.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            g.proc.kill()
-            g.proc.wait()
-    left = [g.proc.pid for g in groups]
-    deadline = time.monotonic() + timeout
-    while left and time.monotonic() < deadline:
-        still = []
-        for pgid in left:
-            try:
-                os.killpg(pgid, 0)
-                still.append(pgid)
-            except ProcessLookupError:
-                pass
-        left = still
-        if left:
-            time.sleep(0.1)
-    if left:
-        log(f"WARNING: process groups {left} still have members after {timeout:.0f} s")
-
-
 def tracked(status: dict[str, Any], prefix: str) -> int:
     return sum(s["processes"] for s in status["sessions"] if s["agent"].startswith(prefix))
-
-
-def tree_cpu(pid: int) -> float:
-    """utime + stime of a process plus its reaped children's (cutime + cstime)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(x) for x in fields[11:15]) / CLK_TCK
-
-
-class OtherLoad:
-    """CPU cores the host spent on anything but this bench between start() and cores():
-    busy time in /proc/stat minus our own, our reaped children's, and that of the pids
-    `ours` names (the monitor, agents we started: with their reaped children). What is
-    left is other people's work plus the little kernel-thread time our load causes."""
-
-    def __init__(self, ours: Callable[[], list[int]]) -> None:
-        self.ours = ours
-        self._t0 = self._others0 = 0.0
-
-    def _others(self) -> float:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = (sum(fields[:3]) + sum(fields[5:7])) / CLK_TCK  # user nice system irq softirq
-        usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        mine = sum(u.ru_utime + u.ru_stime for u in usage)
-        return busy - mine - sum(tree_cpu(pid) for pid in self.ours())
-
-    def start(self) -> None:
-        self._t0, self._others0 = time.monotonic(), self._others()
-
-    def cores(self) -> float:
-        used = self._others() - self._others0
-        return max(0.0, used) / max(time.monotonic() - self._t0, 1e-3)
-
-    def wait_quiet(self, timeout: float) -> float:
-        """Wait until others use less than BUSY_LIMIT cores over 1 s; returns seconds."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            self.start()
-            time.sleep(1)
-            if self.cores() < BUSY_LIMIT:
-                break
-        return time.monotonic() - t0
-
-
-def quiet_host(wait_s: float, monitor_pid: int | None = None) -> float:
-    """Wait (up to wait_s each) until no other process holds BPF programs and other work
-    is below BUSY_LIMIT cores; returns the seconds waited."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < wait_s and bpf_holders(monitor_pid):
-        time.sleep(0.5)
-    ours = [monitor_pid] if monitor_pid else []
-    OtherLoad(lambda: ours).wait_quiet(wait_s)
-    return time.monotonic() - t0
-
-
-def machine() -> dict[str, Any]:
-    """uname -r, nproc, CPU model, date, commit (and files modified in monitor/, probes/)."""
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-
-    def git(*args: str) -> str:
-        res = subprocess.run(["git", "--no-optional-locks", "-C", str(ROOT), *args],
-                             capture_output=True, text=True, check=False)
-        return res.stdout.strip()
-
-    return {"kernel": platform.release(), "nproc": os.cpu_count(), "cpu_model": model,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
-            "other_monitors": other_monitors(),
-            "git": {"commit": git("rev-parse", "HEAD"),
-                    "modified": [ln[3:] for ln in git("status", "--porcelain").splitlines()
-                                 if ln[3:].startswith(("monitor/", "probes/"))]}}
-
-
-def gen(argv: Sequence[str | int | Path], src: Sources) -> dict[str, Any]:
-    """Run `agentwatch exec ... gen ...` and return gen's JSON line."""
-    res = subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=False,
-                         stdin=subprocess.DEVNULL, env=src.env, cwd=src.dir)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({res.returncode}): "
-                           f"{res.stderr.strip()}")
-    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
-
-
-def tracked_loop(mon: AwMonitor, exe: Path, kind: str, n: int, port: int) -> dict[str, Any]:
-    """One run of gen's loop-connect / loop-exec as a tracked agent; then wait until the
-    monitor has taken every event the loop caused (or stopped moving)."""
-    before = mon.status()
-    cpu0 = mon.cpu_precise()
-    extra = [port] if kind == "connect" else []
-    g = gen([*mon.exec_prefix("bench"), exe, f"loop-{kind}", n, *extra], mon.src)
-    # gen's own exec and exit, plus one connect event per connect, or fork+exec+exit per spawn
-    expected = 2 + (n if kind == "connect" else 3 * n)
-    # connects past the process's flood budget are counted in the kernel, not delivered
-    shed = mon.status()["counters"]["shed"] - before["counters"]["shed"]
-    after, drain_s = wait_drained(mon, before["events"], expected - shed, quiet_s=0.5,
-                                  every=0.1)
-    cpu = mon.cpu_precise() - cpu0
-    delivered = after["events"] - before["events"]
-    return {"n": n, "us_per_op": g["elapsed_ns"] / n / 1000, "expected_events": expected,
-            "delivered": delivered, "aggregated": shed,
-            "lost": after["counters"]["lost"] - before["counters"]["lost"],
-            "drain_s": round(drain_s, 2), "monitor_cpu_s": round(cpu, 3),
-            "monitor_us_per_event": round(cpu * 1e6 / delivered, 2) if delivered else None}
-
-
-def loops(mon: AwMonitor, exe: Path, port: int, sizes: dict[str, int], reps: int
-          ) -> dict[str, Any]:
-    """R rounds of (connect, exec); per loop the fastest run is the figure."""
-    runs: dict[str, list[dict[str, Any]]] = {"connect": [], "exec": []}
-    for _ in range(reps):
-        for kind in runs:
-            runs[kind].append(tracked_loop(mon, exe, kind, sizes[kind], port))
-    out: dict[str, Any] = {"runs": runs}
-    for kind, rs in runs.items():
-        best = min(rs, key=lambda r: r["us_per_op"])
-        out[f"{kind}_us_per_op"] = best["us_per_op"]
-        per_ev = [r["monitor_us_per_event"] for r in rs if r["monitor_us_per_event"]]
-        out[f"{kind}_monitor_us_per_event"] = statistics.median(per_ev) if per_ev else None
-        out[f"{kind}_lost"] = sum(r["lost"] for r in rs)
-        out[f"{kind}_missing_events"] = sum(r["expected_events"] - r["delivered"] for r in rs)
-    return out
-
-
-def idle_cpu_pct(mon: AwMonitor, seconds: float) -> float:
-    cpu0, t0 = mon.cpu_precise(), time.monotonic()
-    time.sleep(seconds)
-    return round(100 * (mon.cpu_precise() - cpu0) / (time.monotonic() - t0), 2)
-
-
-def compile_c(tmp: Path, name: str, source: str) -> Path:
-    src = tmp / f"{name}.c"
-    src.write_text(source)
-    out = tmp / name
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)], check=True)
-    return out
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -427,7 +166,7 @@ def process_phase(env: Env, n: int, p: dict[str, Any]) -> dict[str, Any]:
     mon = AwMonitor(env.phase_dir(f"procs{n}"), env.src)
     groups: list[Group] = []
     waited = quiet_host(p["wait_s"])
-    load = OtherLoad(lambda: [mon.pid] if mon.proc else [])
+    load = OtherLoad(lambda: [mon.pid] if mon.proc else [], tree_cpu)
     load.start()
     foreign: set[int] = set()
     try:
@@ -469,22 +208,6 @@ def process_phase(env: Env, n: int, p: dict[str, Any]) -> dict[str, Any]:
     res["waited_for_quiet_s"] = round(waited, 1)
     res["disturbed"] = bool(foreign) or res["other_load_cores"] > BUSY_LIMIT
     return res
-
-
-PROCESS_FIGURES = [  # (key, label, unit, format)
-    ("connect_us_per_op", "tracked connect loop", "µs/op", ".2f"),
-    ("exec_us_per_op", "tracked fork+exec loop", "µs/op", ".0f"),
-    ("connect_monitor_us_per_event", "monitor CPU per connect event", "µs", ".1f"),
-    ("exec_monitor_us_per_event", "monitor CPU per exec-loop event", "µs", ".1f"),
-    ("scrape_ms", "/metrics scrape, median", "ms", ".2f"),
-    ("kill_p50_ms", "userspace kill latency p50", "ms", ".2f"),
-    ("kill_p99_ms", "userspace kill latency p99", "ms", ".2f"),
-]
-PROCESS_EXTRAS = [("idle_cpu_pct", "monitor idle CPU, % of a core", ".2f"),
-                  ("rss_mib", "monitor RSS, MiB", ".1f"),
-                  ("monitor_start_s", "monitor start, s", ".1f"),
-                  ("create_s", "start + track the idle processes, s", ".1f"),
-                  ("tracked_at_end", "idle processes tracked at the end", ".0f")]
 
 
 # --- rules -------------------------------------------------------------------------------
@@ -558,7 +281,7 @@ def check_policy(env: Env, path: Path) -> dict[str, Any]:
 def rule_phase(env: Env, k: int, policy: Path, p: dict[str, Any]) -> dict[str, Any]:
     mon = AwMonitor(env.phase_dir(f"rules{k}"), env.src, policy=policy)
     waited = quiet_host(p["wait_s"])
-    load = OtherLoad(lambda: [mon.pid] if mon.proc else [])
+    load = OtherLoad(lambda: [mon.pid] if mon.proc else [], tree_cpu)
     load.start()
     foreign: set[int] = set()
     try:
@@ -584,12 +307,6 @@ def rule_phase(env: Env, k: int, policy: Path, p: dict[str, Any]) -> dict[str, A
     return res
 
 
-RULE_FIGURES = PROCESS_FIGURES[:4] + [
-    ("monitor_start_s", "monitor start until it answers", "s", ".2f")]
-RULE_EXTRAS = [("idle_cpu_pct", "monitor idle CPU, % of a core", ".2f"),
-               ("rss_mib", "monitor RSS, MiB", ".1f")]
-
-
 def retried(phase: Callable[[], dict[str, Any]], tries: int) -> dict[str, Any]:
     """Run a phase; while it was disturbed by other work, run it again (up to `tries` in
     all). The last attempt counts; the disturbed ones are kept under disturbed_attempts."""
@@ -600,95 +317,6 @@ def retried(phase: Callable[[], dict[str, Any]], tries: int) -> dict[str, Any]:
             f"{a['foreign_bpf_pids']}): again")
         attempts.append(phase())
     return {**attempts[-1], "disturbed_attempts": attempts[:-1]}
-
-
-# --- summary and report ------------------------------------------------------------------
-
-
-def summarize(phases: list[dict[str, Any]], sizes: list[int],
-              figures: list[tuple[str, str, str, str]]) -> dict[str, Any]:
-    """Per figure and size: absolute samples, and the per-round ratio against sizes[0]."""
-    base = sizes[0]
-    by_round: dict[int, dict[int, dict[str, Any]]] = {}
-    for ph in phases:
-        by_round.setdefault(ph["round"], {})[ph["size"]] = ph
-    out: dict[str, Any] = {}
-    for key, *_ in figures:
-        fig: dict[str, Any] = {}
-        for size in sizes:
-            values = [r[size][key] for r in by_round.values()
-                      if size in r and r[size].get(key) is not None]
-            ratios = [r[size][key] / r[base][key] for r in by_round.values()
-                      if size in r and base in r and r[size].get(key) is not None
-                      and r[base].get(key)]
-            fig[str(size)] = {"values": values,
-                              "median": statistics.median(values) if values else None,
-                              "ratio": spread(ratios) if ratios else None}
-        out[key] = fig
-    return out
-
-
-def table(title: str, summary: dict[str, Any], phases: list[dict[str, Any]], sizes: list[int],
-          figures: list[tuple[str, str, str, str]], extras: list[tuple[str, str, str]]
-          ) -> list[str]:
-    base = sizes[0]
-    head = f"  {'figure':<40}{base:>10,}" + "".join(
-        f"{f'{s:,}: ratio (min-max), abs':>34}" for s in sizes[1:])
-    lines = [title, head]
-    for key, label, unit, fmt in figures:
-        fig = summary[key]
-        b = fig[str(base)]["median"]
-        row = f"  {f'{label}, {unit}':<40}{format(b, fmt) if b is not None else '-':>10}"
-        for s in sizes[1:]:
-            f = fig[str(s)]
-            r = f["ratio"]
-            cell = (f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}), "
-                    f"{format(f['median'], fmt)}" if r else "-")
-            row += f"{cell:>34}"
-        lines.append(row)
-    for key, label, fmt in extras:
-        row = f"  {label:<40}"
-        for s in sizes:
-            vals = [ph["memory_mib_end"]["VmRSS"] if key == "rss_mib" else ph[key]
-                    for ph in phases if ph["size"] == s]
-            cell = format(statistics.median(vals), fmt) if vals else "-"
-            row += f"{cell:>10}" if s == base else f"{cell:>34}"
-        lines.append(row)
-    lost = sum(ph["connect_lost"] + ph["exec_lost"] for ph in phases)
-    missing = sum(ph["connect_missing_events"] + ph["exec_missing_events"] for ph in phases)
-    lines.append(f"  events lost (ring buffer): {lost}; events caused but not counted: {missing}")
-    disturbed = [f"{ph['size']}@round{ph['round']}" for ph in phases if ph["disturbed"]]
-    if disturbed:
-        lines.append(f"  DISTURBED phases (other BPF users or > {BUSY_LIMIT} cores of other "
-                     f"work): {', '.join(disturbed)}")
-    return lines
-
-
-def report(res: dict[str, Any]) -> str:
-    m = res["machine"]
-    out = [f"agentwatch scaling bench  {m['date']}  kernel {m['kernel']}  {m['nproc']} CPUs  "
-           f"{m['cpu_model']}  commit {m['git']['commit'][:12]}"]
-    if m["other_monitors"]:
-        out.append(f"WARNING: other monitors were running: {m['other_monitors']}")
-    rounds = res["params"]["rounds"]
-    if "processes" in res:
-        pr = res["processes"]
-        out += [""] + table(
-            f"Tracked processes (default policy; ratio vs {pr['sizes'][0]} processes, median "
-            f"and min-max over {rounds} round(s); 'abs' = median absolute value)",
-            pr["summary"], pr["phases"], pr["sizes"], PROCESS_FIGURES, PROCESS_EXTRAS)
-    if "rules" in res:
-        ru = res["rules"]
-        out += [""] + table(
-            f"Policy rules (ratio vs {ru['sizes'][0]} rules, median and min-max over "
-            f"{rounds} round(s))", ru["summary"], ru["phases"], ru["sizes"], RULE_FIGURES,
-            RULE_EXTRAS)
-        for k in ru["sizes"]:
-            c = ru["policies"][str(k)]
-            out.append(f"  {k:>5} rules: {c['kernel']} in the kernel, {c['userspace']} in "
-                       f"userspace ({c['eligible_overflow']} of them kernel-eligible but over "
-                       f"the kernel's {c['kernel_max']}-rule limit)")
-    return "\n".join(out)
 
 
 def main() -> int:
@@ -733,8 +361,8 @@ def main() -> int:
         res["machine"]["sources_sha256"] = env.src.sha256
         # warm-up (discarded, no monitor): page cache, binaries, so round 1's first phase
         # (always the smallest size, every ratio's base) does not pay for a cold start
-        gen([env.gen, "loop-exec", 200], env.src)
-        gen([env.gen, "loop-connect", 10_000, env.port], env.src)
+        gen(env.gen, "loop-exec", 200, src=env.src)
+        gen(env.gen, "loop-connect", 10_000, env.port, src=env.src)
         if args.only in (None, "processes"):
             phases = []
             for rnd in range(p["rounds"]):
@@ -782,11 +410,7 @@ def main() -> int:
         if env is not None:
             env.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    res["runtime_s"] = round(time.monotonic() - t_start, 1)
-    res["machine"]["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    Path(args.output).write_text(json.dumps(res, indent=1) + "\n")
-    print(report(res))
-    print(f"\nruntime {res['runtime_s']} s; raw samples: {args.output}")
+    save_results(res, args.output, report(res), t_start)
     return 0
 
 

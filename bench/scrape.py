@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,19 +26,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from harness import ScrapeLoop, proc_cpu
+from lib.harness import ScrapeLoop, free_port, proc_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTWATCH = str(Path(sys.executable).parent / "agentwatch")
 GAP = 1.05  # seconds between timed scrapes: longer than the exporter's default cache
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
 
 
 def scrape_ms(url: str, n: int, gap: float = 0.0) -> list[float]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from monitor.model.errors import EnvironmentProblem
 from monitor.model.events import Event
 from monitor.policy.types import Policy
 from monitor.service.daemon import Monitor
+from tests.support.procs import free_port as free_port  # the kernel tests import it from here
 
 IN_CI = os.environ.get("CI") == "true"
 SOCKET = "/run/agentwatch-test/control.sock"
@@ -147,15 +147,6 @@ def running() -> Iterator[Running]:
     r = Running(load_config_text(SHARED_CONFIG, "<kernel-tests>"), SOCKET).start()
     yield r
     r.stop()
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now (for metrics and test listeners)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
 
 
 def agent_exec(argv: list[str], agent: str = "test", socket: str = SOCKET,

@@ -23,29 +23,10 @@ from pathlib import Path
 import pytest
 from conftest import AS_AGENT, agent_exec, free_port, require_root, wait_exit
 
+from tests.support.scrape import SCRAPER
+
 CLI = [sys.executable, "-m", "monitor.cli.main"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-SCRAPER = textwrap.dedent("""
-    import sys, threading, time, urllib.request
-    url, threads, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    end, ok, failed = time.monotonic() + seconds, [0], [0]
-    def loop():
-        while time.monotonic() < end:
-            try:
-                with urllib.request.urlopen(url, timeout=30) as r:
-                    r.read()
-                ok[0] += 1
-            except OSError:
-                failed[0] += 1
-    ts = [threading.Thread(target=loop) for _ in range(threads)]
-    print("scraping", flush=True)
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    print(ok[0], failed[0], flush=True)
-""")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -31,6 +31,7 @@ from conftest import (
 
 from monitor.model.events import ExecEvent
 from monitor.service import control
+from tests.support.procs import stop_process
 
 CLI = [sys.executable, "-m", "monitor.cli.main"]
 
@@ -82,13 +83,7 @@ class Service:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=20)
         self.notify.close()
         self.log.close()
 

@@ -34,8 +34,10 @@ from monitor.service.control import Peer
 from monitor.service.daemon import Monitor
 from monitor.sessions.procfs import PF_KTHREAD, ProcFS
 
+from .events import header as event_header
 from .kernel import FakeProbes
 from .log import Log
+from .procfs import make_proc as write_proc
 
 USERS = {"agent": 1001, "ci": 1002}
 
@@ -87,16 +89,11 @@ B = free_base()
 def make_proc(root: Path, pid: int, ppid: int, comm: str, *, uid: int = 1000,
               argv: tuple[str, ...] | None = None, exe: str | None = None,
               flags: int = 0, cgroup: str = "/user.slice/app.scope") -> None:
-    d = root / str(pid)
-    d.mkdir(parents=True)
-    fields = ["S", str(ppid), str(pid), str(pid), "0", "-1", str(flags)]
-    fields += ["0"] * 12 + [str(5000 + pid)] + ["0"] * 30
-    d.joinpath("stat").write_text(f"{pid} ({comm}) {' '.join(fields)}\n")
-    d.joinpath("status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
-    args = argv if argv is not None else (comm,)
-    d.joinpath("cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in args))
-    d.joinpath("cgroup").write_text(f"0::{cgroup}\n")
-    os.symlink(exe if exe is not None else f"/usr/bin/{comm}", d / "exe")
+    """root/PID for a process `comm` (argv default: just comm; exe default /usr/bin/COMM),
+    started 5000 + pid clock ticks after boot; written by tests/support/procfs.py."""
+    write_proc(root, pid, ppid, comm, flags=flags, start=5000 + pid, uid=uid,
+               argv=argv if argv is not None else (comm,), cgroup=f"0::{cgroup}\n",
+               exe=exe if exe is not None else f"/usr/bin/{comm}")
 
 
 def agent_tree(root: Path, monitor_parent: int = 1) -> None:
@@ -148,7 +145,8 @@ def rig(tmp_path: Path, cfg: Config | None = None, trace_all: bool = False,
 
 def header(pid: int, *, session: int = 0, agent: int = 0, comm: str = "python3",
            uid: int = 1000, ts: int = 1_000) -> Header:
-    return Header(ts_ns=ts, pid=pid, tid=pid, session=session, agent=agent, uid=uid, comm=comm)
+    """An event header of an untracked process by default (tests/support/events.py)."""
+    return event_header(pid, ts, comm=comm, session=session, agent=agent, uid=uid)
 
 
 class FakePeer(Peer):

@@ -4,16 +4,17 @@ shows the same bytes continued, and is otherwise judged as cut, saying why."""
 from __future__ import annotations
 
 from monitor.model import cmdline
-from monitor.model.events import ARGS_SIZE, ExecEvent, ExecFlag, Header
+from monitor.model.events import ARGS_SIZE, ExecEvent, ExecFlag
 from monitor.sessions import completion
 from monitor.sessions.procfs import ProcInfo
+from tests.support.events import exec_event
 
 CUT = ExecFlag.ARGV_FROM_MM | ExecFlag.ARGV_TRUNC_LEN
 
 
 def exec_ev(argv: tuple[str, ...], flags: int = CUT, filename: str = "/usr/bin/ssh"
             ) -> ExecEvent:
-    return ExecEvent(Header(1, 300, 300, 7, 0, 1000, "ssh"), 300, 1, 1, flags, filename, argv)
+    return exec_event(300, 1, argv, exe=filename, comm="ssh", ppid=1, flags=flags, session=7)
 
 
 def proc(raw: bytes, *, exe: str = "/usr/bin/ssh", cut: bool = False) -> ProcInfo:

@@ -9,7 +9,6 @@ signalled), and it is closed whatever happens.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from monitor.enforce.enforcer import Enforcer, KillResult, Outcome
 from monitor.sessions.procfs import PF_KTHREAD, ProcFS, ProcInfo, clock_ticks
+from tests.support import procfs
 
 TICK_NS = 1_000_000_000 // clock_ticks()
 S1, S2 = 0x8000_0001, 0x8000_0002
@@ -25,15 +25,8 @@ MONITOR, MONITOR_PARENT = 700, 699
 
 def make_proc(root: Path, pid: int, ppid: int = 1, comm: str = "proc", *, start: int = 1000,
               flags: int = 0) -> None:
-    d = root / str(pid)
-    d.mkdir(parents=True)
-    fields = ["S", str(ppid), str(pid), str(pid), "0", "-1", str(flags)]
-    fields += ["0"] * 12 + [str(start)] + ["0"] * 30  # field 22: starttime in ticks
-    d.joinpath("stat").write_text(f"{pid} ({comm}) {' '.join(fields)}\n")
-    d.joinpath("status").write_text(f"Name:\t{comm}\nUid:\t1000\t1000\t1000\t1000\n")
-    d.joinpath("cmdline").write_bytes(comm.encode() + b"\0")
-    d.joinpath("cgroup").write_text("0::/user.slice\n")
-    os.symlink(f"/usr/bin/{comm}", d / "exe")
+    procfs.make_proc(root, pid, ppid, comm, start=start, flags=flags, argv=(comm,),
+                     cgroup="0::/user.slice\n", exe=f"/usr/bin/{comm}")
 
 
 class Journal(list[tuple[str, int]]):

@@ -18,10 +18,7 @@ from monitor.model.events import (
     EXEC_ARGS_OFFSET,
     MIRRORS,
     CCommKey,
-    CConnectEvent,
     CExecEvent,
-    CExitEvent,
-    CForkEvent,
     CHeader,
     CMatch,
     ConnectEvent,
@@ -38,76 +35,17 @@ from monitor.model.events import (
     size_cflags,
 )
 from monitor.sessions.procfs import ProcFS
+from tests.support.events import (
+    connect_record,
+    exec_record,
+    exit_record,
+    fork_record,
+)
+from tests.support.events import raw_header as header
 
 PROBES = Path(__file__).resolve().parents[2] / "probes"
 HEADER_H = PROBES / "agentwatch.h"
 BPF_C = PROBES / "agentwatch.bpf.c"
-
-
-# --- building records as the kernel does ---------------------------------------------------
-
-
-def header(etype: int, *, pid: int = 4242, tid: int | None = None, session: int = 0x80000001,
-           agent: int = 3, uid: int = 1000, comm: bytes = b"claude", ts_ns: int = 123456789,
-           ) -> CHeader:
-    h = CHeader()
-    h.ts_ns = ts_ns
-    h.type = etype
-    h.pid = pid
-    h.tid = pid if tid is None else tid
-    h.session = session
-    h.agent = agent
-    h.uid = uid
-    h.comm = comm
-    return h
-
-
-def exec_record(args: list[bytes], *, argc: int | None = None, flags: int = 0,
-                filename: bytes = b"/usr/bin/git", **hdr: object) -> bytes:
-    """An exec record as sched_process_exec emits it: only the used part of `args`."""
-    packed = b"".join(a + b"\0" for a in args)
-    assert len(packed) <= events.ARGS_SIZE
-    e = CExecEvent()
-    e.h = header(EventType.EXEC, **hdr)  # type: ignore[arg-type]
-    e.old_tid = e.h.pid
-    e.ppid = 77
-    e.cgroup_id = 0x1234_5678_9ABC
-    e.argc = len(args) if argc is None else argc
-    e.flags = flags
-    e.args_len = len(packed)
-    e.filename = filename
-    ct.memmove(ct.addressof(e) + EXEC_ARGS_OFFSET, packed, len(packed))
-    raw = bytes(e)[: EXEC_ARGS_OFFSET + len(packed)]
-    assert len(raw) == EXEC_ARGS_OFFSET + e.args_len
-    return raw
-
-
-def connect_record(family: int, addr: bytes, port: int, protocol: int = 6,
-                   **hdr: object) -> bytes:
-    c = CConnectEvent()
-    c.h = header(EventType.CONNECT, **hdr)  # type: ignore[arg-type]
-    c.family = family
-    c.port = port
-    c.protocol = protocol
-    for i, b in enumerate(addr):
-        c.addr[i] = b
-    return bytes(c)
-
-
-def exit_record(status: int, cpu_ns: int = 2_000_000, ppid: int = 77) -> bytes:
-    x = CExitEvent()
-    x.h = header(EventType.EXIT)
-    x.exit_status = status
-    x.ppid = ppid
-    x.cpu_ns = cpu_ns
-    return bytes(x)
-
-
-def fork_record(child: int) -> bytes:
-    f = CForkEvent()
-    f.h = header(EventType.FORK)
-    f.child_pid = child
-    return bytes(f)
 
 
 # --- header and fork -----------------------------------------------------------------------

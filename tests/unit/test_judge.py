@@ -6,7 +6,6 @@ signal sender and a fixture /proc tree.
 
 from __future__ import annotations
 
-import os
 import textwrap
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,14 +14,9 @@ from typing import Any, cast
 from monitor.enforce.enforcer import Enforcer, KillResult, Outcome
 from monitor.enforce.judge import Judge
 from monitor.model.events import (
-    SESSION_KERNEL_BIT,
-    ConnectEvent,
     Event,
-    ExecEvent,
     ExecFlag,
     ExitEvent,
-    Family,
-    ForkEvent,
     Header,
     VerdictEvent,
     VerdictKind,
@@ -32,10 +26,12 @@ from monitor.policy.load import default_policy, load_policy_text
 from monitor.policy.types import Policy
 from monitor.sessions.procfs import ProcFS, clock_ticks
 from monitor.sessions.tracker import Tracker
+from tests.support import procfs
+from tests.support.events import S1, S2, exit_event, header
+from tests.support.events import connect_event as connect_ev
+from tests.support.events import exec_event as exec_ev
+from tests.support.events import fork_event as fork_ev
 
-S1 = SESSION_KERNEL_BIT | 1
-S2 = SESSION_KERNEL_BIT | 2
-NO_FLAGS = ExecFlag(0)
 AGENTS = ["claude-code", "codex"]
 SEC = 1_000_000_000
 T0 = 1_000 * SEC
@@ -114,29 +110,11 @@ class Rig:
 
 
 def hdr(pid: int, ts: int, comm: str, session: int = S1) -> Header:
-    return Header(ts_ns=ts, pid=pid, tid=pid, session=session, agent=0, uid=1000, comm=comm)
-
-
-def exec_ev(pid: int, ts: int, argv: str, *, exe: str | None = None, ppid: int = 0,
-            session: int = S1, flags: ExecFlag = NO_FLAGS) -> ExecEvent:
-    args = tuple(argv.split())
-    name = args[0].rsplit("/", 1)[-1]
-    return ExecEvent(hdr(pid, ts, name[:15], session), old_tid=pid, ppid=ppid, cgroup_id=1,
-                     flags=flags, filename=exe or f"/usr/bin/{name}", argv=args)
-
-
-def fork_ev(pid: int, child: int, ts: int, comm: str = "bash", session: int = S1) -> ForkEvent:
-    return ForkEvent(hdr(pid, ts, comm, session), child_pid=child)
-
-
-def connect_ev(pid: int, ts: int, address: str, port: int, comm: str = "kworker",
-               session: int = S1) -> ConnectEvent:
-    fam = Family.INET6 if ":" in address else Family.INET
-    return ConnectEvent(hdr(pid, ts, comm, session), fam, address, port, 6)
+    return header(pid, ts, comm=comm, session=session)
 
 
 def exit_ev(pid: int, ts: int, session: int = S1) -> ExitEvent:
-    return ExitEvent(hdr(pid, ts, "x", session), exit_status=9, ppid=0, cpu_ns=0)
+    return exit_event(pid, ts, status=9, comm="x", session=session)
 
 
 def kernel_verdict(rig: Rig, pid: int, ts: int, comm: str, rules: list[str], *,
@@ -540,15 +518,8 @@ class Signaller:
 
 
 def write_proc(root: Path, pid: int, start_ticks: int) -> None:
-    d = root / str(pid)
-    d.mkdir(parents=True)
-    fields = ["S", "1", str(pid), str(pid), "0", "-1", "0"] + ["0"] * 12
-    fields += [str(start_ticks)] + ["0"] * 30
-    d.joinpath("stat").write_text(f"{pid} (sh) {' '.join(fields)}\n")
-    d.joinpath("status").write_text("Name:\tsh\nUid:\t1000\t1000\t1000\t1000\n")
-    d.joinpath("cmdline").write_bytes(b"sh\0")
-    d.joinpath("cgroup").write_text("0::/\n")
-    os.symlink("/usr/bin/sh", d / "exe")
+    procfs.make_proc(root, pid, 1, "sh", start=start_ticks, argv=("sh",), cgroup="0::/\n",
+                     exe="/usr/bin/sh")
 
 
 def test_with_the_real_enforcer_a_recycled_pid_survives(tmp_path: Path) -> None:

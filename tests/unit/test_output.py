@@ -19,6 +19,7 @@ from monitor.model.events import (
     Header,
 )
 from monitor.observe.output import HEADER, columns, columns_of, describe_status, record, to_json
+from tests.support.events import connect_event, exec_event, exit_event
 
 H = Header(ts_ns=12_345_678_901, pid=4242, tid=4243, session=0x80000005, agent=0, uid=1000,
            comm="node")
@@ -28,16 +29,16 @@ COMMON = {"ts_ns": 12_345_678_901, "agent": "claude-code", "session": 0x80000005
 
 def exec_ev(argv: tuple[str, ...] = ("git", "commit", "-m", "fix it"),
             flags: int = 0, filename: str = "/usr/bin/git") -> ExecEvent:
-    return ExecEvent(H, old_tid=4243, ppid=4000, cgroup_id=9, flags=ExecFlag(flags),
-                     filename=filename, argv=argv)
+    return exec_event(H.pid, H.ts_ns, argv, h=H, old_tid=4243, ppid=4000, cgroup_id=9,
+                      flags=ExecFlag(flags), exe=filename)
 
 
 def connect_ev(family: Family, address: str, port: int = 443, protocol: int = 6) -> ConnectEvent:
-    return ConnectEvent(H, family, address, port, protocol)
+    return connect_event(H.pid, H.ts_ns, address, port, protocol=protocol, family=family, h=H)
 
 
 def exit_ev(status: int, cpu_ns: int = 1_250_000_000) -> ExitEvent:
-    return ExitEvent(H, exit_status=status, ppid=4000, cpu_ns=cpu_ns)
+    return exit_event(H.pid, H.ts_ns, status=status, ppid=4000, cpu_ns=cpu_ns, h=H)
 
 
 def roundtrip(ev: Event, agent: str = "claude-code") -> dict[str, object]:

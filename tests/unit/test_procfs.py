@@ -19,44 +19,7 @@ from monitor.sessions.procfs import (
     clock_ticks,
     plan_adoption,
 )
-
-
-def stat_line(pid: int, comm: str, ppid: int, flags: int = 0, start: int = 100) -> str:
-    fields = ["S", str(ppid), str(pid), str(pid), "0", "-1", str(flags)]
-    fields += ["0"] * 12  # fields 10..21
-    fields.append(str(start))  # field 22: starttime
-    fields += ["0"] * 30  # fields 23..52
-    return f"{pid} ({comm}) {' '.join(fields)}\n"
-
-
-def make_proc(
-    root: Path,
-    pid: int,
-    ppid: int,
-    comm: str = "proc",
-    *,
-    flags: int = 0,
-    start: int | None = None,
-    uid: int = 1000,
-    argv: tuple[str, ...] | None = None,
-    cgroup: str = "0::/user.slice/app.scope\n",
-    exe: str | None = "/usr/bin/proc",
-) -> Path:
-    d = root / str(pid)
-    d.mkdir(parents=True)
-    d.joinpath("stat").write_text(
-        stat_line(pid, comm, ppid, flags, start if start is not None else 1000 + pid)
-    )
-    d.joinpath("status").write_text(
-        f"Name:\t{comm}\nState:\tS (sleeping)\nPPid:\t{ppid}\n"
-        f"Uid:\t{uid}\t{uid + 1}\t{uid + 2}\t{uid + 3}\nGid:\t0\t0\t0\t0\n"
-    )
-    args = argv if argv is not None else (f"/usr/bin/{comm}",)
-    d.joinpath("cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in args))
-    d.joinpath("cgroup").write_text(cgroup)
-    if exe is not None:
-        os.symlink(exe, d / "exe")
-    return d
+from tests.support.procfs import make_proc, stat_line
 
 
 def kthread(root: Path, pid: int, comm: str, ppid: int = 2) -> None:

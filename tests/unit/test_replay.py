@@ -11,53 +11,31 @@ import pytest
 
 from monitor.model.errors import ConfigError, Location
 from monitor.model.events import (
-    SESSION_KERNEL_BIT,
-    ConnectEvent,
     Event,
     ExecEvent,
-    ExecFlag,
     ExitEvent,
-    Family,
-    ForkEvent,
-    Header,
 )
 from monitor.observe.output import record
 from monitor.policy.engine import Verdict
 from monitor.policy.load import default_policy, load_policy_text
 from monitor.policy.replay import read_recording, replay
 from monitor.policy.types import Action
+from tests.support.events import S1, S2, exec_event, exit_event
+from tests.support.events import connect_event as connect_ev
+from tests.support.events import fork_event as fork_ev
 
-S1 = SESSION_KERNEL_BIT | 1
-S2 = SESSION_KERNEL_BIT | 2
 SEC = 1_000_000_000
 DEFAULT = default_policy()
 KILLS = (Action.KILL, Action.KILL_AGENT)
 
 
-def hdr(pid: int, ts: int, comm: str, session: int) -> Header:
-    return Header(ts_ns=ts, pid=pid, tid=pid, session=session, agent=0, uid=1000, comm=comm)
-
-
 def exec_ev(pid: int, ts: int, cmd: str, *, session: int = S1, ppid: int = 0,
             exe: str | None = None) -> ExecEvent:
-    argv = tuple(cmd.split())
-    name = argv[0].rsplit("/", 1)[-1]
-    return ExecEvent(hdr(pid, ts, name[:15], session), old_tid=pid, ppid=ppid, cgroup_id=7,
-                     flags=ExecFlag(0), filename=exe or f"/usr/bin/{name}", argv=argv)
-
-
-def fork_ev(pid: int, child: int, ts: int, *, session: int = S1) -> ForkEvent:
-    return ForkEvent(hdr(pid, ts, "bash", session), child_pid=child)
-
-
-def connect_ev(pid: int, ts: int, address: str, port: int, *, session: int = S1,
-               protocol: int = 6) -> ConnectEvent:
-    fam = Family.INET6 if ":" in address else Family.INET
-    return ConnectEvent(hdr(pid, ts, "kworker", session), fam, address, port, protocol)
+    return exec_event(pid, ts, cmd, session=session, ppid=ppid, exe=exe, cgroup_id=7)
 
 
 def exit_ev(pid: int, ts: int, *, session: int = S1) -> ExitEvent:
-    return ExitEvent(hdr(pid, ts, "bash", session), exit_status=0, ppid=1, cpu_ns=5)
+    return exit_event(pid, ts, ppid=1, cpu_ns=5, session=session)
 
 
 def write(path: Path, events: list[tuple[Event, str]]) -> str:

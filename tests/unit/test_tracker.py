@@ -12,45 +12,46 @@ from monitor.model.events import (
     ExitEvent,
     Family,
     ForkEvent,
-    Header,
 )
 from monitor.sessions.tracker import HISTORY_CHARS, ConnectRecord, ExecRecord, Tracker
+from tests.support.events import (
+    NO_FLAGS,
+    S1,
+    S2,
+    connect_event,
+    exec_event,
+    exit_event,
+    fork_event,
+)
 
-S1 = SESSION_KERNEL_BIT | 1
-S2 = SESSION_KERNEL_BIT | 2
 AGENTS = ["claude-code", "codex"]
-NO_FLAGS = ExecFlag(0)
 
 
 def names(idx: int) -> str:
     return AGENTS[idx] if idx < len(AGENTS) else f"agent-{idx}"
 
 
-def hdr(pid: int, ts: int, session: int = S1, agent: int = 0, comm: str = "claude",
-        uid: int = 1000) -> Header:
-    return Header(ts_ns=ts, pid=pid, tid=pid, session=session, agent=agent, uid=uid, comm=comm)
-
-
 def exec_ev(pid: int, ts: int, filename: str, argv: tuple[str, ...], *, comm: str = "claude",
             ppid: int = 0, flags: ExecFlag = NO_FLAGS, session: int = S1, agent: int = 0,
             ) -> ExecEvent:
-    return ExecEvent(hdr(pid, ts, session, agent, comm), old_tid=pid, ppid=ppid,
-                     cgroup_id=1, flags=flags, filename=filename, argv=argv)
+    return exec_event(pid, ts, argv, exe=filename, comm=comm, ppid=ppid, flags=flags,
+                      session=session, agent=agent)
 
 
 def fork_ev(pid: int, child: int, ts: int, session: int = S1, comm: str = "claude") -> ForkEvent:
-    return ForkEvent(hdr(pid, ts, session, comm=comm), child_pid=child)
+    return fork_event(pid, child, ts, comm=comm, session=session)
 
 
 def exit_ev(pid: int, ts: int, status: int = 0, cpu_ns: int = 0, session: int = S1,
             ppid: int = 0) -> ExitEvent:
-    return ExitEvent(hdr(pid, ts, session), exit_status=status, ppid=ppid, cpu_ns=cpu_ns)
+    return exit_event(pid, ts, status=status, cpu_ns=cpu_ns, ppid=ppid, comm="claude",
+                      session=session)
 
 
 def connect_ev(pid: int, ts: int, address: str = "1.2.3.4", port: int = 443,
                protocol: int = 6, session: int = S1) -> ConnectEvent:
-    fam = Family.INET6 if ":" in address else Family.INET
-    return ConnectEvent(hdr(pid, ts, session), fam, address, port, protocol)
+    return connect_event(pid, ts, address, port, protocol=protocol, comm="claude",
+                         session=session)
 
 
 def root_exec(t: Tracker, pid: int = 100, session: int = S1, agent: int = 0) -> None:

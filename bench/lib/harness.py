@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
+from tests.support.procs import free_port, stop_process
+from tests.support.scrape import SCRAPER
+
+BENCH = Path(__file__).resolve().parent.parent  # bench/, this file is in bench/lib/
 ROOT = BENCH.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -95,6 +98,15 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu(pid: int) -> float:
+    """utime + stime of a process plus its reaped children's (cutime + cstime)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / CLK_TCK
+
+
 def spread(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "samples": values}
@@ -137,17 +149,6 @@ def other_monitors() -> list[str]:
         if any("agentwatch" in w for w in words[:3]) and ({"run", "trace"} & set(words)):
             found.append(f"{entry.name}: {' '.join(words)}")
     return found
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
-    """SIGTERM a child we started, by its pid, and wait for it; SIGKILL if it lingers."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Monitor:
@@ -250,29 +251,6 @@ def wait_drained(mon: Monitor, base: int, expected: int, quiet_s: float = 1.0,
     return last, last_change - t0
 
 
-SCRAPER = """
-import sys, threading, time, urllib.request
-url, n = sys.argv[1], int(sys.argv[2])
-done, ok, failed = threading.Event(), [0], [0]
-def loop():
-    while not done.is_set():
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                r.read()
-            ok[0] += 1
-        except OSError:
-            failed[0] += 1
-            time.sleep(0.01)
-threads = [threading.Thread(target=loop, daemon=True) for _ in range(n)]
-for t in threads:
-    t.start()
-print("scraping", flush=True)
-sys.stdin.read()
-done.set()
-print(ok[0], failed[0], flush=True)
-"""
-
-
 class ScrapeLoop:
     """An agent scraping /metrics in a loop: `threads` threads of one child process fetch
     `url` back to back (optionally started through `prefix`, e.g. `agentwatch exec ... --`)
@@ -293,3 +271,65 @@ class ScrapeLoop:
         seconds = time.monotonic() - self.start
         ok, failed = (int(x) for x in out.split())
         return ok, failed, seconds
+
+
+MAX_PROCESSES = 65536  # monitor.max_processes for every phase (room for 10,000+ and loops)
+
+
+def proc_status_mib(pid: int) -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem (/proc/PID/status) and Pss
+    (/proc/PID/smaps_rollup: a page mapped twice, like the ring buffer's, counted once), MiB."""
+    out = {}
+    for name in ("status", "smaps_rollup"):
+        try:
+            text = Path(f"/proc/{pid}/{name}").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "Pss"):
+                out[key] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
+class AwMonitor(Monitor):
+    """`agentwatch run` with room for 10,000+ processes (max_processes) and its own metrics
+    port (never the default 9464 that another monitor may hold)."""
+
+    def __init__(self, tmp: Path, src: Sources, *, policy: Path | None = None,
+                 max_processes: int = MAX_PROCESSES, ring_mib: int = 8) -> None:
+        self.metrics_port = free_port()
+        super().__init__(tmp, src, f"  ring_buffer_mib: {ring_mib}\n"
+                         f"  max_processes: {max_processes}\n"
+                         f"metrics:\n  listen: '127.0.0.1:{self.metrics_port}'\n",
+                         policy=policy)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self, timeout: float = 120) -> float:
+        return super().start(timeout)
+
+    def cpu_precise(self) -> float:
+        """CPU seconds of the monitor's live threads with nanosecond resolution (the first
+        field of /proc/PID/task/*/schedstat); cpu_seconds() counts 10 ms clock ticks, too
+        coarse for a few thousand events. A thread that exits between two reads takes its
+        time with it, so use it over windows with no /metrics scrape (one thread each)."""
+        total = 0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue
+        return total / 1e9
+
+    def memory(self) -> dict[str, float]:
+        """The monitor's memory, MiB: see proc_status_mib()."""
+        return proc_status_mib(self.pid)
+
+
+def idle_cpu_pct(mon: AwMonitor, seconds: float) -> float:
+    cpu0, t0 = mon.cpu_precise(), time.monotonic()
+    time.sleep(seconds)
+    return round(100 * (mon.cpu_precise() - cpu0) / (time.monotonic() - t0), 2)
