@@ -169,7 +169,7 @@ def baseline_imports(src: Sources) -> dict[str, Any]:
     no BPF): the part of the monitor's RSS that is interpreter and libraries."""
     code = ("import importlib, json\n"
             "mods = []\n"
-            "for m in ('bcc', 'monitor.cli.main', 'monitor.service.runtime',\n"
+            "for m in ('bcc', 'monitor.cli.main', 'monitor.service.daemon',\n"
             "          'monitor.kernel.loader', 'monitor.observe.collector',\n"
             "          'monitor.observe.alerts', 'monitor.policy.load'):\n"
             "    try:\n"

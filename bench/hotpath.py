@@ -5,8 +5,8 @@ through Monitor._on_record, the function the ring-buffer callback calls, with th
 policy, and reports microseconds per record. Baseline in the same run: the decoder alone
 (abi.decode) on the same records, so the ratio says what tracking, judging and metrics
 add on top of decoding. Rounds alternate (decode, full, decode, full, ...); medians and
-min-max are printed. No root, no BPF: FakeProbes from the unit tests stands in for the
-kernel maps.
+min-max are printed. No root, no BPF: FakeProbes (tests/support/kernel.py) stands in for
+the kernel maps.
 
     .venv/bin/python bench/hotpath.py [--records 200000] [--rounds 5]
 """
@@ -23,9 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
-
-from test_runtime_fake import FakeProbes, Log  # noqa: E402
+sys.path[:0] = [str(ROOT)]
 
 from monitor.config.load import load_config_text  # noqa: E402
 from monitor.kernel import abi  # noqa: E402
@@ -37,8 +35,10 @@ from monitor.kernel.abi import (  # noqa: E402
 )
 from monitor.model.events import EventType, ExecFlag  # noqa: E402
 from monitor.policy.load import default_policy  # noqa: E402
-from monitor.service.runtime import Monitor  # noqa: E402
+from monitor.service.daemon import Monitor  # noqa: E402
 from monitor.sessions.procfs import ProcFS  # noqa: E402
+from tests.support.kernel import FakeProbes  # noqa: E402
+from tests.support.log import Log  # noqa: E402
 
 SESSION = 0x80000001
 
@@ -77,7 +77,7 @@ def monitor() -> Monitor:
     tmp = Path(tempfile.mkdtemp(prefix="aw-hotpath-"))
     (tmp / "proc").mkdir()
     mon = Monitor(load_config_text("monitor: {tick_seconds: 1}\n", "<hotpath>"),
-                  default_policy(), probes=FakeProbes(),  # type: ignore[arg-type]
+                  default_policy(), probes=FakeProbes(),
                   procfs=ProcFS(tmp / "proc"), log=Log())
     mon.tracker.start_session(SESSION, "claude-code", os.getpid(), 1)
     mon.tracker.add_process(SESSION, os.getpid(), 0, comm="gen", exe="/tmp/gen",

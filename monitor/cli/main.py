@@ -102,7 +102,7 @@ def _run_monitor(cfg: Config, loaded: tuple[Policy | None, float], sock: str | N
     from prometheus_client import CollectorRegistry
 
     from monitor.observe.collector import AgentwatchCollector, serve
-    from monitor.service.runtime import Monitor
+    from monitor.service.daemon import Monitor
 
     policy, load_seconds = loaded
     probes = Probes(ProbeOptions(max_procs=cfg.monitor.max_processes,
@@ -110,14 +110,14 @@ def _run_monitor(cfg: Config, loaded: tuple[Policy | None, float], sock: str | N
                                  pin_dir="" if trace_all else cfg.monitor.pin_dir))
     mon = Monitor(cfg, policy, probes=probes, sink=sink, control_path=sock, log=log)
     mon.metrics.observe_policy_loaded(load_seconds)
-    mon.reloader = reloader
+    mon.reloads.loader = reloader
     stop = _stop_on_signals(mon.reload_requested if reloader else None)
     server = None
     mon.start()
     try:
         if serve_metrics:
             registry = CollectorRegistry()
-            registry.register(AgentwatchCollector(mon))
+            registry.register(AgentwatchCollector(mon.report))
             server, _ = serve(registry, cfg.metrics.listen,
                               cache_seconds=cfg.metrics.cache_seconds,
                               max_per_second=cfg.metrics.max_scrapes_per_second, log=mon.log)

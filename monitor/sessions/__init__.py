@@ -1,6 +1,10 @@
-"""Agent sessions in userspace: the tracker's state machine, the /proc reader, and
-completing what the probes saw only in part.
+"""Agent sessions in userspace: the tracker's state machine, the /proc reader, completing
+what the probes saw only in part, taking in exec and pending-candidate records (intake),
+adopting what already runs and agreeing with the kernel's process map (adoption), the
+agent table, recognition and `agentwatch exec` registration (registry), and rebuilding
+sessions from pinned probes (recovery).
 
 Knows which process belongs to which agent session and what it did. It never decides
-policy and never signals a process.
+policy and never signals a process: what it finds running goes to the judge, a latched
+agent's session to the kill switch, both as callables the daemon hands in.
 """

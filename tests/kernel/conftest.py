@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ from monitor.kernel.loader import ProbeOptions, Probes
 from monitor.model.errors import EnvironmentProblem
 from monitor.model.events import Event
 from monitor.policy.types import Policy
-from monitor.service.runtime import Monitor
+from monitor.service.daemon import Monitor
 from tests.support.procs import free_port as free_port  # the kernel tests import it from here
 
 IN_CI = os.environ.get("CI") == "true"
@@ -149,11 +150,12 @@ def running() -> Iterator[Running]:
 
 
 def agent_exec(argv: list[str], agent: str = "test", socket: str = SOCKET,
-               **kw: object) -> subprocess.Popen[bytes]:
+               **kw: Any) -> subprocess.Popen[bytes]:
     """Start argv as an agent root through the real `agentwatch exec` path."""
     cmd = [sys.executable, "-m", "monitor.cli.main", "exec", "--socket", socket, "--agent", agent,
            "--", *argv]
-    return subprocess.Popen(cmd, **kw)  # type: ignore[call-overload, no-any-return]
+    proc: subprocess.Popen[bytes] = subprocess.Popen(cmd, **kw)
+    return proc
 
 
 def wait_exit(p: subprocess.Popen[bytes], timeout: float = 20) -> int:
@@ -192,7 +194,8 @@ def as_agent(argv: list[str]) -> None:
                    timeout=30)
 
 
-def start_as_agent(argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
+def start_as_agent(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
     """Start argv as the unprivileged agent user (AGENT_UID)."""
-    return subprocess.Popen(argv, user=AGENT_UID, group=AGENT_UID,  # type: ignore[call-overload, no-any-return]
-                            extra_groups=[], **kw)
+    proc: subprocess.Popen[bytes] = subprocess.Popen(argv, user=AGENT_UID, group=AGENT_UID,
+                                                     extra_groups=[], **kw)
+    return proc

@@ -27,8 +27,8 @@ from conftest import AGENT_UID, AS_AGENT, free_port, require_root
 from monitor.config.types import AlertSettings
 from monitor.observe.alerts import kill_alert
 from monitor.observe.auditlog import AuditLog
+from monitor.observe.jsonlog import JsonLog
 from monitor.observe.notifier import Notifier
-from monitor.service.runtime import JsonLog
 
 Mount = Callable[[str], Path]
 

@@ -127,7 +127,7 @@ def test_a_connect_flood_cannot_blind_the_userspace_rules(
         counters = mon.monitor.probes.counters()
         assert counters[Counter.CONNECTS] > 100_000, counters  # the flood really was one
         if not vary:  # one destination over and over: aggregated in the kernel, per agent
-            assert mon.monitor.agent_losses()["hostile"][1] > 1000
+            assert mon.monitor.report.agent_losses()["hostile"][1] > 1000
     finally:
         for f in floods:
             f.kill()
@@ -281,6 +281,6 @@ def test_children_a_full_process_map_cannot_hold_die_before_they_run_anything(
         assert last_killed == b"True" and not marker.exists(), "an untracked child ran"
         counters = mon.monitor.probes.counters()
         assert counters[Counter.UNTRACKABLE] >= 1100 + 1 - 1024
-        assert mon.monitor.agent_losses()["hostile"][0] >= 1100 + 1 - 1024
+        assert mon.monitor.report.agent_losses()["hostile"][0] >= 1100 + 1 - 1024
     finally:
         mon.stop()

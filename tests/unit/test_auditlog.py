@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from monitor.observe.auditlog import AuditLog
-from monitor.service.runtime import JsonLog
+from monitor.observe.jsonlog import JsonLog
 
 
 class Reports:

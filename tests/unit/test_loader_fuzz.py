@@ -193,13 +193,13 @@ def test_arbitrary_bytes_in_a_file_are_loaded_or_refused(tmp_path: Path, data: b
 @given(dumped(policy_doc) | soup)
 def test_a_reload_keeps_the_running_policy_unless_the_new_one_loads(
         tmp_path: Path, text: str) -> None:
-    from test_runtime_fake import rig
+    from tests.support.monitor import rig
 
     r = rig(tmp_path)
     before = r.mon.policy.sha256
     path = tmp_path / "policy.yaml"
     path.write_text(text, encoding="utf-8", errors="surrogateescape")
-    r.mon.reloader = lambda: (r.mon.config, load_policy(path, user_lookup=users))
+    r.mon.reloads.loader = lambda: (r.mon.config, load_policy(path, user_lookup=users))
     if r.mon.reload_from_files():
         assert r.mon.policy.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     else:
