@@ -9,10 +9,9 @@ atomic groups, verbose mode...) is refused with a reason that says what to write
 so ``policy check`` and ``config check`` name the pattern and why.
 
 Text is matched as UTF-8. Bytes of a command line that were not UTF-8 (decoded with
-surrogateescape, as monitor/model/events.py and monitor/sessions/procfs.py do) are matched as
-U+FFFD,
-the replacement character: ``.`` and ``[^ ]`` match them like any other character, and
-``\\x{FFFD}`` names them.
+surrogateescape, as monitor/kernel/abi.py and monitor/sessions/procfs.py do) are matched
+as U+FFFD, the replacement character: ``.`` and ``[^ ]`` match them like any other
+character, and ``\\x{FFFD}`` names them.
 
 Bounds, per file: each compiled pattern may use at most ``MAX_PATTERN_MEMORY`` (RE2's
 ``max_mem``: the program and its DFA cache), be at most ``MAX_PATTERN_CHARS`` long, at most

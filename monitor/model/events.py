@@ -72,7 +72,7 @@ class ExecFlag(IntFlag):
     ARGV_FAULT = 0x20
     CANDIDATE = 0x40
     ARGV_FROM_MM = 0x80
-    # set in userspace (monitor/service/runtime.py), never by the probes:
+    # set in userspace (monitor/sessions/completion.py), never by the probes:
     ARGV_COMPLETED = 0x10000  # the probes' copy was cut; /proc showed the same bytes
     # continued, and argv is the whole command line
     ARGV_UNCONFIRMED = 0x20000  # the probes' copy was cut and /proc could not confirm the

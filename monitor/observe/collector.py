@@ -53,7 +53,7 @@ from monitor.observe.metrics import (
 
 
 class MetricsSource(Protocol):
-    """What the collector reads at scrape time (monitor/service/runtime.py Monitor provides it).
+    """What the collector reads at scrape time (monitor/service/status.py Report provides it).
     Each method is called once per scrape, from the HTTP server's thread."""
 
     @property

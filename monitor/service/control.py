@@ -12,7 +12,7 @@ runs in a thread of its own, at most MAX_BUSY at once (the kill switch has its o
 MAX_BUSY), and a handler's exception becomes an error reply, never a dead server.
 `subscribe` turns the connection into a stream of event lines; a subscriber that cannot
 keep up loses lines, never the monitor's time. It never runs a handler for an unknown
-operation. The client side is used by `agentwatch exec`, `trace`, `top` and the others.
+operation. Parsing a request is service/wire.py; the client side is service/client.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Unit tests for monitor.enforce.judge: evaluate -> log -> count -> enforce, fed with synthetic
-events through a real Tracker (as monitor/service/runtime.py does: tracker first, then judge), with
+events through a real Tracker (as monitor/service/daemon.py does: tracker first, then judge), with
 a recording stand-in for the Enforcer, or a real Enforcer over a fake kernel map, a fake
 signal sender and a fixture /proc tree.
 """
@@ -91,7 +91,7 @@ class Rig:
                            self.log)
 
     def feed(self, *evs: Event) -> None:
-        """What monitor/service/runtime.py does with each event of a tracked process."""
+        """What monitor/service/daemon.py does with each event of a tracked process."""
         for ev in evs:
             proc = self.tracker.apply(ev)
             session = self.tracker.session(ev.h.session)

@@ -401,7 +401,7 @@ def test_exec_names_cut_inside_a_utf8_character_match_in_kernel_and_engine() -> 
     t = compile_kernel(p)
     raw = "ééééééééé".encode()[: COMM_LEN - 1]  # what the kernel's comm holds
     assert t.exec_names.get(raw, 0) == 1  # the kernel kills it
-    comm = raw.decode("utf-8", "surrogateescape")  # what monitor/model/events.py decodes
+    comm = raw.decode("utf-8", "surrogateescape")  # what monitor/kernel/abi.py decodes
     assert match_exec(p.rules[0], "bot", "/opt/x/renamed", comm, [comm])
 
 

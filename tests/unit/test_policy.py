@@ -613,7 +613,7 @@ def test_policy_check_names_every_refused_pattern_and_exits_2(
 
 
 def test_argv_with_bytes_that_are_not_utf8_is_matched_whole() -> None:
-    # argv is bytes; monitor/model/events.py decodes it with surrogateescape. RE2 matches UTF-8:
+    # argv is bytes; monitor/kernel/abi.py decodes it with surrogateescape. RE2 matches UTF-8:
     # each byte that is not UTF-8 is matched as U+FFFD, so . and [^ ] still match it.
     policy = load(HEAD + """\
 rules:
