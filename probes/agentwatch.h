@@ -183,7 +183,8 @@ struct aw_match {
 #define AW_ANY_UID 0xffffffffu
 
 /* Key of `match_comm`: looked up with the process's uid, then with AW_ANY_UID. Userspace
- * resolves overlapping entries so the first agent in config order wins (monitor/policy/kernel_tables.py kernel_matchers). */
+ * resolves overlapping entries so the first agent in config order wins
+ * (kernel_matchers in monitor/policy/kernel_tables.py). */
 struct aw_comm_key {
     char comm[AW_COMM_LEN];
     __u32 uid;
