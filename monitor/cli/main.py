@@ -1,10 +1,10 @@
-"""The `agentwatch` command line: run, trace, exec, status, top, killswitch, reload,
-policy check/test, config check.
+"""The `agentwatch` command line: run, trace, exec, status, top, killswitch, reload, and
+the parser for every command (policy check/test and config check are in cli/files.py).
 
 Turns every AgentwatchError into one sentence on stderr and its exit code (2 bad config,
 3 host lacks something, 4 control socket refused); never prints a traceback for those.
-Text that may come from an agent reaches the terminal only through monitor.model.safetext (or
-as JSON, which escapes it).
+Text that may come from an agent reaches the terminal only through monitor.model.safetext
+(or as JSON, which escapes it).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import IO
 
 from monitor import __version__
+from monitor.cli.files import cmd_config_check, cmd_policy_check, cmd_policy_test
 from monitor.config.load import default_config, load_config
 from monitor.config.types import Config
 from monitor.kernel.loader import ProbeOptions, Probes
@@ -280,42 +281,6 @@ def cmd_top(args: argparse.Namespace) -> int:
     from monitor.cli.top import run_top  # rich is imported by this command only
 
     return run_top(_socket(args), interval=args.interval, once=args.once)
-
-
-def cmd_policy_check(args: argparse.Namespace) -> int:
-    from monitor.policy.kernel_tables import compile_kernel
-
-    policy = load_policy(args.file)
-    tables = compile_kernel(policy)
-    print(f"{args.file}: ok — mode {policy.mode.value}, {len(policy.agents)} agents, "
-          f"{len(policy.rules)} rules ({len(tables.rules)} enforced in the kernel), "
-          f"sha256 {policy.sha256[:16]}")
-    for rule in policy.rules:
-        where = "kernel" if rule in tables.rules else "userspace"
-        print(f"  {rule.name:<32} {rule.event.value:<9} {rule.action.value:<10} {where}")
-    return 0
-
-
-def cmd_policy_test(args: argparse.Namespace) -> int:
-    from monitor.policy.replay import read_recording, replay
-
-    policy = load_policy(args.file) if args.file != "default" else default_policy()
-    verdicts = replay(policy, read_recording(args.events))
-    for v in verdicts:
-        what = {"alert": "alert", "deny": "would refuse"}.get(v.action.value, "would kill")
-        target = "agent session" if v.action.value == "kill-agent" else f"pid {v.pid}"
-        print(f"{what:<12} {v.rule:<32} {printable(v.agent):<14} {target}: "
-              f"{printable(v.reason)}")
-    kills = sum(1 for v in verdicts if v.action.value in ("kill", "kill-agent"))
-    print(f"{len(verdicts)} verdicts, {kills} kills (cpu rules are not replayed: a "
-          "recording has no CPU samples)")
-    return 0
-
-
-def cmd_config_check(args: argparse.Namespace) -> int:
-    cfg = load_config(args.file)
-    print(f"{args.file}: ok ({len(cfg.agents)} agents)")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
