@@ -21,6 +21,7 @@ from monitor.model import events
 from monitor.model.agents import AgentSpec
 from monitor.model.events import ConnectEvent, Event, ExecEvent, ExitEvent, VerdictEvent
 from monitor.model.events import VerdictKind as VK
+from monitor.model.records import PolicyStatus, SessionStatus, StatusReply, VerdictTotal
 from monitor.observe.auditlog import AuditLog, SinkStats
 from monitor.observe.metrics import (
     AgentUsage,
@@ -117,26 +118,25 @@ class Report:
     # --- status --------------------------------------------------------------------------
 
     def status(self, events_seen: int, decode_errors: int) -> dict[str, Any]:
-        """The control socket's `status` reply (`agentwatch status`)."""
+        """The control socket's `status` reply (`agentwatch status`), as model.records
+        defines it for every reader."""
         with self.lock:
-            sessions = [
-                {"session": s.id, "agent": s.agent, "root_pid": s.root_pid,
-                 "processes": len(s.processes), "cpu_seconds": round(s.cpu_ns / 1e9, 3),
-                 "execs": s.execs, "connects": s.connects}
-                for s in self.tracker.sessions()
-            ]
-        counters = {c.name.lower(): v for c, v in self.probes.counters().items()}
+            sessions = tuple(
+                SessionStatus(s.id, s.agent, s.root_pid, len(s.processes),
+                              round(s.cpu_ns / 1e9, 3), s.execs, s.connects)
+                for s in self.tracker.sessions())
         policy, tables = self.now.policy, self.now.tables
-        info = {"source": policy.source, "sha256": policy.sha256,
-                "mode": policy.mode.value, "rules": len(policy.rules),
-                "kernel_rules": [r.name for r in tables.rules]}
-        verdicts = [{"agent": a, "rule": r, "action": act, "mode": m, "count": n}
-                    for (a, r, act, m), n in sorted(self.judge.counts.items())]
-        return {"probes": self.probes.attached, "probes_expected": self.probes.expected,
-                "events": events_seen, "policy": info, "verdicts": verdicts,
-                "decode_errors": decode_errors, "sessions": sessions,
-                "processes_evicted": self.tracker.evicted,
-                "counters": counters, "agents": self.agents.names()}
+        return StatusReply(
+            probes=self.probes.attached, probes_expected=self.probes.expected,
+            events=events_seen,
+            policy=PolicyStatus(policy.source, policy.sha256, policy.mode.value,
+                                len(policy.rules), tuple(r.name for r in tables.rules)),
+            verdicts=tuple(VerdictTotal(a, r, act, m, n)
+                           for (a, r, act, m), n in sorted(self.judge.counts.items())),
+            decode_errors=decode_errors, sessions=sessions,
+            processes_evicted=self.tracker.evicted,
+            counters={c.name.lower(): v for c, v in self.probes.counters().items()},
+            agents=tuple(self.agents.names())).to_json()
 
     def status_line(self) -> str:
         """One line for systemd (`systemctl status`)."""
