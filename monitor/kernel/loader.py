@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+import select
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,8 @@ class Probes(RuleMaps):
         self.expected = 0
         self._cgroup_links: list[int] = []
         self._links: PinnedLinks | None = None
+        self._epoll: select.epoll | None = None  # the rings' map fds and _wake_fd
+        self._wake_fd: int | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -115,6 +118,12 @@ class Probes(RuleMaps):
     def close(self) -> None:
         """Detach. With a pin_dir the pinned links keep the probes attached (the service
         never leaves agents unwatched); `agentwatch detach` removes them."""
+        if self._epoll is not None:
+            fd, self._wake_fd = self._wake_fd, None
+            self._epoll.close()
+            self._epoll = None
+            if fd is not None:
+                os.close(fd)
         if self._bpf is not None:
             self._detach_cgroup()
             if self._links is not None:
@@ -213,12 +222,39 @@ class Probes(RuleMaps):
 
         for ring in RINGS:  # libbpf consumes rings in the order they were added
             self.bpf[ring].open_ring_buffer(_cb)
+        self._watch_rings()
+
+    def _watch_rings(self) -> None:
+        """Wait for the rings here (epoll on their map fds, as libbpf's poll does) together
+        with an eventfd that wake() writes, so another thread can cut the wait short."""
+        self._epoll = select.epoll()
+        for ring in RINGS:
+            self._epoll.register(self.bpf[ring].map_fd, select.EPOLLIN)
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+
+    def wake(self) -> None:
+        """End the current (or next) poll() now: another thread has work for the loop."""
+        fd = self._wake_fd
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:
+                pass  # closed meanwhile: there is no loop left to wake
 
     def poll(self, timeout_ms: int = 100) -> None:
-        """Wait up to timeout_ms for a wakeup, then read every record. Records submitted
-        without a wakeup (probes: wake_flags) never make epoll ready by themselves, so the
-        read after the wait is what picks them up."""
-        self.bpf.ring_buffer_poll(timeout_ms)
+        """Wait up to timeout_ms for a wakeup (a ring's, or wake()'s), then read every
+        record. Records submitted without a wakeup (probes: wake_flags) never make epoll
+        ready by themselves, so the read after the wait is what picks them up."""
+        if self._epoll is None:
+            self.bpf.ring_buffer_poll(timeout_ms)
+        else:
+            for fd, _ in self._epoll.poll(timeout_ms / 1000):
+                if fd == self._wake_fd:
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        pass  # another poll took it
         self.bpf.ring_buffer_consume()
 
     def drain(self) -> None:

@@ -35,6 +35,9 @@ class KernelMaps(Protocol):
     # --- ring buffers ----------------------------------------------------------------
     def on_record(self, callback: Callable[[bytes], None]) -> None: ...
     def poll(self, timeout_ms: int = 100) -> None: ...
+    def wake(self) -> None:
+        """End the current or next poll() now (callable from any thread)."""
+        ...
 
     # --- the process map -------------------------------------------------------------
     def track(self, pid: int, session: int, agent: int, ppid: int = 0,

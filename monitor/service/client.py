@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,9 @@ def request(path: str | Path, req: dict[str, Any], timeout: float = 5) -> dict[s
     return reply
 
 
-def stream(path: str | Path) -> Iterator[dict[str, Any]]:
+def stream(path: str | Path) -> Generator[dict[str, Any], None, None]:
     """Subscribe to the monitor's event stream (connects now, raises ControlError if it
-    cannot); the returned iterator yields one dict per event."""
+    cannot); the returned generator yields one dict per event (close() it to hang up)."""
     s = _connect(path, 5)
     try:
         s.sendall(b'{"op": "subscribe"}\n')
@@ -53,7 +53,7 @@ def stream(path: str | Path) -> Iterator[dict[str, Any]]:
         raise ControlError(str(first.get("error", "subscription refused")))
     s.settimeout(None)
 
-    def lines() -> Iterator[dict[str, Any]]:
+    def lines() -> Generator[dict[str, Any], None, None]:
         try:
             for line in f:
                 yield json.loads(line)

@@ -4,9 +4,10 @@ the sinks, and the single writer of session and judge state.
 Order at start: attach the probes (from then on the kernel tracks every child of a
 tracked process), install the in-kernel matchers, recover what pinned probes kept, then
 adopt the agent trees already running. The loop reads the rings, ticks, and runs the
-control socket's operations (register, status, reload, the kill switch's latch) that reach
-it through a queue: those run on the loop, under the lock the collector's readers take,
-never on the control socket's threads. Wiring only: each job is in its own module
+control socket's operations that change state (register, reload, the kill switch's latch):
+they reach it through a queue that wakes it (service/inbox.py) and run on the loop, under
+the lock the collector's readers take, never on the control socket's threads; `status`
+only reads, under that lock, like a scrape. Wiring only: each job is in its own module
 (sessions/intake, adoption, registry, recovery; enforce/killswitch; service/reload,
 status). It never signals a process itself.
 """
@@ -110,7 +111,7 @@ class Monitor:
         self.decode_errors = 0
         self.cgroup: str | None = None
         self._control: ControlServer | None = None
-        self.inbox = Inbox(self.lock)  # control operations, run by the loop
+        self.inbox = Inbox(self.lock, self.probes.wake)  # control operations, run by the loop
         self.on_loop = self.inbox.call
 
     @property
@@ -165,7 +166,8 @@ class Monitor:
         return {
             "ping": lambda req, peer: {"ok": True, "pid": os.getpid()},
             "register": queued(self.registry.op_register),
-            "status": queued(lambda req, peer: {"ok": True, **self.status()}),
+            # a read (under the lock, like a scrape): answered at once, not on the loop
+            "status": lambda req, peer: {"ok": True, **self.status()},
             "killswitch": lambda req, peer: self.kill_switch.op(req, peer, self.on_loop),
             "reload": queued(self.reloads.op),
         }
@@ -212,7 +214,7 @@ class Monitor:
         finally:
             self.inbox.close()  # runs what came in as the loop ended
 
-    # --- control operations: run on the loop ---------------------------------------------
+    # --- control operations: writes run on the loop, `status` only reads ----------------
 
     def reload_from_files(self) -> bool:
         """SIGHUP or `reload`: load config and policy again; a bad one is refused."""

@@ -1,8 +1,9 @@
 """The daemon loop's inbox: work other threads (the control socket's) hand to the loop, so
 the loop stays the one writer of session and judge state.
 
-`call(fn)` queues fn and waits for the loop to run it (under the daemon's lock), then
-returns its result or raises its error in the caller. While no loop drains the inbox
+`call(fn)` queues fn, wakes the loop (which may be waiting for records) and waits for it
+to run fn (under the daemon's lock), then returns its result or raises its error in the
+caller. While no loop drains the inbox
 (before the loop starts, after it ends, in unit tests that drive the daemon by hand) fn
 runs right away in the caller, under the same lock: nothing waits for a loop that is not
 there, and the loop never waits for itself. Nothing here knows what the work is.
@@ -20,8 +21,9 @@ T = TypeVar("T")
 
 
 class Inbox:
-    def __init__(self, lock: threading.RLock) -> None:
+    def __init__(self, lock: threading.RLock, wake: Callable[[], None] = lambda: None) -> None:
         self.lock = lock  # the daemon's: held while the work runs
+        self.wake = wake  # cuts the loop's wait for records short
         self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = \
             queue.SimpleQueue()
         self._gate = threading.Lock()  # orders `open`/`close` against `call`
@@ -47,6 +49,8 @@ class Inbox:
                 fut = Future()
                 self._queue.put((fn, fut))
                 self.waiting = True
+        if fut is not None:
+            self.wake()  # the loop may be waiting for records: up to 100 ms otherwise
         if fut is None:
             with self.lock:
                 return fn()

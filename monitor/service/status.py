@@ -119,24 +119,26 @@ class Report:
 
     def status(self, events_seen: int, decode_errors: int) -> dict[str, Any]:
         """The control socket's `status` reply (`agentwatch status`), as model.records
-        defines it for every reader."""
+        defines it for every reader. Read under the lock, on the caller's thread."""
+        policy, tables = self.now.policy, self.now.tables
         with self.lock:
             sessions = tuple(
                 SessionStatus(s.id, s.agent, s.root_pid, len(s.processes),
                               round(s.cpu_ns / 1e9, 3), s.execs, s.connects)
                 for s in self.tracker.sessions())
-        policy, tables = self.now.policy, self.now.tables
+            verdicts = tuple(VerdictTotal(a, r, act, m, n)
+                             for (a, r, act, m), n in sorted(self.judge.counts.items()))
+            evicted = self.tracker.evicted
+            agents = tuple(self.agents.names())
         return StatusReply(
             probes=self.probes.attached, probes_expected=self.probes.expected,
             events=events_seen,
             policy=PolicyStatus(policy.source, policy.sha256, policy.mode.value,
                                 len(policy.rules), tuple(r.name for r in tables.rules)),
-            verdicts=tuple(VerdictTotal(a, r, act, m, n)
-                           for (a, r, act, m), n in sorted(self.judge.counts.items())),
-            decode_errors=decode_errors, sessions=sessions,
-            processes_evicted=self.tracker.evicted,
+            verdicts=verdicts, decode_errors=decode_errors, sessions=sessions,
+            processes_evicted=evicted,
             counters={c.name.lower(): v for c, v in self.probes.counters().items()},
-            agents=tuple(self.agents.names())).to_json()
+            agents=agents).to_json()
 
     def status_line(self) -> str:
         """One line for systemd (`systemctl status`)."""

@@ -17,9 +17,8 @@ from monitor.model.errors import EnvironmentProblem
 CLI = [sys.executable, "-m", "monitor.cli.main"]
 
 
-def run(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60,
-                          **kw)  # type: ignore[call-overload, no-any-return]
+def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
 
 
 def test_bad_config_is_refused_at_start_with_file_line_and_reason(tmp_path: Path) -> None:

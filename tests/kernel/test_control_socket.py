@@ -169,3 +169,4 @@ def test_register_never_adopts_a_process_that_got_the_pid_of_a_client_that_exite
     p = agent_exec(["true"], agent="recycled-pid")
     assert wait_exit(p) == 0
     assert os.path.exists(SOCKET)
+

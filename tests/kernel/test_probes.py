@@ -360,3 +360,26 @@ def test_cpu_readings_in_one_batch_match_the_map_entry_by_entry(running: Running
             except ProcessLookupError:
                 pass
         wait_exit(p)
+
+
+def test_a_poll_waiting_for_records_is_woken_from_another_thread() -> None:
+    """The daemon's loop waits in poll() for ring-buffer records; a control operation
+    handed to it (service/inbox.py) must not wait out that timeout. wake() ends the wait at
+    once: a poll asked to wait ten minutes returns as soon as another thread wakes it."""
+    import threading
+
+    from monitor.kernel.loader import ProbeOptions, Probes
+
+    probes = Probes(ProbeOptions(max_procs=1024, ringbuf_mib=1))
+    probes.open()
+    try:
+        probes.on_record(lambda raw: None)
+        waiter = threading.Thread(target=probes.poll, args=(600_000,), daemon=True)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive(), "poll returned without records or a wakeup"
+        probes.wake()
+        waiter.join(30)
+        assert not waiter.is_alive(), "wake() did not end the poll"
+    finally:
+        probes.close()

@@ -37,6 +37,7 @@ class FakeProbes:
         self.match_comm: dict[tuple[bytes, int], int] = {}
         self.match_uid: dict[int, int] = {}
         self.polls = 0
+        self.wakes = 0
         self.doomed: set[int] = set()
         self.beats: list[float] = []
         self.calls: list[str] = []  # order of the lifecycle and map-writing calls
@@ -66,6 +67,9 @@ class FakeProbes:
 
     def poll(self, timeout_ms: int = 100) -> None:
         self.polls += 1
+
+    def wake(self) -> None:
+        self.wakes += 1
 
     def track(self, pid: int, session: int, agent: int, ppid: int = 0,
               start_ns: int = 0) -> None:

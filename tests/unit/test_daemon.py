@@ -296,8 +296,9 @@ def test_a_loader_bug_during_a_reload_is_logged_and_the_monitor_keeps_running(
 
 
 def test_control_operations_run_on_the_loop(tmp_path: Path) -> None:
-    """register, status, reload and the kill switch's latch reach the loop through its
-    queue: the loop is the one writer of session state."""
+    """register, reload and the kill switch's latch reach the loop through its queue, and
+    wake it (it may be waiting for records): the loop is the one writer of session state.
+    `status` only reads, on the caller's thread."""
     r = rig(tmp_path)
     agent_tree(r.proc)
     stop = threading.Event()
@@ -309,6 +310,7 @@ def test_control_operations_run_on_the_loop(tmp_path: Path) -> None:
         reply = r.mon._handlers()["register"]({"op": "register", "agent": "tool"},
                                               FakePeer(B + 10))
         assert reply == {"ok": True, "session": 1, "pid": B + 10}
+        assert r.probes.wakes >= 2  # on_loop above and register each woke the loop
         status = r.mon._handlers()["status"]({"op": "status"}, FakePeer(B + 10))
         assert [s["agent"] for s in status["sessions"]] == ["tool"]
         with pytest.raises(ControlError, match="unknown agent"):

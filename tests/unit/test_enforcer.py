@@ -57,7 +57,7 @@ class FakeKernel:
         self.journal.append(("session_pids", session))
         return sorted(p for p, s in self.members.items() if s == session)
 
-    def doom(self, session: int) -> None:
+    def doom(self, session: int, manual: bool = False) -> None:
         self.journal.append(("doom", session))
         self.doomed.append(session)
 
@@ -246,13 +246,14 @@ def test_gone_from_proc_after_open_closes_the_pidfd(tmp_path: Path) -> None:
     rig.assert_every_pidfd_closed()
 
 
-def test_the_pidfd_is_closed_when_a_check_raises(proc: Path) -> None:
+def test_the_pidfd_is_closed_when_a_check_raises(proc: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     rig = Rig(proc, {200: S1})
 
     def broken(pid: int) -> int | None:
         raise RuntimeError("kernel map unreadable")
 
-    rig.kernel.session_of = broken  # type: ignore[method-assign]
+    monkeypatch.setattr(rig.kernel, "session_of", broken)
     with pytest.raises(RuntimeError):
         rig.kill(200)
     assert rig.signaller.killed == []

@@ -46,3 +46,19 @@ def test_the_loop_never_waits_for_itself() -> None:
     inbox.open()
     assert inbox.call(lambda: 42) == 42
     assert not inbox.waiting
+
+
+def test_queued_work_wakes_the_loop() -> None:
+    """The loop may be blocked waiting for records (up to 100 ms): handing it work wakes
+    it, so a control request never waits out that timeout."""
+    woken = threading.Event()
+    inbox = Inbox(threading.RLock(), wake=woken.set)
+    inbox.open()  # this thread is the loop
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(inbox.call, lambda: "ran")
+        assert woken.wait(5), "queued work did not wake the loop"
+        inbox.drain()
+        assert done.result(timeout=5) == "ran"
+    inbox.close()
+    assert not inbox.call(lambda: woken.clear())  # inline (no loop): no wake needed
+    assert not woken.is_set()

@@ -318,7 +318,8 @@ def test_once_prints_one_frame_with_rates_and_streamed_records(
     assert "claude" in line_with(out, "1001") and "ci-bot" in line_with(out, "1002")
     assert out.index("claude") < out.index("ci-bot")
     assert "10.0.0.5:8443" in out and "killed" in line_with(out, "no-ssh ")
-    assert "\x1b[?1049h" not in console.file.getvalue()  # type: ignore[attr-defined]
+    assert isinstance(console.file, io.StringIO)
+    assert "\x1b[?1049h" not in console.file.getvalue()
 
 
 def test_once_with_interval_zero_takes_one_snapshot(
