@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from monitor.model.errors import ControlError
+from monitor.service import client
 from tests.support.procs import free_port, stop_process
 from tests.support.scrape import SCRAPER
 
@@ -59,24 +60,12 @@ class ControlRefused(Exception):
 
 
 def request(sock: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request on the monitor's control socket (one JSON line each way)."""
+    """One request on the monitor's control socket, through the CLI's own client (which
+    sends a request refused as busy again within `timeout`)."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(sock)
-            s.sendall((json.dumps(req) + "\n").encode())
-            buf = b""
-            while b"\n" not in buf:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-    except OSError as e:
+        return client.request(sock, req, timeout=timeout)
+    except ControlError as e:
         raise ControlRefused(f"{sock}: {e}") from None
-    reply = json.loads(buf.split(b"\n", 1)[0] or b"{}")
-    if not isinstance(reply, dict) or not reply.get("ok"):
-        raise ControlRefused(f"{sock}: {reply}")
-    return reply
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

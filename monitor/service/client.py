@@ -16,12 +16,32 @@ from pathlib import Path
 from typing import Any
 
 from monitor.model.errors import ControlError
+from monitor.service.wire import BUSY
 
 MAX_REPLY = 64 * 1024 * 1024  # what a client reads of one reply line
 
 
 def request(path: str | Path, req: dict[str, Any], timeout: float = 5) -> dict[str, Any]:
-    """Send one request; return the reply, or raise ControlError with the monitor's reason."""
+    """Send one request; return the reply, or raise ControlError with the monitor's reason.
+
+    A refusal because every handler was busy (wire.BUSY: nothing ran) is sent again after a
+    short, growing pause until `timeout` is up, so a burst of requests is answered rather
+    than refused; any other refusal is final."""
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while True:
+        reply = _exchange(path, req, max(deadline - time.monotonic(), 0.1))
+        if reply.get("ok"):
+            return reply
+        error = str(reply.get("error", "request refused"))
+        if not error.startswith(BUSY) or time.monotonic() + pause > deadline:
+            raise ControlError(error)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
+def _exchange(path: str | Path, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request line out, one reply line back (either may be a refusal)."""
     with _connect(path, timeout) as s:
         try:
             try:
@@ -32,8 +52,6 @@ def request(path: str | Path, req: dict[str, Any], timeout: float = 5) -> dict[s
         except OSError as e:  # includes TimeoutError: accepted but never answered
             raise ControlError(f"the monitor on {path} did not answer ({e or 'timed out'})"
                                ) from None
-    if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "request refused")))
     return reply
 
 

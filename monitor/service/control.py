@@ -32,7 +32,7 @@ from typing import Any
 
 from monitor.model.errors import ControlError
 from monitor.service.client import request
-from monitor.service.wire import MAX_REQUEST, RequestError, line_of, parse_request
+from monitor.service.wire import BUSY, MAX_REQUEST, RequestError, line_of, parse_request
 
 REQUEST_SECONDS = 5.0  # from connect to the request's newline
 REPLY_SECONDS = 5.0  # for the client to take its reply
@@ -388,7 +388,7 @@ class ControlServer:
             return f"unknown op {op[:64]!r} (known: {known})"
         slots = self._kill_slots if op == "killswitch" else self._slots
         if not slots.acquire(blocking=False):
-            return f"the monitor is busy with {MAX_BUSY} requests: try again"
+            return f"{BUSY} with {MAX_BUSY} requests: try again"
         worker = threading.Thread(target=self._answer,
                                   args=(w.conn, w.peer, op, handler, req, slots),
                                   name="agentwatch-control-request", daemon=True)

@@ -17,6 +17,8 @@ from typing import Any
 
 MAX_REQUEST = 64 * 1024  # bytes in one request line
 MAX_DEPTH = 16  # arrays and objects nested in a request
+BUSY = "the monitor is busy"
+"""How a refusal for want of a free handler starts: no handler ran, so it may be sent again."""
 MAX_DIGITS = 20  # digits of an integer in a request (a 64-bit one has at most 20)
 
 

@@ -616,8 +616,8 @@ def test_busy_requests_are_refused_but_the_kill_switch_has_its_own_slots(
         for t in held:
             t.start()
         wait_for(lambda: all_slots_taken(srv))
-        with pytest.raises(ControlError, match="busy"):
-            request(srv.path, {"op": "ping"}, timeout=5)
+        with pytest.raises(ControlError, match="busy"):  # still busy when its time is up
+            request(srv.path, {"op": "ping"}, timeout=1)
         assert request(srv.path, {"op": "killswitch"}, timeout=5)["ok"] is True
     finally:
         release.set()
@@ -625,6 +625,36 @@ def test_busy_requests_are_refused_but_the_kill_switch_has_its_own_slots(
             t.join(timeout=10)
         srv.stop()
     assert "ping" not in calls.ops()
+
+
+def test_a_request_that_finds_the_monitor_busy_is_answered_when_a_slot_frees(
+    tmp_path: Path, calls: Calls,
+) -> None:
+    """Refused as busy, no handler ran: the client tries again within its timeout, so a
+    burst (a launcher starting 40 agents with `agentwatch exec` at once) is answered
+    instead of failing some of them."""
+    release = threading.Event()
+
+    def slow(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        release.wait(10)
+        return {"ok": True}
+
+    srv = ControlServer(tmp_path / "c.sock", {**calls.handlers(), "status": slow})
+    srv.start()
+    held = [threading.Thread(target=lambda: request(srv.path, {"op": "status"}, 15),
+                             daemon=True) for _ in range(control.MAX_BUSY)]
+    try:
+        for t in held:
+            t.start()
+        wait_for(lambda: all_slots_taken(srv))
+        threading.Timer(0.3, release.set).start()
+        assert request(srv.path, {"op": "ping"}, timeout=10)["ok"] is True
+    finally:
+        release.set()
+        for t in held:
+            t.join(timeout=10)
+        srv.stop()
+    assert calls.ops() == ["ping"]  # run once: the refusals before it ran nothing
 
 
 @pytest.mark.timeout(30)
