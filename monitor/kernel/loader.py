@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import select
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ class Probes(RuleMaps):
         self._links: PinnedLinks | None = None
         self._epoll: select.epoll | None = None  # the rings' map fds and _wake_fd
         self._wake_fd: int | None = None
+        self._wake_lock = threading.Lock()  # a wake() never writes to an fd close() freed
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -119,11 +121,12 @@ class Probes(RuleMaps):
         """Detach. With a pin_dir the pinned links keep the probes attached (the service
         never leaves agents unwatched); `agentwatch detach` removes them."""
         if self._epoll is not None:
-            fd, self._wake_fd = self._wake_fd, None
+            with self._wake_lock:
+                fd, self._wake_fd = self._wake_fd, None
+                if fd is not None:
+                    os.close(fd)
             self._epoll.close()
             self._epoll = None
-            if fd is not None:
-                os.close(fd)
         if self._bpf is not None:
             self._detach_cgroup()
             if self._links is not None:
@@ -235,12 +238,9 @@ class Probes(RuleMaps):
 
     def wake(self) -> None:
         """End the current (or next) poll() now: another thread has work for the loop."""
-        fd = self._wake_fd
-        if fd is not None:
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError:
-                pass  # closed meanwhile: there is no loop left to wake
+        with self._wake_lock:
+            if self._wake_fd is not None:
+                os.eventfd_write(self._wake_fd, 1)
 
     def poll(self, timeout_ms: int = 100) -> None:
         """Wait up to timeout_ms for a wakeup (a ring's, or wake()'s), then read every
