@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from enum import StrEnum
 from typing import Protocol
 
 from monitor.sessions.procfs import ProcFS, clock_ticks
+
+SWEEP_PAUSE_SECONDS = 0.002  # between two rounds of kill_session: forks in flight land
 
 
 class KillOutcome(StrEnum):
@@ -104,23 +107,42 @@ class Enforcer:
             self.signaller.close(fd)
 
     def kill_session(self, session: int, known: Iterable[int] = (),
-                     rounds: int = 20, manual: bool = False) -> list[KillResult]:
+                     rounds: int = 20, manual: bool = False,
+                     background: bool = False) -> list[KillResult]:
         """kill-agent: leave no process of the session alive, even one forking right now.
 
         The kernel is told first (every process of the session then dies at its next fork
         exit or context switch, and children die before their first instruction); then each
-        process the kernel still lists is killed through a pidfd, until none is left.
+        process the kernel still lists is killed through a pidfd, round after round (a short
+        pause between two) until none is left. With `background` (the event thread) only
+        the first round runs in the caller and its results are returned; the later rounds,
+        and their pauses, run on a thread of their own.
         """
         if manual:  # the operator's kill switch: doomed in monitor mode too
             self.kernel.doom(session, manual=True)
         else:
             self.kernel.doom(session)
         results = {pid: self.kill(pid, session) for pid in known}
-        for _ in range(rounds):
-            live = self.kernel.session_pids(session)
-            if not live:
-                break
-            for pid in live:
-                results[pid] = self.kill(pid, session)
-            time.sleep(0.002)
+        if background:
+            if self._sweep(session, results) and rounds > 1:
+                threading.Thread(target=self._sweeps, args=(session, rounds - 1, {}, True),
+                                 name="agentwatch-kill-session", daemon=True).start()
+        else:
+            self._sweeps(session, rounds, results)
         return list(results.values())
+
+    def _sweeps(self, session: int, rounds: int, results: dict[int, KillResult],
+                pause_first: bool = False) -> None:
+        if pause_first:
+            time.sleep(SWEEP_PAUSE_SECONDS)
+        for _ in range(rounds):
+            if not self._sweep(session, results):
+                return
+            time.sleep(SWEEP_PAUSE_SECONDS)
+
+    def _sweep(self, session: int, results: dict[int, KillResult]) -> bool:
+        """Kill what the kernel still lists in the session; whether it listed anyone."""
+        live = self.kernel.session_pids(session)
+        for pid in live:
+            results[pid] = self.kill(pid, session)
+        return bool(live)

@@ -42,7 +42,7 @@ class Executor:
         v = d.verdict
         session = self.tracker.session(v.session)
         known = list(session.processes) if session else []
-        results = self.enforcer.kill_session(v.session, known)
+        results = self.enforcer.kill_session(v.session, known, background=True)
         killed = sum(1 for r in results if r.outcome == KillOutcome.KILLED)
         refused = tuple(f"{r.pid}: {r.reason}" for r in results
                         if r.outcome == KillOutcome.REFUSED)

@@ -9,6 +9,7 @@ signalled), and it is closed whatever happens.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -306,6 +307,21 @@ def test_kill_session_gives_up_after_its_rounds(proc: Path) -> None:
     assert {r.pid: r.outcome for r in results} == {200: KillOutcome.KILLED, 999: KillOutcome.GONE}
     assert rig.signaller.killed == [200]
     rig.assert_every_pidfd_closed()
+
+
+def test_kill_session_in_the_background_returns_after_one_round(proc: Path) -> None:
+    """The judge's kill-agent runs on the event thread: it gets the first round's results
+    at once, and the later rounds (and the pauses between them) run on their own thread,
+    still catching a process forked meanwhile."""
+    rig = Rig(proc, {200: S1, 999: S1}, forks={3: [(203, S1)]})
+    results = rig.enforcer.kill_session(S1, known=[200], rounds=5, background=True)
+    assert {r.pid: r.outcome for r in results} == {200: KillOutcome.KILLED,
+                                                   999: KillOutcome.GONE}
+    deadline = time.monotonic() + 10
+    while rig.kernel.rounds < 5:  # 999 stays listed: every round runs, on the sweeper
+        assert time.monotonic() < deadline, f"the sweep stopped at round {rig.kernel.rounds}"
+        time.sleep(0.01)
+    assert 203 in rig.signaller.killed  # forked before round 3, killed by the sweeper
 
 
 def test_kill_session_of_an_empty_session_only_dooms(proc: Path) -> None:

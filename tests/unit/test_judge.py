@@ -63,7 +63,7 @@ class FakeEnforcer:
         return KillResult(pid, self.outcome, "" if self.outcome == KillOutcome.KILLED else "why")
 
     def kill_session(self, session: int, known: Iterable[int] = (),
-                     rounds: int = 20) -> list[KillResult]:
+                     rounds: int = 20, background: bool = False) -> list[KillResult]:
         pids = list(known)
         self.session_kills.append((session, pids))
         return [KillResult(p, KillOutcome.KILLED) for p in pids]
