@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -599,9 +600,11 @@ def test_requests_of_one_op_run_one_at_a_time(tmp_path: Path, calls: Calls) -> N
     assert any(len(o) == 2 for o in overlaps)  # the two ops did run side by side
 
 
-def test_busy_requests_are_refused_but_the_kill_switch_has_its_own_slots(
-    tmp_path: Path, calls: Calls,
-) -> None:
+@contextmanager
+def every_slot_held(tmp_path: Path, calls: Calls) -> Iterator[tuple[ControlServer,
+                                                                  threading.Event]]:
+    """A server whose MAX_BUSY handler slots are all taken by `status` requests that wait
+    for the yielded event (set on the way out, at the latest); stopped afterwards."""
     release = threading.Event()
 
     def slow(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -616,14 +619,21 @@ def test_busy_requests_are_refused_but_the_kill_switch_has_its_own_slots(
         for t in held:
             t.start()
         wait_for(lambda: all_slots_taken(srv))
-        with pytest.raises(ControlError, match="busy"):  # still busy when its time is up
-            request(srv.path, {"op": "ping"}, timeout=1)
-        assert request(srv.path, {"op": "killswitch"}, timeout=5)["ok"] is True
+        yield srv, release
     finally:
         release.set()
         for t in held:
             t.join(timeout=10)
         srv.stop()
+
+
+def test_busy_requests_are_refused_but_the_kill_switch_has_its_own_slots(
+    tmp_path: Path, calls: Calls,
+) -> None:
+    with every_slot_held(tmp_path, calls) as (srv, _):
+        with pytest.raises(ControlError, match="busy"):  # still busy when its time is up
+            request(srv.path, {"op": "ping"}, timeout=1)
+        assert request(srv.path, {"op": "killswitch"}, timeout=5)["ok"] is True
     assert "ping" not in calls.ops()
 
 
@@ -633,27 +643,9 @@ def test_a_request_that_finds_the_monitor_busy_is_answered_when_a_slot_frees(
     """Refused as busy, no handler ran: the client tries again within its timeout, so a
     burst (a launcher starting 40 agents with `agentwatch exec` at once) is answered
     instead of failing some of them."""
-    release = threading.Event()
-
-    def slow(req: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        release.wait(10)
-        return {"ok": True}
-
-    srv = ControlServer(tmp_path / "c.sock", {**calls.handlers(), "status": slow})
-    srv.start()
-    held = [threading.Thread(target=lambda: request(srv.path, {"op": "status"}, 15),
-                             daemon=True) for _ in range(control.MAX_BUSY)]
-    try:
-        for t in held:
-            t.start()
-        wait_for(lambda: all_slots_taken(srv))
+    with every_slot_held(tmp_path, calls) as (srv, release):
         threading.Timer(0.3, release.set).start()
         assert request(srv.path, {"op": "ping"}, timeout=10)["ok"] is True
-    finally:
-        release.set()
-        for t in held:
-            t.join(timeout=10)
-        srv.stop()
     assert calls.ops() == ["ping"]  # run once: the refusals before it ran nothing
 
 
