@@ -31,6 +31,7 @@ from conftest import (
 
 from monitor.model.events import ExecEvent
 from monitor.service import client, control
+from tests.support.hostile import HOSTILE_POLICIES
 from tests.support.procs import stop_process
 
 CLI = [sys.executable, "-m", "monitor.cli.main"]
@@ -163,17 +164,7 @@ def test_sighup_reloads_a_good_policy_and_refuses_a_bad_one(service: Service) ->
     assert {"verdict", "policy reloaded", "policy reload refused"} <= {x["msg"] for x in audit}
 
 
-HOSTILE = {  # issue 10 item 8: each once crashed, froze or blew up a loader
-    "nested 100000 deep": "mode: enforce\nrules: " + "[" * 100_000 + "]" * 100_000 + "\n",
-    "billion laughs": "l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]\n" for i in range(1, 9))
-    + "mode: *l8\n",
-    "a 5000-digit number": "mode: enforce\nrules:\n  - {name: a, event: processes, "
-                           "action: kill, match: {above: " + "7" * 5000 + "}}\n",
-    "a backreference": "mode: enforce\nrules:\n  - {name: a, event: exec, action: kill, "
-                       "match: {argv: ['(a)\\1']}}\n",
-    "2 MiB": "mode: monitor\n" + "#" * (2 << 20) + "\n",
-}
+HOSTILE = {**HOSTILE_POLICIES, "2 MiB": "mode: monitor\n" + "#" * (2 << 20) + "\n"}
 
 
 def refused_reloads(service: Service) -> float:

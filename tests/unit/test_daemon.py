@@ -31,6 +31,7 @@ from monitor.observe.jsonlog import JsonLog
 from monitor.policy.load import load_policy_text
 from monitor.service.daemon import Monitor
 from monitor.sessions.procfs import ProcFS
+from tests.support.hostile import HOSTILE_POLICIES
 from tests.support.kernel import FakeProbes
 from tests.support.monitor import (
     CLAUDE,
@@ -234,20 +235,7 @@ def test_audit_lines_and_alerts_a_full_disk_refuses_are_exported_and_overflow_co
     assert "Traceback" not in capfd.readouterr().err
 
 
-
 # --- reload: a hostile or broken file never takes the monitor down (issue 10, item 8) -----
-
-
-HOSTILE_POLICIES = {
-    "deep": "mode: enforce\nrules: " + "[" * 100_000 + "]" * 100_000 + "\n",
-    "bomb": "l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]\n" for i in range(1, 9))
-    + "mode: *l8\n",
-    "long-number": "mode: enforce\nrules:\n  - {name: a, event: processes, action: kill, "
-                   "match: {above: " + "7" * 5000 + "}}\n",
-    "backreference": "mode: enforce\nrules:\n  - {name: a, event: exec, action: kill, "
-                     "match: {argv: ['(a)\\1']}}\n",
-}
 
 
 def _reload(tmp_path: Path, text: str) -> tuple[bool, bool, dict[str, int], list[str]]:
