@@ -87,11 +87,17 @@ class ConfigReader:
         metrics = self.metrics(top["metrics"]) if "metrics" in top else MetricsSettings()
         return Config(agents, monitor, source, alerts=alerts, metrics=metrics)
 
+    def section(self, node: Node, name: str, allowed: tuple[str, ...]
+                ) -> dict[str, Node] | None:
+        """The keys of a settings section, or None for its defaults: none written ("name:"
+        with every setting commented out) or not a mapping (a problem, collected)."""
+        if node.value is None:
+            return None
+        return check_mapping(node, name, self.problems, allowed=allowed)
+
     def monitor(self, node: Node) -> MonitorSettings:
         default = MonitorSettings()
-        if node.value is None:  # "monitor:" with every setting commented out
-            return default
-        fields = check_mapping(node, "monitor", self.problems, allowed=_MONITOR_KEYS)
+        fields = self.section(node, "monitor", _MONITOR_KEYS)
         if fields is None:
             return default
         p = self.problems
@@ -162,9 +168,7 @@ class ConfigReader:
 
     def alerts(self, node: Node) -> AlertSettings:
         default = AlertSettings()
-        if node.value is None:  # "alerts:" with every setting commented out
-            return default
-        fields = check_mapping(node, "alerts", self.problems, allowed=_ALERTS_KEYS)
+        fields = self.section(node, "alerts", _ALERTS_KEYS)
         if fields is None:
             return default
         p = self.problems
@@ -228,9 +232,7 @@ class ConfigReader:
 
     def metrics(self, node: Node) -> MetricsSettings:
         default = MetricsSettings()
-        if node.value is None:  # "metrics:" with every setting commented out
-            return default
-        fields = check_mapping(node, "metrics", self.problems, allowed=_METRICS_KEYS)
+        fields = self.section(node, "metrics", _METRICS_KEYS)
         if fields is None:
             return default
         listen = default.listen
