@@ -40,6 +40,16 @@ def request(path: str | Path, req: dict[str, Any], timeout: float = 5) -> dict[s
         pause = min(pause * 2, 0.2)
 
 
+def answers(path: str | Path) -> bool:
+    """Whether a monitor listens on `path` and replies, whatever the reply (a busy one
+    still refuses with a reason): a second monitor must not take its socket."""
+    try:
+        _exchange(path, {"op": "ping"}, timeout=1)
+    except ControlError:
+        return False
+    return True
+
+
 def _exchange(path: str | Path, req: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One request line out, one reply line back (either may be a refusal)."""
     with _connect(path, timeout) as s:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.model.errors import ControlError
-from monitor.service.client import request
+from monitor.service.client import answers
 from monitor.service.wire import BUSY, MAX_REQUEST, RequestError, line_of, parse_request
 
 REQUEST_SECONDS = 5.0  # from connect to the request's newline
@@ -213,7 +213,7 @@ class ControlServer:
     def start(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.path.exists():
-            if _answers(self.path):
+            if answers(self.path):
                 raise ControlError(f"another agentwatch monitor is already serving {self.path}")
             self.path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -425,10 +425,3 @@ class ControlServer:
             with self._workers_lock:
                 self._workers.discard(threading.current_thread())
 
-
-def _answers(path: Path) -> bool:
-    try:
-        request(path, {"op": "ping"}, timeout=1)
-    except ControlError:
-        return False
-    return True

@@ -637,6 +637,16 @@ def test_busy_requests_are_refused_but_the_kill_switch_has_its_own_slots(
     assert "ping" not in calls.ops()
 
 
+def test_a_second_server_refuses_while_the_first_is_busy(tmp_path: Path, calls: Calls) -> None:
+    """A monitor whose handlers are all busy still answers (with a refusal): a second one
+    started on its socket must not take the socket over."""
+    with every_slot_held(tmp_path, calls) as (srv, _):
+        second = ControlServer(srv.path, Calls().handlers())
+        with pytest.raises(ControlError, match="already serving"):
+            second.start()
+        assert request(srv.path, {"op": "killswitch"}, timeout=5)["ok"] is True
+
+
 def test_a_request_that_finds_the_monitor_busy_is_answered_when_a_slot_frees(
     tmp_path: Path, calls: Calls,
 ) -> None:
