@@ -247,14 +247,13 @@ class Probes(RuleMaps):
         record. Records submitted without a wakeup (probes: wake_flags) never make epoll
         ready by themselves, so the read after the wait is what picks them up."""
         if self._epoll is None:
-            self.bpf.ring_buffer_poll(timeout_ms)
-        else:
-            for fd, _ in self._epoll.poll(timeout_ms / 1000):
-                if fd == self._wake_fd:
-                    try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        pass  # another poll took it
+            raise RuntimeError("poll() before on_record(): no ring is open")
+        for fd, _ in self._epoll.poll(timeout_ms / 1000):
+            if fd == self._wake_fd:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass  # another poll took it
         self.bpf.ring_buffer_consume()
 
     def drain(self) -> None:
