@@ -4,7 +4,8 @@
  * Compiled by BCC (monitor/kernel/loader.py) with constants passed as -D flags, never by pasting
  * text. The kernel headers on these hosts do not match the running kernel, so the only
  * struct fields read are at offsets taken from the running kernel's BTF (monitor/kernel/btf.py:
- * task->mm, task->exit_code, mm->arg_start/arg_end), passed in as -D constants.
+ * task->mm, task->exit_code, mm->arg_start/arg_end, and the executable's name and link count
+ * through mm->exe_file), passed in as -D constants.
  *
  * No syscall tracepoint is used: attaching any one of them sends every syscall of every
  * process on the host through the kernel's slow path (docs/benchmarks.md measured +14 % on
@@ -28,8 +29,14 @@
 #if !defined(AW_TASK_MM_OFF) || !defined(AW_TASK_EXIT_CODE_OFF)
 #error "task_struct offsets from BTF missing (monitor/kernel/loader.py passes them)"
 #endif
+#if !defined(AW_MM_EXE_FILE_OFF) || !defined(AW_FILE_INODE_OFF) || !defined(AW_INODE_NLINK_OFF) \
+    || !defined(AW_FILE_DENTRY_OFF) || !defined(AW_DENTRY_NAME_PTR_OFF)
+#error "exe_file offsets from BTF missing (monitor/kernel/loader.py passes them)"
+#endif
 
 #define AW_CLONE_THREAD 0x00010000ULL
+#define AW_MEMFD_PREFIX_LEN 6 /* "memfd:", what memfd_create puts before a memfd's name */
+_Static_assert(AW_COMM_LEN == AW_ADDR_LEN, "an exec verdict carries the file name in addr");
 #define AW_AF_INET 2
 #define AW_AF_INET6 10
 
@@ -501,6 +508,67 @@ static __always_inline struct aw_proc *match_new_root(u32 g, u32 tgid, u32 *flag
     return p;
 }
 
+/* The executable this exec runs: current->mm->exe_file, which exec sets before this
+ * tracepoint (for a #! script, the interpreter; offsets from the running kernel's BTF).
+ * Fills `key` with its file name as the kernel holds a comm (15 bytes; a memfd's "memfd:"
+ * prefix stripped, so memfd_create("xmrig") is named xmrig whether it ran through fexecve,
+ * execveat(AT_EMPTY_PATH) or /proc/self/fd/N) and sets AW_EXEC_FILELESS when the file has
+ * no links (a memfd, a deleted file, an O_TMPFILE file). Returns 1 when the name was read. */
+static __always_inline int exe_file(struct aw_name_key *key, u32 *flags)
+{
+    void *task = (void *)bpf_get_current_task();
+    void *mm = NULL, *file = NULL, *inode = NULL, *dentry = NULL;
+    const char *name = NULL;
+    u32 nlink = 1;
+    if (bpf_probe_read_kernel(&mm, sizeof(mm), task + AW_TASK_MM_OFF) != 0 || !mm)
+        return 0;
+    if (bpf_probe_read_kernel(&file, sizeof(file), mm + AW_MM_EXE_FILE_OFF) != 0 || !file)
+        return 0;
+    if (bpf_probe_read_kernel(&inode, sizeof(inode), file + AW_FILE_INODE_OFF) == 0 && inode &&
+        bpf_probe_read_kernel(&nlink, sizeof(nlink), inode + AW_INODE_NLINK_OFF) == 0 &&
+        nlink == 0)
+        *flags |= AW_EXEC_FILELESS;
+    if (bpf_probe_read_kernel(&dentry, sizeof(dentry), file + AW_FILE_DENTRY_OFF) != 0 ||
+        !dentry)
+        return 0;
+    if (bpf_probe_read_kernel(&name, sizeof(name), dentry + AW_DENTRY_NAME_PTR_OFF) != 0 ||
+        !name)
+        return 0;
+    char head[AW_MEMFD_PREFIX_LEN + 1] = {};
+    bpf_probe_read_kernel_str(head, sizeof(head), name);
+    if (head[0] == 'm' && head[1] == 'e' && head[2] == 'm' && head[3] == 'f' &&
+        head[4] == 'd' && head[5] == ':') /* "memfd:" (no memcmp in BPF) */
+        name += AW_MEMFD_PREFIX_LEN;
+    return bpf_probe_read_kernel_str(key->comm, sizeof(key->comm), name) > 1;
+}
+
+/* The kernel exec rules this exec breaks, before agent scope: the name rules of the comm
+ * (the name exec was given: a symlink's, a script's) and of the executable file's own name
+ * when it differs (a symlink or hard link named otherwise, a memfd), and the fileless rules
+ * when the file has no links. `file` is exe_file()'s key; its gen is set here. */
+static __always_inline u64 exec_hits(u32 g, struct aw_name_key *file, int named, u32 flags)
+{
+    struct aw_name_key nk = {};
+    bpf_get_current_comm(nk.comm, sizeof(nk.comm));
+    nk.gen = g;
+    u64 *names = exec_rules.lookup(&nk);
+    u64 hit = names ? *names : 0;
+    if (named) {
+        u64 a[2], b[2];
+        __builtin_memcpy(a, nk.comm, AW_COMM_LEN);
+        __builtin_memcpy(b, file->comm, AW_COMM_LEN);
+        if (a[0] != b[0] || a[1] != b[1]) {
+            file->gen = g;
+            names = exec_rules.lookup(file);
+            if (names)
+                hit |= *names;
+        }
+    }
+    if (flags & AW_EXEC_FILELESS)
+        hit |= mask_at(g, AW_MASK_FILELESS);
+    return hit;
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -520,14 +588,16 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     } else if (p->agent == AW_AGENT_PENDING) {
         p = match_new_root(g, tgid, &flags, p);
     }
+    struct aw_name_key file = {};
+    int named = exe_file(&file, &flags);
     if (p && !doom_check(g, p) && !latch_check(p)) {
-        struct aw_name_key nk = {};
-        bpf_get_current_comm(nk.comm, sizeof(nk.comm));
-        nk.gen = g;
-        u64 *names = exec_rules.lookup(&nk);
-        u64 hit = names ? (*names & scope_of(g, p->agent)) : 0;
-        if (hit) /* killed here, the new program never runs an instruction */
-            verdict(g, pid_tgid, p, AW_VERDICT_EXEC, hit, 0, 0, NULL);
+        u64 scope = scope_of(g, p->agent);
+        if (scope) {
+            u64 hit = exec_hits(g, &file, named, flags) & scope;
+            if (hit) /* killed here, the new program never runs an instruction */
+                verdict(g, pid_tgid, p, AW_VERDICT_EXEC, hit, 0, 0,
+                        named ? (const u8 *)file.comm : NULL);
+        }
     }
     u32 zero = 0;
     struct aw_exec_event *ev = exec_scratch.lookup(&zero);

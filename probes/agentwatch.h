@@ -47,7 +47,8 @@
 #define AW_MASK_KILL 5     /* rules whose action kills (kill, kill-agent) */
 #define AW_MASK_DENY 6     /* rules whose action refuses the connect (deny, and kills) */
 #define AW_MASK_ENFORCE 7  /* non-zero: enforce (kill, deny); zero: monitor mode */
-#define AW_MASK_MAX 8
+#define AW_MASK_FILELESS 8 /* exec rules that match any fileless exec (`fileless: true` alone) */
+#define AW_MASK_MAX 9
 
 /* Exec flags (monitor/model/events.py: ExecFlag). */
 #define AW_EXEC_ARGV_TRUNC_COUNT 0x1 /* more than AW_MAX_ARGS arguments */
@@ -62,6 +63,8 @@
                                       * argc not counted */
 #define AW_EXEC_ARGV_FAULT 0x20      /* reading argv from user memory failed part way (no
                                       * longer set; kept so old recordings still decode) */
+#define AW_EXEC_FILELESS 0x100       /* the executable file has no links (i_nlink == 0): a
+                                      * memfd, a deleted file, an O_TMPFILE file */
 /* Set by the monitor in userspace (monitor/sessions/completion.py), never by the probes: reserved
  * here so that no probe flag takes their bits. */
 #define AW_EXEC_ARGV_COMPLETED 0x10000   /* cut argv completed from /proc (same bytes continued) */
@@ -204,7 +207,9 @@ struct aw_net_key {
     __u8 _pad[3];
 };
 
-/* Key of `exec_rules`: the comm a program gets at exec (basename, 15 chars). */
+/* Key of `exec_rules`: a program name as the kernel holds a comm (15 bytes, NUL-padded).
+ * Looked up at exec with the comm (the name exec was given) and with the executable file's
+ * own name (mm->exe_file's dentry, a memfd's "memfd:" prefix stripped) when they differ. */
 struct aw_name_key {
     char comm[AW_COMM_LEN];
     __u32 gen;
@@ -260,7 +265,9 @@ struct aw_exit_event {
     __u64 cpu_ns;
 };
 
-/* A rule matched in the kernel (and, unless in monitor mode, was enforced there). */
+/* A rule matched in the kernel (and, unless in monitor mode, was enforced there). For an
+ * exec verdict (AW_VERDICT_EXEC), addr holds the executable file's name as looked up in
+ * `exec_rules` (15 bytes and a NUL; empty when it could not be read). */
 struct aw_verdict_event {
     struct aw_header h;
     __u32 kind;     /* AW_VERDICT_* */

@@ -100,7 +100,7 @@ class Judge:
         if isinstance(ev, ExecEvent):
             verdicts = [v for v in evaluate_exec(
                 self.policy, agent=agent, session=h.session, pid=h.pid, exe=proc.exe,
-                comm=h.comm, argv=ev.argv, line=ev.line)
+                comm=h.comm, argv=ev.argv, line=ev.line, fileless=ev.is_fileless)
                 if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ConnectEvent):
             key = (agent, ev.address, ev.port)
@@ -191,7 +191,8 @@ class Judge:
                 reason = f"connect to {dest} (enforced in the kernel)"
             else:
                 dest = None
-                reason = f"exec of {h.comm!r} (enforced in the kernel)"
+                file = f", file {ev.file!r}" if ev.file and ev.file != h.comm else ""
+                reason = f"exec of {h.comm!r}{file} (enforced in the kernel)"
             v = Verdict(rule.name, rule.action, self.policy.mode, agent, h.session, h.pid,
                         reason, exe=proc.exe if proc else None,
                         argv=proc.argv if proc else None, destination=dest)

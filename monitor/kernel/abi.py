@@ -268,13 +268,15 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
             kind = VerdictKind(vkind)
         except ValueError:
             raise DecodeError(f"verdict record with unknown kind {vkind}") from None
-        address = ""
+        address = file = ""
         if kind == VerdictKind.CONNECT and family in _FAMILIES:
             address = _address(Family.INET, raw[V4_OFFSET:]) if family == Family.INET \
                 else _address(Family.INET6, raw)
+        elif kind == VerdictKind.EXEC:  # addr holds the executable file's name
+            file = c_string(raw)
         return VerdictEvent(_header(buf), kind, rule, mask,
                             KAction(action) if action in _ACTIONS else None, bool(enforced),
-                            family, address, port)
+                            family, address, port, file)
     raise DecodeError(f"unknown event type {etype}")
 
 

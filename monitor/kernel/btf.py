@@ -2,8 +2,9 @@
 
 The kernel headers on these hosts do not match the running kernel, so the probes never
 take a struct layout from headers. Where the probes need one (the new program's argv at
-exec, for an argv the syscall entry could not read), the offset comes from here, from the
-kernel's own type information, and is passed to the compiler as a -D constant.
+exec, for an argv the syscall entry could not read; the executable file's name and link
+count at exec), the offset comes from here, from the kernel's own type information, and is
+passed to the compiler as a -D constant.
 
 A minimal reader of the BTF format (include/uapi/linux/btf.h): it walks the type section
 once and answers offsets of named members, descending into anonymous structs and unions.
@@ -89,7 +90,9 @@ class BTF:
 
 def task_offsets(path: Path = VMLINUX) -> dict[str, int] | None:
     """-D constants for the probes: where the new program's argv is (task->mm,
-    mm->arg_start/arg_end) and the exit status (task->exit_code); None without BTF."""
+    mm->arg_start/arg_end), the exit status (task->exit_code), and the executable the exec
+    runs (mm->exe_file: its inode's link count, its dentry's name); None without BTF or when
+    one of them is missing."""
     try:
         btf = BTF(path.read_bytes())
     except (OSError, ValueError, struct.error):
@@ -97,7 +100,19 @@ def task_offsets(path: Path = VMLINUX) -> dict[str, int] | None:
     wanted = {"AW_TASK_MM_OFF": btf.offset("task_struct", "mm"),
               "AW_MM_ARG_START_OFF": btf.offset("mm_struct", "arg_start"),
               "AW_MM_ARG_END_OFF": btf.offset("mm_struct", "arg_end"),
-              "AW_TASK_EXIT_CODE_OFF": btf.offset("task_struct", "exit_code")}
+              "AW_TASK_EXIT_CODE_OFF": btf.offset("task_struct", "exit_code"),
+              "AW_MM_EXE_FILE_OFF": btf.offset("mm_struct", "exe_file"),
+              "AW_FILE_INODE_OFF": btf.offset("file", "f_inode"),
+              "AW_INODE_NLINK_OFF": btf.offset("inode", "i_nlink"),
+              # file->f_path.dentry and dentry->d_name.name: members of embedded structs
+              "AW_FILE_DENTRY_OFF": _sum(btf.offset("file", "f_path"),
+                                         btf.offset("path", "dentry")),
+              "AW_DENTRY_NAME_PTR_OFF": _sum(btf.offset("dentry", "d_name"),
+                                             btf.offset("qstr", "name"))}
     if any(v is None for v in wanted.values()):
         return None
     return {k: int(v) for k, v in wanted.items() if v is not None}
+
+
+def _sum(outer: int | None, inner: int | None) -> int | None:
+    return None if outer is None or inner is None else outer + inner

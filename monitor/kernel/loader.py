@@ -89,8 +89,9 @@ class Probes(RuleMaps):
         offsets = task_offsets()
         if offsets is None:
             raise EnvironmentProblem(
-                f"the kernel's BTF ({VMLINUX}) is missing or lacks task_struct/mm_struct: "
-                "agentwatch reads argv and exit codes at offsets it gives; use a kernel built "
+                f"the kernel's BTF ({VMLINUX}) is missing or lacks task_struct, mm_struct, "
+                "file, inode or dentry: agentwatch reads argv, exit codes and the executable's "
+                "name at offsets it gives; use a kernel built "
                 "with CONFIG_DEBUG_INFO_BTF=y (Debian's, Ubuntu's and RHEL's are)")
         extra = [f"-D{k}={v}" for k, v in offsets.items()]
         try:

@@ -58,9 +58,10 @@ class RuleMask(IntEnum):
     KILL = 5
     DENY = 6
     ENFORCE = 7
+    FILELESS = 8  # exec rules that match any fileless exec (`fileless: true` alone)
 
 
-RULE_MASK_SLOTS = 8
+RULE_MASK_SLOTS = 9
 
 
 class ExecFlag(IntFlag):
@@ -72,6 +73,7 @@ class ExecFlag(IntFlag):
     ARGV_FAULT = 0x20
     CANDIDATE = 0x40
     ARGV_FROM_MM = 0x80
+    FILELESS = 0x100  # the executable has no links: a memfd, a deleted or O_TMPFILE file
     # set in userspace (monitor/sessions/completion.py), never by the probes:
     ARGV_COMPLETED = 0x10000  # the probes' copy was cut; /proc showed the same bytes
     # continued, and argv is the whole command line
@@ -90,6 +92,7 @@ FLAG_ARGV_FROM_MM = int(ExecFlag.ARGV_FROM_MM)
 FLAG_ARGV_COMPLETED = int(ExecFlag.ARGV_COMPLETED)
 FLAG_ARGV_UNCONFIRMED = int(ExecFlag.ARGV_UNCONFIRMED)
 FLAG_ARGV_CLIPPED = int(ExecFlag.ARGV_CLIPPED)
+FLAG_FILELESS = int(ExecFlag.FILELESS)
 
 
 class Counter(IntEnum):
@@ -192,7 +195,14 @@ class ExecEvent:
     # the whole command line (arguments joined by single spaces) when argv holds only a clip
     # of it (more than cmdline.SPLIT_MAX_ARGS arguments); None when argv is all of it
     line: str | None = None
+    fileless: bool = False  # the executable has no links (/proc/PID/exe, sessions stage)
     kind = EventType.EXEC
+
+    @property
+    def is_fileless(self) -> bool:
+        """The executable has no links (a memfd, a deleted or O_TMPFILE file): as the
+        probes saw it at exec (FLAG_FILELESS), or as /proc showed it."""
+        return self.fileless or bool(self.flags & FLAG_FILELESS)
 
     @property
     def argv_truncated(self) -> bool:
@@ -251,6 +261,7 @@ class VerdictEvent:
     family: int
     address: str
     port: int
+    file: str = ""  # exec verdicts: the executable file's name as the kernel looked it up
     kind = EventType.VERDICT
 
     def rules(self) -> list[int]:

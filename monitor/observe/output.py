@@ -97,6 +97,8 @@ def columns_of(rec: dict[str, Any]) -> str:
             detail += " [argv truncated]"
         if "new_root" in (rec.get("flags") or []):
             detail += " [new agent root]"
+        if "fileless" in (rec.get("flags") or []):
+            detail += " [fileless]"
     elif kind == "connect":
         host = f"[{p('address')}]" if rec.get("family") == "ipv6" else p("address")
         detail = f"{host}:{p('port')} {printable(str(rec.get('protocol') or ''))}"

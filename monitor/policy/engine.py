@@ -44,6 +44,7 @@ CpuKey: TypeAlias = tuple[str, int]  # ("process", pid) or ("agent", session)
 SessionCpu: TypeAlias = tuple[int, str, int, Iterable[tuple[int, int]]]
 """(session, agent name, cumulative CPU ns of the session, [(pid, cumulative CPU ns)])."""
 
+MEMFD_PREFIX = "memfd:"  # what memfd_create puts before a memfd's name
 SLICE_MAX_S = 60.0  # a cpu window is checked in slices of at most this long...
 MIN_SLICES = 4  # ...and at least this many
 
@@ -78,9 +79,10 @@ class _ExecFacts:
     """
 
     def __init__(self, exe: str, comm: str, argv: Sequence[str],
-                 line: str | None = None) -> None:
-        self.exe, self.comm, self.argv = exe, comm, argv
-        self.base = os.path.basename(exe)
+                 line: str | None = None, fileless: bool = False) -> None:
+        self.exe, self.comm, self.argv, self.fileless = exe, comm, argv, fileless
+        self.base = file_name(exe)
+        self._base_comm: str | None = None
         self._line: str | None = line
         self._whole = line is None
         self._ssh: frozenset[str] | None = None
@@ -90,6 +92,13 @@ class _ExecFacts:
         if self._line is None:
             self._line = " ".join(self.argv)
         return self._line
+
+    @property
+    def base_comm(self) -> str:
+        """The file's name cut as the kernel cuts a comm (the probes look it up so)."""
+        if self._base_comm is None:
+            self._base_comm = self.base if self.base == self.comm else comm_of(self.base)
+        return self._base_comm
 
     @property
     def ssh(self) -> frozenset[str]:
@@ -105,14 +114,35 @@ class _ExecFacts:
         return self._ssh
 
 
+def file_name(exe: str) -> str:
+    """The name an executable's file goes by: its base name, and a memfd's name without
+    the "memfd:" that memfd_create puts before it (/proc/PID/exe shows "/memfd:NAME"), as
+    the probes name it for the kernel's name rules."""
+    base = os.path.basename(exe)
+    return base[len(MEMFD_PREFIX):] if base.startswith(MEMFD_PREFIX) else base
+
+
+def _exec_name(m: ExecMatch, f: _ExecFacts) -> str | None:
+    """The rule name that the file's name or the comm is, as the kernel compares them: the
+    file's whole name, the comm, or the file's name cut as a comm is."""
+    if f.base in m.names:
+        return f.base
+    for comm in (f.comm, f.base_comm):
+        if comm in m.comms:
+            return next(n for n in sorted(m.names) if comm_of(n) == comm)
+    return None
+
+
 def _exec_reason(m: ExecMatch, f: _ExecFacts) -> str | None:
     parts = []
+    if m.fileless is not None:
+        if m.fileless != f.fileless:
+            return None
+        parts.append("fileless executable (a memfd, a deleted or O_TMPFILE file)"
+                     if f.fileless else "executable on disk")
     if m.names:
-        if f.base in m.names:
-            name = f.base
-        elif f.comm in m.comms:
-            name = next(n for n in sorted(m.names) if comm_of(n) == f.comm)
-        else:
+        name = _exec_name(m, f)
+        if name is None:
             return None
         source = m.lists.get(("name", name))
         parts.append(f"runs {name} (name in {source})" if source else f"runs {name}")
@@ -137,18 +167,20 @@ def _exec_reason(m: ExecMatch, f: _ExecFacts) -> str | None:
 
 
 def match_exec(rule: Rule, agent: str, exe: str, comm: str, argv: Sequence[str],
-               line: str | None = None) -> bool:
+               line: str | None = None, fileless: bool = False) -> bool:
     """Whether an exec by an agent of this name breaks rule (False for non-exec rules)."""
     if not isinstance(rule.match, ExecMatch) or not Policy.applies(rule, agent):
         return False
-    return _exec_reason(rule.match, _ExecFacts(exe, comm, argv, line)) is not None
+    return _exec_reason(rule.match, _ExecFacts(exe, comm, argv, line, fileless)) is not None
 
 
 def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: str,
-                  comm: str, argv: Sequence[str], line: str | None = None) -> list[Verdict]:
+                  comm: str, argv: Sequence[str], line: str | None = None,
+                  fileless: bool = False) -> list[Verdict]:
     """Verdicts for one exec: exe is the real executable path, comm the kernel's name;
-    line the whole command line when argv is only a clip of it (see _ExecFacts)."""
-    facts = _ExecFacts(exe, comm, argv, line)
+    line the whole command line when argv is only a clip of it (see _ExecFacts); fileless
+    whether the executable has no links (a memfd, a deleted or O_TMPFILE file)."""
+    facts = _ExecFacts(exe, comm, argv, line, fileless)
     verdicts = []
     for rule in policy.rules_for(EventKind.EXEC):
         if not isinstance(rule.match, ExecMatch) or not policy.applies(rule, agent):

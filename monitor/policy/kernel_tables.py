@@ -5,10 +5,11 @@ Pure: takes a Policy, returns KernelTables (plain values), whose rule_maps() giv
 key and value of one generation of the rule maps; kernel_matchers() gives the match_comm
 and match_uid entries. monitor/kernel/loader.py only writes what these return.
 Kernel-enforceable: connect rules on destination (networks, ports, family, allow-lists) with
-action deny/kill/kill-agent, and exec rules on program name alone with action
-kill/kill-agent. At most MAX_RULES of them; the rest stay in userspace (and are listed, so
-nothing is silently dropped). The kernel's answer must equal monitor/policy/engine.py's answer for
-the same rule and destination — a unit test compares them.
+action deny/kill/kill-agent, and exec rules on program name alone (the comm, or the
+executable file's own name) or on `fileless: true` alone, with action kill/kill-agent.
+At most MAX_RULES of them; the rest stay in userspace (and are listed, so nothing is
+silently dropped). The kernel's answer must equal monitor/policy/engine.py's answer for
+the same rule and destination or exec — a unit test compares them.
 """
 
 from __future__ import annotations
@@ -176,7 +177,9 @@ def kernel_eligible(rule: Rule) -> bool:
         return rule.action in (Action.DENY, Action.KILL, Action.KILL_AGENT)
     if rule.event == EventKind.EXEC and isinstance(rule.match, ExecMatch):
         m = rule.match
-        return (bool(m.names) and not m.exe and not m.argv and not m.ssh
+        by_name = bool(m.names) and m.fileless is None
+        fileless = not m.names and m.fileless is True
+        return ((by_name or fileless) and not m.exe and not m.argv and not m.ssh
                 and rule.action in (Action.KILL, Action.KILL_AGENT))
     return False
 
@@ -217,6 +220,8 @@ def compile_kernel(policy: Policy) -> KernelTables:
             for n in m.names:
                 comm = comm_bytes(n)
                 names[comm] = names.get(comm, 0) | bit
+            if m.fileless:
+                masks[RuleMask.FILELESS] |= bit
             continue
         assert isinstance(m, ConnectMatch)
         if m.outside:
@@ -277,3 +282,14 @@ def kernel_connect_hits(t: KernelTables, agent: str, address: str, port: int) ->
 
 def rules_of(mask: int, rules: Iterable[Rule]) -> list[Rule]:
     return [r for i, r in enumerate(rules) if mask >> i & 1]
+
+
+def kernel_exec_hits(t: KernelTables, agent: str, comm: str, file: str,
+                     fileless: bool) -> int:
+    """What the probes compute for an exec (used to check kernel == engine): the name rules
+    of the comm and of the executable file's name (as engine.file_name gives it), and the
+    fileless rules."""
+    hit = t.exec_names.get(comm_bytes(comm), 0) | t.exec_names.get(comm_bytes(file), 0)
+    if fileless:
+        hit |= t.masks[RuleMask.FILELESS]
+    return hit & t.scope(agent)

@@ -77,7 +77,8 @@ def replay(policy: Policy, records: Iterable[dict[str, Any]]) -> list[Verdict]:
             verdicts += evaluate_exec(policy, agent=agent, session=session, pid=pid,
                                       exe=str(rec.get("filename", "")),
                                       comm=str(rec.get("comm", "")),
-                                      argv=[str(a) for a in rec.get("argv") or []])
+                                      argv=[str(a) for a in rec.get("argv") or []],
+                                      fileless="fileless" in (rec.get("flags") or ()))
         elif kind == "connect":
             verdicts += evaluate_connect(policy, agent=agent, session=session, pid=pid,
                                          family=2 if rec.get("family") == "ipv4" else 10,

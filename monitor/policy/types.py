@@ -71,6 +71,8 @@ class ExecMatch:
     exe: tuple[str, ...] = ()  # fnmatchcase globs on the real executable path
     argv: tuple[Regex, ...] = ()  # RE2 search on argv joined by single spaces
     ssh: frozenset[str] = frozenset()  # monitor/policy/sshargs.py FEATURES
+    fileless: bool | None = None  # True: only fileless execs (memfd, deleted, O_TMPFILE);
+    #                               False: only executables with a link; None: either
     via: Via = field(default=(), compare=False, repr=False)
     comms: frozenset[str] = field(init=False, compare=False, repr=False)
     lists: Mapping[tuple[str, str], str] = field(init=False, compare=False, repr=False)

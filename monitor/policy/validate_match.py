@@ -2,11 +2,11 @@
 
 A match node of a known event kind becomes its typed, compiled conditions
 (monitor/policy/types.py): exec names, absolute exe globs, argv patterns compiled with RE2
-within the file's budget (monitor/config/regex.py), ssh features; connect networks parsed
-and folded, port ranges, family, allow-lists (outside); cpu rates and windows; process
-counts. ``@list`` references are expanded here, and a problem in a listed value names both
-where the value is written and where the list is used. Every problem is added with its
-line and key path (``rules[3].match.port[1]``) in file order.
+within the file's budget (monitor/config/regex.py), ssh features, fileless; connect
+networks parsed and folded, port ranges, family, allow-lists (outside); cpu rates and
+windows; process counts. ``@list`` references are expanded here, and a problem in a
+listed value names both where the value is written and where the list is used. Every
+problem is added with its line and key path (``rules[3].match.port[1]``) in file order.
 
 This module must never read a file, touch the kernel or /proc, or do work on import.
 """
@@ -25,6 +25,7 @@ from monitor.config.yamlsource import (
     Problems,
     check_mapping,
     child_path,
+    expect_bool,
     expect_int,
     expect_number,
     shown,
@@ -46,7 +47,7 @@ from monitor.policy.types import (
 MAX_WINDOW_S = 86400.0
 _DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 _MATCH_KEYS: Mapping[EventKind, tuple[str, ...]] = {
-    EventKind.EXEC: ("name", "exe", "argv", "ssh"),
+    EventKind.EXEC: ("name", "exe", "argv", "ssh", "fileless"),
     EventKind.CONNECT: ("address", "port", "family", "outside"),
     EventKind.CPU: ("cores", "scope", "for"),
     EventKind.PROCESSES: ("above",),
@@ -205,9 +206,13 @@ class MatchReader:
                          f"{', '.join(sorted(SSH_FEATURES))}")
             elif feature is not None:
                 features.append(feature)
+        fileless = None
+        if "fileless" in fields:
+            fileless = expect_bool(fields["fileless"], child_path(path, "fileless"),
+                                   self.problems)
         return ExecMatch(names=frozenset(names), exe=tuple(dict.fromkeys(globs)),
                          argv=tuple(dict.fromkeys(regexes)), ssh=frozenset(features),
-                         via=tuple(via))
+                         fileless=fileless, via=tuple(via))
 
     def connect_match(self, node: Node, fields: Mapping[str, Node],
                       path: str) -> ConnectMatch | None:

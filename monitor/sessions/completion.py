@@ -31,17 +31,21 @@ GONE = "gone"  # the process exited (or its /proc entry could not be read) first
 CHANGED = "changed"  # /proc shows another command line: exec'd again, or rewritten
 TOO_LONG = "too_long"  # longer than cmdline.READ_MAX (only CAP_SYS_RESOURCE can do that)
 REASONS = (GONE, CHANGED, TOO_LONG)
+# exec'd paths that name a file through a descriptor or a /proc link (fexecve and
+# execveat(AT_EMPTY_PATH) give /dev/fd/N; execve("/proc/self/fd/N"), /proc/PID/exe): the
+# file's own path is /proc/PID/exe's
+THROUGH_DESCRIPTOR = ("/dev/fd/", "/proc/")
 
 
 def needs_proc(ev: ExecEvent) -> bool:
     """Whether /proc can tell more about this exec than the probes did."""
     return bool(ev.flags & FLAG_ARGV_TRUNCATED or ev.flags & FLAG_ARGV_MISSING and not ev.argv
-                or ev.filename.startswith("/dev/fd/"))
+                or ev.filename.startswith(THROUGH_DESCRIPTOR))
 
 
 def complete(ev: ExecEvent, info: ProcInfo | None) -> tuple[ExecEvent, str | None]:
     """The exec to judge, and why its cut argv is unconfirmed (None when it is not)."""
-    if info is not None and ev.filename.startswith("/dev/fd/") and info.exe:
+    if info is not None and ev.filename.startswith(THROUGH_DESCRIPTOR) and info.exe:
         ev = replace(ev, filename=info.exe)
     cut = bool(ev.flags & FLAG_ARGV_TRUNCATED)
     if not ev.argv and ev.flags & FLAG_ARGV_MISSING:
