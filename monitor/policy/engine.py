@@ -44,7 +44,7 @@ CpuKey: TypeAlias = tuple[str, int]  # ("process", pid) or ("agent", session)
 SessionCpu: TypeAlias = tuple[int, str, int, Iterable[tuple[int, int]]]
 """(session, agent name, cumulative CPU ns of the session, [(pid, cumulative CPU ns)])."""
 
-MEMFD_PREFIX = "memfd:"  # what memfd_create puts before a memfd's name
+MEMFD_PATH = "/memfd:"  # /proc/PID/exe of a memfd: this, then the name memfd_create got
 SLICE_MAX_S = 60.0  # a cpu window is checked in slices of at most this long...
 MIN_SLICES = 4  # ...and at least this many
 
@@ -115,11 +115,13 @@ class _ExecFacts:
 
 
 def file_name(exe: str) -> str:
-    """The name an executable's file goes by: its base name, and a memfd's name without
-    the "memfd:" that memfd_create puts before it (/proc/PID/exe shows "/memfd:NAME"), as
-    the probes name it for the kernel's name rules."""
-    base = os.path.basename(exe)
-    return base[len(MEMFD_PREFIX):] if base.startswith(MEMFD_PREFIX) else base
+    """The name an executable's file goes by, as the probes name it for the kernel's name
+    rules: its base name; for a memfd (/proc/PID/exe shows "/memfd:NAME"), NAME whole,
+    without the "memfd:" that memfd_create puts before it (a memfd's name may hold a "/":
+    runc's is "runc_cloned:/proc/self/exe")."""
+    if exe.startswith(MEMFD_PATH):
+        return exe[len(MEMFD_PATH):]
+    return os.path.basename(exe)
 
 
 def _exec_name(m: ExecMatch, f: _ExecFacts) -> str | None:
