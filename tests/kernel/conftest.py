@@ -149,6 +149,16 @@ def running() -> Iterator[Running]:
     r.stop()
 
 
+def running_policy(policy: Policy, socket: str, tick: float = 0.25) -> Iterator[Running]:
+    """A monitor enforcing `policy` on its own control socket, for a module fixture to
+    `yield from`: started as root, stopped when the fixture ends."""
+    require_root()
+    cfg = load_config_text(f"monitor: {{tick_seconds: {tick}}}\n", "<kernel-tests>")
+    r = Running(cfg, socket, policy).start()
+    yield r
+    r.stop()
+
+
 def agent_exec(argv: list[str], agent: str = "test", socket: str = SOCKET,
                **kw: Any) -> subprocess.Popen[bytes]:
     """Start argv as an agent root through the real `agentwatch exec` path."""

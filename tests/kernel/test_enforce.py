@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Running, agent_exec, require_root, wait_exit
+from conftest import Running, agent_exec, require_root, running_policy, wait_exit
 
 from monitor.config.load import load_config_text
 from monitor.policy.load import default_policy, load_policy_text
@@ -48,12 +48,8 @@ def scaled_default_policy_text() -> str:
 
 @pytest.fixture(scope="module")
 def enforcing() -> Iterator[Running]:
-    require_root()
-    policy = load_policy_text(scaled_default_policy_text(), "<default policy, scaled>")
-    cfg = load_config_text("monitor: {tick_seconds: 0.25}\n", "<enforce-tests>")
-    r = Running(cfg, SOCK, policy).start()
-    yield r
-    r.stop()
+    yield from running_policy(
+        load_policy_text(scaled_default_policy_text(), "<default policy, scaled>"), SOCK)
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import AS_AGENT, Running, agent_exec, require_root, wait_exit
+from conftest import AS_AGENT, Running, agent_exec, running_policy, wait_exit
 
-from monitor.config.load import load_config_text
 from monitor.model.events import ExecEvent, ExecFlag
 from monitor.policy.load import load_policy_text
 
@@ -127,12 +126,7 @@ MEMFD_MODES = ("fexecve", "execveat", "procfd")
 
 @pytest.fixture(scope="module")
 def fl() -> Iterator[Running]:
-    require_root()
-    policy = load_policy_text(POLICY, "<fileless-tests>")
-    cfg = load_config_text("monitor: {tick_seconds: 0.25}\n", "<fileless-tests>")
-    r = Running(cfg, SOCK, policy).start()
-    yield r
-    r.stop()
+    yield from running_policy(load_policy_text(POLICY, "<fileless-tests>"), SOCK)
 
 
 @pytest.fixture(scope="module")
@@ -179,29 +173,21 @@ def exec_event(r: Running, pid: int, flag: bool) -> ExecEvent:
 
 
 @pytest.mark.parametrize("mode", MEMFD_MODES)
-def test_memfd_named_like_a_miner_is_killed_before_its_first_instruction(
-        fl: Running, memexec: Path, work: Path, mode: str) -> None:
+@pytest.mark.parametrize("name,agent,rule", [
+    ("xmrig-test", "named", "no-miners"),  # named like a miner: the name rule
+    ("notes-helper", "strict", "no-fileless"),  # a benign name: the fileless rule
+])
+def test_memfd_is_killed_before_its_first_instruction(
+        fl: Running, memexec: Path, work: Path, mode: str, name: str, agent: str,
+        rule: str) -> None:
     marker = work / "ran"
-    argv = [str(memexec), mode, "xmrig-test", TOUCH, "touch", str(marker)]
-    p = as_agent(argv, "named")
+    argv = [str(memexec), mode, name, TOUCH, "touch", str(marker)]
+    p = as_agent(argv, agent)
     assert killed(p)
     assert not marker.exists(), f"the memfd ({mode}) ran its code"
-    v = fl.wait_verdict(rule="no-miners", pid=p.pid)
-    assert v["outcome"] == "killed in the kernel" and v["agent"] == "named"
-    assert "xmrig-test" in str(v["reason"])  # the file's name, whatever comm says
-    ran_to_the_end(argv, marker)
-
-
-@pytest.mark.parametrize("mode", MEMFD_MODES)
-def test_memfd_with_a_benign_name_is_killed_under_a_fileless_rule(
-        fl: Running, memexec: Path, work: Path, mode: str) -> None:
-    marker = work / "ran"
-    argv = [str(memexec), mode, "notes-helper", TOUCH, "touch", str(marker)]
-    p = as_agent(argv, "strict")
-    assert killed(p)
-    assert not marker.exists(), f"the memfd ({mode}) ran its code"
-    v = fl.wait_verdict(rule="no-fileless", pid=p.pid)
-    assert v["outcome"] == "killed in the kernel" and v["agent"] == "strict"
+    v = fl.wait_verdict(rule=rule, pid=p.pid)
+    assert v["outcome"] == "killed in the kernel" and v["agent"] == agent
+    assert name in str(v["reason"])  # the file's own name, whatever comm says ("3")
     ran_to_the_end(argv, marker)
 
 
