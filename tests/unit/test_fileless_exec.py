@@ -30,6 +30,8 @@ from monitor.policy.kernel_tables import compile_kernel, kernel_eligible, kernel
 from monitor.policy.load import default_policy, load_policy_text
 from monitor.policy.replay import replay
 from monitor.policy.types import Policy
+from monitor.sessions.completion import complete, needs_proc
+from monitor.sessions.procfs import ProcInfo
 
 HEAD = """\
 mode: enforce
@@ -240,3 +242,14 @@ def test_default_policy_alerts_on_a_fileless_exec_and_kills_a_fileless_miner() -
     t = compile_kernel(default_policy())
     assert "fileless-exec" not in {r.name for r in t.rules}  # alert: userspace only
     assert t.masks[RuleMask.FILELESS] == 0
+
+
+@pytest.mark.parametrize("filename", ["/dev/fd/3", "/proc/self/fd/3", "/proc/4242/exe"])
+def test_an_exec_through_a_descriptor_is_named_by_proc_exe(filename: str) -> None:
+    ev = ExecEvent(Header(1, 5, 5, 7, 0, 1000, "3"), 5, 1, 0, int(ExecFlag.FILELESS),
+                   filename, ("x",))
+    assert needs_proc(ev)
+    info = ProcInfo(5, 1, "3", "/memfd:xmrig", ("x",), 1000, "/", 1, False)
+    done, unconfirmed = complete(ev, info)
+    assert done.filename == "/memfd:xmrig" and unconfirmed is None
+    assert file_name(done.filename) == "xmrig"
