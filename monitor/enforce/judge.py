@@ -12,6 +12,7 @@ own, never signals a process and keeps no counters (MetricsState does).
 
 from __future__ import annotations
 
+import os.path
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,6 +21,7 @@ from monitor.enforce.decision import Decision, Step, boot_ns, latency_since
 from monitor.enforce.enforcer import Enforcer
 from monitor.enforce.executor import Executor
 from monitor.enforce.reporter import Reporter
+from monitor.model.cmdline import comm_of
 from monitor.model.events import (
     ConnectEvent,
     Event,
@@ -98,10 +100,9 @@ class Judge:
         h = ev.h
         verdicts: list[Verdict] = []
         if isinstance(ev, ExecEvent):
-            verdicts = [v for v in evaluate_exec(
-                self.policy, agent=agent, session=h.session, pid=h.pid, exe=proc.exe,
-                comm=h.comm, argv=ev.argv, line=ev.line)
-                if (h.pid, v.rule) not in self._kernel_seen]
+            verdicts = [v for v in (self._exec_verdicts(ev, agent, proc.exe)
+                                    if ev.loader is None else self._loader_verdicts(ev, agent))
+                        if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ConnectEvent):
             key = (agent, ev.address, ev.port)
             found = self._connect_memo.get(key)
@@ -122,6 +123,24 @@ class Judge:
         if verdicts:
             self._carry_out([self.decide(v, h.ts_ns) for v in verdicts])
         return verdicts
+
+    def _exec_verdicts(self, ev: ExecEvent, agent: str, exe: str) -> list[Verdict]:
+        h = ev.h
+        return evaluate_exec(self.policy, agent=agent, session=h.session, pid=h.pid, exe=exe,
+                             comm=h.comm, argv=ev.argv, line=ev.line)
+
+    def _loader_verdicts(self, ev: ExecEvent, agent: str) -> list[Verdict]:
+        """A program run through a loader (sessions/loader.py): judged as that program,
+        named as the kernel would name it had it been exec'd; then the others the exec may
+        run (the loader itself included); one verdict per rule."""
+        h = ev.h
+        found: dict[str, Verdict] = {}
+        for exe, argv in ((ev.filename, ev.argv), *ev.loader_others):
+            for v in evaluate_exec(self.policy, agent=agent, session=h.session, pid=h.pid,
+                                   exe=exe, comm=comm_of(os.path.basename(exe)), argv=argv,
+                                   line=ev.line, loader=ev.loader):
+                found.setdefault(v.rule, v)
+        return list(found.values())
 
     def on_running(self, proc: Process, agent: str) -> list[Verdict]:
         """Judge a process found running rather than seen exec'ing (adopted at start,

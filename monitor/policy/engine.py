@@ -64,6 +64,7 @@ class Verdict:
     destination: str | None = None  # "1.2.3.4:443", "[2001:db8::1]:443"
     cpu_cores: float | None = None
     processes: int | None = None
+    loader: str | None = None  # the interpreter an exec ran its program through
 
 
 # --- exec --------------------------------------------------------------------------------
@@ -145,9 +146,11 @@ def match_exec(rule: Rule, agent: str, exe: str, comm: str, argv: Sequence[str],
 
 
 def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: str,
-                  comm: str, argv: Sequence[str], line: str | None = None) -> list[Verdict]:
+                  comm: str, argv: Sequence[str], line: str | None = None,
+                  loader: str | None = None) -> list[Verdict]:
     """Verdicts for one exec: exe is the real executable path, comm the kernel's name;
-    line the whole command line when argv is only a clip of it (see _ExecFacts)."""
+    line the whole command line when argv is only a clip of it (see _ExecFacts); loader the
+    interpreter that runs exe (exe, comm and argv are then the program's)."""
     facts = _ExecFacts(exe, comm, argv, line)
     verdicts = []
     for rule in policy.rules_for(EventKind.EXEC):
@@ -155,8 +158,10 @@ def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: st
             continue
         reason = _exec_reason(rule.match, facts)
         if reason is not None:
+            if loader is not None:
+                reason += f" via {loader}"
             verdicts.append(Verdict(rule.name, rule.action, policy.mode, agent, session, pid,
-                                    reason, exe=exe, argv=tuple(argv)))
+                                    reason, exe=exe, argv=tuple(argv), loader=loader))
     return verdicts
 
 

@@ -46,6 +46,7 @@ from monitor.sessions import completion
 from monitor.sessions.adoption import Adopter
 from monitor.sessions.clock import Clock, SystemClock
 from monitor.sessions.intake import Intake
+from monitor.sessions.loader import Loaders
 from monitor.sessions.procfs import ProcFS
 from monitor.sessions.recovery import Recovery, agents_file
 from monitor.sessions.registry import AgentTable, Recognizer, Registry, SessionIds
@@ -107,6 +108,7 @@ class Monitor:
                              argv_rules=lambda agent: argv_rules(self.now.policy, agent),
                              count_unconfirmed=self.metrics.observe_argv_unconfirmed,
                              log=self.log, clock=clock)
+        self.loaders = Loaders(self.procfs.root)
         self.events = 0
         self.decode_errors = 0
         self.cgroup: str | None = None
@@ -245,6 +247,8 @@ class Monitor:
                 ev, unconfirmed = self.intake.complete(ev)
             if ev.h.agent == events.AGENT_PENDING:
                 ev = self.intake.settle_pending(ev)
+            if isinstance(ev, ExecEvent) and ev.h.session:
+                ev = self.loaders.unwrap(ev)  # ld.so PROGRAM: judged as PROGRAM
             proc = self.tracker.apply(ev)
             agent = self.agents.name(ev.h.agent) if ev.h.session else ""
             if isinstance(ev, ExecEvent) and ev.flags & events.FLAG_NEW_ROOT:
