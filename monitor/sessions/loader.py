@@ -81,19 +81,21 @@ class Loaders:
         exe = f"{self.proc}/{pid}/exe"
         kind = self.kind_of(exe)
         if kind is None:
-            if os.path.exists(exe) or not ldso.is_interpreter_name(os.path.basename(ev.filename)):
+            if not ldso.is_interpreter_name(os.path.basename(ev.filename)) or os.path.exists(exe):
                 return ev
             kind = ldso.UNKNOWN  # the process is gone: its name is all there is
         loader = self._readlink(exe) or ev.filename
         cwd = self._readlink(f"{self.proc}/{pid}/cwd")
-        programs = self._programs(ev.argv, kind, cwd)
+        programs = [(self._named(path, pid), argv)
+                    for path, argv in self._programs(ev.argv, kind, cwd, pid)]
         if not programs:
             return ev  # the loader runs nothing (`--help`, no program named): judged as itself
         (filename, argv), others = programs[-1], programs[:-1]
         return replace(ev, filename=filename, argv=argv, loader=loader,
                        loader_others=(*others, (loader, ev.argv)))
 
-    def _programs(self, argv: Sequence[str], kind: str, cwd: str | None) -> list[Program]:
+    def _programs(self, argv: Sequence[str], kind: str, cwd: str | None,
+                  pid: int) -> list[Program]:
         """What a loader of this kind may run with argv: the program last, after any loaders
         it runs in turn; or, when the reading is uncertain, every possible program (the
         loader's own reading first)."""
@@ -103,7 +105,7 @@ class Loaders:
             if args.program is None or not args.runs or kind == ldso.UNKNOWN:
                 break
             path = self._resolve(args.program, kind, cwd)
-            inner = self.kind_of(path)
+            inner = self.kind_of(self._local(path, pid))
             found.append((path, args.argv))
             if inner is None:
                 return found
@@ -158,6 +160,23 @@ class Loaders:
         if kind == ldso.UNKNOWN and cwd is not None:
             return _join(cwd, name)
         return name
+
+    def _local(self, path: str, pid: int) -> str:
+        """The path as the process names it, for this monitor to open: its /proc/self,
+        /proc/thread-self and /dev/fd are the process's, under the injected /proc root."""
+        for mine, its in (("/proc/self/", f"/{pid}/"), ("/proc/thread-self/", f"/{pid}/"),
+                          ("/dev/fd/", f"/{pid}/fd/"), ("/proc/", "/")):
+            if path.startswith(mine):
+                return f"{self.proc}{its}{path[len(mine):]}"
+        return path
+
+    def _named(self, path: str, pid: int) -> str:
+        """The program's name for the rules: a /proc link (`ld.so /proc/self/fd/3`, a file
+        descriptor of a deleted file or a memfd) named by what it points to."""
+        if not path.startswith(("/proc/", "/dev/fd/")):
+            return path
+        target = self._readlink(self._local(path, pid))
+        return target if target and target.startswith("/") else path
 
     def _readlink(self, path: str) -> str | None:
         try:

@@ -15,6 +15,8 @@ import pytest
 
 from monitor.model import ldso
 from monitor.model.events import ExecEvent
+from monitor.model.records import ExecRecord
+from monitor.observe import output
 from monitor.policy.load import load_policy_text
 from monitor.service.daemon import Monitor
 from monitor.sessions.loader import Loaders
@@ -110,6 +112,16 @@ def test_a_bare_name_is_looked_up_where_glibc_looks(world: Path) -> None:
 
 def running_again(world: Path) -> Loaders:
     return Loaders(world / "proc", system_dirs=[str(world / "sys")])
+
+
+@pytest.mark.parametrize("spelling", ["/proc/self/fd/3", "/dev/fd/3", f"/proc/{PID}/fd/3",
+                                      "/proc/thread-self/fd/3"])
+def test_a_program_named_by_a_descriptor_is_named_by_its_file(world: Path,
+                                                              spelling: str) -> None:
+    (world / "proc" / str(PID) / "fd").mkdir()
+    os.symlink(world / "work" / "xmrig", world / "proc" / str(PID) / "fd" / "3")
+    ev = running(world, LD).unwrap(exec_of(LD, LD, spelling))
+    assert ev.filename == f"{world}/work/xmrig"
 
 
 def test_a_gone_process_named_like_a_loader_is_judged_by_its_name(world: Path) -> None:
@@ -218,3 +230,14 @@ def test_a_benign_program_through_the_loader_is_left_alone(world: Path) -> None:
     mon, log = monitor_for(world, LD)
     mon.handle(exec_of(LD, LD, "/bin/true"))
     assert not verdicts(log)
+
+
+def test_trace_shows_the_program_and_the_loader_it_ran_through(world: Path) -> None:
+    ev = running(world, LD).unwrap(exec_of(LD, LD, "--argv0", "kworker", "./xmrig", "9"))
+    rec = output.record(ev, "claude-code")
+    assert rec["filename"] == f"{world}/work/xmrig" and rec["loader"] == LD
+    assert rec["argv"] == ["kworker", "9"]
+    assert output.columns_of(rec).endswith(f"xmrig 9 [via {LD}]")
+    assert ExecRecord.from_json(rec).loader == LD
+    plain = output.record(exec_of("/bin/true", "/bin/true"), "claude-code")
+    assert "loader" not in plain  # records of other execs are as they were
