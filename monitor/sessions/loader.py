@@ -21,10 +21,13 @@ Conservative verdicts: when the loader would not simply run one program (a listi
 an option the parser does not know, an interpreter of unknown kind, more nested loaders
 than MAX_DEPTH), every argument that could be the program is judged
 (`loader_others`); so is the loader's own exec, always, so a rule naming the loader or its
-command line still holds. A program named without `/` is looked up as the loader looks it
-up: glibc only in the system library directories (root's: an agent cannot put a file
-there; its /etc/ld.so.cache lists only those), musl relative to the working directory
-(/proc/PID/cwd).
+command line still holds, and the program's file under its own name when the program was
+named through a symlink. An exec named like an interpreter whose /proc/PID/exe is another
+file by the time it is read (the process exec'd again) is judged by the file at the
+exec's path, or as an interpreter of unknown kind. A program named without `/` is looked
+up as the loader looks it up: glibc only in the system library directories (root's: an
+agent cannot put a file there; its /etc/ld.so.cache lists only those), musl relative to
+the working directory (/proc/PID/cwd).
 
 It never signals a process, never decides policy, and never reads an agent's file without
 O_NONBLOCK and an S_ISREG check, nor more than model/ldso's bounds of it.
@@ -80,19 +83,38 @@ class Loaders:
         pid = ev.h.pid
         exe = f"{self.proc}/{pid}/exe"
         kind = self.kind_of(exe)
-        if kind is None:
-            if not ldso.is_interpreter_name(os.path.basename(ev.filename)) or os.path.exists(exe):
-                return ev
-            kind = ldso.UNKNOWN  # the process is gone: its name is all there is
-        loader = self._readlink(exe) or ev.filename
         cwd = self._readlink(f"{self.proc}/{pid}/cwd")
+        loader = ev.filename
+        if kind is not None:
+            loader = self._readlink(exe) or loader
+        elif ldso.is_interpreter_name(os.path.basename(ev.filename)):
+            kind = self._by_name(ev.filename, exe, cwd)
+        if kind is None:
+            return ev
         programs = [(self._named(path, pid), argv)
                     for path, argv in self._programs(ev.argv, kind, cwd, pid)]
         if not programs:
             return ev  # the loader runs nothing (`--help`, no program named): judged as itself
         (filename, argv), others = programs[-1], programs[:-1]
+        real = os.path.realpath(self._local(filename, pid))
+        if os.path.basename(real) != os.path.basename(filename):
+            others.append((real, argv))  # a symlink: its file's own name is judged too
         return replace(ev, filename=filename, argv=argv, loader=loader,
                        loader_others=(*others, (loader, ev.argv)))
+
+    def _by_name(self, filename: str, exe: str, cwd: str | None) -> str | None:
+        """The kind of an exec named like an interpreter whose /proc/PID/exe is none: UNKNOWN
+        when the process is gone (its name is all there is); when it has exec'd again since
+        (/proc/PID/exe is another file than the one at the exec's path), the kind of the file
+        at that path (UNKNOWN if none); None for a program merely named so."""
+        try:
+            now = os.stat(exe)
+            then = os.stat(_join(cwd or "", filename))
+        except (OSError, ValueError):
+            return ldso.UNKNOWN
+        if (now.st_dev, now.st_ino) == (then.st_dev, then.st_ino):
+            return None
+        return self.kind_of(_join(cwd or "", filename)) or ldso.UNKNOWN
 
     def _programs(self, argv: Sequence[str], kind: str, cwd: str | None,
                   pid: int) -> list[Program]:

@@ -31,15 +31,17 @@ SOCK = "/run/agentwatch-test/loader.sock"
 LD = "/lib64/ld-linux-x86-64.so.2"
 LD_REAL = os.path.realpath(LD)
 AGENT = "claude-code"
+CONFIG = "monitor: {tick_seconds: 0.25}\n"
 
 
 @pytest.fixture(scope="module")
 def enforcing() -> Iterator[Running]:
     require_root()
-    cfg = load_config_text("monitor: {tick_seconds: 0.25}\n", "<loader-tests>")
-    r = Running(cfg, SOCK, default_policy()).start()
-    yield r
-    r.stop()
+    r = Running(load_config_text(CONFIG, "<loader-tests>"), SOCK, default_policy()).start()
+    try:
+        yield r
+    finally:
+        r.stop()
 
 
 @pytest.fixture

@@ -124,6 +124,25 @@ def test_a_program_named_by_a_descriptor_is_named_by_its_file(world: Path,
     assert ev.filename == f"{world}/work/xmrig"
 
 
+def test_a_loader_that_has_exec_d_again_is_judged_by_the_file_at_its_path(world: Path) -> None:
+    ld = world / "work" / "ld-linux-x86-64.so.2"
+    shutil.copy(LD, ld)  # what ran: a loader; /proc/PID/exe is /bin/true by now
+    ev = running(world, "/bin/true").unwrap(exec_of(str(ld), str(ld), "./xmrig"))
+    assert ev.filename == f"{world}/work/xmrig" and ev.loader == str(ld)
+    # a program merely named like a loader (and still running) is itself
+    shutil.copy("/bin/true", ld)
+    (world / "proc" / str(PID) / "exe").unlink()
+    ev = running(world, ld).unwrap(exec_of(str(ld), str(ld), "./xmrig"))
+    assert ev.loader is None
+
+
+def test_a_program_named_through_a_symlink_is_judged_by_its_files_name_too(world: Path) -> None:
+    os.symlink("xmrig", world / "work" / "build")
+    ev = running(world, LD).unwrap(exec_of(LD, LD, "./build"))
+    assert ev.filename == f"{world}/work/build"
+    assert (f"{world}/work/xmrig", ("./build",)) in ev.loader_others
+
+
 def test_a_gone_process_named_like_a_loader_is_judged_by_its_name(world: Path) -> None:
     loaders = Loaders(world / "proc")
     ev = exec_event(999999, 1, (LD, "/tmp/xmrig"), exe=LD)
