@@ -142,12 +142,15 @@ class Judge:
                 found.setdefault(v.rule, v)
         return list(found.values())
 
-    def on_running(self, proc: Process, agent: str) -> list[Verdict]:
+    def on_running(self, proc: Process, agent: str,
+                   run: ExecEvent | None = None) -> list[Verdict]:
         """Judge a process found running rather than seen exec'ing (adopted at start,
         recovered after a restart, or found by reconciliation after a lost record): the exec
-        rules on its current program and command line, as if it had just exec'd."""
-        verdicts = evaluate_exec(self.policy, agent=agent, session=proc.session, pid=proc.pid,
-                                 exe=proc.exe, comm=proc.comm, argv=proc.argv)
+        rules on its current program and command line, as if it had just exec'd; `run`, when
+        it runs a program through a loader, that exec (sessions/loader.Loaders.running)."""
+        verdicts = self._loader_verdicts(run, agent) if run is not None and run.loader else \
+            evaluate_exec(self.policy, agent=agent, session=proc.session, pid=proc.pid,
+                          exe=proc.exe, comm=proc.comm, argv=proc.argv)
         self._carry_out([self.decide(v, None) for v in verdicts])
         return verdicts
 

@@ -50,7 +50,7 @@ from monitor.sessions.loader import Loaders
 from monitor.sessions.procfs import ProcFS
 from monitor.sessions.recovery import Recovery, agents_file
 from monitor.sessions.registry import AgentTable, Recognizer, Registry, SessionIds
-from monitor.sessions.tracker import Tracker
+from monitor.sessions.tracker import Process, Tracker
 
 Sink = Callable[[Event, str], None]
 
@@ -96,10 +96,15 @@ class Monitor:
         self.reloads = Reload(self.now, self.probes, self.agents, self.recognizer, self.judge,
                               self.metrics, self.sd, self.report.status_line, self.log)
         ids = SessionIds()
+        self.loaders = Loaders(self.procfs.root)  # ld.so PROGRAM: judged as PROGRAM
+
+        def on_running(proc: Process, agent: str) -> object:
+            return self.judge.on_running(proc, agent, self.loaders.running(proc))
+
         self.adopter = Adopter(self.tracker, self.probes, self.procfs, self.agents,
-                               self.recognizer, ids, self.judge.on_running, self.log, clock)
+                               self.recognizer, ids, on_running, self.log, clock)
         self.recovery = Recovery(self.tracker, self.probes, self.procfs, self.agents, ids,
-                                 self.adopter, self.judge.on_running, self.log)
+                                 self.adopter, on_running, self.log)
         self.registry = Registry(self.tracker, self.probes, self.procfs, self.recognizer, ids,
                                  self.adopter.adopt, self.kill_switch.latched, self.log)
         self.intake = Intake(self.tracker, self.probes, self.procfs, self.agents,
@@ -108,7 +113,6 @@ class Monitor:
                              argv_rules=lambda agent: argv_rules(self.now.policy, agent),
                              count_unconfirmed=self.metrics.observe_argv_unconfirmed,
                              log=self.log, clock=clock)
-        self.loaders = Loaders(self.procfs.root)
         self.events = 0
         self.decode_errors = 0
         self.cgroup: str | None = None

@@ -42,7 +42,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from monitor.model import cmdline, ldso
-from monitor.model.events import ExecEvent
+from monitor.model.events import ExecEvent, Header
+from monitor.sessions.tracker import Process
 
 MAX_DEPTH = 4  # loaders running loaders, unwrapped
 CACHE_SIZE = 4096  # file identities remembered
@@ -101,6 +102,13 @@ class Loaders:
             others.append((real, argv))  # a symlink: its file's own name is judged too
         return replace(ev, filename=filename, argv=argv, loader=loader,
                        loader_others=(*others, (loader, ev.argv)))
+
+    def running(self, proc: Process) -> ExecEvent | None:
+        """A process found running (adopted, recovered, reconciled) that runs a program
+        through a loader: its exec as unwrap makes it; None for any other process."""
+        h = Header(0, proc.pid, proc.pid, proc.session, 0, proc.uid, proc.comm)
+        ev = self.unwrap(ExecEvent(h, proc.pid, proc.ppid, 0, 0, proc.exe, proc.argv))
+        return ev if ev.loader is not None else None
 
     def _by_name(self, filename: str, exe: str, cwd: str | None) -> str | None:
         """The kind of an exec named like an interpreter whose /proc/PID/exe is none: UNKNOWN

@@ -24,7 +24,7 @@ from monitor.sessions.procfs import ProcFS
 from tests.support.events import S1, exec_event
 from tests.support.kernel import FakeProbes
 from tests.support.log import Log
-from tests.support.monitor import config
+from tests.support.monitor import B, config, make_proc
 
 LD = "/lib64/ld-linux-x86-64.so.2"
 PID = 4242
@@ -260,3 +260,16 @@ def test_trace_shows_the_program_and_the_loader_it_ran_through(world: Path) -> N
     assert ExecRecord.from_json(rec).loader == LD
     plain = output.record(exec_of("/bin/true", "/bin/true"), "claude-code")
     assert "loader" not in plain  # records of other execs are as they were
+
+
+def test_a_miner_found_running_through_the_loader_is_judged_as_the_miner(world: Path) -> None:
+    mon, log = monitor_for(world, LD)
+    proc = world / "proc"
+    shutil.rmtree(proc / str(PID))
+    miner = str(world / "work" / "xmrig")
+    make_proc(proc, B, 1, "claude", argv=("claude",), exe="/bin/true")  # the agent
+    make_proc(proc, B + 1, B, "ld-linux-x86-64", argv=(LD, "--argv0", "x", miner, "9"),
+              exe=LD)
+    mon.adopter.adopt_running()
+    v = verdicts(log)["no-miners"]
+    assert (v["pid"], v["exe"], v["loader"], v["argv"]) == (B + 1, miner, LD, ["x", "9"])
