@@ -18,6 +18,7 @@ from monitor.model.events import ExecEvent
 from monitor.model.records import ExecRecord
 from monitor.observe import output
 from monitor.policy.load import load_policy_text
+from monitor.policy.replay import replay
 from monitor.service.daemon import Monitor
 from monitor.sessions.loader import Loaders
 from monitor.sessions.procfs import ProcFS
@@ -273,3 +274,10 @@ def test_a_miner_found_running_through_the_loader_is_judged_as_the_miner(world: 
     mon.adopter.adopt_running()
     v = verdicts(log)["no-miners"]
     assert (v["pid"], v["exe"], v["loader"], v["argv"]) == (B + 1, miner, LD, ["x", "9"])
+
+
+def test_a_recorded_loader_run_replays_as_the_program(world: Path) -> None:
+    ev = running(world, LD).unwrap(exec_of(LD, LD, "./xmrig", "9"))
+    rec = output.record(ev, "claude-code")
+    [v] = replay(load_policy_text(POLICY, "p.yaml"), [rec])
+    assert v.rule == "no-miners" and v.loader == LD
