@@ -207,7 +207,7 @@ def interpreter_kind(read: Read) -> str | None:
         e_type, entry, phoff = struct.unpack_from(end + "H6xII", head, 16)
         phentsize, phnum = struct.unpack_from(end + "HH", head, 42)
         ph_fmt, ph_size = end + "IIII4xI", 32  # type, offset, vaddr, paddr, filesz
-    if e_type != _ET_DYN or not entry or phentsize < ph_size or not 0 < phnum <= MAX_PHDRS:
+    if e_type != _ET_DYN or not entry or phentsize != ph_size or not 0 < phnum <= MAX_PHDRS:
         return None
     table = read(phoff, phentsize * phnum)
     loads: list[tuple[int, int, int]] = []  # (vaddr, offset, filesz)

@@ -83,7 +83,14 @@ class Loaders:
         the interpreter runs (see the module docstring)."""
         pid = ev.h.pid
         exe = f"{self.proc}/{pid}/exe"
-        kind = self.kind_of(exe)
+        try:
+            kind = self.read_kind(exe)
+        except (FileNotFoundError, ProcessLookupError):
+            kind = None  # gone (or exec'd again): _by_name below
+        except (OSError, ValueError, OverflowError):
+            # there but unreadable even to root (a FUSE mount of the agent's own namespace
+            # refuses everyone else): what it runs cannot be told, so it may be a loader
+            kind = ldso.UNKNOWN
         cwd = self._readlink(f"{self.proc}/{pid}/cwd")
         loader = ev.filename
         if kind is not None:
@@ -155,22 +162,21 @@ class Loaders:
         """ldso.GLIBC, MUSL or UNKNOWN when the regular file at path is a program
         interpreter; None when it is not, or cannot be read (see the module docstring)."""
         try:
-            key = _key(os.stat(path))
-        except (OSError, ValueError):
+            return self.read_kind(path)
+        except (OSError, ValueError, OverflowError):
             return None
+
+    def read_kind(self, path: str) -> str | None:
+        """kind_of, raising OSError when path cannot be read."""
+        key = _key(os.stat(path))
         if key in self._kinds:
             return self._kinds[key]
-        try:
-            fd = os.open(path, _OPEN_FLAGS)
-        except (OSError, ValueError):
-            return None
+        fd = os.open(path, _OPEN_FLAGS)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return None
             kind = ldso.interpreter_kind(lambda offset, size: os.pread(fd, size, offset))
-        except (OSError, OverflowError):
-            return None
         finally:
             os.close(fd)
         if len(self._kinds) >= CACHE_SIZE:

@@ -210,3 +210,18 @@ def test_damaged_files_are_not_interpreters(tmp_path: Path) -> None:
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
         assert kind_of_file(tmp_path / name) is None, name
+
+
+@needs_glibc
+def test_mutated_loaders_never_raise(tmp_path: Path) -> None:
+    import random
+    real = bytearray(Path(GLIBC_LD).read_bytes()[:8192])
+    rng = random.Random(12)
+    for _ in range(3000):
+        data = bytearray(real)
+        for _ in range(rng.randint(1, 12)):
+            at = rng.randrange(0, 512)  # the ELF header and program headers
+            data[at] = rng.randrange(256)
+        def read(offset: int, size: int, data: bytes = bytes(data)) -> bytes:
+            return data[offset:offset + size]
+        assert ldso.interpreter_kind(read) in (None, GLIBC, MUSL, UNKNOWN)
