@@ -281,3 +281,10 @@ def test_a_recorded_loader_run_replays_as_the_program(world: Path) -> None:
     rec = output.record(ev, "claude-code")
     [v] = replay(load_policy_text(POLICY, "p.yaml"), [rec])
     assert v.rule == "no-miners" and v.loader == LD
+
+
+def test_an_executable_root_cannot_read_is_judged_as_a_possible_loader(world: Path) -> None:
+    loaders = running(world, world / "proc" / str(PID) / "exe")  # a link to itself: ELOOP
+    ev = loaders.unwrap(exec_of("/opt/tool", "/opt/tool", "./xmrig"))
+    assert ev.filename == f"{world}/work/xmrig"
+    assert ev.loader_others[-1][1] == ("/opt/tool", "./xmrig")  # itself, too
