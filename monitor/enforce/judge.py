@@ -12,6 +12,7 @@ own, never signals a process and keeps no counters (MetricsState does).
 
 from __future__ import annotations
 
+import os.path
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
@@ -20,6 +21,7 @@ from monitor.enforce.decision import Decision, Step, boot_ns, latency_since
 from monitor.enforce.enforcer import Enforcer
 from monitor.enforce.executor import Executor
 from monitor.enforce.reporter import Reporter
+from monitor.model.cmdline import comm_of
 from monitor.model.events import (
     ConnectEvent,
     Event,
@@ -98,10 +100,9 @@ class Judge:
         h = ev.h
         verdicts: list[Verdict] = []
         if isinstance(ev, ExecEvent):
-            verdicts = [v for v in evaluate_exec(
-                self.policy, agent=agent, session=h.session, pid=h.pid, exe=proc.exe,
-                comm=h.comm, argv=ev.argv, line=ev.line, fileless=ev.is_fileless)
-                if (h.pid, v.rule) not in self._kernel_seen]
+            verdicts = [v for v in (self._exec_verdicts(ev, agent, proc.exe)
+                                    if ev.loader is None else self._loader_verdicts(ev, agent))
+                        if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ConnectEvent):
             key = (agent, ev.address, ev.port)
             found = self._connect_memo.get(key)
@@ -123,12 +124,33 @@ class Judge:
             self._carry_out([self.decide(v, h.ts_ns) for v in verdicts])
         return verdicts
 
-    def on_running(self, proc: Process, agent: str) -> list[Verdict]:
+    def _exec_verdicts(self, ev: ExecEvent, agent: str, exe: str) -> list[Verdict]:
+        h = ev.h
+        return evaluate_exec(self.policy, agent=agent, session=h.session, pid=h.pid, exe=exe,
+                             comm=h.comm, argv=ev.argv, line=ev.line, fileless=ev.is_fileless)
+
+    def _loader_verdicts(self, ev: ExecEvent, agent: str) -> list[Verdict]:
+        """A program run through a loader (sessions/loader.py): judged as that program,
+        named as the kernel would name it had it been exec'd; then the others the exec may
+        run (the loader itself included); one verdict per rule."""
+        h = ev.h
+        found: dict[str, Verdict] = {}
+        for exe, argv in ((ev.filename, ev.argv), *ev.loader_others):
+            for v in evaluate_exec(self.policy, agent=agent, session=h.session, pid=h.pid,
+                                   exe=exe, comm=comm_of(os.path.basename(exe)), argv=argv,
+                                   line=ev.line, loader=ev.loader, fileless=ev.is_fileless):
+                found.setdefault(v.rule, v)
+        return list(found.values())
+
+    def on_running(self, proc: Process, agent: str,
+                   run: ExecEvent | None = None) -> list[Verdict]:
         """Judge a process found running rather than seen exec'ing (adopted at start,
         recovered after a restart, or found by reconciliation after a lost record): the exec
-        rules on its current program and command line, as if it had just exec'd."""
-        verdicts = evaluate_exec(self.policy, agent=agent, session=proc.session, pid=proc.pid,
-                                 exe=proc.exe, comm=proc.comm, argv=proc.argv)
+        rules on its current program and command line, as if it had just exec'd; `run`, when
+        it runs a program through a loader, that exec (sessions/loader.Loaders.running)."""
+        verdicts = self._loader_verdicts(run, agent) if run is not None and run.loader else \
+            evaluate_exec(self.policy, agent=agent, session=proc.session, pid=proc.pid,
+                          exe=proc.exe, comm=proc.comm, argv=proc.argv)
         self._carry_out([self.decide(v, None) for v in verdicts])
         return verdicts
 

@@ -46,6 +46,8 @@ class Reporter:
         extra: dict[str, Any] = {}
         if done.refused is not None:
             extra["refused"] = list(done.refused)
+        if v.loader is not None:
+            extra["loader"] = v.loader  # exe and argv are the program's it ran
         self.log("verdict", level="warning", agent=v.agent, rule=v.rule, action=v.action.value,
                  mode=v.mode.value, outcome=done.text, outcome_label=done.outcome.label,
                  session=v.session, pid=v.pid, reason=v.reason, exe=exe,

@@ -196,6 +196,12 @@ class ExecEvent:
     # of it (more than cmdline.SPLIT_MAX_ARGS arguments); None when argv is all of it
     line: str | None = None
     fileless: bool = False  # the executable has no links (/proc/PID/exe, sessions stage)
+    # the interpreter's real path when the exec ran a program through it (ld.so PROGRAM):
+    # filename and argv are then the program's (monitor/sessions/loader.py)
+    loader: str | None = None
+    # a loader run: other (path, argv) judged too (the loader's own exec; every possible
+    # program when its command line cannot be read for certain)
+    loader_others: tuple[tuple[str, tuple[str, ...]], ...] = ()
     kind = EventType.EXEC
 
     @property

@@ -99,16 +99,18 @@ class ExecRecord(EventRecord):
     ppid: int = 0
     argv_truncated: bool = False
     flags: tuple[str, ...] = ()  # ExecFlag names, lower case ("new_root", ...)
+    loader: str | None = None  # the interpreter that runs filename (a key only when set)
 
     def _body(self) -> Json:
+        loader = {"loader": self.loader} if self.loader is not None else {}
         return {"filename": self.filename, "argv": list(self.argv), "ppid": self.ppid,
-                "argv_truncated": self.argv_truncated, "flags": list(self.flags)}
+                "argv_truncated": self.argv_truncated, "flags": list(self.flags), **loader}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ExecRecord:
         return cls(**cls._head(d), filename=_str(d, "filename"), argv=_strs(d, "argv"),
                    ppid=_int(d, "ppid"), argv_truncated=bool(d.get("argv_truncated")),
-                   flags=_strs(d, "flags"))
+                   flags=_strs(d, "flags"), loader=_opt_str(d, "loader"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,7 +40,7 @@ def typed_record(ev: Event, agent: str) -> EventRecord:
         return ExecRecord(**head, filename=ev.filename, argv=tuple(ev.argv), ppid=ev.ppid,
                           argv_truncated=ev.argv_truncated,
                           flags=tuple(f.name.lower() for f in ExecFlag
-                                      if ev.flags & f and f.name))
+                                      if ev.flags & f and f.name), loader=ev.loader)
     if isinstance(ev, ConnectEvent):
         return ConnectRecord(**head, family="ipv4" if ev.family == 2 else "ipv6",
                              address=ev.address, port=ev.port, protocol=ev.transport)
@@ -93,6 +93,8 @@ def columns_of(rec: dict[str, Any]) -> str:
     if kind == "exec":
         argv = [str(a) for a in rec.get("argv") or []]
         detail = f"{p('filename')} " + " ".join(_quote(a) for a in argv[1:])
+        if rec.get("loader"):
+            detail += f" [via {p('loader')}]"
         if rec.get("argv_truncated"):
             detail += " [argv truncated]"
         if "new_root" in (rec.get("flags") or []):

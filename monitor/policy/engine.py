@@ -65,6 +65,7 @@ class Verdict:
     destination: str | None = None  # "1.2.3.4:443", "[2001:db8::1]:443"
     cpu_cores: float | None = None
     processes: int | None = None
+    loader: str | None = None  # the interpreter an exec ran its program through
 
 
 # --- exec --------------------------------------------------------------------------------
@@ -178,10 +179,11 @@ def match_exec(rule: Rule, agent: str, exe: str, comm: str, argv: Sequence[str],
 
 def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: str,
                   comm: str, argv: Sequence[str], line: str | None = None,
-                  fileless: bool = False) -> list[Verdict]:
+                  fileless: bool = False, loader: str | None = None) -> list[Verdict]:
     """Verdicts for one exec: exe is the real executable path, comm the kernel's name;
     line the whole command line when argv is only a clip of it (see _ExecFacts); fileless
-    whether the executable has no links (a memfd, a deleted or O_TMPFILE file)."""
+    whether the executable has no links (a memfd, a deleted or O_TMPFILE file); loader the
+    interpreter that runs exe (exe, comm and argv are then the program's)."""
     facts = _ExecFacts(exe, comm, argv, line, fileless)
     verdicts = []
     for rule in policy.rules_for(EventKind.EXEC):
@@ -189,8 +191,10 @@ def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: st
             continue
         reason = _exec_reason(rule.match, facts)
         if reason is not None:
+            if loader is not None:
+                reason += f" via {loader}"
             verdicts.append(Verdict(rule.name, rule.action, policy.mode, agent, session, pid,
-                                    reason, exe=exe, argv=tuple(argv)))
+                                    reason, exe=exe, argv=tuple(argv), loader=loader))
     return verdicts
 
 

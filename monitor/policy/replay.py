@@ -9,9 +9,11 @@ not replayed (the CLI says so). Never touches the kernel or a process.
 from __future__ import annotations
 
 import json
+import os.path
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from monitor.model.cmdline import comm_of
 from monitor.model.errors import ConfigError, Location
 from monitor.policy.engine import Verdict, evaluate_connect, evaluate_exec, evaluate_processes
 from monitor.policy.types import Policy
@@ -74,11 +76,14 @@ def replay(policy: Policy, records: Iterable[dict[str, Any]]) -> list[Verdict]:
         members = live.setdefault(session, set())
         if kind == "exec":
             members.add(pid)
+            exe, loader = str(rec.get("filename", "")), rec.get("loader")
+            # a program run through a loader: named as the live judge names it
+            comm = comm_of(os.path.basename(exe)) if loader else str(rec.get("comm", ""))
             verdicts += evaluate_exec(policy, agent=agent, session=session, pid=pid,
-                                      exe=str(rec.get("filename", "")),
-                                      comm=str(rec.get("comm", "")),
+                                      exe=exe, comm=comm,
                                       argv=[str(a) for a in rec.get("argv") or []],
-                                      fileless="fileless" in (rec.get("flags") or ()))
+                                      fileless="fileless" in (rec.get("flags") or ()),
+                                      loader=str(loader) if loader else None)
         elif kind == "connect":
             verdicts += evaluate_connect(policy, agent=agent, session=session, pid=pid,
                                          family=2 if rec.get("family") == "ipv4" else 10,

@@ -46,10 +46,11 @@ from monitor.sessions import completion
 from monitor.sessions.adoption import Adopter
 from monitor.sessions.clock import Clock, SystemClock
 from monitor.sessions.intake import Intake
+from monitor.sessions.loader import Loaders
 from monitor.sessions.procfs import ProcFS
 from monitor.sessions.recovery import Recovery, agents_file
 from monitor.sessions.registry import AgentTable, Recognizer, Registry, SessionIds
-from monitor.sessions.tracker import Tracker
+from monitor.sessions.tracker import Process, Tracker
 
 Sink = Callable[[Event, str], None]
 
@@ -95,10 +96,15 @@ class Monitor:
         self.reloads = Reload(self.now, self.probes, self.agents, self.recognizer, self.judge,
                               self.metrics, self.sd, self.report.status_line, self.log)
         ids = SessionIds()
+        self.loaders = Loaders(self.procfs.root)  # ld.so PROGRAM: judged as PROGRAM
+
+        def on_running(proc: Process, agent: str) -> object:
+            return self.judge.on_running(proc, agent, self.loaders.running(proc))
+
         self.adopter = Adopter(self.tracker, self.probes, self.procfs, self.agents,
-                               self.recognizer, ids, self.judge.on_running, self.log, clock)
+                               self.recognizer, ids, on_running, self.log, clock)
         self.recovery = Recovery(self.tracker, self.probes, self.procfs, self.agents, ids,
-                                 self.adopter, self.judge.on_running, self.log)
+                                 self.adopter, on_running, self.log)
         self.registry = Registry(self.tracker, self.probes, self.procfs, self.recognizer, ids,
                                  self.adopter.adopt, self.kill_switch.latched, self.log)
         self.intake = Intake(self.tracker, self.probes, self.procfs, self.agents,
@@ -245,6 +251,8 @@ class Monitor:
                 ev, unconfirmed = self.intake.complete(ev)
             if ev.h.agent == events.AGENT_PENDING:
                 ev = self.intake.settle_pending(ev)
+            if isinstance(ev, ExecEvent) and ev.h.session:
+                ev = self.loaders.unwrap(ev)  # ld.so PROGRAM: judged as PROGRAM
             proc = self.tracker.apply(ev)
             agent = self.agents.name(ev.h.agent) if ev.h.session else ""
             if isinstance(ev, ExecEvent) and ev.flags & events.FLAG_NEW_ROOT:
