@@ -100,7 +100,8 @@ class Judge:
         if isinstance(ev, ExecEvent):
             verdicts = [v for v in evaluate_exec(
                 self.policy, agent=agent, session=h.session, pid=h.pid, exe=proc.exe,
-                comm=h.comm, argv=ev.argv, line=ev.line)
+                comm=h.comm, argv=ev.argv, line=ev.line, ssh_config=ev.ssh_config,
+                ssh_config_from=ev.ssh_config_from)
                 if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ConnectEvent):
             key = (agent, ev.address, ev.port)

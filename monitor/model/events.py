@@ -192,6 +192,8 @@ class ExecEvent:
     # the whole command line (arguments joined by single spaces) when argv holds only a clip
     # of it (more than cmdline.SPLIT_MAX_ARGS arguments); None when argv is all of it
     line: str | None = None
+    ssh_config: frozenset[str] | None = None  # features an ssh config requests (None: not resolved)
+    ssh_config_from: tuple[tuple[str, str], ...] = ()  # (feature, "file:line" or why)
     kind = EventType.EXEC
 
     @property

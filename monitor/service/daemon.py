@@ -33,7 +33,7 @@ from monitor.model.events import Event, ExecEvent, ExitEvent
 from monitor.observe.jsonlog import JsonLog
 from monitor.observe.metrics import MetricsState
 from monitor.observe.notifier import Notifier
-from monitor.policy.engine import argv_rules
+from monitor.policy.engine import argv_rules, is_ssh_exec
 from monitor.policy.kernel_tables import compile_kernel
 from monitor.policy.load import check_capacity, load_policy_text
 from monitor.policy.types import Policy
@@ -49,6 +49,7 @@ from monitor.sessions.intake import Intake
 from monitor.sessions.procfs import ProcFS
 from monitor.sessions.recovery import Recovery, agents_file
 from monitor.sessions.registry import AgentTable, Recognizer, Registry, SessionIds
+from monitor.sessions.sshconfig import SshConfigStep
 from monitor.sessions.tracker import Tracker
 
 Sink = Callable[[Event, str], None]
@@ -107,6 +108,7 @@ class Monitor:
                              argv_rules=lambda agent: argv_rules(self.now.policy, agent),
                              count_unconfirmed=self.metrics.observe_argv_unconfirmed,
                              log=self.log, clock=clock)
+        self.ssh_config = SshConfigStep(self.procfs.root)
         self.events = 0
         self.decode_errors = 0
         self.cgroup: str | None = None
@@ -245,6 +247,9 @@ class Monitor:
                 ev, unconfirmed = self.intake.complete(ev)
             if ev.h.agent == events.AGENT_PENDING:
                 ev = self.intake.settle_pending(ev)
+            if isinstance(ev, ExecEvent) and ev.h.session:
+                ev = self.ssh_config.resolve(ev, is_ssh=is_ssh_exec(ev.filename, ev.h.comm,
+                                                                    ev.argv))
             proc = self.tracker.apply(ev)
             agent = self.agents.name(ev.h.agent) if ev.h.session else ""
             if isinstance(ev, ExecEvent) and ev.flags & events.FLAG_NEW_ROOT:

@@ -1,0 +1,148 @@
+"""The ssh config an agent's ssh exec will read, read at exec time, for the judge.
+
+`ssh -F cfg host` or `ssh alias` can request a forward from a config file while argv shows
+nothing. For an agent's exec that is ssh (the caller decides: `is_ssh`), this reads what
+that ssh process will read — its -F file (paths relative to its cwd), else its user's
+~/.ssh/config and /etc/ssh/ssh_config, and their Includes — as that process sees them
+(monitor/sessions/rootfs.py: inside /proc/PID/root, regular files only, bounded), and
+resolves them with monitor/policy/sshconfig.py. The result goes on the ExecEvent
+(`ssh_config`, `ssh_config_from`).
+
+"The user's ~/.ssh/config": OpenSSH takes it from the passwd entry of the process's real
+uid (read from the process's own /etc/passwd, else the monitor's); `~` in Include globs
+is $HOME as the process has it (/proc/PID/environ). Both homes' configs are resolved
+when they differ, and united: conservative, since other ssh builds honour $HOME. The
+files are read when the monitor handles the exec, because the agent can change them at
+any time before; a rewrite within those milliseconds can still race the read.
+
+A config the monitor cannot read (a FIFO or /dev/stdin as -F, a device, a file over the
+cap, too many Includes) makes the verdict EVERY feature, and the reason says why; a
+command line of more arguments than the monitor splits likewise. A cut command line that
+/proc could not confirm is resolved from its cut copy, like the rest of its judgement. A
+missing ~/.ssh/config is just missing. This module never runs anything (ProxyCommand,
+Match exec), never blocks on a file, and never signals a process.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import replace
+from pathlib import Path
+
+from monitor.model import cmdline
+from monitor.model.events import ExecEvent
+from monitor.policy.sshargs import parse_ssh_argv
+from monitor.policy.sshconfig import ConfigResult, Unreadable, everything, resolve
+from monitor.sessions.rootfs import RootFS
+
+ENVIRON_MAX = cmdline.READ_MAX  # the kernel's limit for argv and environment together
+PASSWD_MAX = 1 << 20
+_GONE = (FileNotFoundError, ProcessLookupError, NotADirectoryError)
+
+
+class _Gone(Exception):
+    """The process exited before its config could be read: nothing left to judge."""
+
+
+def _home_from(environ: bytes) -> str | None:
+    """The first HOME= of an environment block (getenv's answer), None if unset or empty."""
+    for entry in environ.split(b"\0"):
+        if entry.startswith(b"HOME="):
+            return cmdline.decode(entry[5:]) or None
+    return None
+
+
+def parse_passwd(text: str) -> list[tuple[str, int, str]]:
+    """(name, uid, home) of each well-formed line of a passwd file."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 7 and fields[2].isdigit():
+            out.append((fields[0], int(fields[2]), fields[5]))
+    return out
+
+
+class SshConfigStep:
+    """Resolves the ssh config of agents' ssh execs from a /proc tree (the real one by
+    default; tests hand in their own root)."""
+
+    def __init__(self, proc_root: str | Path = "/proc") -> None:
+        self.proc = Path(proc_root)
+
+    def resolve(self, ev: ExecEvent, *, is_ssh: bool) -> ExecEvent:
+        """ev with ssh_config set, for a tracked exec that is ssh; else ev unchanged."""
+        if not is_ssh or not ev.h.session:
+            return ev
+        try:
+            found = self.config_for(ev)
+        except _Gone:
+            return ev
+        return replace(ev, ssh_config=found.features, ssh_config_from=found.sources)
+
+    def config_for(self, ev: ExecEvent) -> ConfigResult:
+        if ev.line is not None:  # more arguments than are split: -F and the host unknown
+            return everything("a command line of more arguments than the monitor parses; "
+                              "an ssh whose config the monitor cannot see is judged as "
+                              "requesting every feature")
+        request = parse_ssh_argv(ev.argv)
+        if request.destination is None:
+            return ConfigResult(frozenset())
+        base = self.proc / str(ev.h.pid)
+        try:
+            cwd = os.readlink(base / "cwd")
+            environ = self._environ(base / "environ")
+            uid = self._uid(base / "status")
+            files = RootFS(str(base / "root"), cwd)
+        except _GONE:
+            raise _Gone from None
+        except OSError as exc:
+            return everything(f"/proc/{ev.h.pid}: {exc.strerror}; an ssh whose config the "
+                              "monitor cannot see is judged as requesting every feature")
+        with files:
+            home = _home_from(environ)
+            try:
+                users = parse_passwd(files.read("/etc/passwd", cap=PASSWD_MAX) or "")
+            except Unreadable:
+                users = []  # the process's passwd cannot be read: the monitor's is asked
+            user, pw_dir = self._user(users, uid)
+            files.tilde = lambda p: tilde_expand(users, p, home or pw_dir)
+            homes = [h for h in (pw_dir, home) if h]
+            configs = list(dict.fromkeys(os.path.join(h, ".ssh", "config") for h in homes))
+            return resolve(request, files, user_configs=configs, local_user=user)
+
+    @staticmethod
+    def _environ(path: Path) -> bytes:
+        with open(path, "rb", buffering=0) as f:
+            return f.read(ENVIRON_MAX)
+
+    @staticmethod
+    def _uid(path: Path) -> int:
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+        raise _Gone  # a status without Uid: not a process any more
+
+    @staticmethod
+    def _user(users: list[tuple[str, int, str]], uid: int) -> tuple[str | None, str | None]:
+        """(name, home) of uid: the process's /etc/passwd first, then the monitor's."""
+        for name, entry_uid, home in users:
+            if entry_uid == uid:
+                return name, home
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            return None, None
+        return entry.pw_name, entry.pw_dir
+
+
+def tilde_expand(users: list[tuple[str, int, str]], pattern: str, home: str | None) -> str:
+    """GLOB_TILDE: ~ and ~/ are $HOME (else the passwd home), ~user/ that user's home in
+    the process's passwd; left as it is when unknown, as glibc does."""
+    if not pattern.startswith("~"):
+        return pattern
+    name, slash, rest = pattern[1:].partition("/")
+    if not name:
+        return f"{home}{slash}{rest}" if home else pattern
+    found = next((h for n, _, h in users if n == name), None)
+    return f"{found}{slash}{rest}" if found else pattern
