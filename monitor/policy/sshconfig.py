@@ -238,7 +238,7 @@ class _Run:
             self.budget[1] -= 1
             if self.budget[1] < 0:
                 raise Unreadable(f"more than {MAX_LINES} config lines to read")
-            keyword, rest = split_config_line(line)
+            keyword, rest = split_config_line(line.split("\0", 1)[0])  # C strings end at NUL
             if keyword is None:
                 continue
             key = keyword.lower()

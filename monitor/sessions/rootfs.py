@@ -75,6 +75,8 @@ class RootFS:
     def _open(self, path: str, flags: int) -> int:
         """A descriptor for path resolved inside the root (OSError as open(2) gives)."""
         path = self.absolute(path)
+        if "\0" in path:
+            raise OSError(errno.ENOENT, "a NUL in the path", path)
         if self._openat2:
             how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
             fd = int(_libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(self._root),

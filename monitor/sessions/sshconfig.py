@@ -25,6 +25,7 @@ Match exec), never blocks on a file, and never signals a process.
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 from dataclasses import replace
@@ -78,6 +79,9 @@ class SshConfigStep:
             found = self.config_for(ev)
         except _Gone:
             return ev
+        except (OSError, ValueError) as exc:  # never the event loop's end: the safe verdict
+            found = everything(f"reading the ssh config failed ({exc}); an ssh whose config "
+                               "the monitor cannot see is judged as requesting every feature")
         return replace(ev, ssh_config=found.features, ssh_config_from=found.sources)
 
     def config_for(self, ev: ExecEvent) -> ConfigResult:
@@ -119,8 +123,9 @@ class SshConfigStep:
     @staticmethod
     def _uid(path: Path) -> int:
         for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("Uid:"):
-                return int(line.split()[1])
+            fields = line.split()
+            if fields[:1] == ["Uid:"] and len(fields) > 1 and fields[1].isdigit():
+                return int(fields[1])
         raise _Gone  # a status without Uid: not a process any more
 
     @staticmethod
@@ -129,11 +134,16 @@ class SshConfigStep:
         for name, entry_uid, home in users:
             if entry_uid == uid:
                 return name, home
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            return None, None
-        return entry.pw_name, entry.pw_dir
+        return _monitor_passwd(uid)
+
+
+@functools.lru_cache(maxsize=256)  # NSS may ask the network: once per uid
+def _monitor_passwd(uid: int) -> tuple[str | None, str | None]:
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return None, None
+    return entry.pw_name, entry.pw_dir
 
 
 def tilde_expand(users: list[tuple[str, int, str]], pattern: str, home: str | None) -> str:

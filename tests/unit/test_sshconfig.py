@@ -280,3 +280,9 @@ def test_the_verdict_says_which_file(tmp_path: Path) -> None:
     # without the config, argv alone asks for nothing
     assert not evaluate_exec(policy, agent="claude-code", session=1, pid=2,
                              exe="/usr/bin/ssh", comm="ssh", argv=["ssh", "-F", str(cfg), "h"])
+
+
+def test_a_nul_ends_a_line_as_in_c(tmp_path: Path) -> None:
+    inc = write(tmp_path / "inc", "RemoteForward 1 x:1\n")
+    cfg = write(tmp_path / "cfg", f"Include {inc}\0junk\nTunnel yes\0no\n")
+    assert ours(["ssh", "-F", str(cfg), "h"], tmp_path).features == {R, W}
