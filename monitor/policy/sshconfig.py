@@ -52,6 +52,7 @@ from monitor.policy.sshargs import (
 )
 from monitor.policy.sshsyntax import (
     argv_split,
+    lex,
     match_pattern,
     match_pattern_list,
     parse_destination,
@@ -165,13 +166,14 @@ class _Run:
     """One resolution: the command line, then each file of one world, once or twice."""
 
     def __init__(self, files: Files, host: str, local_user: str | None,
-                 budget: list[int]) -> None:
+                 budget: list[int], texts: dict[str, str | None]) -> None:
         self.files, self.host, self.local_user = files, host, local_user
         self.budget = budget  # [reads left, lines left], shared by every world
         self.scalars = {k: _Scalar() for k in _SCALARS}
         self.forwards: dict[str, str] = {}
         self.final_seen = False
-        self._texts: dict[str, str | None] = {}
+        self._texts = texts  # path -> text, read once per resolution
+        self._globs: dict[str, list[str]] = {}
 
     def command_line(self, request: SshRequest) -> None:
         for letter, value in request.options:
@@ -234,14 +236,11 @@ class _Run:
         if text is None:
             return
         shown = self.files.absolute(path)
-        for number, line in enumerate(text.split("\n"), 1):
-            self.budget[1] -= 1
-            if self.budget[1] < 0:
-                raise Unreadable(f"more than {MAX_LINES} config lines to read")
-            keyword, rest = split_config_line(line.split("\0", 1)[0])  # C strings end at NUL
-            if keyword is None:
-                continue
-            key = keyword.lower()
+        lines = lex(text)
+        self.budget[1] -= len(lines)
+        if self.budget[1] < 0:
+            raise Unreadable(f"more than {MAX_LINES} config lines to read")
+        for number, key, rest in lines:
             if key == "host":
                 active[0] = _and(ceiling, self._host(rest, p))
             elif key == "match":
@@ -259,14 +258,16 @@ class _Run:
                 continue  # ssh refuses the config
             if not arg.startswith(("/", "~")):
                 arg = f"{USER_DIR if userconf else SYSTEM_DIR}/{arg}"
-            for path in self.files.glob(arg):
+            if arg not in self._globs:
+                self._globs[arg] = self.files.glob(arg)
+            for path in self._globs[arg]:
                 self._file(path, userconf, depth + 1, _and(ceiling, before), active, p)
                 active[0] = before  # an included Match does not change the includer's state
 
     # --- conditions -------------------------------------------------------------------------
 
     def _host(self, rest: str, p: _Pass) -> Tri:
-        args = argv_split(rest) or []
+        args = argv_split(rest) or ()
 
         def test(host: str) -> bool:
             found = False
@@ -403,11 +404,12 @@ def resolve(request: SshRequest, files: Files, *, user_configs: Sequence[str],
         return ConfigResult(frozenset())  # ssh prints its usage and requests nothing
     host = parse_destination(request.destination)[0]
     budget = [MAX_READS, MAX_LINES]
+    texts: dict[str, str | None] = {}
     requested: dict[str, str] = {}
     try:
         worlds = config_files(request, user_configs) or [[]]
         for world in worlds:
-            run = _Run(files, host, local_user, budget)
+            run = _Run(files, host, local_user, budget, texts)
             run.command_line(request)
             first = _Pass(False, True, (host,) if len(host) <= MAX_HOST else None)
             for path, userconf, required in world:

@@ -13,11 +13,25 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from monitor.policy.sshargs import split_config_line
+
 _WS = " \t\r\n"
 
 
-def argv_split(s: str) -> list[str] | None:
+CACHED_MAX = 16 * 1024  # longer texts, lines and patterns are worked out every time
+
+
+def argv_split(s: str) -> tuple[str, ...] | None:
     """Arguments of a config line like OpenSSH's argv_split (None: unbalanced quote)."""
+    return _argv_split_cached(s) if len(s) <= 1024 else _argv_split(s)
+
+
+@lru_cache(maxsize=4096)  # pure; the same lines come back at every ssh exec
+def _argv_split_cached(s: str) -> tuple[str, ...] | None:
+    return _argv_split(s)
+
+
+def _argv_split(s: str) -> tuple[str, ...] | None:
     out: list[str] = []
     i, n = 0, len(s)
     while i < n:
@@ -45,7 +59,29 @@ def argv_split(s: str) -> list[str] | None:
         if quote:
             return None
         out.append("".join(arg))
-    return out
+    return tuple(out)
+
+
+def lex(text: str) -> tuple[tuple[int, str, str], ...]:
+    """(line number, lowercased keyword, rest) of each line of a config file that has a
+    keyword, like readconf.c reads it: a NUL ends a line (C strings), comments and blank
+    lines are skipped. Cached by content (small files): the files are still read at every
+    exec."""
+    return _lex_cached(text) if len(text) <= CACHED_MAX else _lex(text)
+
+
+@lru_cache(maxsize=256)
+def _lex_cached(text: str) -> tuple[tuple[int, str, str], ...]:
+    return _lex(text)
+
+
+def _lex(text: str) -> tuple[tuple[int, str, str], ...]:
+    out = []
+    for number, line in enumerate(text.split("\n"), 1):
+        keyword, rest = split_config_line(line.split("\0", 1)[0])
+        if keyword is not None:
+            out.append((number, keyword.lower(), rest))
+    return tuple(out)
 
 
 def strdelim_all(s: str) -> list[str] | None:
@@ -73,8 +109,16 @@ def strdelim_all(s: str) -> list[str] | None:
             return out
 
 
-@lru_cache(maxsize=2048)
 def _glob_regex(pattern: str) -> re.Pattern[str]:
+    return _glob_regex_cached(pattern) if len(pattern) <= 1024 else _compile_glob(pattern)
+
+
+@lru_cache(maxsize=2048)
+def _glob_regex_cached(pattern: str) -> re.Pattern[str]:
+    return _compile_glob(pattern)
+
+
+def _compile_glob(pattern: str) -> re.Pattern[str]:
     """ssh's match_pattern (`*`, `?`) as a regex with no catastrophic backtracking: each
     middle segment is found leftmost and committed (an atomic group), which is exact."""
     def seg(text: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import re
 import stat
@@ -190,6 +191,7 @@ class RootFS:
 _MAGIC = re.compile(r"(?<!\\)[*?\[]")
 
 
+@functools.lru_cache(maxsize=256)
 def _component(part: str) -> re.Pattern[str]:
     """One path component of a glob as a regex (fnmatch(3) with FNM_PERIOD's classes)."""
     out, i = [], 0

@@ -54,14 +54,15 @@ def _home_from(environ: bytes) -> str | None:
     return None
 
 
-def parse_passwd(text: str) -> list[tuple[str, int, str]]:
+@functools.lru_cache(maxsize=8)  # the same few passwd files at every exec
+def parse_passwd(text: str) -> tuple[tuple[str, int, str], ...]:
     """(name, uid, home) of each well-formed line of a passwd file."""
     out = []
     for line in text.splitlines():
         fields = line.split(":")
         if len(fields) >= 7 and fields[2].isdigit():
             out.append((fields[0], int(fields[2]), fields[5]))
-    return out
+    return tuple(out)
 
 
 class SshConfigStep:
@@ -108,7 +109,7 @@ class SshConfigStep:
             try:
                 users = parse_passwd(files.read("/etc/passwd", cap=PASSWD_MAX) or "")
             except Unreadable:
-                users = []  # the process's passwd cannot be read: the monitor's is asked
+                users = ()  # the process's passwd cannot be read: the monitor's is asked
             user, pw_dir = self._user(users, uid)
             files.tilde = lambda p: tilde_expand(users, p, home or pw_dir)
             homes = [h for h in (pw_dir, home) if h]
@@ -129,7 +130,7 @@ class SshConfigStep:
         raise _Gone  # a status without Uid: not a process any more
 
     @staticmethod
-    def _user(users: list[tuple[str, int, str]], uid: int) -> tuple[str | None, str | None]:
+    def _user(users: tuple[tuple[str, int, str], ...], uid: int) -> tuple[str | None, str | None]:
         """(name, home) of uid: the process's /etc/passwd first, then the monitor's."""
         for name, entry_uid, home in users:
             if entry_uid == uid:
@@ -146,7 +147,7 @@ def _monitor_passwd(uid: int) -> tuple[str | None, str | None]:
     return entry.pw_name, entry.pw_dir
 
 
-def tilde_expand(users: list[tuple[str, int, str]], pattern: str, home: str | None) -> str:
+def tilde_expand(users: tuple[tuple[str, int, str], ...], pattern: str, home: str | None) -> str:
     """GLOB_TILDE: ~ and ~/ are $HOME (else the passwd home), ~user/ that user's home in
     the process's passwd; left as it is when unknown, as glibc does."""
     if not pattern.startswith("~"):
