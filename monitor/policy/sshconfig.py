@@ -40,16 +40,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from monitor.policy.sshargs import (
-    DYNAMIC_FORWARD,
-    FEATURES,
-    GATEWAY_PORTS,
-    LOCAL_FORWARD,
-    REMOTE_FORWARD,
-    TUNNEL,
-    SshRequest,
-    split_config_line,
-)
+from monitor.policy import sshargs
+from monitor.policy.sshargs import FEATURES, SshRequest, split_config_line
 from monitor.policy.sshsyntax import (
     argv_split,
     lex,
@@ -72,8 +64,10 @@ UNDECIDED = " (a block the monitor cannot decide, taken as applying)"
 
 Tri = bool | None  # True, False, or None: cannot be decided (taken as applying)
 
-_FORWARDS = {"remoteforward": REMOTE_FORWARD, "localforward": LOCAL_FORWARD,
-             "dynamicforward": DYNAMIC_FORWARD}
+_FORWARDS = {"remoteforward": sshargs.REMOTE_FORWARD, "localforward": sshargs.LOCAL_FORWARD,
+             "dynamicforward": sshargs.DYNAMIC_FORWARD}
+_OPTION_FORWARDS = {"R": sshargs.REMOTE_FORWARD, "L": sshargs.LOCAL_FORWARD,
+                    "D": sshargs.DYNAMIC_FORWARD}
 _SCALARS = frozenset({"tunnel", "gatewayports", "clearallforwardings", "hostname", "user",
                       "canonicalizehostname", "canonicaldomains",
                       "canonicalizepermittedcnames", "tag"})
@@ -181,10 +175,8 @@ class _Run:
                 keyword, rest = split_config_line(value)
                 if keyword is not None and keyword.lower() not in ("host", "match", "include"):
                     self.setting(keyword.lower(), rest, COMMAND_LINE, True)
-            elif letter in ("R", "L", "D"):
-                self.forwards.setdefault(
-                    {"R": REMOTE_FORWARD, "L": LOCAL_FORWARD, "D": DYNAMIC_FORWARD}[letter],
-                    COMMAND_LINE)
+            elif letter in _OPTION_FORWARDS:
+                self.forwards.setdefault(_OPTION_FORWARDS[letter], COMMAND_LINE)
             elif letter == "l":
                 self.scalars["user"].offer(value, COMMAND_LINE, True)
             elif letter == "w":
@@ -375,11 +367,11 @@ class _Run:
         out = {} if clear else dict(self.forwards)
         tunnel = [w for v, w in self.scalars["tunnel"].possible("no") if v.lower() in _TUNNEL_ON]
         if tunnel and not clear:
-            out[TUNNEL] = tunnel[0]
+            out[sshargs.TUNNEL] = tunnel[0]
         gateway = [w for v, w in self.scalars["gatewayports"].possible("no")
                    if v.lower() in _YES]
         if gateway:
-            out[GATEWAY_PORTS] = gateway[0]
+            out[sshargs.GATEWAY_PORTS] = gateway[0]
         return out
 
 
