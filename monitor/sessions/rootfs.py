@@ -30,6 +30,7 @@ from monitor.policy.sshconfig import Unreadable
 MAX_FILE_BYTES = 256 * 1024
 MAX_TOTAL_BYTES = 1024 * 1024
 MAX_DIR_ENTRIES = 4096
+MAX_SCANNED = 16384  # directory entries listed for globs, in all
 MAX_GLOB_MATCHES = 256
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (Linux 5.6)
@@ -58,6 +59,7 @@ class RootFS:
                  max_file: int = MAX_FILE_BYTES, max_total: int = MAX_TOTAL_BYTES) -> None:
         self.cwd, self.tilde = cwd, tilde
         self.max_file, self.left = max_file, max_total
+        self.scanned = 0
         self._root = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._openat2 = True
 
@@ -159,8 +161,12 @@ class RootFS:
             with os.scandir(fd) as entries:
                 for entry in entries:
                     names.append(entry.name)
+                    self.scanned += 1
                     if len(names) > MAX_DIR_ENTRIES:
                         raise Unreadable(f"{path}: more than {MAX_DIR_ENTRIES} entries")
+                    if self.scanned > MAX_SCANNED:
+                        raise Unreadable(f"Include globs list more than {MAX_SCANNED} "
+                                         "directory entries")
         except OSError as exc:
             raise Unreadable(f"{path}: {exc.strerror}") from None
         finally:

@@ -20,7 +20,9 @@ cap, too many Includes) makes the verdict EVERY feature, and the reason says why
 command line of more arguments than the monitor splits likewise. A cut command line that
 /proc could not confirm is resolved from its cut copy, like the rest of its judgement. A
 missing ~/.ssh/config is just missing. This module never runs anything (ProxyCommand,
-Match exec), never blocks on a file, and never signals a process.
+Match exec), never blocks on a file, and never signals a process. What could still block
+(a FUSE or hard NFS mount that does not answer) runs on a thread the event loop waits for
+at most READ_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import pwd
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +40,9 @@ from monitor.policy.sshargs import parse_ssh_argv
 from monitor.policy.sshconfig import ConfigResult, Unreadable, everything, resolve
 from monitor.sessions.rootfs import RootFS
 
+READ_TIMEOUT_S = 0.25
+MAX_STUCK = 4
+_CONSERVATIVE = "; an ssh whose config the monitor cannot see is judged as requesting every feature"
 ENVIRON_MAX = cmdline.READ_MAX  # the kernel's limit for argv and environment together
 PASSWD_MAX = 1 << 20
 _GONE = (FileNotFoundError, ProcessLookupError, NotADirectoryError)
@@ -69,27 +75,54 @@ class SshConfigStep:
     """Resolves the ssh config of agents' ssh execs from a /proc tree (the real one by
     default; tests hand in their own root)."""
 
-    def __init__(self, proc_root: str | Path = "/proc") -> None:
+    def __init__(self, proc_root: str | Path = "/proc", *,
+                 timeout_s: float = READ_TIMEOUT_S) -> None:
         self.proc = Path(proc_root)
+        self.timeout_s = timeout_s
+        self._stuck: list[threading.Thread] = []  # reads that outlived timeout_s
 
     def resolve(self, ev: ExecEvent, *, is_ssh: bool) -> ExecEvent:
         """ev with ssh_config set, for a tracked exec that is ssh; else ev unchanged."""
         if not is_ssh or not ev.h.session:
             return ev
-        try:
-            found = self.config_for(ev)
-        except _Gone:
+        found = self._within_time(ev)
+        if found is None:
             return ev
-        except (OSError, ValueError) as exc:  # never the event loop's end: the safe verdict
-            found = everything(f"reading the ssh config failed ({exc}); an ssh whose config "
-                               "the monitor cannot see is judged as requesting every feature")
         return replace(ev, ssh_config=found.features, ssh_config_from=found.sources)
+
+    def _within_time(self, ev: ExecEvent) -> ConfigResult | None:
+        """config_for on a thread of its own, waited for at most timeout_s: a file system
+        that does not answer (FUSE, a hard NFS mount: no O_NONBLOCK helps there) costs the
+        event loop that long once, then its reads are left hanging on their threads, and
+        while MAX_STUCK of them hang every ssh is judged at once as asking for everything."""
+        self._stuck = [t for t in self._stuck if t.is_alive()]
+        if len(self._stuck) >= MAX_STUCK:
+            return everything(f"{len(self._stuck)} earlier reads of ssh configs still hang"
+                              f"{_CONSERVATIVE}")
+        box: list[ConfigResult | None] = []
+        worker = threading.Thread(target=lambda: box.append(self._guarded(ev)),
+                                  name="ssh-config", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            self._stuck.append(worker)
+            return everything(f"reading the ssh config did not finish within "
+                              f"{self.timeout_s:g} s (a file system that does not answer?)"
+                              f"{_CONSERVATIVE}")
+        return box[0] if box else everything(f"reading the ssh config failed{_CONSERVATIVE}")
+
+    def _guarded(self, ev: ExecEvent) -> ConfigResult | None:
+        try:
+            return self.config_for(ev)
+        except _Gone:
+            return None
+        except (OSError, ValueError) as exc:
+            return everything(f"reading the ssh config failed ({exc}){_CONSERVATIVE}")
 
     def config_for(self, ev: ExecEvent) -> ConfigResult:
         if ev.line is not None:  # more arguments than are split: -F and the host unknown
-            return everything("a command line of more arguments than the monitor parses; "
-                              "an ssh whose config the monitor cannot see is judged as "
-                              "requesting every feature")
+            return everything("a command line of more arguments than the monitor parses"
+                              f"{_CONSERVATIVE}")
         request = parse_ssh_argv(ev.argv)
         if request.destination is None:
             return ConfigResult(frozenset())
@@ -102,8 +135,7 @@ class SshConfigStep:
         except _GONE:
             raise _Gone from None
         except OSError as exc:
-            return everything(f"/proc/{ev.h.pid}: {exc.strerror}; an ssh whose config the "
-                              "monitor cannot see is judged as requesting every feature")
+            return everything(f"/proc/{ev.h.pid}: {exc.strerror}{_CONSERVATIVE}")
         with files:
             home = _home_from(environ)
             try:

@@ -10,6 +10,7 @@ import pwd
 import random
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from monitor.policy.load import default_policy
 from monitor.policy.sshargs import FEATURES, parse_ssh_argv, requested_features
 from monitor.policy.sshconfig import ConfigResult, resolve
 from monitor.sessions.rootfs import RootFS
-from monitor.sessions.sshconfig import SshConfigStep, tilde_expand
+from monitor.sessions.sshconfig import MAX_STUCK, SshConfigStep, tilde_expand
 
 R, D, L, W, G = "remote_forward", "dynamic_forward", "local_forward", "tunnel", "gateway_ports"
 ME = pwd.getpwuid(os.getuid()).pw_name
@@ -286,3 +287,33 @@ def test_a_nul_ends_a_line_as_in_c(tmp_path: Path) -> None:
     inc = write(tmp_path / "inc", "RemoteForward 1 x:1\n")
     cfg = write(tmp_path / "cfg", f"Include {inc}\0junk\nTunnel yes\0no\n")
     assert ours(["ssh", "-F", str(cfg), "h"], tmp_path).features == {R, W}
+
+
+def test_a_read_that_hangs_costs_the_loop_a_bounded_wait(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FUSE or NFS file that never answers (no O_NONBLOCK helps): the step waits at most
+    its timeout, then judges at once while too many reads hang."""
+    release = threading.Event()
+    step = SshConfigStep(tmp_path, timeout_s=0.05)
+    monkeypatch.setattr(step, "config_for", lambda ev: release.wait(10))
+    try:
+        start = time.monotonic()
+        for _ in range(MAX_STUCK):
+            ev = step.resolve(ssh_exec(4242, ["ssh", "alias"]), is_ssh=True)
+            assert ev.ssh_config == FEATURES
+            assert "did not finish" in dict(ev.ssh_config_from)[R]
+        assert time.monotonic() - start < MAX_STUCK * 0.05 + 1
+        start = time.monotonic()
+        ev = step.resolve(ssh_exec(4242, ["ssh", "alias"]), is_ssh=True)
+        assert time.monotonic() - start < 0.02 and "still hang" in dict(ev.ssh_config_from)[R]
+    finally:
+        release.set()
+
+
+def test_globs_list_a_bounded_number_of_entries(tmp_path: Path) -> None:
+    for d in range(6):
+        (tmp_path / "many" / f"d{d}").mkdir(parents=True)
+        for i in range(3000):
+            (tmp_path / "many" / f"d{d}" / f"f{i}").touch()
+    cfg = write(tmp_path / "cfg", f"Include {tmp_path}/many/*/nothing*\n")
+    everything_in(ours(["ssh", "-F", str(cfg), "h"], tmp_path), "directory entries")
