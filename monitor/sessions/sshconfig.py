@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import pwd
+import queue
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -46,6 +47,9 @@ _CONSERVATIVE = "; an ssh whose config the monitor cannot see is judged as reque
 ENVIRON_MAX = cmdline.READ_MAX  # the kernel's limit for argv and environment together
 PASSWD_MAX = 1 << 20
 _GONE = (FileNotFoundError, ProcessLookupError, NotADirectoryError)
+
+
+_Job = tuple[ExecEvent, list[ConfigResult | None], threading.Event]
 
 
 class _Gone(Exception):
@@ -79,7 +83,8 @@ class SshConfigStep:
                  timeout_s: float = READ_TIMEOUT_S) -> None:
         self.proc = Path(proc_root)
         self.timeout_s = timeout_s
-        self._stuck: list[threading.Thread] = []  # reads that outlived timeout_s
+        self._stuck: list[threading.Event] = []  # reads that outlived timeout_s
+        self._queue: queue.SimpleQueue[_Job] | None = None
 
     def resolve(self, ev: ExecEvent, *, is_ssh: bool) -> ExecEvent:
         """ev with ssh_config set, for a tracked exec that is ssh; else ev unchanged."""
@@ -91,25 +96,39 @@ class SshConfigStep:
         return replace(ev, ssh_config=found.features, ssh_config_from=found.sources)
 
     def _within_time(self, ev: ExecEvent) -> ConfigResult | None:
-        """config_for on a thread of its own, waited for at most timeout_s: a file system
+        """config_for on the worker thread, waited for at most timeout_s: a file system
         that does not answer (FUSE, a hard NFS mount: no O_NONBLOCK helps there) costs the
-        event loop that long once, then its reads are left hanging on their threads, and
-        while MAX_STUCK of them hang every ssh is judged at once as asking for everything."""
-        self._stuck = [t for t in self._stuck if t.is_alive()]
+        event loop that long once; the worker is then left to its hang (it retires when it
+        returns) and a new one takes over, and while MAX_STUCK reads hang every ssh is
+        judged at once as asking for everything."""
+        self._stuck = [d for d in self._stuck if not d.is_set()]
         if len(self._stuck) >= MAX_STUCK:
             return everything(f"{len(self._stuck)} earlier reads of ssh configs still hang"
                               f"{_CONSERVATIVE}")
+        if self._queue is None:
+            self._queue = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(self._queue,), name="ssh-config",
+                             daemon=True).start()
         box: list[ConfigResult | None] = []
-        worker = threading.Thread(target=lambda: box.append(self._guarded(ev)),
-                                  name="ssh-config", daemon=True)
-        worker.start()
-        worker.join(self.timeout_s)
-        if worker.is_alive():
-            self._stuck.append(worker)
+        done = threading.Event()
+        self._queue.put((ev, box, done))
+        if not done.wait(self.timeout_s):
+            self._stuck.append(done)
+            self._queue = None  # the next read gets a worker of its own
             return everything(f"reading the ssh config did not finish within "
                               f"{self.timeout_s:g} s (a file system that does not answer?)"
                               f"{_CONSERVATIVE}")
         return box[0] if box else everything(f"reading the ssh config failed{_CONSERVATIVE}")
+
+    def _serve(self, jobs: queue.SimpleQueue[_Job]) -> None:
+        while True:
+            ev, box, done = jobs.get()
+            try:
+                box.append(self._guarded(ev))
+            finally:
+                done.set()
+            if jobs is not self._queue:
+                return  # replaced while it hung: retire
 
     def _guarded(self, ev: ExecEvent) -> ConfigResult | None:
         try:

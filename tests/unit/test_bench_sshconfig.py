@@ -14,6 +14,7 @@ def test_sshconfig_bench_reports_every_case() -> None:
     out = subprocess.run([sys.executable, str(BENCH), "--execs", "20", "--rounds", "1"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     rows = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()[1:]}
-    assert set(rows) == {"system-only", "typical", "includes", "pure-typical"}
+    assert set(rows) == {"system-only", "typical", "includes", "typical-inline",
+                         "pure-typical"}
     assert all(us > 0 for us in rows.values())
     assert rows["pure-typical"] < rows["typical"]  # reading the files costs something
