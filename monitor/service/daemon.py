@@ -180,6 +180,7 @@ class Monitor:
             self._control.stop()
             self._control = None
         self.probes.close()
+        self.ssh_config.close()
         self.notifier.close()
         self.log("monitor stopped", events=self.events)
         if isinstance(self.log, JsonLog):

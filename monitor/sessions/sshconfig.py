@@ -84,7 +84,7 @@ class SshConfigStep:
         self.proc = Path(proc_root)
         self.timeout_s = timeout_s
         self._stuck: list[threading.Event] = []  # reads that outlived timeout_s
-        self._queue: queue.SimpleQueue[_Job] | None = None
+        self._queue: queue.SimpleQueue[_Job | None] | None = None
 
     def resolve(self, ev: ExecEvent, *, is_ssh: bool) -> ExecEvent:
         """ev with ssh_config set, for a tracked exec that is ssh; else ev unchanged."""
@@ -120,9 +120,18 @@ class SshConfigStep:
                               f"{_CONSERVATIVE}")
         return box[0] if box else everything(f"reading the ssh config failed{_CONSERVATIVE}")
 
-    def _serve(self, jobs: queue.SimpleQueue[_Job]) -> None:
+    def close(self) -> None:
+        """Retire the worker (a hanging one retires when its read returns)."""
+        if self._queue is not None:
+            self._queue.put(None)
+            self._queue = None
+
+    def _serve(self, jobs: queue.SimpleQueue[_Job | None]) -> None:
         while True:
-            ev, box, done = jobs.get()
+            job = jobs.get()
+            if job is None:
+                return
+            ev, box, done = job
             try:
                 box.append(self._guarded(ev))
             finally:
