@@ -206,7 +206,9 @@ class _Run:
     # --- files ----------------------------------------------------------------------------
 
     def top(self, path: str, userconf: bool, required: bool, p: _Pass) -> None:
-        if required and self._texts.setdefault(path, self.files.read(path)) is None:
+        if required and path not in self._texts:
+            self._texts[path] = self.files.read(path)
+        if required and self._texts[path] is None:
             raise Unreadable(f"{path}: no such file (ssh refuses a missing -F file)")
         self._file(path, userconf, 0, True, [True], p)
 
