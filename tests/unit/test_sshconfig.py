@@ -317,3 +317,19 @@ def test_globs_list_a_bounded_number_of_entries(tmp_path: Path) -> None:
             (tmp_path / "many" / f"d{d}" / f"f{i}").touch()
     cfg = write(tmp_path / "cfg", f"Include {tmp_path}/many/*/nothing*\n")
     everything_in(ours(["ssh", "-F", str(cfg), "h"], tmp_path), "directory entries")
+
+
+def test_what_dns_would_decide_is_taken_as_applying(tmp_path: Path) -> None:
+    """Canonicalisation asks DNS which CanonicalDomains name exists (or where a CNAME
+    leads): a block for any name it could give applies, never hides."""
+    cfg = write(tmp_path / "cfg", "CanonicalizeHostname yes\nCanonicalDomains example.com\n"
+                "Host a.example.com\n  RemoteForward 1 x:1\nHost other.example.com\n"
+                "  DynamicForward 1\n")
+    found = ours(["ssh", "-F", str(cfg), "a"], tmp_path)
+    assert found.features == {R} and "cannot decide" in found.where(R)
+    cfg = write(tmp_path / "cname", "CanonicalizeHostname yes\nCanonicalDomains example.com\n"
+                "CanonicalizePermittedCNAMEs *:*\nHost *.evil.example\n  Tunnel yes\n")
+    assert ours(["ssh", "-F", str(cfg), "a"], tmp_path).features == {W}
+    # without canonicalisation there is no second pass and nothing to guess
+    cfg = write(tmp_path / "plain", "Host a.example.com\n  RemoteForward 1 x:1\n")
+    assert ours(["ssh", "-F", str(cfg), "a"], tmp_path).features == set()
