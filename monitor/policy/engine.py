@@ -70,9 +70,10 @@ class Verdict:
 
 
 def is_ssh_exec(exe: str, comm: str, argv: Sequence[str]) -> bool:
-    """Whether an exec is ssh by name: its executable, comm or argv[0] is named ssh."""
-    return "ssh" in (os.path.basename(exe), comm) or (
-        bool(argv) and os.path.basename(argv[0]) == "ssh")
+    """Whether an exec is ssh by name: its executable, comm or argv[0] is named ssh
+    (endswith first: this runs for every tracked exec)."""
+    return comm == "ssh" or exe.endswith("ssh") and os.path.basename(exe) == "ssh" or (
+        bool(argv) and argv[0].endswith("ssh") and os.path.basename(argv[0]) == "ssh")
 
 
 class _ExecFacts:
