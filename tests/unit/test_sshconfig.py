@@ -20,7 +20,7 @@ from monitor.model.events import ExecEvent, Header
 from monitor.policy.engine import evaluate_exec
 from monitor.policy.load import default_policy
 from monitor.policy.sshargs import FEATURES, parse_ssh_argv, requested_features
-from monitor.policy.sshconfig import ConfigResult, resolve
+from monitor.policy.sshconfig import ConfigResult, Unreadable, resolve
 from monitor.sessions.rootfs import RootFS
 from monitor.sessions.sshconfig import MAX_STUCK, SshConfigStep, tilde_expand
 
@@ -30,7 +30,7 @@ HAVE_SSH = shutil.which("ssh") is not None
 
 
 def ours(argv: list[str], home: Path, user_configs: tuple[str, ...] = ()) -> ConfigResult:
-    with RootFS("/", str(home), tilde=lambda p: tilde_expand([], p, str(home))) as files:
+    with RootFS("/", str(home), tilde=lambda p: tilde_expand((), p, str(home))) as files:
         return resolve(parse_ssh_argv(argv), files, user_configs=user_configs, local_user=ME)
 
 
@@ -333,3 +333,16 @@ def test_what_dns_would_decide_is_taken_as_applying(tmp_path: Path) -> None:
     # without canonicalisation there is no second pass and nothing to guess
     cfg = write(tmp_path / "plain", "Host a.example.com\n  RemoteForward 1 x:1\n")
     assert ours(["ssh", "-F", str(cfg), "a"], tmp_path).features == set()
+
+
+def test_without_openat2_files_are_still_checked(tmp_path: Path) -> None:
+    """A kernel before 5.6 (no openat2): paths resolve under the root descriptor, and the
+    same checks hold."""
+    write(tmp_path / "cfg", "RemoteForward 1 x:1\n")
+    os.mkfifo(tmp_path / "fifo")
+    with RootFS(str(tmp_path), "/") as files:
+        files._openat2 = False
+        assert files.read("/cfg") == "RemoteForward 1 x:1\n"
+        assert files.read("/missing") is None
+        with pytest.raises(Unreadable, match="FIFO"):
+            files.read("/fifo")
