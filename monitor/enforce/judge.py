@@ -127,7 +127,8 @@ class Judge:
     def _exec_verdicts(self, ev: ExecEvent, agent: str, exe: str) -> list[Verdict]:
         h = ev.h
         return evaluate_exec(self.policy, agent=agent, session=h.session, pid=h.pid, exe=exe,
-                             comm=h.comm, argv=ev.argv, line=ev.line, fileless=ev.is_fileless)
+                             comm=h.comm, argv=ev.argv, line=ev.line, fileless=ev.is_fileless,
+                             ssh_config=ev.ssh_config, ssh_config_from=ev.ssh_config_from)
 
     def _loader_verdicts(self, ev: ExecEvent, agent: str) -> list[Verdict]:
         """A program run through a loader (sessions/loader.py): judged as that program,
@@ -138,7 +139,9 @@ class Judge:
         for exe, argv in ((ev.filename, ev.argv), *ev.loader_others):
             for v in evaluate_exec(self.policy, agent=agent, session=h.session, pid=h.pid,
                                    exe=exe, comm=comm_of(os.path.basename(exe)), argv=argv,
-                                   line=ev.line, loader=ev.loader, fileless=ev.is_fileless):
+                                   line=ev.line, loader=ev.loader, fileless=ev.is_fileless,
+                                   ssh_config=ev.ssh_config,
+                                   ssh_config_from=ev.ssh_config_from):
                 found.setdefault(v.rule, v)
         return list(found.values())
 

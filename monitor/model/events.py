@@ -202,6 +202,8 @@ class ExecEvent:
     # a loader run: other (path, argv) judged too (the loader's own exec; every possible
     # program when its command line cannot be read for certain)
     loader_others: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    ssh_config: frozenset[str] | None = None  # features an ssh config requests (None: not resolved)
+    ssh_config_from: tuple[tuple[str, str], ...] = ()  # (feature, "file:line" or why)
     kind = EventType.EXEC
 
     @property

@@ -71,17 +71,30 @@ class Verdict:
 # --- exec --------------------------------------------------------------------------------
 
 
+def is_ssh_exec(exe: str, comm: str, argv: Sequence[str]) -> bool:
+    """Whether an exec is ssh by name: its executable, comm or argv[0] is named ssh
+    (endswith first: this runs for every tracked exec)."""
+    return comm == "ssh" or exe.endswith("ssh") and os.path.basename(exe) == "ssh" or (
+        bool(argv) and argv[0].endswith("ssh") and os.path.basename(argv[0]) == "ssh")
+
+
 class _ExecFacts:
     """One exec, with what several rules need computed once.
 
     `line`, when given, is the whole command line and argv only a clip of it (a command line
     of more arguments than monitor.model.cmdline.SPLIT_MAX_ARGS): argv rules search the line, and
     ssh conditions count every feature an argument could request (sshargs.possible_features).
+    `ssh_config` are the features ssh's config files request (monitor/sessions/sshconfig.py
+    read them for this exec; None when not resolved), `ssh_config_from` where each came from.
     """
 
     def __init__(self, exe: str, comm: str, argv: Sequence[str],
-                 line: str | None = None, fileless: bool = False) -> None:
+                 line: str | None = None, fileless: bool = False, *,
+                 ssh_config: frozenset[str] | None = None,
+                 ssh_config_from: Sequence[tuple[str, str]] = ()) -> None:
         self.exe, self.comm, self.argv, self.fileless = exe, comm, argv, fileless
+        self.ssh_config = ssh_config or frozenset()
+        self.ssh_config_from = ssh_config_from
         self.base = file_name(exe)
         self._base_comm: str | None = None
         self._line: str | None = line
@@ -104,9 +117,7 @@ class _ExecFacts:
     @property
     def ssh(self) -> frozenset[str]:
         if self._ssh is None:
-            is_ssh = "ssh" in (self.base, self.comm) or (
-                bool(self.argv) and os.path.basename(self.argv[0]) == "ssh")
-            if not is_ssh:
+            if not is_ssh_exec(self.exe, self.comm, self.argv):
                 self._ssh = frozenset()
             elif self._whole:
                 self._ssh = requested_features(self.argv)
@@ -163,28 +174,39 @@ def _exec_reason(m: ExecMatch, f: _ExecFacts) -> str | None:
         parts.append(f"command line matches {source or repr(regex.pattern)}")
     if m.ssh:
         asked = m.ssh & f.ssh
-        if not asked:
+        configured = m.ssh & f.ssh_config - asked
+        if not asked and not configured:
             return None
-        parts.append(f"ssh requests {', '.join(sorted(asked))}")
+        sources: dict[str, list[str]] = {}  # where -> features, so a reason is said once
+        for x in sorted(configured):
+            sources.setdefault(dict(f.ssh_config_from).get(x, "ssh config"), []).append(x)
+        named = sorted(asked) + [f"{', '.join(xs)} (from {w})" for w, xs in sources.items()]
+        parts.append(f"ssh requests {', '.join(named)}")
     return "; ".join(parts)
 
 
 def match_exec(rule: Rule, agent: str, exe: str, comm: str, argv: Sequence[str],
-               line: str | None = None, fileless: bool = False) -> bool:
+               line: str | None = None, fileless: bool = False, *,
+               ssh_config: frozenset[str] | None = None) -> bool:
     """Whether an exec by an agent of this name breaks rule (False for non-exec rules)."""
     if not isinstance(rule.match, ExecMatch) or not Policy.applies(rule, agent):
         return False
-    return _exec_reason(rule.match, _ExecFacts(exe, comm, argv, line, fileless)) is not None
+    facts = _ExecFacts(exe, comm, argv, line, fileless, ssh_config=ssh_config)
+    return _exec_reason(rule.match, facts) is not None
 
 
 def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: str,
                   comm: str, argv: Sequence[str], line: str | None = None,
-                  fileless: bool = False, loader: str | None = None) -> list[Verdict]:
+                  fileless: bool = False, loader: str | None = None,
+                  ssh_config: frozenset[str] | None = None,
+                  ssh_config_from: Sequence[tuple[str, str]] = ()) -> list[Verdict]:
     """Verdicts for one exec: exe is the real executable path, comm the kernel's name;
     line the whole command line when argv is only a clip of it (see _ExecFacts); fileless
     whether the executable has no links (a memfd, a deleted or O_TMPFILE file); loader the
-    interpreter that runs exe (exe, comm and argv are then the program's)."""
-    facts = _ExecFacts(exe, comm, argv, line, fileless)
+    interpreter that runs exe (exe, comm and argv are then the program's); ssh_config the
+    features ssh's config files request, ssh_config_from where from."""
+    facts = _ExecFacts(exe, comm, argv, line, fileless, ssh_config=ssh_config,
+                       ssh_config_from=ssh_config_from)
     verdicts = []
     for rule in policy.rules_for(EventKind.EXEC):
         if not isinstance(rule.match, ExecMatch) or not policy.applies(rule, agent):

@@ -17,7 +17,9 @@ argv the way OpenSSH 9's ssh(1) does (its bundled POSIX getopt, checked against 
   ``Tunnel`` was already set; ``ClearAllForwardings yes`` drops every -L/-R/-D and -w.
 
 What argv cannot tell (a ``-F`` config file, ``Include``, the user's ~/.ssh/config that a
-host alias may pull forwards from, an unknown option) is listed in ``SshRequest.unknown``.
+host alias may pull forwards from, an unknown option) is listed in ``SshRequest.unknown``;
+``SshRequest.options`` keeps every option in order for monitor/policy/sshconfig.py, which
+resolves the config files.
 
 A command line of more arguments than the monitor splits (monitor.model.cmdline.SPLIT_MAX_ARGS)
 is not parsed: ``possible_features`` scans its whole text, in linear time, for every feature
@@ -58,6 +60,9 @@ class SshRequest:
     destination: str | None  # None when argv has no destination (ssh would print usage)
     command: tuple[str, ...]  # the remote command: never parsed as options
     unknown: tuple[str, ...] = ()  # things argv alone cannot decide, one sentence each
+    # every option in argv order as (letter, argument or ""), with ("", destination) where
+    # the destination stood: what monitor/policy/sshconfig.py resolves the config files with
+    options: tuple[tuple[str, str], ...] = ()
 
 
 class _State:
@@ -69,6 +74,7 @@ class _State:
         self.clear_forwardings: bool | None = None
         self.flags: set[str] = set()
         self.unknown: list[str] = []
+        self.options: list[tuple[str, str]] = []
 
     def features(self) -> frozenset[str]:
         found = set() if self.clear_forwardings else set(self.forwards)
@@ -79,6 +85,7 @@ class _State:
         return frozenset(found)
 
     def option(self, letter: str, value: str) -> None:
+        self.options.append((letter, value))
         if letter in _OPTION_FEATURE:
             self.forwards.add(_OPTION_FEATURE[letter])
         elif letter == "w":
@@ -91,6 +98,7 @@ class _State:
 
     def flag(self, letter: str) -> None:
         self.flags.add(letter)
+        self.options.append((letter, ""))
         if letter == "g":
             self.gateway_flag = True
 
@@ -193,6 +201,7 @@ def parse_ssh_argv(argv: Sequence[str]) -> SshRequest:
     destination: str | None = None
     if index < len(args):
         destination = args[index]
+        state.options.append(("", destination))
         index += 1
         if not terminated and index < len(args):
             index, terminated = _getopt(args, index, state)
@@ -201,7 +210,8 @@ def parse_ssh_argv(argv: Sequence[str]) -> SshRequest:
         state.unknown.append("-N with no forwarding on the command line: forwards may "
                              f"come from the ssh config for {destination!r}")
     return SshRequest(features=features, destination=destination,
-                      command=tuple(args[index:]), unknown=tuple(state.unknown))
+                      command=tuple(args[index:]), unknown=tuple(state.unknown),
+                      options=tuple(state.options))
 
 
 def requested_features(argv: Sequence[str]) -> frozenset[str]:

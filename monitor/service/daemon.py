@@ -33,7 +33,7 @@ from monitor.model.events import Event, ExecEvent, ExitEvent
 from monitor.observe.jsonlog import JsonLog
 from monitor.observe.metrics import MetricsState
 from monitor.observe.notifier import Notifier
-from monitor.policy.engine import argv_rules
+from monitor.policy.engine import argv_rules, is_ssh_exec
 from monitor.policy.kernel_tables import compile_kernel
 from monitor.policy.load import check_capacity, load_policy_text
 from monitor.policy.types import Policy
@@ -50,6 +50,7 @@ from monitor.sessions.loader import Loaders
 from monitor.sessions.procfs import ProcFS
 from monitor.sessions.recovery import Recovery, agents_file
 from monitor.sessions.registry import AgentTable, Recognizer, Registry, SessionIds
+from monitor.sessions.sshconfig import SshConfigStep
 from monitor.sessions.tracker import Process, Tracker
 
 Sink = Callable[[Event, str], None]
@@ -113,6 +114,7 @@ class Monitor:
                              argv_rules=lambda agent: argv_rules(self.now.policy, agent),
                              count_unconfirmed=self.metrics.observe_argv_unconfirmed,
                              log=self.log, clock=clock)
+        self.ssh_config = SshConfigStep(self.procfs.root)
         self.events = 0
         self.decode_errors = 0
         self.cgroup: str | None = None
@@ -184,6 +186,7 @@ class Monitor:
             self._control.stop()
             self._control = None
         self.probes.close()
+        self.ssh_config.close()
         self.notifier.close()
         self.log("monitor stopped", events=self.events)
         if isinstance(self.log, JsonLog):
@@ -253,6 +256,8 @@ class Monitor:
                 ev = self.intake.settle_pending(ev)
             if isinstance(ev, ExecEvent) and ev.h.session:
                 ev = self.loaders.unwrap(ev)  # ld.so PROGRAM: judged as PROGRAM
+                ev = self.ssh_config.resolve(ev, is_ssh=is_ssh_exec(ev.filename, ev.h.comm,
+                                                                    ev.argv))
             proc = self.tracker.apply(ev)
             agent = self.agents.name(ev.h.agent) if ev.h.session else ""
             if isinstance(ev, ExecEvent) and ev.flags & events.FLAG_NEW_ROOT:
