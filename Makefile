@@ -5,7 +5,7 @@ VPY       := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup host observability venv run test test-unit test-kernel lint bench bench-quick bench-tools clean install
+.PHONY: setup host observability test-deps venv run test test-unit test-kernel lint bench bench-quick bench-tools clean install
 
 setup: host venv
 
@@ -14,6 +14,9 @@ host:
 
 observability:
 	@bash packaging/setup-observability.sh >/dev/null
+
+test-deps:
+	@bash packaging/setup-test.sh
 
 venv: $(STAMP)
 
@@ -29,7 +32,7 @@ lint: venv
 	$(VENV)/bin/ruff check monitor tests bench dashboards
 	$(VENV)/bin/mypy monitor tests/support
 
-test: setup observability lint
+test: setup observability test-deps lint
 	$(VPY) -m pytest tests -ra $(PYTEST_ARGS)
 
 test-unit: venv
