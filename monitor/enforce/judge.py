@@ -44,7 +44,7 @@ from monitor.policy.engine import (
     format_destination,
 )
 from monitor.policy.kernel_tables import KernelTables, rules_of
-from monitor.policy.types import Action, EventKind, Mode, Policy
+from monitor.policy.types import Action, EventKind, ExecMatch, Mode, Policy
 from monitor.sessions.tracker import Process, Tracker
 
 Log = Callable[..., None]
@@ -217,7 +217,9 @@ class Judge:
             else:
                 dest = None
                 file = f", file {ev.file!r}" if ev.file and ev.file != h.comm else ""
-                reason = f"exec of {h.comm!r}{file} (enforced in the kernel)"
+                what = "fileless exec" if isinstance(rule.match, ExecMatch) \
+                    and rule.match.fileless else "exec"
+                reason = f"{what} of {h.comm!r}{file} (enforced in the kernel)"
             v = Verdict(rule.name, rule.action, self.policy.mode, agent, h.session, h.pid,
                         reason, exe=proc.exe if proc else None,
                         argv=proc.argv if proc else None, destination=dest)

@@ -19,6 +19,7 @@ This module is pure: no I/O, no logging, nothing but bytes and str in and out.
 
 from __future__ import annotations
 
+import os.path
 from collections.abc import Sequence
 
 ENCODING = "utf-8"
@@ -38,6 +39,7 @@ KEEP_CHARS = 4096
 """Characters of a command line kept after judging (per process, in each exec history
 record, in logs, alerts and the event stream): the first 3/4 and the last 1/4 of them."""
 
+MEMFD_PATH = "/memfd:"  # /proc/PID/exe of a memfd: this, then the name memfd_create got
 COMM_MAX = 15
 """Bytes of a program name the kernel keeps as comm (TASK_COMM_LEN 16, with the NUL)."""
 
@@ -50,6 +52,16 @@ def comm_bytes(name: str) -> bytes:
 def comm_of(name: str) -> str:
     """comm_bytes as text, decoded as every comm from the kernel is."""
     return decode(comm_bytes(name))
+
+
+def file_name(exe: str) -> str:
+    """The name an executable's file goes by, as the probes name it for the kernel's name
+    rules: its base name; for a memfd (/proc/PID/exe shows "/memfd:NAME"), NAME whole,
+    without the "memfd:" that memfd_create puts before it (a memfd's name may hold a "/":
+    runc's is "runc_cloned:/proc/self/exe")."""
+    if exe.startswith(MEMFD_PATH):
+        return exe[len(MEMFD_PATH):]
+    return os.path.basename(exe)
 
 
 def decode(raw: bytes) -> str:

@@ -23,7 +23,7 @@ from fnmatch import fnmatchcase
 from typing import TypeAlias
 
 from monitor.model.address import fold
-from monitor.model.cmdline import comm_of
+from monitor.model.cmdline import comm_of, file_name
 from monitor.policy.sshargs import possible_features, requested_features
 from monitor.policy.types import (
     Action,
@@ -44,7 +44,6 @@ CpuKey: TypeAlias = tuple[str, int]  # ("process", pid) or ("agent", session)
 SessionCpu: TypeAlias = tuple[int, str, int, Iterable[tuple[int, int]]]
 """(session, agent name, cumulative CPU ns of the session, [(pid, cumulative CPU ns)])."""
 
-MEMFD_PATH = "/memfd:"  # /proc/PID/exe of a memfd: this, then the name memfd_create got
 SLICE_MAX_S = 60.0  # a cpu window is checked in slices of at most this long...
 MIN_SLICES = 4  # ...and at least this many
 
@@ -124,16 +123,6 @@ class _ExecFacts:
             else:
                 self._ssh = possible_features(self.line)
         return self._ssh
-
-
-def file_name(exe: str) -> str:
-    """The name an executable's file goes by, as the probes name it for the kernel's name
-    rules: its base name; for a memfd (/proc/PID/exe shows "/memfd:NAME"), NAME whole,
-    without the "memfd:" that memfd_create puts before it (a memfd's name may hold a "/":
-    runc's is "runc_cloned:/proc/self/exe")."""
-    if exe.startswith(MEMFD_PATH):
-        return exe[len(MEMFD_PATH):]
-    return os.path.basename(exe)
 
 
 def _exec_name(m: ExecMatch, f: _ExecFacts) -> str | None:

@@ -188,6 +188,7 @@ def test_memfd_is_killed_before_its_first_instruction(
     v = fl.wait_verdict(rule=rule, pid=p.pid)
     assert v["outcome"] == "killed in the kernel" and v["agent"] == agent
     assert name in str(v["reason"])  # the file's own name, whatever comm says ("3")
+    assert str(v["reason"]).startswith("fileless exec" if rule == "no-fileless" else "exec")
     ran_to_the_end(argv, marker)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from monitor.kernel.abi import CExecEvent, CVerdictEvent, decode
 from monitor.kernel.btf import BTF, VMLINUX, task_offsets
+from monitor.model.cmdline import file_name
 from monitor.model.errors import ConfigError
 from monitor.model.events import (
     EventType,
@@ -25,7 +26,7 @@ from monitor.model.events import (
     VerdictKind,
 )
 from monitor.observe.output import columns_of, record
-from monitor.policy.engine import evaluate_exec, file_name, match_exec
+from monitor.policy.engine import evaluate_exec, match_exec
 from monitor.policy.kernel_tables import compile_kernel, kernel_eligible, kernel_exec_hits
 from monitor.policy.load import default_policy, load_policy_text
 from monitor.policy.replay import replay
