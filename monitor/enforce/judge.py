@@ -41,6 +41,7 @@ from monitor.policy.engine import (
     evaluate_processes,
     format_destination,
 )
+from monitor.policy.identity import NO_HOST_BINARIES, HostBinaries
 from monitor.policy.kernel_tables import KernelTables, rules_of
 from monitor.policy.types import Action, EventKind, Mode, Policy
 from monitor.sessions.tracker import Process, Tracker
@@ -55,9 +56,11 @@ KERNEL_SEEN_SIZE = 4096
 class Judge:
     def __init__(self, policy: Policy, tables: KernelTables, enforcer: Enforcer,
                  tracker: Tracker, log: Log, *, metrics: MetricsState | None = None,
-                 alerts: Notifier | None = None) -> None:
+                 alerts: Notifier | None = None,
+                 host: HostBinaries = NO_HOST_BINARIES) -> None:
         self.policy = policy
         self.tables = tables
+        self.host = host  # fingerprints of the host binaries the policy names
         self.tracker = tracker
         self.metrics = metrics if metrics is not None else MetricsState()
         self.executor = Executor(enforcer, tracker)
@@ -80,9 +83,11 @@ class Judge:
         """(agent, rule) -> kills carried out (kept by MetricsState)."""
         return self.metrics.kill_counts()
 
-    def use(self, policy: Policy, tables: KernelTables) -> None:
-        """A reloaded policy: judge from now on by it (counters and windows carry over)."""
-        self.policy, self.tables = policy, tables
+    def use(self, policy: Policy, tables: KernelTables,
+            host: HostBinaries = NO_HOST_BINARIES) -> None:
+        """A reloaded policy (and the fingerprints of the host binaries it names): judge
+        from now on by it (counters and windows carry over)."""
+        self.policy, self.tables, self.host = policy, tables, host
         self.kernel_rules = frozenset(r.name for r in tables.rules)
         self._connect_memo.clear()
 
@@ -100,7 +105,7 @@ class Judge:
         if isinstance(ev, ExecEvent):
             verdicts = [v for v in evaluate_exec(
                 self.policy, agent=agent, session=h.session, pid=h.pid, exe=proc.exe,
-                comm=h.comm, argv=ev.argv, line=ev.line)
+                comm=h.comm, argv=ev.argv, line=ev.line, sha256=ev.sha256, host=self.host)
                 if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ConnectEvent):
             key = (agent, ev.address, ev.port)

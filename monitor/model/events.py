@@ -192,6 +192,8 @@ class ExecEvent:
     # the whole command line (arguments joined by single spaces) when argv holds only a clip
     # of it (more than cmdline.SPLIT_MAX_ARGS arguments); None when argv is all of it
     line: str | None = None
+    sha256: str | None = None  # the executable's content (sessions/identity.py); None: not read
+    fileless: bool = False  # the executable has no name on disk (memfd, deleted, O_TMPFILE)
     kind = EventType.EXEC
 
     @property

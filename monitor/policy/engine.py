@@ -24,6 +24,7 @@ from typing import TypeAlias
 
 from monitor.model.address import fold
 from monitor.model.cmdline import comm_of
+from monitor.policy.identity import NO_HOST_BINARIES, SSH, HostBinaries, program_name, short_hash
 from monitor.policy.sshargs import possible_features, requested_features
 from monitor.policy.types import (
     Action,
@@ -64,6 +65,7 @@ class Verdict:
     destination: str | None = None  # "1.2.3.4:443", "[2001:db8::1]:443"
     cpu_cores: float | None = None
     processes: int | None = None
+    sha256: str | None = None  # the executable's content, when the exec was fingerprinted
 
 
 # --- exec --------------------------------------------------------------------------------
@@ -77,10 +79,12 @@ class _ExecFacts:
     ssh conditions count every feature an argument could request (sshargs.possible_features).
     """
 
-    def __init__(self, exe: str, comm: str, argv: Sequence[str],
-                 line: str | None = None) -> None:
+    def __init__(self, exe: str, comm: str, argv: Sequence[str], line: str | None = None,
+                 sha256: str | None = None, host: HostBinaries = NO_HOST_BINARIES) -> None:
         self.exe, self.comm, self.argv = exe, comm, argv
-        self.base = os.path.basename(exe)
+        self.base = program_name(exe)
+        self.sha256 = sha256
+        self.copy_of = host.copy_of(sha256)  # {name: path} of host binaries it is a copy of
         self._line: str | None = line
         self._whole = line is None
         self._ssh: frozenset[str] | None = None
@@ -94,8 +98,8 @@ class _ExecFacts:
     @property
     def ssh(self) -> frozenset[str]:
         if self._ssh is None:
-            is_ssh = "ssh" in (self.base, self.comm) or (
-                bool(self.argv) and os.path.basename(self.argv[0]) == "ssh")
+            is_ssh = SSH in (self.base, self.comm) or SSH in self.copy_of or (
+                bool(self.argv) and os.path.basename(self.argv[0]) == SSH)
             if not is_ssh:
                 self._ssh = frozenset()
             elif self._whole:
@@ -112,10 +116,15 @@ def _exec_reason(m: ExecMatch, f: _ExecFacts) -> str | None:
             name = f.base
         elif f.comm in m.comms:
             name = next(n for n in sorted(m.names) if comm_of(n) == f.comm)
+        elif not m.names.isdisjoint(f.copy_of):
+            name = min(m.names.intersection(f.copy_of))
         else:
             return None
         source = m.lists.get(("name", name))
-        parts.append(f"runs {name} (name in {source})" if source else f"runs {name}")
+        how = [f"name in {source}"] if source else []
+        if name in f.copy_of and name not in (f.base, f.comm):
+            how.append(f"same content as {f.copy_of[name]}")
+        parts.append(f"runs {name} ({'; '.join(how)})" if how else f"runs {name}")
     if m.exe:
         glob = next((g for g in m.exe if fnmatchcase(f.exe, g)), None)
         if glob is None:
@@ -132,23 +141,37 @@ def _exec_reason(m: ExecMatch, f: _ExecFacts) -> str | None:
         asked = m.ssh & f.ssh
         if not asked:
             return None
-        parts.append(f"ssh requests {', '.join(sorted(asked))}")
+        copy = f.copy_of.get(SSH) if SSH not in (f.base, f.comm) else None
+        who = f"ssh (same content as {copy})" if copy else "ssh"
+        parts.append(f"{who} requests {', '.join(sorted(asked))}")
+    if m.sha256:
+        if f.sha256 not in m.sha256:
+            return None
+        source = m.lists.get(("sha256", f.sha256))
+        parts.append(f"executable sha256 {short_hash(f.sha256)} "
+                     f"{'in ' + source if source else 'is listed'}")
     return "; ".join(parts)
 
 
 def match_exec(rule: Rule, agent: str, exe: str, comm: str, argv: Sequence[str],
-               line: str | None = None) -> bool:
+               line: str | None = None, *, sha256: str | None = None,
+               host: HostBinaries = NO_HOST_BINARIES) -> bool:
     """Whether an exec by an agent of this name breaks rule (False for non-exec rules)."""
     if not isinstance(rule.match, ExecMatch) or not Policy.applies(rule, agent):
         return False
-    return _exec_reason(rule.match, _ExecFacts(exe, comm, argv, line)) is not None
+    facts = _ExecFacts(exe, comm, argv, line, sha256, host)
+    return _exec_reason(rule.match, facts) is not None
 
 
 def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: str,
-                  comm: str, argv: Sequence[str], line: str | None = None) -> list[Verdict]:
+                  comm: str, argv: Sequence[str], line: str | None = None,
+                  sha256: str | None = None,
+                  host: HostBinaries = NO_HOST_BINARIES) -> list[Verdict]:
     """Verdicts for one exec: exe is the real executable path, comm the kernel's name;
-    line the whole command line when argv is only a clip of it (see _ExecFacts)."""
-    facts = _ExecFacts(exe, comm, argv, line)
+    line the whole command line when argv is only a clip of it (see _ExecFacts); sha256
+    the executable's content (None: not read) and host the fingerprints of the host
+    binaries the policy names: a copy of one is that program (policy/identity.py)."""
+    facts = _ExecFacts(exe, comm, argv, line, sha256, host)
     verdicts = []
     for rule in policy.rules_for(EventKind.EXEC):
         if not isinstance(rule.match, ExecMatch) or not policy.applies(rule, agent):
@@ -156,7 +179,7 @@ def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: st
         reason = _exec_reason(rule.match, facts)
         if reason is not None:
             verdicts.append(Verdict(rule.name, rule.action, policy.mode, agent, session, pid,
-                                    reason, exe=exe, argv=tuple(argv)))
+                                    reason, exe=exe, argv=tuple(argv), sha256=sha256))
     return verdicts
 
 

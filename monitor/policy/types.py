@@ -71,6 +71,7 @@ class ExecMatch:
     exe: tuple[str, ...] = ()  # fnmatchcase globs on the real executable path
     argv: tuple[Regex, ...] = ()  # RE2 search on argv joined by single spaces
     ssh: frozenset[str] = frozenset()  # monitor/policy/sshargs.py FEATURES
+    sha256: frozenset[str] = frozenset()  # the executable's content: 64 lower-case hex digits
     via: Via = field(default=(), compare=False, repr=False)
     comms: frozenset[str] = field(init=False, compare=False, repr=False)
     lists: Mapping[tuple[str, str], str] = field(init=False, compare=False, repr=False)

@@ -45,6 +45,7 @@ from monitor.service.status import Feed, InForce, Report
 from monitor.sessions import completion
 from monitor.sessions.adoption import Adopter
 from monitor.sessions.clock import Clock, SystemClock
+from monitor.sessions.identity import Identity
 from monitor.sessions.intake import Intake
 from monitor.sessions.procfs import ProcFS
 from monitor.sessions.recovery import Recovery, agents_file
@@ -94,6 +95,7 @@ class Monitor:
                              self.agents, self.metrics, self.notifier, self.log)
         self.reloads = Reload(self.now, self.probes, self.agents, self.recognizer, self.judge,
                               self.metrics, self.sd, self.report.status_line, self.log)
+        self.identity = self.reloads.identity = Identity(str(self.procfs.root), log=self.log)
         ids = SessionIds()
         self.adopter = Adopter(self.tracker, self.probes, self.procfs, self.agents,
                                self.recognizer, ids, self.judge.on_running, self.log, clock)
@@ -142,6 +144,7 @@ class Monitor:
                      "evaluated in userspace", level="warning",
                      rules=[r.name for r in now.tables.userspace_only])
         self.reloads.install_matchers()
+        self.judge.host = self.reloads.fingerprint(now.policy)
         self.probes.on_record(self._on_record)
         with self.lock:
             if now.config.monitor.pin_dir:
@@ -245,6 +248,8 @@ class Monitor:
                 ev, unconfirmed = self.intake.complete(ev)
             if ev.h.agent == events.AGENT_PENDING:
                 ev = self.intake.settle_pending(ev)
+            if isinstance(ev, ExecEvent) and ev.h.session:
+                ev = self.identity.identify(ev)  # what the file is (an agent's exec only)
             proc = self.tracker.apply(ev)
             agent = self.agents.name(ev.h.agent) if ev.h.session else ""
             if isinstance(ev, ExecEvent) and ev.flags & events.FLAG_NEW_ROOT:

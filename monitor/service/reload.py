@@ -22,6 +22,7 @@ from monitor.model.agents import merged_agents
 from monitor.model.errors import ConfigError, EnvironmentProblem
 from monitor.model.events import Setting
 from monitor.observe.metrics import MetricsState
+from monitor.policy.identity import NO_HOST_BINARIES, HostBinaries, named_programs
 from monitor.policy.kernel_tables import (
     KernelTables,
     compile_kernel,
@@ -33,6 +34,8 @@ from monitor.policy.load import check_capacity
 from monitor.policy.types import FailClosed, Policy
 from monitor.service.sdnotify import SystemdNotifier
 from monitor.service.status import InForce
+from monitor.sessions.hostbins import fingerprint_host
+from monitor.sessions.identity import Identity
 from monitor.sessions.registry import AgentTable, Recognizer
 
 Loader = Callable[[], tuple[Config, Policy]]
@@ -53,6 +56,16 @@ class Reload:
         self.status_line = status_line
         self.log = log
         self.loader: Loader | None = None
+        self.identity: Identity | None = None  # set by the daemon: fingerprints execs
+
+    def fingerprint(self, policy: Policy) -> HostBinaries:
+        """Fingerprint the host binaries the policy names (a copy of one is that program),
+        for the judge and for the exec fingerprinting's budget."""
+        if self.identity is None:
+            return NO_HOST_BINARIES
+        host = fingerprint_host(named_programs(policy), self.identity, log=self.log)
+        self.identity.host = host
+        return host
 
     def install_matchers(self) -> None:
         """The in-kernel agent matchers of the specs in force, in the generation in force."""
@@ -129,7 +142,7 @@ class Reload:
         self.recognizer.use(specs)
         self.probes.set_setting(Setting.EXEC_CANDIDATES,
                                 1 if self.recognizer.userspace_matchers else 0)
-        self.judge.use(policy, tables)
+        self.judge.use(policy, tables, self.fingerprint(policy))
         self.log("policy reloaded", previous=old, policy=policy.source,
                  policy_sha256=policy.sha256, mode=policy.mode.value,
                  rules=len(policy.rules), kernel_rules=len(tables.rules))
