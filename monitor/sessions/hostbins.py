@@ -3,8 +3,9 @@
 A rule that names a program (`name: [ngrok]`, the `ssh:` matcher) also matches a
 byte-identical copy of that program under any name (monitor/policy/identity.py). For that
 the monitor must know what the host's own copy is: each named program is looked up on the
-standard paths (STANDARD_DIRS, symlinks resolved) and, where it helps, in the dpkg database
-(lines of /var/lib/dpkg/info/*.list ending in /NAME inside a bin/ or sbin/ directory), and
+standard paths (STANDARD_DIRS, symlinks resolved) and, for a name not found there, in the
+dpkg database (lines of /var/lib/dpkg/info/*.list ending in /NAME inside a bin/ or sbin/
+directory), and
 every file found is hashed through sessions/identity.py's cache.
 
 Bounded: at most MAX_FILES files are fingerprinted, dpkg lists are read up to
@@ -85,7 +86,9 @@ def fingerprint_host(names: Iterable[str], identity: Identity, *,
     names = frozenset(names)
     found: list[tuple[str, str, str, int]] = []
     seen: set[tuple[str, str]] = set()
-    candidates = [*standard_paths(names, dirs), *dpkg_paths(names, dpkg_info)]
+    candidates = list(standard_paths(names, dirs))
+    # the package database, for programs installed off the standard paths (/opt/X/bin/NAME)
+    candidates += dpkg_paths(names - {name for name, _ in candidates}, dpkg_info)
     for name, path in candidates:
         real = os.path.realpath(path)
         if (name, real) in seen or len(seen) >= MAX_FILES:
