@@ -125,20 +125,14 @@ class Identity:
     def identify(self, ev: ExecEvent) -> ExecEvent:
         """ev with sha256, fileless and, for a file with no usable path (fexecve's /dev/fd/N,
         a memfd, a deleted file), the kernel's name for it."""
-        pid = ev.h.pid
         loader = getattr(ev, "loader", None)  # the ldso helper's field (model/events.py)
-        if loader and ev.filename.startswith("/"):
-            path, name = f"{self.proc_root}/{pid}/root{ev.filename}", None
-        else:
-            path = f"{self.proc_root}/{pid}/exe"
-            try:
-                name = cmdline.decode(os.readlink(os.fsencode(path)))
-            except OSError:
-                return ev  # gone: nothing left to judge
+        program = bool(loader) and ev.filename.startswith("/")
+        exe = f"{self.proc_root}/{ev.h.pid}/exe"
         try:
-            fd = os.open(path, OPEN_FLAGS)
+            fd = os.open(f"{self.proc_root}/{ev.h.pid}/root{ev.filename}" if program else exe,
+                         OPEN_FLAGS)
         except OSError:
-            return ev
+            return ev  # gone (or exec'd again): nothing left to judge
         try:
             st = os.fstat(fd)
             found = self.fingerprint(fd, st)
@@ -148,8 +142,11 @@ class Identity:
             self._not_read(found.reason, ev, st.st_size)
         fileless = st.st_nlink == 0
         filename = ev.filename
-        if name is not None and (fileless or filename.startswith("/dev/fd/")):
-            filename, _ = exe_name(name)
+        if not program and (fileless or filename.startswith("/dev/fd/")):
+            try:  # the kernel's name for it: the path it had, or memfd:NAME
+                filename, _ = exe_name(cmdline.decode(os.readlink(os.fsencode(exe))))
+            except OSError:
+                pass
         return replace(ev, sha256=found.sha256, fileless=fileless, filename=filename)
 
     def fingerprint(self, fd: int, st: os.stat_result, *, must: bool = False) -> Print:
