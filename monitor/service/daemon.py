@@ -144,7 +144,6 @@ class Monitor:
                      "evaluated in userspace", level="warning",
                      rules=[r.name for r in now.tables.userspace_only])
         self.reloads.install_matchers()
-        self.judge.host = self.reloads.fingerprint(now.policy)
         self.probes.on_record(self._on_record)
         with self.lock:
             if now.config.monitor.pin_dir:
@@ -161,6 +160,8 @@ class Monitor:
                  policy_sha256=now.policy.sha256, mode=now.policy.mode.value,
                  rules=len(now.policy.rules), kernel_rules=len(now.tables.rules),
                  cgroup=self.cgroup)
+        # before the loop reads a record (adoption judged running processes by name only)
+        self.judge.host = self.reloads.fingerprint(now.policy)
 
     def _handlers(self) -> dict[str, Handler]:
         def queued(op: Handler) -> Handler:
