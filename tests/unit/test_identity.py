@@ -22,6 +22,7 @@ from timebox import within
 from monitor.model.errors import ConfigError
 from monitor.policy.engine import evaluate_exec
 from monitor.policy.identity import HostBinaries, named_programs, program_name
+from monitor.policy.kernel_tables import compile_kernel
 from monitor.policy.load import default_policy, load_policy_text
 from monitor.policy.types import Policy
 from monitor.sessions.hostbins import dpkg_paths, fingerprint_host
@@ -36,6 +37,8 @@ from monitor.sessions.identity import (
     exe_name,
 )
 from tests.support.events import exec_event
+from tests.support.monitor import CLAUDE, B, make_proc, rig
+from tests.support.monitor import header as rig_header
 
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 SLEEP = shutil.which("sleep") or "/bin/sleep"
@@ -371,3 +374,33 @@ def test_named_programs_are_every_name_and_ssh_for_ssh_rules() -> None:
     assert "ssh" not in named_programs(policy("""\
         - {name: r, event: exec, action: kill, match: {name: [xmrig]}}
         """))
+
+
+# --- the daemon: agents' execs only -----------------------------------------------------------
+
+
+def test_the_daemon_fingerprints_agent_execs_and_never_an_untracked_one(tmp_path: Path) -> None:
+    r = rig(tmp_path, trace_all=True)
+    copy = tmp_path / "notssh"
+    copy.write_bytes(b"the host's ssh, byte for byte")
+    make_proc(r.proc, B + 50, 1, "notssh", exe=str(copy))
+    text = Path(default_policy().source).read_text().replace("mode: enforce", "mode: monitor")
+    pol = load_policy_text(text, "<default, monitor mode>")
+    host = HostBinaries.of([("ssh", "/usr/bin/ssh", sha(copy), copy.stat().st_size)])
+    r.mon.judge.use(pol, compile_kernel(pol), host)
+    argv = ("notssh", "-NR", "9000:localhost:22", "h")
+
+    untracked = exec_event(B + 50, 1, argv, exe=str(copy), session=0)
+    r.mon.handle(untracked)
+    assert r.mon.identity.hashed == 0 and not r.log.find("verdict")
+    assert r.sink[-1][0] == untracked  # shown by trace --all as it came: nothing read
+
+    r.mon.handle(exec_event(B + 50, 2, argv, exe=str(copy), session=0x80000007,
+                            agent=CLAUDE, h=rig_header(B + 50, session=0x80000007,
+                                                       agent=CLAUDE, comm="notssh")))
+    assert r.mon.identity.hashed == 1
+    (v,) = r.log.find("verdict")
+    assert v["rule"] == "ssh-reverse-or-dynamic-forward" and v["sha256"] == sha(copy)
+    assert v["reason"] == "ssh (same content as /usr/bin/ssh) requests remote_forward"
+    traced = r.sink[-1][0]
+    assert getattr(traced, "sha256", None) == sha(copy)
