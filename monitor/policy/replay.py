@@ -14,6 +14,7 @@ from typing import Any
 
 from monitor.model.errors import ConfigError, Location
 from monitor.policy.engine import Verdict, evaluate_connect, evaluate_exec, evaluate_processes
+from monitor.policy.identity import SHA256_RE
 from monitor.policy.types import Policy
 
 _REQUIRED = {
@@ -77,7 +78,8 @@ def replay(policy: Policy, records: Iterable[dict[str, Any]]) -> list[Verdict]:
             verdicts += evaluate_exec(policy, agent=agent, session=session, pid=pid,
                                       exe=str(rec.get("filename", "")),
                                       comm=str(rec.get("comm", "")),
-                                      argv=[str(a) for a in rec.get("argv") or []])
+                                      argv=[str(a) for a in rec.get("argv") or []],
+                                      sha256=_digest(rec.get("sha256")))
         elif kind == "connect":
             verdicts += evaluate_connect(policy, agent=agent, session=session, pid=pid,
                                          family=2 if rec.get("family") == "ipv4" else 10,
@@ -93,3 +95,9 @@ def replay(policy: Policy, records: Iterable[dict[str, Any]]) -> list[Verdict]:
         elif kind == "exit":
             members.discard(pid)
     return verdicts
+
+
+def _digest(value: object) -> str | None:
+    """A recorded exec's sha256 (sha256 rules replay on it; what a copy of a host binary
+    is needs the host, which a recording does not carry)."""
+    return value.lower() if isinstance(value, str) and SHA256_RE.fullmatch(value) else None

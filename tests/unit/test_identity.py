@@ -13,6 +13,7 @@ import subprocess
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ import pytest
 from timebox import within
 
 from monitor.model.errors import ConfigError
+from monitor.observe.output import record
 from monitor.policy.engine import evaluate_exec
 from monitor.policy.identity import HostBinaries, named_programs, program_name
 from monitor.policy.kernel_tables import compile_kernel
 from monitor.policy.load import default_policy, load_policy_text
+from monitor.policy.replay import replay
 from monitor.policy.types import Policy
 from monitor.sessions.hostbins import dpkg_paths, fingerprint_host
 from monitor.sessions.identity import (
@@ -404,3 +407,14 @@ def test_the_daemon_fingerprints_agent_execs_and_never_an_untracked_one(tmp_path
     assert v["reason"] == "ssh (same content as /usr/bin/ssh) requests remote_forward"
     traced = r.sink[-1][0]
     assert getattr(traced, "sha256", None) == sha(copy)
+
+
+def test_a_recording_replays_sha256_rules_on_its_hashes() -> None:
+    bad = "ab" * 32
+    p = policy(f"""\
+        - {{name: known-bad, event: exec, action: kill, match: {{sha256: ["{bad}"]}}}}
+        """)
+    ev = exec_event(10, 1, "build-helper 30", session=1)
+    recs = [record(replace(ev, sha256=bad), "bot"), record(ev, "bot"),
+            {**record(ev, "bot"), "sha256": "not a digest"}]
+    assert [(v.rule, v.sha256) for v in replay(p, recs)] == [("known-bad", bad)]
