@@ -72,12 +72,11 @@ def main() -> int:
             med, worst = miss_ms(size, args.rounds, Path(tmp))
             results[f"miss_{label}_ms"] = round(med, 3)
             results[f"miss_{label}_max_ms"] = round(worst, 3)
-    print(f"identify, cache hit:      {results['hit_us']:8.2f} µs per exec")
-    print(f"fingerprint miss, 1 MB:   {results['miss_1mb_ms']:8.3f} ms "
-          f"(max {results['miss_1mb_max_ms']})")
-    print(f"fingerprint miss, 100 MB: {results['miss_100mb_ms']:8.3f} ms "
-          f"(max {results['miss_100mb_max_ms']})")
     Path(args.output).write_text(json.dumps(results, indent=1))
+    print(f"identify, cache hit: {results['hit_us']:.2f} µs per exec")
+    for label in ("1mb", "100mb"):
+        print(f"fingerprint miss, {label.upper()}: {results[f'miss_{label}_ms']:.3f} ms per "
+              f"exec (max {results[f'miss_{label}_max_ms']})")
     return 0
 
 

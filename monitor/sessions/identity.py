@@ -38,6 +38,7 @@ from typing import NamedTuple
 from monitor.model import cmdline
 from monitor.model.events import ExecEvent
 from monitor.policy.identity import NO_HOST_BINARIES, HostBinaries
+from monitor.sessions.throttle import Throttle
 
 MIB = 1 << 20
 HASH_MAX_BYTES = 512 * MIB  # a larger executable is not hashed (reason TOO_LARGE)
@@ -120,7 +121,7 @@ class Identity:
         self.hashed = 0  # files read (cache misses that were hashed)
         self._tokens = float(budget_bytes)
         self._refilled = clock()
-        self._said: dict[str, tuple[float | None, int]] = {}  # reason -> (last log, unsaid since)
+        self.said = Throttle(NOT_READ_LOG_SECONDS)  # "not fingerprinted", per reason
 
     def identify(self, ev: ExecEvent) -> ExecEvent:
         """ev with sha256, fileless and, for a file with no usable path (fexecve's /dev/fd/N,
@@ -185,12 +186,9 @@ class Identity:
         return True
 
     def _not_read(self, reason: str, ev: ExecEvent, size: int) -> None:
-        now = self.clock()
-        last, unsaid = self._said.get(reason, (None, 0))
-        if last is not None and now - last < NOT_READ_LOG_SECONDS:
-            self._said[reason] = (last, unsaid + 1)
+        unsaid = self.said.say(reason, self.clock())
+        if unsaid is None:
             return
-        self._said[reason] = (now, 0)
         self.log("executable not fingerprinted", level="warning", reason=reason,
                  pid=ev.h.pid, session=ev.h.session, exe=ev.filename, size=size,
                  unsaid=unsaid)

@@ -152,7 +152,7 @@ def test_a_fifo_a_device_and_a_huge_sparse_file_are_refused_without_reading(
         assert lines.items[-1]["msg"] == "executable not fingerprinted"
         assert lines.items[-1]["reason"] == reason
         lines.items.clear()
-        identity._said.clear()
+        identity.said.clear()
 
 
 def test_a_process_gone_before_its_file_is_opened_is_left_as_it_was(tmp_path: Path) -> None:
@@ -211,13 +211,20 @@ def test_a_memfd_is_named_memfd_name_fileless_and_fingerprinted(
     assert program_name(ev.filename) == "xmrig"
 
 
-def test_a_deleted_copy_keeps_its_name_and_its_content(
-        identity: Identity, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
+def running_copy(tmp_path: Path, children: list[subprocess.Popen[bytes]]
+                 ) -> tuple[Path, subprocess.Popen[bytes]]:
+    """A copy of sleep, running (sleep 30) from tmp_path/notsleep."""
     copy = tmp_path / "notsleep"
     shutil.copy(SLEEP, copy)
     p = subprocess.Popen([str(copy), "30"])
     children.append(p)
     wait_exec(p.pid, os.readlink("/proc/self/exe"))
+    return copy, p
+
+
+def test_a_deleted_copy_keeps_its_name_and_its_content(
+        identity: Identity, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
+    copy, p = running_copy(tmp_path, children)
     copy.unlink()
     ev = identity.identify(exec_event(p.pid, 1, f"{copy} 30", exe=str(copy)))
     assert ev.filename == f"{copy} (deleted)" and ev.fileless
@@ -226,11 +233,7 @@ def test_a_deleted_copy_keeps_its_name_and_its_content(
 
 def test_a_file_on_disk_keeps_the_exec_path_and_is_not_fileless(
         identity: Identity, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
-    copy = tmp_path / "notsleep"
-    shutil.copy(SLEEP, copy)
-    p = subprocess.Popen([str(copy), "30"])
-    children.append(p)
-    wait_exec(p.pid, os.readlink("/proc/self/exe"))
+    _, p = running_copy(tmp_path, children)
     ev = identity.identify(exec_event(p.pid, 1, "./notsleep 30", exe="./notsleep"))
     assert ev.filename == "./notsleep" and not ev.fileless and ev.sha256 == sha(SLEEP)
 
