@@ -128,12 +128,15 @@ class Judge:
             self._carry_out([self.decide(v, h.ts_ns) for v in verdicts])
         return verdicts
 
-    def on_running(self, proc: Process, agent: str) -> list[Verdict]:
+    def on_running(self, proc: Process, agent: str, sha256: str | None = None
+                   ) -> list[Verdict]:
         """Judge a process found running rather than seen exec'ing (adopted at start,
         recovered after a restart, or found by reconciliation after a lost record): the exec
-        rules on its current program and command line, as if it had just exec'd."""
+        rules on its current program (sha256: its content), and command line, as if it had
+        just exec'd."""
         verdicts = evaluate_exec(self.policy, agent=agent, session=proc.session, pid=proc.pid,
-                                 exe=proc.exe, comm=proc.comm, argv=proc.argv)
+                                 exe=proc.exe, comm=proc.comm, argv=proc.argv, sha256=sha256,
+                                 host=self.host)
         self._carry_out([self.decide(v, None) for v in verdicts])
         return verdicts
 

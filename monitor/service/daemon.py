@@ -50,7 +50,7 @@ from monitor.sessions.intake import Intake
 from monitor.sessions.procfs import ProcFS
 from monitor.sessions.recovery import Recovery, agents_file
 from monitor.sessions.registry import AgentTable, Recognizer, Registry, SessionIds
-from monitor.sessions.tracker import Tracker
+from monitor.sessions.tracker import Process, Tracker
 
 Sink = Callable[[Event, str], None]
 
@@ -98,9 +98,9 @@ class Monitor:
         self.identity = self.reloads.identity = Identity(str(self.procfs.root), log=self.log)
         ids = SessionIds()
         self.adopter = Adopter(self.tracker, self.probes, self.procfs, self.agents,
-                               self.recognizer, ids, self.judge.on_running, self.log, clock)
+                               self.recognizer, ids, self._judge_running, self.log, clock)
         self.recovery = Recovery(self.tracker, self.probes, self.procfs, self.agents, ids,
-                                 self.adopter, self.judge.on_running, self.log)
+                                 self.adopter, self._judge_running, self.log)
         self.registry = Registry(self.tracker, self.probes, self.procfs, self.recognizer, ids,
                                  self.adopter.adopt, self.kill_switch.latched, self.log)
         self.intake = Intake(self.tracker, self.probes, self.procfs, self.agents,
@@ -123,6 +123,11 @@ class Monitor:
     @property
     def config(self) -> Config:
         return self.now.config
+
+    def _judge_running(self, proc: Process, agent: str) -> object:
+        """A process found running (adopted, recovered, reconciled): judged on what its
+        file is too, like an exec."""
+        return self.judge.on_running(proc, agent, self.identity.running(proc.pid))
 
     def _save_agents(self) -> None:
         if self.now.config.monitor.pin_dir:

@@ -129,18 +129,11 @@ class Identity:
         loader = getattr(ev, "loader", None)  # the ldso helper's field (model/events.py)
         program = bool(loader) and ev.filename.startswith("/")
         exe = f"{self.proc_root}/{ev.h.pid}/exe"
-        try:
-            fd = os.open(f"{self.proc_root}/{ev.h.pid}/root{ev.filename}" if program else exe,
-                         OPEN_FLAGS)
-        except OSError:
+        opened = self._open(f"{self.proc_root}/{ev.h.pid}/root{ev.filename}" if program
+                            else exe, ev.h.pid, ev.filename)
+        if opened is None:
             return ev  # gone (or exec'd again): nothing left to judge
-        try:
-            st = os.fstat(fd)
-            found = self.fingerprint(fd, st)
-        finally:
-            os.close(fd)
-        if found.sha256 is None and found.reason is not None:
-            self._not_read(found.reason, ev, st.st_size)
+        found, st = opened
         fileless = st.st_nlink == 0
         filename = ev.filename
         if not program and (fileless or filename.startswith("/dev/fd/")):
@@ -149,6 +142,26 @@ class Identity:
             except OSError:
                 pass
         return replace(ev, sha256=found.sha256, fileless=fileless, filename=filename)
+
+    def running(self, pid: int) -> str | None:
+        """The sha256 of what an agent's process runs now (one found running rather than
+        seen exec'ing: adopted, recovered, reconciled); None when not read."""
+        opened = self._open(f"{self.proc_root}/{pid}/exe", pid, "")
+        return opened[0].sha256 if opened is not None else None
+
+    def _open(self, path: str, pid: int, exe: str) -> tuple[Print, os.stat_result] | None:
+        try:
+            fd = os.open(path, OPEN_FLAGS)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            found = self.fingerprint(fd, st)
+        finally:
+            os.close(fd)
+        if found.sha256 is None and found.reason is not None:
+            self._not_read(found.reason, pid, exe, st.st_size)
+        return found, st
 
     def fingerprint(self, fd: int, st: os.stat_result, *, must: bool = False) -> Print:
         """The fingerprint of an open file (cached by its identity). `must`: read it even
@@ -185,10 +198,9 @@ class Identity:
         self._tokens -= size  # may go below zero: one file over what is left, then a wait
         return True
 
-    def _not_read(self, reason: str, ev: ExecEvent, size: int) -> None:
+    def _not_read(self, reason: str, pid: int, exe: str, size: int) -> None:
         unsaid = self.said.say(reason, self.clock())
         if unsaid is None:
             return
         self.log("executable not fingerprinted", level="warning", reason=reason,
-                 pid=ev.h.pid, session=ev.h.session, exe=ev.filename, size=size,
-                 unsaid=unsaid)
+                 pid=pid, exe=exe or None, size=size, unsaid=unsaid)

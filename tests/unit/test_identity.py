@@ -40,7 +40,7 @@ from monitor.sessions.identity import (
     exe_name,
 )
 from tests.support.events import exec_event
-from tests.support.monitor import CLAUDE, B, make_proc, rig
+from tests.support.monitor import CLAUDE, B, Rig, agent_tree, make_proc, rig
 from tests.support.monitor import header as rig_header
 
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
@@ -385,15 +385,21 @@ def test_named_programs_are_every_name_and_ssh_for_ssh_rules() -> None:
 # --- the daemon: agents' execs only -----------------------------------------------------------
 
 
-def test_the_daemon_fingerprints_agent_execs_and_never_an_untracked_one(tmp_path: Path) -> None:
+def ssh_copy_rig(tmp_path: Path) -> tuple[Rig, Path]:
+    """A daemon on the default policy (monitor mode) whose host ssh is tmp_path/notssh."""
     r = rig(tmp_path, trace_all=True)
     copy = tmp_path / "notssh"
     copy.write_bytes(b"the host's ssh, byte for byte")
-    make_proc(r.proc, B + 50, 1, "notssh", exe=str(copy))
     text = Path(default_policy().source).read_text().replace("mode: enforce", "mode: monitor")
     pol = load_policy_text(text, "<default, monitor mode>")
     host = HostBinaries.of([("ssh", "/usr/bin/ssh", sha(copy), copy.stat().st_size)])
     r.mon.judge.use(pol, compile_kernel(pol), host)
+    return r, copy
+
+
+def test_the_daemon_fingerprints_agent_execs_and_never_an_untracked_one(tmp_path: Path) -> None:
+    r, copy = ssh_copy_rig(tmp_path)
+    make_proc(r.proc, B + 50, 1, "notssh", exe=str(copy))
     argv = ("notssh", "-NR", "9000:localhost:22", "h")
 
     untracked = exec_event(B + 50, 1, argv, exe=str(copy), session=0)
@@ -421,3 +427,13 @@ def test_a_recording_replays_sha256_rules_on_its_hashes() -> None:
     recs = [record(replace(ev, sha256=bad), "bot"), record(ev, "bot"),
             {**record(ev, "bot"), "sha256": "not a digest"}]
     assert [(v.rule, v.sha256) for v in replay(p, recs)] == [("known-bad", bad)]
+
+
+def test_a_running_copy_found_at_adoption_is_judged_by_its_content(tmp_path: Path) -> None:
+    r, copy = ssh_copy_rig(tmp_path)
+    agent_tree(r.proc)  # agent root B (claude)
+    make_proc(r.proc, B + 60, B, "notssh", argv=("notssh", "-fND", "1080", "h"),
+              exe=str(copy))
+    r.mon.adopter.adopt_running()
+    (v,) = [v for v in r.log.find("verdict") if v["pid"] == B + 60]
+    assert v["rule"] == "ssh-reverse-or-dynamic-forward" and v["sha256"] == sha(copy)
