@@ -34,16 +34,20 @@ class HostBinaries:
 
     prints: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     sizes: frozenset[int] = frozenset()
+    # what the files looked at were when fingerprinted ((path, identity or None), ...): a
+    # package upgrade changes it (monitor/sessions/hostbins.py looks again)
+    files: tuple[tuple[str, tuple[int, ...] | None], ...] = field(default=(), compare=False)
 
     @classmethod
-    def of(cls, found: Iterable[tuple[str, str, str, int]]) -> HostBinaries:
+    def of(cls, found: Iterable[tuple[str, str, str, int]],
+           files: tuple[tuple[str, tuple[int, ...] | None], ...] = ()) -> HostBinaries:
         """From (name, path, sha256, size) of each binary found."""
         prints: dict[str, dict[str, str]] = {}
         sizes: set[int] = set()
         for name, path, sha256, size in found:
             prints.setdefault(sha256, {}).setdefault(name, path)
             sizes.add(size)
-        return cls(prints, frozenset(sizes))
+        return cls(prints, frozenset(sizes), files)
 
     def copy_of(self, sha256: str | None) -> Mapping[str, str]:
         """{name: path} of the host binaries whose content is exactly this; {} if none."""

@@ -291,3 +291,4 @@ class Monitor:
             self.tracker.set_cpu(readings)
             self.adopter.reconcile({pid for pid, _ in readings}, lost)
             self.judge.on_tick()
+            self.reloads.recheck_host(time.monotonic())

@@ -34,11 +34,13 @@ from monitor.policy.load import check_capacity
 from monitor.policy.types import FailClosed, Policy
 from monitor.service.sdnotify import SystemdNotifier
 from monitor.service.status import InForce
-from monitor.sessions.hostbins import fingerprint_host
+from monitor.sessions.hostbins import changed, fingerprint_host
 from monitor.sessions.identity import Identity
 from monitor.sessions.registry import AgentTable, Recognizer
 
 Loader = Callable[[], tuple[Config, Policy]]
+
+HOST_RECHECK_SECONDS = 10.0  # how often the host binaries a policy names are stat'ed
 
 
 class Reload:
@@ -57,6 +59,7 @@ class Reload:
         self.log = log
         self.loader: Loader | None = None
         self.identity: Identity | None = None  # set by the daemon: fingerprints execs
+        self._host_checked = 0.0
 
     def fingerprint(self, policy: Policy) -> HostBinaries:
         """Fingerprint the host binaries the policy names (a copy of one is that program),
@@ -66,6 +69,15 @@ class Reload:
         host = fingerprint_host(named_programs(policy), self.identity, log=self.log)
         self.identity.host = host
         return host
+
+    def recheck_host(self, now: float) -> None:
+        """Every HOST_RECHECK_SECONDS: fingerprint the host binaries again if a package
+        changed them (a copy of the new ssh is ssh too)."""
+        if self.identity is None or now < self._host_checked + HOST_RECHECK_SECONDS:
+            return
+        self._host_checked = now
+        if changed(self.identity.host, named_programs(self.now.policy)):
+            self.judge.host = self.fingerprint(self.now.policy)
 
     def install_matchers(self) -> None:
         """The in-kernel agent matchers of the specs in force, in the generation in force."""

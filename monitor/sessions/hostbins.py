@@ -21,7 +21,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 
 from monitor.policy.identity import HostBinaries
-from monitor.sessions.identity import OPEN_FLAGS, Identity
+from monitor.sessions.identity import OPEN_FLAGS, Identity, file_key
 
 STANDARD_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 DPKG_INFO = "/var/lib/dpkg/info"
@@ -79,6 +79,28 @@ def _read_regular(path: str, limit: int) -> bytes | None:
         os.close(fd)
 
 
+def files_state(paths: Iterable[str]) -> tuple[tuple[str, tuple[int, ...] | None], ...]:
+    """(path, the identity of the file it leads to, or None) for each path: stat only."""
+    state = []
+    for path in paths:
+        try:
+            key: tuple[int, ...] | None = file_key(os.stat(path))
+        except OSError:
+            key = None
+        state.append((path, key))
+    return tuple(state)
+
+
+def changed(host: HostBinaries, names: Iterable[str],
+            dirs: Iterable[str] = STANDARD_DIRS) -> bool:
+    """Whether the host binaries looked at are not what they were when fingerprinted (a
+    package upgraded, installed or removed on the standard paths): a few stats, no read."""
+    dirs = tuple(dirs)
+    standard = [path for _, path in standard_paths(names, dirs)]
+    from_dpkg = [path for path, _ in host.files if os.path.dirname(path) not in dirs]
+    return files_state([*standard, *from_dpkg]) != host.files
+
+
 def fingerprint_host(names: Iterable[str], identity: Identity, *,
                      dirs: Iterable[str] = STANDARD_DIRS, dpkg_info: str = DPKG_INFO,
                      log: Callable[..., None] | None = None) -> HostBinaries:
@@ -89,6 +111,7 @@ def fingerprint_host(names: Iterable[str], identity: Identity, *,
     candidates = list(standard_paths(names, dirs))
     # the package database, for programs installed off the standard paths (/opt/X/bin/NAME)
     candidates += dpkg_paths(names - {name for name, _ in candidates}, dpkg_info)
+    files = files_state(path for _, path in candidates)
     for name, path in candidates:
         real = os.path.realpath(path)
         if (name, real) in seen or len(seen) >= MAX_FILES:
@@ -105,7 +128,7 @@ def fingerprint_host(names: Iterable[str], identity: Identity, *,
             os.close(fd)
         if sha256 is not None:
             found.append((name, path, sha256, st.st_size))
-    host = HostBinaries.of(found)
+    host = HostBinaries.of(found, files)
     if log is not None:
         log("host binaries fingerprinted", names=sorted(host.names()),
             missing=sorted(names - host.names()), files=len(found))

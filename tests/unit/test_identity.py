@@ -28,7 +28,7 @@ from monitor.policy.kernel_tables import compile_kernel
 from monitor.policy.load import default_policy, load_policy_text
 from monitor.policy.replay import replay
 from monitor.policy.types import Policy
-from monitor.sessions.hostbins import dpkg_paths, fingerprint_host
+from monitor.sessions.hostbins import changed, dpkg_paths, fingerprint_host
 from monitor.sessions.identity import (
     BUSY,
     MIB,
@@ -437,3 +437,21 @@ def test_a_running_copy_found_at_adoption_is_judged_by_its_content(tmp_path: Pat
     r.mon.adopter.adopt_running()
     (v,) = [v for v in r.log.find("verdict") if v["pid"] == B + 60]
     assert v["rule"] == "ssh-reverse-or-dynamic-forward" and v["sha256"] == sha(copy)
+
+
+def test_an_upgraded_or_new_host_binary_is_noticed_without_reading_it(
+        identity: Identity, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_bytes(b"ssh 9.2")
+    names, dirs = ["ssh", "ngrok"], [str(bin_dir)]
+    host = fingerprint_host(names, identity, dirs=dirs, dpkg_info=str(tmp_path / "none"))
+    assert not changed(host, names, dirs)
+    (bin_dir / "ssh.new").write_bytes(b"ssh 9.9")
+    os.replace(bin_dir / "ssh.new", bin_dir / "ssh")  # what a package upgrade does
+    assert changed(host, names, dirs)
+    host = fingerprint_host(names, identity, dirs=dirs, dpkg_info=str(tmp_path / "none"))
+    assert host.copy_of(sha(bin_dir / "ssh")) == {"ssh": str(bin_dir / "ssh")}
+    assert not changed(host, names, dirs)
+    (bin_dir / "ngrok").write_bytes(b"ngrok")  # installed since
+    assert changed(host, names, dirs)
