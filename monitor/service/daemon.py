@@ -150,6 +150,8 @@ class Monitor:
                      rules=[r.name for r in now.tables.userspace_only])
         self.reloads.install_matchers()
         self.probes.on_record(self._on_record)
+        # what the host's named programs are, before anything is judged (adoption too)
+        self.judge.host = self.reloads.fingerprint(now.policy, quiet=True)
         with self.lock:
             if now.config.monitor.pin_dir:
                 self.recovery.recover(agents_file(now.config.monitor.control_socket))
@@ -165,8 +167,7 @@ class Monitor:
                  policy_sha256=now.policy.sha256, mode=now.policy.mode.value,
                  rules=len(now.policy.rules), kernel_rules=len(now.tables.rules),
                  cgroup=self.cgroup)
-        # before the loop reads a record (adoption judged running processes by name only)
-        self.judge.host = self.reloads.fingerprint(now.policy)
+        self.reloads.say_host(now.policy)  # after the start line, which comes first
 
     def _handlers(self) -> dict[str, Handler]:
         def queued(op: Handler) -> Handler:

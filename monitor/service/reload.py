@@ -34,7 +34,7 @@ from monitor.policy.load import check_capacity
 from monitor.policy.types import FailClosed, Policy
 from monitor.service.sdnotify import SystemdNotifier
 from monitor.service.status import InForce
-from monitor.sessions.hostbins import changed, fingerprint_host
+from monitor.sessions.hostbins import changed, fingerprint_host, summary
 from monitor.sessions.identity import Identity
 from monitor.sessions.registry import AgentTable, Recognizer
 
@@ -61,14 +61,21 @@ class Reload:
         self.identity: Identity | None = None  # set by the daemon: fingerprints execs
         self._host_checked = 0.0
 
-    def fingerprint(self, policy: Policy) -> HostBinaries:
+    def fingerprint(self, policy: Policy, *, quiet: bool = False) -> HostBinaries:
         """Fingerprint the host binaries the policy names (a copy of one is that program),
-        for the judge and for the exec fingerprinting's budget."""
+        for the judge and for the exec fingerprinting's budget; logged unless quiet."""
         if self.identity is None:
             return NO_HOST_BINARIES
-        host = fingerprint_host(named_programs(policy), self.identity, log=self.log)
+        host = fingerprint_host(named_programs(policy), self.identity,
+                                log=None if quiet else self.log)
         self.identity.host = host
         return host
+
+    def say_host(self, policy: Policy) -> None:
+        """Log what fingerprint(policy, quiet=True) found."""
+        if self.identity is not None:
+            self.log("host binaries fingerprinted",
+                     **summary(self.identity.host, named_programs(policy)))
 
     def recheck_host(self, now: float) -> None:
         """Every HOST_RECHECK_SECONDS: fingerprint the host binaries again if a package

@@ -130,6 +130,11 @@ def fingerprint_host(names: Iterable[str], identity: Identity, *,
             found.append((name, path, sha256, st.st_size))
     host = HostBinaries.of(found, files)
     if log is not None:
-        log("host binaries fingerprinted", names=sorted(host.names()),
-            missing=sorted(names - host.names()), files=len(found))
+        log("host binaries fingerprinted", **summary(host, names))
     return host
+
+
+def summary(host: HostBinaries, names: Iterable[str]) -> dict[str, object]:
+    """What a log line says of the host binaries fingerprinted for these names."""
+    return {"names": sorted(host.names()), "missing": sorted(set(names) - host.names()),
+            "files": sum(len(by_name) for by_name in host.prints.values())}

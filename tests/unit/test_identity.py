@@ -28,6 +28,7 @@ from monitor.policy.kernel_tables import compile_kernel
 from monitor.policy.load import default_policy, load_policy_text
 from monitor.policy.replay import replay
 from monitor.policy.types import Policy
+from monitor.service.daemon import Monitor
 from monitor.sessions.hostbins import changed, dpkg_paths, fingerprint_host
 from monitor.sessions.identity import (
     BUSY,
@@ -39,8 +40,11 @@ from monitor.sessions.identity import (
     Print,
     exe_name,
 )
+from monitor.sessions.procfs import ProcFS
 from tests.support.events import exec_event
-from tests.support.monitor import CLAUDE, B, Rig, agent_tree, make_proc, rig
+from tests.support.kernel import FakeProbes
+from tests.support.log import Log
+from tests.support.monitor import CLAUDE, B, Rig, agent_tree, config, make_proc, rig
 from tests.support.monitor import header as rig_header
 
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
@@ -455,3 +459,28 @@ def test_an_upgraded_or_new_host_binary_is_noticed_without_reading_it(
     assert not changed(host, names, dirs)
     (bin_dir / "ngrok").write_bytes(b"ngrok")  # installed since
     assert changed(host, names, dirs)
+
+
+def test_at_start_the_host_is_fingerprinted_before_running_agents_are_judged(
+        tmp_path: Path) -> None:
+    if not os.path.exists(SSH):
+        pytest.skip("no ssh on this host")
+    proc = tmp_path / "proc"
+    agent_tree(proc)  # agent root B (claude)
+    copy = tmp_path / "x"
+    shutil.copy(SSH, copy)  # the host's real ssh, found on the standard paths at start
+    make_proc(proc, B + 60, B, "x", argv=("x", "-NR", "9000:localhost:22", "h"),
+              exe=str(copy))
+    pol = load_policy_text("mode: monitor\nrules:\n  - {name: fwd, event: exec, action: kill, "
+                           "match: {ssh: [remote_forward]}}\n", "p.yaml")
+    log = Log()
+    mon = Monitor(config(), pol, probes=FakeProbes(), procfs=ProcFS(proc), log=log)
+    mon.start()
+    try:
+        (v,) = [v for v in log.find("verdict") if v["pid"] == B + 60]
+        assert "same content as" in v["reason"] and v["sha256"] == sha(SSH)
+        said = [m for m, _, _ in log.lines]
+        assert said[said.index("monitor started") + 1] == "host binaries fingerprinted"
+        assert "ssh" in log.find("host binaries fingerprinted")[0]["names"]
+    finally:
+        mon.stop()
