@@ -129,8 +129,9 @@ class Identity:
         loader = getattr(ev, "loader", None)  # the ldso helper's field (model/events.py)
         program = bool(loader) and ev.filename.startswith("/")
         exe = f"{self.proc_root}/{ev.h.pid}/exe"
-        opened = self._open(f"{self.proc_root}/{ev.h.pid}/root{ev.filename}" if program
-                            else exe, ev.h.pid, ev.filename)
+        # the program's path as its process sees it ("..": never above the process's root)
+        inside = f"{self.proc_root}/{ev.h.pid}/root{os.path.normpath(ev.filename)}"
+        opened = self._open(inside if program else exe, ev.h.pid, ev.filename)
         if opened is None:
             return ev  # gone (or exec'd again): nothing left to judge
         found, st = opened

@@ -13,7 +13,7 @@ import subprocess
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pytest
 from timebox import within
 
 from monitor.model.errors import ConfigError
+from monitor.model.events import ExecEvent
 from monitor.observe.output import record
 from monitor.policy.engine import evaluate_exec
 from monitor.policy.identity import HostBinaries, named_programs, program_name
@@ -484,3 +485,28 @@ def test_at_start_the_host_is_fingerprinted_before_running_agents_are_judged(
         assert "ssh" in log.find("host binaries fingerprinted")[0]["names"]
     finally:
         mon.stop()
+
+
+@dataclass(slots=True)
+class LoaderExec(ExecEvent):
+    """An exec as the ldso helper's field makes it (model/events.py gains `loader`)."""
+
+    loader: str | None = None
+
+
+def test_a_program_run_through_the_loader_is_read_in_its_own_root(tmp_path: Path) -> None:
+    proc, rootfs = tmp_path / "proc", tmp_path / "rootfs"
+    (rootfs / "opt").mkdir(parents=True)
+    prog = rootfs / "opt" / "prog"
+    prog.write_bytes(b"the program, not the loader")
+    (tmp_path / "outside").write_bytes(b"a file outside the process's root")
+    proc_tree(proc, 20, SLEEP)  # /proc/PID/exe: what the kernel ran, the loader
+    (proc / "20" / "root").symlink_to(rootfs)
+    identity = Identity(str(proc), log=Lines())
+    base = exec_event(20, 1, "/opt/prog")
+    ev = LoaderExec(base.h, base.old_tid, base.ppid, base.cgroup_id, base.flags,
+                    "/opt/prog", base.argv, loader="/lib64/ld-linux-x86-64.so.2")
+    found = identity.identify(ev)
+    assert found.sha256 == sha(prog) and found.filename == "/opt/prog"
+    escape = replace(ev, filename="/../outside")  # never above the process's root
+    assert identity.identify(escape).sha256 is None
