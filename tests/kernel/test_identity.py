@@ -216,3 +216,16 @@ def test_a_binary_listed_by_sha256_is_killed_under_any_name(enforcing: Running,
     assert BAD_SHA[:16] in str(v["reason"])
     plain = subprocess.run([str(bad), "0.2"], timeout=10)  # not an agent: runs to the end
     assert plain.returncode == 0
+
+
+@pytest.mark.parametrize("name", ["xmrig", "cpuminer-opt"])
+def test_a_miner_named_memfd_is_named_by_its_memfd_and_killed(enforcing: Running,
+                                                              name: str) -> None:
+    start = time.monotonic()
+    p = agent_exec([sys.executable, "-c", MEMFD_EXEC, name, SLEEP, "30"], agent="claude-code",
+                   socket=SOCK)
+    assert killed(p)
+    assert time.monotonic() - start < 8, "killed only when its sleep would have ended"
+    v = enforcing.wait_verdict(rule="no-miners", pid=p.pid)
+    assert v["outcome"] == "killed" and v["exe"] == f"memfd:{name}"
+    assert v["reason"] == f"runs {name} (name in @miner_names)"
