@@ -7,7 +7,9 @@ A program is what its file is: a byte-identical copy of /usr/bin/ssh named `nots
 /proc/PID/exe, the magic link that opens the very file the process runs: a copy, a memfd, a
 deleted or O_TMPFILE file alike. For a program run through the dynamic loader (ev.loader
 set, filename the program's absolute path) the program's file is opened instead, as
-/proc/PID/root + filename, so a process in another mount namespace is read right.
+/proc/PID/root + filename, so a process in another mount namespace is read right; its
+symlinks are followed as that process would, and /proc/self (/dev/fd/N) is its entry, not
+the monitor's (as_seen_by).
 
 Bounds (the agent chooses the file): opened O_RDONLY|O_NONBLOCK|O_CLOEXEC, fstat'd, and
 read only when it is a regular file of at most HASH_MAX_BYTES, in HASH_CHUNK reads. Results
@@ -48,6 +50,8 @@ HASH_BUDGET_BYTES = 512 * MIB  # bytes that may be hashed back to back...
 HASH_RATE_BYTES = 64 * MIB  # ...and how fast that budget comes back, per second
 NOT_READ_LOG_SECONDS = 10.0
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+PROC_ROOT_INO = 1  # include/linux/proc_ns.h: the inode of every procfs's root directory
+MAX_LINKS = 40  # symlinks followed in a loader-run program's path (the kernel's own limit)
 
 # why an executable has no fingerprint
 GONE = "gone"  # the process exited (or exec'd again) before its file could be opened
@@ -100,6 +104,15 @@ def exe_name(link: str) -> tuple[str, bool]:
     return link, link.endswith(_DELETED)
 
 
+def _is_procfs(path: str) -> bool:
+    """Whether path is the root of a procfs (inode PROC_ROOT_INO), not a look-alike an
+    agent mounted at its /proc."""
+    try:
+        return os.stat(path).st_ino == PROC_ROOT_INO
+    except OSError:
+        return False
+
+
 class Identity:
     """Fingerprints executables, with the cache and the budget; `host` is the fingerprints
     of the host binaries the policy in force names (set by service/reload.py)."""
@@ -129,9 +142,8 @@ class Identity:
         loader = getattr(ev, "loader", None)  # the ldso helper's field (model/events.py)
         program = bool(loader) and ev.filename.startswith("/")
         exe = f"{self.proc_root}/{ev.h.pid}/exe"
-        # the program's path as its process sees it ("..": never above the process's root)
-        inside = f"{self.proc_root}/{ev.h.pid}/root{os.path.normpath(ev.filename)}"
-        opened = self._open(inside if program else exe, ev.h.pid, ev.filename)
+        inside = self.as_seen_by(ev.h.pid, ev.filename) if program else exe
+        opened = self._open(inside, ev.h.pid, ev.filename) if inside is not None else None
         if opened is None:
             return ev  # gone (or exec'd again): nothing left to judge
         found, st = opened
@@ -143,6 +155,40 @@ class Identity:
             except OSError:
                 pass
         return replace(ev, sha256=found.sha256, fileless=fileless, filename=filename)
+
+    def as_seen_by(self, pid: int, path: str) -> str | None:
+        """A path this process can open for the file `path` names to process pid: under
+        /proc/PID/root, symlinks followed as pid would (an absolute target from pid's root,
+        ".." never above it), and /proc/self, /proc/thread-self (or a link to them, such as
+        /dev/fd/N) meaning pid's own /proc entry, not this process's. None past MAX_LINKS."""
+        root = f"{self.proc_root}/{pid}/root"
+        todo = [p for p in reversed(path.split("/")) if p not in ("", ".")]
+        done: list[str] = []
+        links = 0
+        while todo:
+            part = todo.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            done.append(part)
+            if (len(done) == 2 and done[0] == "proc" and part in ("self", "thread-self")
+                    and _is_procfs(root + "/proc")):
+                return "/".join([f"{self.proc_root}/{pid}", *reversed(todo)])
+            try:
+                target = os.readlink(os.fsencode(root + "/" + "/".join(done)))
+            except OSError:
+                continue  # not a link (or not there: the open will say)
+            links += 1
+            if links > MAX_LINKS:
+                return None
+            done.pop()
+            if target.startswith(b"/"):
+                done.clear()
+            todo.extend(reversed(os.fsdecode(target).split("/")))
+        return root + "/" + "/".join(done)
 
     def running(self, pid: int) -> str | None:
         """The sha256 of what an agent's process runs now (one found running rather than

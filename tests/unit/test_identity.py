@@ -503,10 +503,40 @@ def test_a_program_run_through_the_loader_is_read_in_its_own_root(tmp_path: Path
     proc_tree(proc, 20, SLEEP)  # /proc/PID/exe: what the kernel ran, the loader
     (proc / "20" / "root").symlink_to(rootfs)
     identity = Identity(str(proc), log=Lines())
-    base = exec_event(20, 1, "/opt/prog")
-    ev = LoaderExec(base.h, base.old_tid, base.ppid, base.cgroup_id, base.flags,
-                    "/opt/prog", base.argv, loader="/lib64/ld-linux-x86-64.so.2")
+    ev = loader_exec(20, "/opt/prog")
     found = identity.identify(ev)
     assert found.sha256 == sha(prog) and found.filename == "/opt/prog"
     escape = replace(ev, filename="/../outside")  # never above the process's root
     assert identity.identify(escape).sha256 is None
+
+
+def loader_exec(pid: int, filename: str) -> LoaderExec:
+    base = exec_event(pid, 1, filename)
+    return LoaderExec(base.h, base.old_tid, base.ppid, base.cgroup_id, base.flags, filename,
+                      base.argv, loader="/lib64/ld-linux-x86-64.so.2")
+
+
+def test_proc_self_in_a_loader_run_programs_path_is_that_process_not_the_monitor(
+        tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    prog = tmp_path / "memfd-program"
+    prog.write_bytes(b"what the agent's fd 7 holds")
+    proc_tree(proc, 30, SLEEP)
+    (proc / "30" / "root").symlink_to("/")  # its root is ours, with the real procfs
+    (proc / "30" / "fd").mkdir()
+    (proc / "30" / "fd" / "7").symlink_to(prog)  # the agent's fd 7
+    link = tmp_path / "innocent"
+    link.symlink_to("/dev/fd/7")  # -> /proc/self/fd/7: the monitor's fd 7, read blindly
+    identity = Identity(str(proc), log=Lines())
+    for spelled in ("/proc/self/fd/7", "/dev/fd/7", str(link), "/proc/thread-self/fd/7"):
+        assert identity.identify(loader_exec(30, spelled)).sha256 == sha(prog), spelled
+    # an agent's own look-alike mounted at its /proc is followed as the agent's open would
+    fake = tmp_path / "rootfs"
+    (fake / "proc").mkdir(parents=True)
+    (fake / "proc" / "self").symlink_to("/own")
+    (fake / "own" / "fd").mkdir(parents=True)
+    (fake / "own" / "fd" / "7").write_bytes(b"its own fd 7")
+    proc_tree(proc, 31, SLEEP)
+    (proc / "31" / "root").symlink_to(fake)
+    found = identity.identify(loader_exec(31, "/proc/self/fd/7"))
+    assert found.sha256 == sha(fake / "own" / "fd" / "7")
