@@ -54,6 +54,7 @@ bench: setup bench-tools
 	$(VPY) bench/footprint.py
 	$(VPY) bench/scrape.py
 	$(VPY) bench/hotpath.py
+	$(VPY) bench/identity.py
 
 bench-quick: setup bench-tools
 	$(VPY) bench/run.py --quick $(ARGS)
@@ -62,6 +63,7 @@ bench-quick: setup bench-tools
 	$(VPY) bench/footprint.py --quick
 	$(VPY) bench/scrape.py --agents 10 --children 50 --scrapes 10
 	$(VPY) bench/hotpath.py --records 50000 --rounds 3
+	$(VPY) bench/identity.py --rounds 5
 
 install: setup
 	@bash packaging/install.sh $(ARGS)

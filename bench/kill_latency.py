@@ -2,7 +2,10 @@
 rule (connect to a forbidden destination: SIGKILL at syscall entry) and a userspace rule
 (exec of `ssh -R`: decided from argv in Python, killed through a pidfd), idle and while
 another agent generates 10,000 other events per second, and (with --scrape-threads N) while
-an agent scrapes /metrics in a loop from N threads.
+an agent scrapes /metrics in a loop from N threads. The `userspace_miss_*` cases run the
+userspace rule on a fresh file every time (each its own inode, padded to the size of the
+host's ssh, ~1 MB): every kill then includes a fingerprint miss, the sha256 of that file
+(monitor/sessions/identity.py).
 
 t0 is stamped by the victim (CLOCK_BOOTTIME) right before the syscall; the death time is the
 kernel's timestamp of the victim's exit event (same clock), read from the monitor's stream.
@@ -157,6 +160,20 @@ def build_victims(tmp: Path) -> tuple[Path, Path]:
     return victim, ssh
 
 
+def fresh_copies(ssh: Path, n: int, size: int, name: str) -> str:
+    """n copies of the ssh stand-in, each its own file (tmp/NAME/I/ssh) padded to size
+    bytes: an exec of each is a fingerprint miss. Returns the victim's %ld path pattern."""
+    data = ssh.read_bytes()
+    data += bytes(max(0, size - len(data)))
+    root = ssh.parent / name
+    for i in range(n):
+        (root / str(i)).mkdir(parents=True)
+        copy = root / str(i) / "ssh"
+        copy.write_bytes(data)
+        copy.chmod(0o755)
+    return str(root / "%ld" / "ssh")
+
+
 def measure(watch: ExitWatch, exec_prefix: Sequence[str], victim: str, mode: str, n: int,
             arg: str, env: Mapping[str, str] | None = None, cwd: str | Path | None = None
             ) -> dict[str, Any]:
@@ -196,6 +213,9 @@ def main() -> int:
     n = 100 if args.quick else 500
     tmp = Path(tempfile.mkdtemp(prefix="agentwatch-kill-"))
     victim, ssh = build_victims(tmp)
+    host_ssh = shutil.which("ssh")
+    size = os.stat(host_ssh).st_size if host_ssh else 1 << 20
+    fresh = {tag: fresh_copies(ssh, n, size, f"fresh-{tag}") for tag in ("idle", "loaded")}
     kill_port, load_port = free_port(), free_port()
     mon = Monitor(tmp, kill_port)
     results: dict[str, Any] = {"kills_per_case": n, "load_events_per_s": 10_000,
@@ -216,6 +236,9 @@ def main() -> int:
             prefix = mon.exec_prefix("bench")
             results[f"userspace_{tag}"] = measure(mon.watch, prefix, str(victim), "exec-kill",
                                                   n, str(ssh))
+            if tag in fresh:  # each round a file never seen: a fingerprint miss
+                results[f"userspace_miss_{tag}"] = measure(
+                    mon.watch, prefix, str(victim), "exec-kill", n, fresh[tag])
             results[f"kernel_{tag}"] = measure(mon.watch, prefix, str(victim), "connect-kill",
                                                n, str(kill_port))
             results[f"monitor_cpu_pct_{tag}"] = round(
@@ -242,7 +265,8 @@ def main() -> int:
         print(f"scrapes served while scraped: {results['scrapes_per_s']}/s "
               f"({results['scrapes_failed']} failed)")
     goal_user = all(results[f"userspace_{t}"]["p99_ms"] is not None
-                    and results[f"userspace_{t}"]["p99_ms"] <= 5 for t in ("idle", "loaded"))
+                    and results[f"userspace_{t}"]["p99_ms"] <= 5
+                    for t in ("idle", "loaded", "miss_idle", "miss_loaded"))
     goal_kernel = all(results[f"kernel_{t}"]["measured"] > 0
                       and results[f"kernel_{t}"]["forbidden_step_completed"] == 0
                       and results[f"kernel_{t}"]["not_killed"] == 0 for t in ("idle", "loaded"))

@@ -3,6 +3,8 @@
  *   victim exec-kill N SSH_PATH     N times: fork; the child stamps CLOCK_BOOTTIME into a
  *                                   shared slot and execs SSH_PATH -R 1:x:1 h (a program
  *                                   that only waits); the rule kills it from userspace.
+ *                                   A SSH_PATH with "%ld" in it names a file per round
+ *                                   (the round's number put there): a fingerprint miss each.
  *   victim connect-kill N PORT      N times: fork; the child stamps the time and connects to
  *                                   127.0.0.1:PORT, which an in-kernel rule forbids; if
  *                                   connect ever returns, it records that (must not happen).
@@ -55,9 +57,14 @@ static int run(const char *mode, long n, const char *arg)
         pid_t pid = fork();
         if (pid == 0) {
             if (!strcmp(mode, "exec-kill")) {
-                char *argv[] = {(char *)arg, "-R", "1:x:1", "h", NULL};
+                char path[4096];
+                if (strstr(arg, "%ld"))
+                    snprintf(path, sizeof(path), arg, i);
+                else
+                    snprintf(path, sizeof(path), "%s", arg);
+                char *argv[] = {path, "-R", "1:x:1", "h", NULL};
                 s->t0 = boot_ns();
-                execv(arg, argv);
+                execv(path, argv);
                 _exit(127);
             }
             struct sockaddr_in a = loopback(atoi(arg));

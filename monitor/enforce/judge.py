@@ -43,6 +43,7 @@ from monitor.policy.engine import (
     evaluate_processes,
     format_destination,
 )
+from monitor.policy.identity import NO_HOST_BINARIES, HostBinaries
 from monitor.policy.kernel_tables import KernelTables, rules_of
 from monitor.policy.types import Action, EventKind, ExecMatch, Mode, Policy
 from monitor.sessions.tracker import Process, Tracker
@@ -57,9 +58,11 @@ KERNEL_SEEN_SIZE = 4096
 class Judge:
     def __init__(self, policy: Policy, tables: KernelTables, enforcer: Enforcer,
                  tracker: Tracker, log: Log, *, metrics: MetricsState | None = None,
-                 alerts: Notifier | None = None) -> None:
+                 alerts: Notifier | None = None,
+                 host: HostBinaries = NO_HOST_BINARIES) -> None:
         self.policy = policy
         self.tables = tables
+        self.host = host  # fingerprints of the host binaries the policy names
         self.tracker = tracker
         self.metrics = metrics if metrics is not None else MetricsState()
         self.executor = Executor(enforcer, tracker)
@@ -82,9 +85,11 @@ class Judge:
         """(agent, rule) -> kills carried out (kept by MetricsState)."""
         return self.metrics.kill_counts()
 
-    def use(self, policy: Policy, tables: KernelTables) -> None:
-        """A reloaded policy: judge from now on by it (counters and windows carry over)."""
-        self.policy, self.tables = policy, tables
+    def use(self, policy: Policy, tables: KernelTables,
+            host: HostBinaries = NO_HOST_BINARIES) -> None:
+        """A reloaded policy (and the fingerprints of the host binaries it names): judge
+        from now on by it (counters and windows carry over)."""
+        self.policy, self.tables, self.host = policy, tables, host
         self.kernel_rules = frozenset(r.name for r in tables.rules)
         self._connect_memo.clear()
 
@@ -128,7 +133,8 @@ class Judge:
         h = ev.h
         return evaluate_exec(self.policy, agent=agent, session=h.session, pid=h.pid, exe=exe,
                              comm=h.comm, argv=ev.argv, line=ev.line, fileless=ev.is_fileless,
-                             ssh_config=ev.ssh_config, ssh_config_from=ev.ssh_config_from)
+                             ssh_config=ev.ssh_config, ssh_config_from=ev.ssh_config_from,
+                             sha256=ev.sha256, host=self.host)
 
     def _loader_verdicts(self, ev: ExecEvent, agent: str) -> list[Verdict]:
         """A program run through a loader (sessions/loader.py): judged as that program,
@@ -136,24 +142,29 @@ class Judge:
         run (the loader itself included); one verdict per rule."""
         h = ev.h
         found: dict[str, Verdict] = {}
-        for exe, argv in ((ev.filename, ev.argv), *ev.loader_others):
+        runs = ((ev.filename, ev.argv, ev.sha256),
+                *((exe, argv, None) for exe, argv in ev.loader_others))
+        for exe, argv, sha256 in runs:  # the program's content is known, the others' not
             for v in evaluate_exec(self.policy, agent=agent, session=h.session, pid=h.pid,
                                    exe=exe, comm=comm_of(os.path.basename(exe)), argv=argv,
                                    line=ev.line, loader=ev.loader, fileless=ev.is_fileless,
                                    ssh_config=ev.ssh_config,
-                                   ssh_config_from=ev.ssh_config_from):
+                                   ssh_config_from=ev.ssh_config_from, sha256=sha256,
+                                   host=self.host):
                 found.setdefault(v.rule, v)
         return list(found.values())
 
-    def on_running(self, proc: Process, agent: str,
-                   run: ExecEvent | None = None) -> list[Verdict]:
+    def on_running(self, proc: Process, agent: str, run: ExecEvent | None = None,
+                   sha256: str | None = None) -> list[Verdict]:
         """Judge a process found running rather than seen exec'ing (adopted at start,
         recovered after a restart, or found by reconciliation after a lost record): the exec
-        rules on its current program and command line, as if it had just exec'd; `run`, when
-        it runs a program through a loader, that exec (sessions/loader.Loaders.running)."""
+        rules on its current program (sha256: its content) and command line, as if it had
+        just exec'd; `run`, when it runs a program through a loader, that exec
+        (sessions/loader.Loaders.running, fingerprinted)."""
         verdicts = self._loader_verdicts(run, agent) if run is not None and run.loader else \
             evaluate_exec(self.policy, agent=agent, session=proc.session, pid=proc.pid,
-                          exe=proc.exe, comm=proc.comm, argv=proc.argv)
+                          exe=proc.exe, comm=proc.comm, argv=proc.argv, sha256=sha256,
+                          host=self.host)
         self._carry_out([self.decide(v, None) for v in verdicts])
         return verdicts
 

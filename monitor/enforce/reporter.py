@@ -52,6 +52,7 @@ class Reporter:
                  mode=v.mode.value, outcome=done.text, outcome_label=done.outcome.label,
                  session=v.session, pid=v.pid, reason=v.reason, exe=exe,
                  argv=list(argv) if argv else None, destination=v.destination,
-                 cpu_cores=v.cpu_cores, processes=v.processes, ancestry=ancestry, **extra)
+                 cpu_cores=v.cpu_cores, processes=v.processes, ancestry=ancestry,
+                 sha256=v.sha256, **extra)
         if done.outcome.killed and self.alerts is not None:
             self.alerts.kill(v, done.text, exe=exe, argv=argv)

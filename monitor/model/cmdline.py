@@ -39,6 +39,7 @@ KEEP_CHARS = 4096
 """Characters of a command line kept after judging (per process, in each exec history
 record, in logs, alerts and the event stream): the first 3/4 and the last 1/4 of them."""
 
+DELETED_SUFFIX = " (deleted)"  # what /proc/PID/exe adds to a file with no link left
 MEMFD_PATH = "/memfd:"  # /proc/PID/exe of a memfd: this, then the name memfd_create got
 COMM_MAX = 15
 """Bytes of a program name the kernel keeps as comm (TASK_COMM_LEN 16, with the NUL)."""
@@ -56,11 +57,14 @@ def comm_of(name: str) -> str:
 
 def file_name(exe: str) -> str:
     """The name an executable's file goes by, as the probes name it for the kernel's name
-    rules: its base name; for a memfd (/proc/PID/exe shows "/memfd:NAME"), NAME whole,
-    without the "memfd:" that memfd_create puts before it (a memfd's name may hold a "/":
-    runc's is "runc_cloned:/proc/self/exe")."""
-    if exe.startswith(MEMFD_PATH):
-        return exe[len(MEMFD_PATH):]
+    rules: its base name (a deleted file's without the " (deleted)" /proc adds); for a memfd
+    (/proc/PID/exe shows "/memfd:NAME (deleted)"; the sessions stage names it "memfd:NAME"),
+    NAME whole, without the "memfd:" that memfd_create puts before it (a memfd's name may hold
+    a "/": runc's is "runc_cloned:/proc/self/exe")."""
+    exe = exe.removesuffix(DELETED_SUFFIX)
+    for prefix in (MEMFD_PATH, MEMFD_PATH[1:]):
+        if exe.startswith(prefix) and len(exe) > len(prefix):
+            return exe[len(prefix):]
     return os.path.basename(exe)
 
 

@@ -204,6 +204,7 @@ class ExecEvent:
     loader_others: tuple[tuple[str, tuple[str, ...]], ...] = ()
     ssh_config: frozenset[str] | None = None  # features an ssh config requests (None: not resolved)
     ssh_config_from: tuple[tuple[str, str], ...] = ()  # (feature, "file:line" or why)
+    sha256: str | None = None  # the executable's content (sessions/identity.py); None: not read
     kind = EventType.EXEC
 
     @property

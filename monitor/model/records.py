@@ -100,17 +100,21 @@ class ExecRecord(EventRecord):
     argv_truncated: bool = False
     flags: tuple[str, ...] = ()  # ExecFlag names, lower case ("new_root", ...)
     loader: str | None = None  # the interpreter that runs filename (a key only when set)
+    sha256: str | None = None  # the executable's content, when it was fingerprinted
+    fileless: bool = False  # memfd, deleted or O_TMPFILE executable
 
     def _body(self) -> Json:
         loader = {"loader": self.loader} if self.loader is not None else {}
         return {"filename": self.filename, "argv": list(self.argv), "ppid": self.ppid,
-                "argv_truncated": self.argv_truncated, "flags": list(self.flags), **loader}
+                "argv_truncated": self.argv_truncated, "flags": list(self.flags),
+                "sha256": self.sha256, "fileless": self.fileless, **loader}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ExecRecord:
         return cls(**cls._head(d), filename=_str(d, "filename"), argv=_strs(d, "argv"),
                    ppid=_int(d, "ppid"), argv_truncated=bool(d.get("argv_truncated")),
-                   flags=_strs(d, "flags"), loader=_opt_str(d, "loader"))
+                   flags=_strs(d, "flags"), loader=_opt_str(d, "loader"),
+                   sha256=_opt_str(d, "sha256") or None, fileless=bool(d.get("fileless")))
 
 
 @dataclass(frozen=True, kw_only=True)

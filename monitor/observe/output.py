@@ -40,7 +40,8 @@ def typed_record(ev: Event, agent: str) -> EventRecord:
         return ExecRecord(**head, filename=ev.filename, argv=tuple(ev.argv), ppid=ev.ppid,
                           argv_truncated=ev.argv_truncated,
                           flags=tuple(f.name.lower() for f in ExecFlag
-                                      if ev.flags & f and f.name), loader=ev.loader)
+                                      if ev.flags & f and f.name), loader=ev.loader,
+                          sha256=ev.sha256, fileless=ev.is_fileless)
     if isinstance(ev, ConnectEvent):
         return ConnectRecord(**head, family="ipv4" if ev.family == 2 else "ipv6",
                              address=ev.address, port=ev.port, protocol=ev.transport)

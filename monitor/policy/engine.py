@@ -24,6 +24,7 @@ from typing import TypeAlias
 
 from monitor.model.address import fold
 from monitor.model.cmdline import comm_of, file_name
+from monitor.policy.identity import NO_HOST_BINARIES, SSH, HostBinaries, short_hash
 from monitor.policy.sshargs import possible_features, requested_features
 from monitor.policy.types import (
     Action,
@@ -65,6 +66,7 @@ class Verdict:
     cpu_cores: float | None = None
     processes: int | None = None
     loader: str | None = None  # the interpreter an exec ran its program through
+    sha256: str | None = None  # the executable's content, when the exec was fingerprinted
 
 
 # --- exec --------------------------------------------------------------------------------
@@ -90,12 +92,15 @@ class _ExecFacts:
     def __init__(self, exe: str, comm: str, argv: Sequence[str],
                  line: str | None = None, fileless: bool = False, *,
                  ssh_config: frozenset[str] | None = None,
-                 ssh_config_from: Sequence[tuple[str, str]] = ()) -> None:
+                 ssh_config_from: Sequence[tuple[str, str]] = (),
+                 sha256: str | None = None, host: HostBinaries = NO_HOST_BINARIES) -> None:
         self.exe, self.comm, self.argv, self.fileless = exe, comm, argv, fileless
         self.ssh_config = ssh_config or frozenset()
         self.ssh_config_from = ssh_config_from
         self.base = file_name(exe)
         self._base_comm: str | None = None
+        self.sha256 = sha256
+        self.copy_of = host.copy_of(sha256)  # {name: path} of host binaries it is a copy of
         self._line: str | None = line
         self._whole = line is None
         self._ssh: frozenset[str] | None = None
@@ -116,7 +121,7 @@ class _ExecFacts:
     @property
     def ssh(self) -> frozenset[str]:
         if self._ssh is None:
-            if not is_ssh_exec(self.exe, self.comm, self.argv):
+            if not (is_ssh_exec(self.exe, self.comm, self.argv) or SSH in self.copy_of):
                 self._ssh = frozenset()
             elif self._whole:
                 self._ssh = requested_features(self.argv)
@@ -145,10 +150,15 @@ def _exec_reason(m: ExecMatch, f: _ExecFacts) -> str | None:
                      if f.fileless else "executable on disk")
     if m.names:
         name = _exec_name(m, f)
+        if name is None and not m.names.isdisjoint(f.copy_of):
+            name = min(m.names.intersection(f.copy_of))
         if name is None:
             return None
         source = m.lists.get(("name", name))
-        parts.append(f"runs {name} (name in {source})" if source else f"runs {name}")
+        how = [f"name in {source}"] if source else []
+        if name in f.copy_of and name not in (f.base, f.comm):
+            how.append(f"same content as {f.copy_of[name]}")
+        parts.append(f"runs {name} ({'; '.join(how)})" if how else f"runs {name}")
     if m.exe:
         glob = next((g for g in m.exe if fnmatchcase(f.exe, g)), None)
         if glob is None:
@@ -166,21 +176,31 @@ def _exec_reason(m: ExecMatch, f: _ExecFacts) -> str | None:
         configured = m.ssh & f.ssh_config - asked
         if not asked and not configured:
             return None
+        copy = f.copy_of.get(SSH) if SSH not in (f.base, f.comm) else None
+        who = f"ssh (same content as {copy})" if copy else "ssh"
         sources: dict[str, list[str]] = {}  # where -> features, so a reason is said once
         for x in sorted(configured):
             sources.setdefault(dict(f.ssh_config_from).get(x, "ssh config"), []).append(x)
         named = sorted(asked) + [f"{', '.join(xs)} (from {w})" for w, xs in sources.items()]
-        parts.append(f"ssh requests {', '.join(named)}")
+        parts.append(f"{who} requests {', '.join(named)}")
+    if m.sha256:
+        if f.sha256 not in m.sha256:
+            return None
+        source = m.lists.get(("sha256", f.sha256))
+        parts.append(f"executable sha256 {short_hash(f.sha256)} "
+                     f"{'in ' + source if source else 'is listed'}")
     return "; ".join(parts)
 
 
 def match_exec(rule: Rule, agent: str, exe: str, comm: str, argv: Sequence[str],
                line: str | None = None, fileless: bool = False, *,
-               ssh_config: frozenset[str] | None = None) -> bool:
+               ssh_config: frozenset[str] | None = None, sha256: str | None = None,
+               host: HostBinaries = NO_HOST_BINARIES) -> bool:
     """Whether an exec by an agent of this name breaks rule (False for non-exec rules)."""
     if not isinstance(rule.match, ExecMatch) or not Policy.applies(rule, agent):
         return False
-    facts = _ExecFacts(exe, comm, argv, line, fileless, ssh_config=ssh_config)
+    facts = _ExecFacts(exe, comm, argv, line, fileless, ssh_config=ssh_config,
+                       sha256=sha256, host=host)
     return _exec_reason(rule.match, facts) is not None
 
 
@@ -188,14 +208,18 @@ def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: st
                   comm: str, argv: Sequence[str], line: str | None = None,
                   fileless: bool = False, loader: str | None = None,
                   ssh_config: frozenset[str] | None = None,
-                  ssh_config_from: Sequence[tuple[str, str]] = ()) -> list[Verdict]:
+                  ssh_config_from: Sequence[tuple[str, str]] = (),
+                  sha256: str | None = None,
+                  host: HostBinaries = NO_HOST_BINARIES) -> list[Verdict]:
     """Verdicts for one exec: exe is the real executable path, comm the kernel's name;
     line the whole command line when argv is only a clip of it (see _ExecFacts); fileless
     whether the executable has no links (a memfd, a deleted or O_TMPFILE file); loader the
     interpreter that runs exe (exe, comm and argv are then the program's); ssh_config the
-    features ssh's config files request, ssh_config_from where from."""
+    features ssh's config files request, ssh_config_from where from; sha256 the
+    executable's content (None: not read) and host the fingerprints of the host binaries
+    the policy names: a copy of one is that program (policy/identity.py)."""
     facts = _ExecFacts(exe, comm, argv, line, fileless, ssh_config=ssh_config,
-                       ssh_config_from=ssh_config_from)
+                       ssh_config_from=ssh_config_from, sha256=sha256, host=host)
     verdicts = []
     for rule in policy.rules_for(EventKind.EXEC):
         if not isinstance(rule.match, ExecMatch) or not policy.applies(rule, agent):
@@ -205,7 +229,8 @@ def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: st
             if loader is not None:
                 reason += f" via {loader}"
             verdicts.append(Verdict(rule.name, rule.action, policy.mode, agent, session, pid,
-                                    reason, exe=exe, argv=tuple(argv), loader=loader))
+                                    reason, exe=exe, argv=tuple(argv), loader=loader,
+                                    sha256=sha256))
     return verdicts
 
 

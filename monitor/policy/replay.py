@@ -16,6 +16,7 @@ from typing import Any
 from monitor.model.cmdline import comm_of
 from monitor.model.errors import ConfigError, Location
 from monitor.policy.engine import Verdict, evaluate_connect, evaluate_exec, evaluate_processes
+from monitor.policy.identity import SHA256_RE
 from monitor.policy.types import Policy
 
 _REQUIRED = {
@@ -82,8 +83,10 @@ def replay(policy: Policy, records: Iterable[dict[str, Any]]) -> list[Verdict]:
             verdicts += evaluate_exec(policy, agent=agent, session=session, pid=pid,
                                       exe=exe, comm=comm,
                                       argv=[str(a) for a in rec.get("argv") or []],
-                                      fileless="fileless" in (rec.get("flags") or ()),
-                                      loader=str(loader) if loader else None)
+                                      fileless="fileless" in (rec.get("flags") or ())
+                                      or bool(rec.get("fileless")),
+                                      loader=str(loader) if loader else None,
+                                      sha256=_digest(rec.get("sha256")))
         elif kind == "connect":
             verdicts += evaluate_connect(policy, agent=agent, session=session, pid=pid,
                                          family=2 if rec.get("family") == "ipv4" else 10,
@@ -99,3 +102,9 @@ def replay(policy: Policy, records: Iterable[dict[str, Any]]) -> list[Verdict]:
         elif kind == "exit":
             members.discard(pid)
     return verdicts
+
+
+def _digest(value: object) -> str | None:
+    """A recorded exec's sha256 (sha256 rules replay on it; what a copy of a host binary
+    is needs the host, which a recording does not carry)."""
+    return value.lower() if isinstance(value, str) and SHA256_RE.fullmatch(value) else None

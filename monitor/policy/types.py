@@ -73,6 +73,7 @@ class ExecMatch:
     ssh: frozenset[str] = frozenset()  # monitor/policy/sshargs.py FEATURES
     fileless: bool | None = None  # True: only fileless execs (memfd, deleted, O_TMPFILE);
     #                               False: only executables with a link; None: either
+    sha256: frozenset[str] = frozenset()  # the executable's content: 64 lower-case hex digits
     via: Via = field(default=(), compare=False, repr=False)
     comms: frozenset[str] = field(init=False, compare=False, repr=False)
     lists: Mapping[tuple[str, str], str] = field(init=False, compare=False, repr=False)

@@ -32,6 +32,7 @@ from monitor.config.yamlsource import (
     type_name,
 )
 from monitor.model.address import fold_network
+from monitor.policy.identity import SHA256_RE
 from monitor.policy.sshargs import FEATURES as SSH_FEATURES
 from monitor.policy.types import (
     ConnectMatch,
@@ -47,7 +48,7 @@ from monitor.policy.types import (
 MAX_WINDOW_S = 86400.0
 _DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 _MATCH_KEYS: Mapping[EventKind, tuple[str, ...]] = {
-    EventKind.EXEC: ("name", "exe", "argv", "ssh", "fileless"),
+    EventKind.EXEC: ("name", "exe", "argv", "ssh", "sha256", "fileless"),
     EventKind.CONNECT: ("address", "port", "family", "outside"),
     EventKind.CPU: ("cores", "scope", "for"),
     EventKind.PROCESSES: ("above",),
@@ -212,7 +213,24 @@ class MatchReader:
                                    self.problems)
         return ExecMatch(names=frozenset(names), exe=tuple(dict.fromkeys(globs)),
                          argv=tuple(dict.fromkeys(regexes)), ssh=frozenset(features),
-                         fileless=fileless, via=tuple(via))
+                         fileless=fileless, sha256=self.hashes(fields, path, via),
+                         via=tuple(via))
+
+    def hashes(self, fields: Mapping[str, Node], path: str,
+               via: list[tuple[str, str, str]]) -> frozenset[str]:
+        """`sha256:` values: 64 hex digits each (any case; kept lower case)."""
+        found: set[str] = set()
+        for item in self.key_values(fields, path, "sha256", "sha256 digests"):
+            value = item.node.value
+            text = value.strip() if isinstance(value, str) else ""
+            if not SHA256_RE.fullmatch(text):
+                self.add(item, f"bad sha256 {shown(value)}: write the 64 hex digits that "
+                         "`sha256sum FILE` prints for the executable (in quotes)")
+                continue
+            found.add(text.lower())
+            if item.via:
+                via.append(("sha256", text.lower(), item.via))
+        return frozenset(found)
 
     def connect_match(self, node: Node, fields: Mapping[str, Node],
                       path: str) -> ConnectMatch | None:

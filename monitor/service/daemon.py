@@ -45,6 +45,7 @@ from monitor.service.status import Feed, InForce, Report
 from monitor.sessions import completion
 from monitor.sessions.adoption import Adopter
 from monitor.sessions.clock import Clock, SystemClock
+from monitor.sessions.identity import Identity
 from monitor.sessions.intake import Intake
 from monitor.sessions.loader import Loaders
 from monitor.sessions.procfs import ProcFS
@@ -96,16 +97,13 @@ class Monitor:
                              self.agents, self.metrics, self.notifier, self.log)
         self.reloads = Reload(self.now, self.probes, self.agents, self.recognizer, self.judge,
                               self.metrics, self.sd, self.report.status_line, self.log)
+        self.identity = self.reloads.identity = Identity(str(self.procfs.root), log=self.log)
         ids = SessionIds()
         self.loaders = Loaders(self.procfs.root)  # ld.so PROGRAM: judged as PROGRAM
-
-        def on_running(proc: Process, agent: str) -> object:
-            return self.judge.on_running(proc, agent, self.loaders.running(proc))
-
         self.adopter = Adopter(self.tracker, self.probes, self.procfs, self.agents,
-                               self.recognizer, ids, on_running, self.log, clock)
+                               self.recognizer, ids, self._judge_running, self.log, clock)
         self.recovery = Recovery(self.tracker, self.probes, self.procfs, self.agents, ids,
-                                 self.adopter, on_running, self.log)
+                                 self.adopter, self._judge_running, self.log)
         self.registry = Registry(self.tracker, self.probes, self.procfs, self.recognizer, ids,
                                  self.adopter.adopt, self.kill_switch.latched, self.log)
         self.intake = Intake(self.tracker, self.probes, self.procfs, self.agents,
@@ -130,6 +128,14 @@ class Monitor:
     def config(self) -> Config:
         return self.now.config
 
+    def _judge_running(self, proc: Process, agent: str) -> object:
+        """A process found running (adopted, recovered, reconciled): judged like an exec, on
+        the program it runs through a loader and on what its file is."""
+        run = self.loaders.running(proc)
+        if run is not None and run.loader:
+            return self.judge.on_running(proc, agent, self.identity.identify(run))
+        return self.judge.on_running(proc, agent, sha256=self.identity.running(proc.pid))
+
     def _save_agents(self) -> None:
         if self.now.config.monitor.pin_dir:
             self.agents.save(agents_file(self.now.config.monitor.control_socket))
@@ -151,6 +157,8 @@ class Monitor:
                      rules=[r.name for r in now.tables.userspace_only])
         self.reloads.install_matchers()
         self.probes.on_record(self._on_record)
+        # what the host's named programs are, before anything is judged (adoption too)
+        self.judge.host = self.reloads.fingerprint(now.policy, quiet=True)
         with self.lock:
             if now.config.monitor.pin_dir:
                 self.recovery.recover(agents_file(now.config.monitor.control_socket))
@@ -166,6 +174,7 @@ class Monitor:
                  policy_sha256=now.policy.sha256, mode=now.policy.mode.value,
                  rules=len(now.policy.rules), kernel_rules=len(now.tables.rules),
                  cgroup=self.cgroup)
+        self.reloads.say_host(now.policy)  # after the start line, which comes first
 
     def _handlers(self) -> dict[str, Handler]:
         def queued(op: Handler) -> Handler:
@@ -256,6 +265,7 @@ class Monitor:
                 ev = self.intake.settle_pending(ev)
             if isinstance(ev, ExecEvent) and ev.h.session:
                 ev = self.loaders.unwrap(ev)  # ld.so PROGRAM: judged as PROGRAM
+                ev = self.identity.identify(ev)  # what the file is (an agent's exec only)
                 ev = self.ssh_config.resolve(ev, is_ssh=is_ssh_exec(ev.filename, ev.h.comm,
                                                                     ev.argv))
             proc = self.tracker.apply(ev)
@@ -293,3 +303,4 @@ class Monitor:
             self.tracker.set_cpu(readings)
             self.adopter.reconcile({pid for pid, _ in readings}, lost)
             self.judge.on_tick()
+            self.reloads.recheck_host(time.monotonic())

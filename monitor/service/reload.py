@@ -22,6 +22,7 @@ from monitor.model.agents import merged_agents
 from monitor.model.errors import ConfigError, EnvironmentProblem
 from monitor.model.events import Setting
 from monitor.observe.metrics import MetricsState
+from monitor.policy.identity import NO_HOST_BINARIES, HostBinaries, named_programs
 from monitor.policy.kernel_tables import (
     KernelTables,
     compile_kernel,
@@ -33,9 +34,13 @@ from monitor.policy.load import check_capacity
 from monitor.policy.types import FailClosed, Policy
 from monitor.service.sdnotify import SystemdNotifier
 from monitor.service.status import InForce
+from monitor.sessions.hostbins import changed, fingerprint_host, summary
+from monitor.sessions.identity import Identity
 from monitor.sessions.registry import AgentTable, Recognizer
 
 Loader = Callable[[], tuple[Config, Policy]]
+
+HOST_RECHECK_SECONDS = 10.0  # how often the host binaries a policy names are stat'ed
 
 
 class Reload:
@@ -53,6 +58,33 @@ class Reload:
         self.status_line = status_line
         self.log = log
         self.loader: Loader | None = None
+        self.identity: Identity | None = None  # set by the daemon: fingerprints execs
+        self._host_checked = 0.0
+
+    def fingerprint(self, policy: Policy, *, quiet: bool = False) -> HostBinaries:
+        """Fingerprint the host binaries the policy names (a copy of one is that program),
+        for the judge and for the exec fingerprinting's budget; logged unless quiet."""
+        if self.identity is None:
+            return NO_HOST_BINARIES
+        host = fingerprint_host(named_programs(policy), self.identity,
+                                log=None if quiet else self.log)
+        self.identity.host = host
+        return host
+
+    def say_host(self, policy: Policy) -> None:
+        """Log what fingerprint(policy, quiet=True) found."""
+        if self.identity is not None:
+            self.log("host binaries fingerprinted",
+                     **summary(self.identity.host, named_programs(policy)))
+
+    def recheck_host(self, now: float) -> None:
+        """Every HOST_RECHECK_SECONDS: fingerprint the host binaries again if a package
+        changed them (a copy of the new ssh is ssh too)."""
+        if self.identity is None or now < self._host_checked + HOST_RECHECK_SECONDS:
+            return
+        self._host_checked = now
+        if changed(self.identity.host, named_programs(self.now.policy)):
+            self.judge.host = self.fingerprint(self.now.policy)
 
     def install_matchers(self) -> None:
         """The in-kernel agent matchers of the specs in force, in the generation in force."""
@@ -129,7 +161,7 @@ class Reload:
         self.recognizer.use(specs)
         self.probes.set_setting(Setting.EXEC_CANDIDATES,
                                 1 if self.recognizer.userspace_matchers else 0)
-        self.judge.use(policy, tables)
+        self.judge.use(policy, tables, self.fingerprint(policy))
         self.log("policy reloaded", previous=old, policy=policy.source,
                  policy_sha256=policy.sha256, mode=policy.mode.value,
                  rules=len(policy.rules), kernel_rules=len(tables.rules))

@@ -23,6 +23,7 @@ from monitor.sessions import completion
 from monitor.sessions.clock import Clock
 from monitor.sessions.procfs import ProcFS
 from monitor.sessions.registry import AgentTable, Recognizer
+from monitor.sessions.throttle import Throttle
 from monitor.sessions.tracker import Tracker
 
 UNCONFIRMED_LOG_SECONDS = 10.0
@@ -47,7 +48,7 @@ class Intake:
         self.count_unconfirmed = count_unconfirmed
         self.log = log
         self.clock = clock
-        self._unconfirmed_said: dict[str, tuple[float | None, int]] = {}  # agent -> last log
+        self._unconfirmed_said = Throttle(UNCONFIRMED_LOG_SECONDS)  # per agent
 
     def complete(self, ev: ExecEvent) -> tuple[ExecEvent, str | None]:
         """A tracked exec whose argv or file name the probes cut, completed from /proc;
@@ -94,12 +95,9 @@ class Intake:
         rules = self.argv_rules(agent)
         if not rules:
             return
-        now = self.clock.monotonic()
-        last, unsaid = self._unconfirmed_said.get(agent, (None, 0))
-        if last is not None and now - last < UNCONFIRMED_LOG_SECONDS:
-            self._unconfirmed_said[agent] = (last, unsaid + 1)
+        unsaid = self._unconfirmed_said.say(agent, self.clock.monotonic())
+        if unsaid is None:
             return
-        self._unconfirmed_said[agent] = (now, 0)
         self.log("command line judged on the probes' cut copy", level="warning", agent=agent,
                  session=ev.h.session, pid=ev.h.pid, exe=ev.filename, reason=reason,
                  judged_bytes=len(cmdline.block(ev.argv)), rules=rules, unsaid=unsaid)

@@ -57,7 +57,7 @@ def test_record_exec() -> None:
     assert out == {
         **COMMON, "event": "exec", "filename": "/usr/bin/git",
         "argv": ["git", "commit", "-m", "fix it"], "ppid": 4000, "argv_truncated": True,
-        "flags": ["argv_trunc_len", "new_root"],
+        "flags": ["argv_trunc_len", "new_root"], "sha256": None, "fileless": False,
     }
 
 

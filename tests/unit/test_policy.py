@@ -311,7 +311,7 @@ MALFORMED: list[tuple[str, str, int, str, str]] = [
      "    match:\n", 8, "rules[0].match", "give at least one of cores, scope, for"),
     ("key-of-other-event", HEAD + "rules:\n  - name: a\n    event: exec\n    action: kill\n"
      "    match:\n      port: [1]\n", 9, "rules[0].match.port",
-     "unknown key 'port' (allowed: name, exe, argv, ssh, fileless)"),
+     "unknown key 'port' (allowed: name, exe, argv, ssh, sha256, fileless)"),
     ("unknown-agent", HEAD + "rules:\n  - {name: a, event: exec, agents: [bot, bto], "
      "action: kill, match: {name: [x]}}\n", 5, "rules[0].agents[1]",
      "unknown agent 'bto' (agents: bot)"),
