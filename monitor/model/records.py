@@ -167,18 +167,19 @@ class KernelVerdictRecord(EventRecord):
     enforced: bool = False
     address: str | None = None
     port: int | None = None
+    file: str | None = None  # exec verdicts: the executable file's own name
 
     def _body(self) -> Json:
         return {"rule": self.rule, "rules_mask": self.rules_mask, "verdict": self.verdict,
                 "action": self.action, "enforced": self.enforced, "address": self.address,
-                "port": self.port}
+                "port": self.port, "file": self.file}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> KernelVerdictRecord:
         return cls(**cls._head(d), rule=_int(d, "rule"), rules_mask=_int(d, "rules_mask"),
                    verdict=_str(d, "verdict"), action=_opt_str(d, "action"),
                    enforced=bool(d.get("enforced")), address=_opt_str(d, "address"),
-                   port=_opt_int(d, "port"))
+                   port=_opt_int(d, "port"), file=_opt_str(d, "file"))
 
 
 @dataclass(frozen=True, kw_only=True)

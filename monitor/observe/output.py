@@ -51,7 +51,7 @@ def typed_record(ev: Event, agent: str) -> EventRecord:
         return KernelVerdictRecord(
             **head, rule=ev.rule, rules_mask=ev.mask, verdict=ev.verdict.name.lower(),
             action=ev.action.name.lower() if ev.action else None, enforced=ev.enforced,
-            address=ev.address or None, port=ev.port or None)
+            address=ev.address or None, port=ev.port or None, file=ev.file or None)
     return ExitRecord(**head, exit_status=ev.exit_status, exit_code=ev.exit_code,
                       signal=ev.signal, ppid=ev.ppid, cpu_ns=ev.cpu_ns)
 

@@ -26,9 +26,10 @@ import pytest
 from conftest import AS_AGENT, Running, agent_exec, running_policy, wait_exit
 
 from monitor.model.events import ExecEvent, ExecFlag
-from monitor.policy.load import load_policy_text
+from monitor.policy.load import default_policy, load_policy_text
 
 SOCK = "/run/agentwatch-test/fileless.sock"
+DEFAULT_SOCK = "/run/agentwatch-test/fileless-default.sock"
 TOUCH = shutil.which("touch") or "/usr/bin/touch"
 
 POLICY = """
@@ -261,3 +262,22 @@ def test_agents_ordinary_execs_are_not_fileless(fl: Running, work: Path) -> None
     flagged = [e for e, _ in fl.log.snapshot() if isinstance(e, ExecEvent)
                and e.h.session == session and e.flags & ExecFlag.FILELESS]
     assert not flagged and not fl.verdicts(rule="fileless-seen", session=session)
+
+
+def test_default_policy_alerts_on_an_agents_memfd_and_kills_a_memfd_miner(
+        memexec: Path, work: Path) -> None:
+    gen = running_policy(default_policy(), DEFAULT_SOCK)
+    r = next(gen)
+    try:
+        marker = work / "ran"
+        argv = [str(memexec), "execveat", "notes", TOUCH, "touch", str(marker)]
+        p = agent_exec([*AS_AGENT, *argv], agent="claude-code", socket=DEFAULT_SOCK)
+        assert wait_exit(p) == 0 and marker.exists()  # runc does this: alerted, not killed
+        assert r.wait_verdict(rule="fileless-exec", pid=p.pid)["outcome"] == "alert"
+        marker.unlink()
+        argv[2] = "xmrig"
+        p = agent_exec([*AS_AGENT, *argv], agent="claude-code", socket=DEFAULT_SOCK)
+        assert killed(p) and not marker.exists()
+        assert r.wait_verdict(rule="no-miners", pid=p.pid)["outcome"] == "killed in the kernel"
+    finally:
+        gen.close()

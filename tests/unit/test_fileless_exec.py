@@ -25,6 +25,7 @@ from monitor.model.events import (
     VerdictEvent,
     VerdictKind,
 )
+from monitor.model.records import KernelVerdictRecord
 from monitor.observe.output import columns_of, record
 from monitor.policy.engine import evaluate_exec, match_exec
 from monitor.policy.kernel_tables import compile_kernel, kernel_eligible, kernel_exec_hits
@@ -102,6 +103,9 @@ def test_an_exec_verdict_names_the_executable_file() -> None:
     ct.memmove(v.addr, b"xmrig-test\0", 11)
     ev = decode(bytes(v))
     assert isinstance(ev, VerdictEvent) and ev.file == "xmrig-test" and ev.address == ""
+    rec = record(ev, "bot")  # trace --json and --record carry it
+    assert rec["file"] == "xmrig-test" and rec["address"] is None
+    assert KernelVerdictRecord.from_json(rec).file == "xmrig-test"
 
 
 # --- validation ------------------------------------------------------------------------------
