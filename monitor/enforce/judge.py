@@ -33,12 +33,11 @@ from monitor.model.events import (
 from monitor.model.outcome import Outcome
 from monitor.observe.metrics import MetricsState
 from monitor.observe.notifier import Notifier
+from monitor.policy.cpu import CpuWindows, evaluate_cpu
 from monitor.policy.engine import (
-    CpuWindows,
     Verdict,
     destination_address,
     evaluate_connect,
-    evaluate_cpu,
     evaluate_exec,
     evaluate_processes,
     format_destination,

@@ -9,12 +9,11 @@ from itertools import pairwise
 
 import pytest
 
+from monitor.policy.cpu import CpuWindows, evaluate_cpu
 from monitor.policy.engine import (
-    CpuWindows,
     Verdict,
     argv_rules,
     evaluate_connect,
-    evaluate_cpu,
     evaluate_exec,
     evaluate_processes,
     match_connect,
