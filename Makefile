@@ -55,6 +55,7 @@ bench: setup bench-tools
 	$(VPY) bench/scrape.py
 	$(VPY) bench/hotpath.py
 	$(VPY) bench/identity.py
+	$(VPY) bench/sshconfig.py
 
 bench-quick: setup bench-tools
 	$(VPY) bench/run.py --quick $(ARGS)
@@ -64,6 +65,7 @@ bench-quick: setup bench-tools
 	$(VPY) bench/scrape.py --agents 10 --children 50 --scrapes 10
 	$(VPY) bench/hotpath.py --records 50000 --rounds 3
 	$(VPY) bench/identity.py --rounds 5
+	$(VPY) bench/sshconfig.py --execs 500 --rounds 3
 
 install: setup
 	@bash packaging/install.sh $(ARGS)
