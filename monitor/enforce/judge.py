@@ -34,6 +34,7 @@ from monitor.observe.notifier import Notifier
 from monitor.policy.engine import (
     CpuWindows,
     Verdict,
+    connect_what,
     destination_address,
     evaluate_connect,
     evaluate_cpu,
@@ -66,9 +67,10 @@ class Judge:
         self.cpu = CpuWindows()
         self._kernel_seen: OrderedDict[tuple[int, str], None] = OrderedDict()
         self._once: set[tuple[str, int, int]] = set()  # (rule, session, pid) of repeating rules
-        # connect verdicts depend only on (agent, destination) under one policy: remembered,
-        # so a busy agent's repeated connects do not walk every userspace rule again
-        self._connect_memo: dict[tuple[str, str, int], list[Verdict]] = {}
+        # connect verdicts depend only on (agent, destination, connect or datagram) under one
+        # policy: remembered, so a busy agent's repeated connects do not walk every userspace
+        # rule again
+        self._connect_memo: dict[tuple[str, str, int, bool], list[Verdict]] = {}
 
     @property
     def counts(self) -> dict[tuple[str, str, str, str], int]:
@@ -103,14 +105,14 @@ class Judge:
                 comm=h.comm, argv=ev.argv, line=ev.line)
                 if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ConnectEvent):
-            key = (agent, ev.address, ev.port)
+            key = (agent, ev.address, ev.port, ev.send)
             found = self._connect_memo.get(key)
             if found is None:
                 if len(self._connect_memo) >= CONNECT_MEMO_SIZE:
                     self._connect_memo.clear()
                 found = self._connect_memo[key] = evaluate_connect(
                     self.policy, agent=agent, session=0, pid=0, family=ev.family,
-                    address=ev.address, port=ev.port)
+                    address=ev.address, port=ev.port, send=ev.send)
             verdicts = [replace(v, session=h.session, pid=h.pid) for v in found
                         if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ForkEvent):
@@ -188,7 +190,7 @@ class Judge:
                 self._kernel_seen.popitem(last=False)
             if ev.verdict == VerdictKind.CONNECT:
                 dest = format_destination(destination_address(ev.address), ev.port)
-                reason = f"connect to {dest} (enforced in the kernel)"
+                reason = f"{connect_what(ev.send)} {dest} (enforced in the kernel)"
             else:
                 dest = None
                 reason = f"exec of {h.comm!r} (enforced in the kernel)"

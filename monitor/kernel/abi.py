@@ -20,6 +20,7 @@ from monitor.model.events import (
     ARGS_SIZE,
     COMM_LEN,
     FLAG_ARGV_FROM_MM,
+    FLAG_CONNECT_SEND,
     PATH_LEN,
     V4_OFFSET,
     ConnectEvent,
@@ -99,7 +100,7 @@ class CConnectEvent(ct.Structure):
         ("family", ct.c_uint16),
         ("port", ct.c_uint16),
         ("protocol", ct.c_uint16),
-        ("_pad", ct.c_uint16),
+        ("flags", ct.c_uint16),
         ("addr", ct.c_uint8 * ADDR_LEN),
     ]
 
@@ -132,7 +133,7 @@ class CVerdictEvent(ct.Structure):
         ("enforced", ct.c_uint32),
         ("family", ct.c_uint16),
         ("port", ct.c_uint16),
-        ("_pad", ct.c_uint32),
+        ("flags", ct.c_uint32),
         ("addr", ct.c_uint8 * ADDR_LEN),
     ]
 
@@ -225,7 +226,7 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
     if etype == _CONNECT_TYPE:  # most events: one unpack for the whole record
         if n < _CONNECT_RECORD.size:
             raise DecodeError(f"connect record of {n} bytes, expected {_CONNECT_RECORD.size}")
-        ts, _t, pid, tid, session, agent, uid, comm, family, port, protocol, _pad, raw = \
+        ts, _t, pid, tid, session, agent, uid, comm, family, port, protocol, cflags, raw = \
             _CONNECT_RECORD.unpack_from(buf)
         fam = _FAMILY_OF.get(family)
         if fam is None:
@@ -237,7 +238,7 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
                 cache.clear()
             address = cache[raw] = _address(fam, raw)
         return ConnectEvent(Header(ts, pid, tid, session, agent, uid, _comm(comm)), fam,
-                            address, port, protocol)
+                            address, port, protocol, bool(cflags & FLAG_CONNECT_SEND))
     if etype == EventType.EXEC:
         if n < EXEC_ARGS_OFFSET:
             raise DecodeError(f"exec record of {n} bytes is truncated")
@@ -262,7 +263,7 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
         return ExitEvent(_header(buf), status, ppid, cpu)
     if etype == EventType.VERDICT:
         _need(buf, _VERDICT, "verdict")
-        vkind, rule, mask, action, enforced, family, port, _pad, raw = _VERDICT.unpack_from(
+        vkind, rule, mask, action, enforced, family, port, cflags, raw = _VERDICT.unpack_from(
             buf, _HEADER_SIZE)
         try:
             kind = VerdictKind(vkind)
@@ -274,7 +275,7 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
                 else _address(Family.INET6, raw)
         return VerdictEvent(_header(buf), kind, rule, mask,
                             KAction(action) if action in _ACTIONS else None, bool(enforced),
-                            family, address, port)
+                            family, address, port, bool(cflags & FLAG_CONNECT_SEND))
     raise DecodeError(f"unknown event type {etype}")
 
 

@@ -2,7 +2,7 @@
 
 The one module that loads BCC's BPF object: it checks the host first (monitor/kernel/host.py),
 compiles the probes with constants passed as -D flags, attaches the tracepoints and the
-cgroup connect hooks (pinned when asked, monitor/kernel/pinning.py) and reads the ring
+cgroup connect and sendmsg hooks (pinned when asked, monitor/kernel/pinning.py) and reads the ring
 buffers. `Probes` is that loaded object; the reads and writes of its maps are inherited
 from monitor/kernel/mapio.py. It never decides policy: it only moves bytes between the
 kernel and typed Python values.
@@ -30,7 +30,10 @@ from monitor.model.events import Setting
 _MADV_PAGEOUT = 21  # Linux 5.4+
 _COMPILER_LIBS = ("/libLLVM", "/libclang")
 RINGS = (b"decisions", b"events")
-CGROUP_HOOKS = {b"aw_connect4": "CGROUP_INET4_CONNECT", b"aw_connect6": "CGROUP_INET6_CONNECT"}
+# the cgroup sock_addr programs and where each attaches: connects, and UDP datagrams sent
+# with an address (sendto/sendmsg/sendmmsg/io_uring), which never pass the connect hooks
+CGROUP_HOOKS = {b"aw_connect4": "CGROUP_INET4_CONNECT", b"aw_connect6": "CGROUP_INET6_CONNECT",
+                b"aw_sendmsg4": "CGROUP_UDP4_SENDMSG", b"aw_sendmsg6": "CGROUP_UDP6_SENDMSG"}
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ class Probes(RuleMaps):
             ) from None
         self.attached = int(self._bpf.num_open_tracepoints())
         text = (src / BPF_SOURCE).read_text()
-        # tracepoints, plus the cgroup connect hooks attach_cgroup() adds
+        # tracepoints, plus the cgroup connect and sendmsg hooks attach_cgroup() adds
         self.expected = text.count("\nTRACEPOINT_PROBE(") + len(CGROUP_HOOKS)
         if self.options.pin_dir:
             self._links = PinnedLinks(self.options.pin_dir)
@@ -139,8 +142,9 @@ class Probes(RuleMaps):
     # --- cgroup connect hooks ----------------------------------------------------------
 
     def attach_cgroup(self, path: str | None = None) -> str:
-        """Attach the connect4/connect6 hooks (they report connects and enforce the kernel
-        connect rules) at the cgroup v2 root through BPF links
+        """Attach the connect4/connect6 and sendmsg4/sendmsg6 hooks (they report connects
+        and datagram sends and enforce the kernel connect rules on both) at the cgroup v2
+        root through BPF links
         (other programs stay attached beside them). An unpinned link detaches when the
         monitor exits, however it exits; a pinned one (pin_dir) outlives it on purpose.
         Returns the cgroup path."""
@@ -164,8 +168,8 @@ class Probes(RuleMaps):
         except Exception as e:  # BCC raises bare Exception; link_create raises OSError
             for link in links:
                 os.close(link)
-            raise EnvironmentProblem(f"attaching the cgroup connect hooks at {root} failed "
-                                     f"({e})") from None
+            raise EnvironmentProblem(f"attaching the cgroup connect/sendmsg hooks at {root} "
+                                     f"failed ({e})") from None
         finally:
             os.close(fd)  # links hold the cgroup themselves
         self._cgroup_links = links

@@ -92,10 +92,20 @@ FLAG_ARGV_UNCONFIRMED = int(ExecFlag.ARGV_UNCONFIRMED)
 FLAG_ARGV_CLIPPED = int(ExecFlag.ARGV_CLIPPED)
 
 
+class ConnectFlag(IntFlag):
+    """Flags of a connect record and of a connect verdict."""
+
+    SEND = 0x1  # a UDP datagram sent with an address (sendto, sendmsg, sendmmsg, io_uring),
+    # seen by the cgroup sendmsg4/sendmsg6 hooks: not a connect
+
+
+FLAG_CONNECT_SEND = int(ConnectFlag.SEND)
+
+
 class Counter(IntEnum):
     LOST = 0
     CONNECTS = 1
-    SPARE = 2
+    SENDS = 2  # UDP datagrams sent with an address (cgroup sendmsg hooks)
     FORKS = 3
     ROOTS = 4
     PROC_FULL = 5
@@ -210,6 +220,9 @@ class ConnectEvent:
     address: str
     port: int
     protocol: int  # IPPROTO_*: 6 TCP, 17 UDP; reported before the connect happens
+    # a UDP datagram sent with this destination (sendto, sendmsg, ...), not a connect; both
+    # meet the same connect rules
+    send: bool = False
     kind = EventType.CONNECT
 
     @property
@@ -251,6 +264,7 @@ class VerdictEvent:
     family: int
     address: str
     port: int
+    send: bool = False  # a connect verdict on a datagram send (ConnectEvent.send)
     kind = EventType.VERDICT
 
     def rules(self) -> list[int]:

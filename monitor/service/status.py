@@ -107,7 +107,7 @@ class Report:
             kernel = self._connect_verdicts.pop(ev.h.tid, None)
             if kernel:
                 done.append(kernel)
-            m.observe_connect(agent, ev.address, connect_verdict(*done))
+            m.observe_connect(agent, ev.address, connect_verdict(*done), ev.send)
         elif isinstance(ev, VerdictEvent) and ev.verdict == VK.CONNECT:
             if len(self._connect_verdicts) > CONNECTS_IN_FLIGHT:  # their connects were lost
                 self._connect_verdicts.clear()

@@ -28,6 +28,7 @@ from monitor.kernel.abi import (
 )
 from monitor.model import events
 from monitor.model.events import (
+    ConnectFlag,
     Counter,
     Doom,
     EventType,
@@ -99,6 +100,7 @@ ENUM_GROUPS: list[tuple[str, type[enum.Enum], int | None]] = [
     ("AW_SET_", Setting, events.SETTING_SLOTS),
     ("AW_HB_", Heartbeat, events.HEARTBEAT_SLOTS),
     ("AW_DOOM_", Doom, None),
+    ("AW_CONNECT_", ConnectFlag, None),
 ]
 
 # Single #defines and the Python value that mirrors each.
