@@ -762,3 +762,41 @@ int aw_sendmsg6(struct bpf_sock_addr *ctx)
 {
     return sock_addr_hook(ctx, 1, AW_CONNECT_SEND);
 }
+
+#define AW_SOCK_DGRAM 2
+#define AW_SOCK_RAW 3
+#define AW_IPPROTO_ICMP 1
+#define AW_IPPROTO_ICMPV6 58
+
+/* cgroup sock_create (every IPv4/IPv6 socket being made): a raw socket, or an ICMP "ping"
+ * socket (SOCK_DGRAM with IPPROTO_ICMP/ICMPV6, which net.ipv4.ping_group_range lets
+ * unprivileged users open), sends datagrams to any address without passing the connect or
+ * sendmsg hooks, so no destination of it can be checked. For a tracked process, every
+ * allow-list rule (`outside:`) of its agent for that family fires on opening one, as on a
+ * destination outside the list: deny and kill refuse the socket (EPERM), kill also sends
+ * SIGKILL. Other sockets, and every socket of an untracked process, pass after the type
+ * test (and one `procs` lookup for raw and ICMP sockets). */
+int aw_sock_create(struct bpf_sock *ctx)
+{
+    u32 type = ctx->type, proto = ctx->protocol;
+    if (type != AW_SOCK_RAW &&
+        !(type == AW_SOCK_DGRAM && (proto == AW_IPPROTO_ICMP || proto == AW_IPPROTO_ICMPV6)))
+        return 1;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    struct aw_proc *p = procs.lookup(&tgid);
+    if (!p)
+        return 1;
+    u32 g = gen();
+    u16 family = ctx->family == AW_AF_INET6 ? AW_AF_INET6 : AW_AF_INET;
+    u64 hit = scope_of(g, p->agent) & mask_at(g, AW_MASK_OUTSIDE) &
+              mask_at(g, family == AW_AF_INET ? AW_MASK_INET : AW_MASK_INET6);
+    if (!hit)
+        return 1;
+    verdict(g, pid_tgid, p, AW_VERDICT_CONNECT, hit, family, 0, NULL, AW_CONNECT_UNCHECKED);
+    if (enforcing(g) && (hit & mask_at(g, AW_MASK_DENY))) {
+        count(AW_CNT_DENIED);
+        return 0;
+    }
+    return 1;
+}

@@ -71,6 +71,9 @@
 /* Flags of a connect record and of a connect verdict (monitor/model/events.py: ConnectFlag). */
 #define AW_CONNECT_SEND 0x1 /* a UDP datagram sent with an address (sendto, sendmsg, sendmmsg,
                              * io_uring; cgroup sendmsg4/sendmsg6 hooks), not a connect */
+#define AW_CONNECT_UNCHECKED 0x2 /* a verdict on opening a raw or ICMP (ping) socket, whose
+                                  * datagrams no hook sees: no destination (cgroup
+                                  * sock_create hook; only allow-list rules fire) */
 
 /* Per-CPU counters (monitor/model/events.py: Counter). */
 #define AW_CNT_LOST 0          /* events dropped: ring buffer full */

@@ -188,7 +188,11 @@ class Judge:
             self._kernel_seen[(h.pid, rule.name)] = None
             while len(self._kernel_seen) > KERNEL_SEEN_SIZE:
                 self._kernel_seen.popitem(last=False)
-            if ev.verdict == VerdictKind.CONNECT:
+            if ev.verdict == VerdictKind.CONNECT and ev.unchecked:
+                dest = None
+                reason = (f"opened a raw or ICMP socket ({ev.family_name}): where its "
+                          "datagrams go cannot be checked (enforced in the kernel)")
+            elif ev.verdict == VerdictKind.CONNECT:
                 dest = format_destination(destination_address(ev.address), ev.port)
                 reason = f"{connect_what(ev.send)} {dest} (enforced in the kernel)"
             else:

@@ -21,6 +21,7 @@ from monitor.model.events import (
     COMM_LEN,
     FLAG_ARGV_FROM_MM,
     FLAG_CONNECT_SEND,
+    FLAG_CONNECT_UNCHECKED,
     PATH_LEN,
     V4_OFFSET,
     ConnectEvent,
@@ -270,12 +271,14 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
         except ValueError:
             raise DecodeError(f"verdict record with unknown kind {vkind}") from None
         address = ""
-        if kind == VerdictKind.CONNECT and family in _FAMILIES:
+        if kind == VerdictKind.CONNECT and family in _FAMILIES and not (
+                cflags & FLAG_CONNECT_UNCHECKED):
             address = _address(Family.INET, raw[V4_OFFSET:]) if family == Family.INET \
                 else _address(Family.INET6, raw)
         return VerdictEvent(_header(buf), kind, rule, mask,
                             KAction(action) if action in _ACTIONS else None, bool(enforced),
-                            family, address, port, bool(cflags & FLAG_CONNECT_SEND))
+                            family, address, port, bool(cflags & FLAG_CONNECT_SEND),
+                            bool(cflags & FLAG_CONNECT_UNCHECKED))
     raise DecodeError(f"unknown event type {etype}")
 
 

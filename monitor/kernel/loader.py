@@ -30,10 +30,14 @@ from monitor.model.events import Setting
 _MADV_PAGEOUT = 21  # Linux 5.4+
 _COMPILER_LIBS = ("/libLLVM", "/libclang")
 RINGS = (b"decisions", b"events")
-# the cgroup sock_addr programs and where each attaches: connects, and UDP datagrams sent
-# with an address (sendto/sendmsg/sendmmsg/io_uring), which never pass the connect hooks
-CGROUP_HOOKS = {b"aw_connect4": "CGROUP_INET4_CONNECT", b"aw_connect6": "CGROUP_INET6_CONNECT",
-                b"aw_sendmsg4": "CGROUP_UDP4_SENDMSG", b"aw_sendmsg6": "CGROUP_UDP6_SENDMSG"}
+# the cgroup programs: name -> (where it attaches, its program type). Connects; UDP datagrams
+# sent with an address (sendto/sendmsg/sendmmsg/io_uring), which never pass the connect
+# hooks; raw and ICMP sockets, whose datagrams pass neither (judged when they are made)
+CGROUP_HOOKS = {b"aw_connect4": ("CGROUP_INET4_CONNECT", "CGROUP_SOCK_ADDR"),
+                b"aw_connect6": ("CGROUP_INET6_CONNECT", "CGROUP_SOCK_ADDR"),
+                b"aw_sendmsg4": ("CGROUP_UDP4_SENDMSG", "CGROUP_SOCK_ADDR"),
+                b"aw_sendmsg6": ("CGROUP_UDP6_SENDMSG", "CGROUP_SOCK_ADDR"),
+                b"aw_sock_create": ("CGROUP_INET_SOCK_CREATE", "CGROUP_SOCK")}
 
 
 @dataclass(frozen=True)
@@ -142,9 +146,9 @@ class Probes(RuleMaps):
     # --- cgroup connect hooks ----------------------------------------------------------
 
     def attach_cgroup(self, path: str | None = None) -> str:
-        """Attach the connect4/connect6 and sendmsg4/sendmsg6 hooks (they report connects
-        and datagram sends and enforce the kernel connect rules on both) at the cgroup v2
-        root through BPF links
+        """Attach the connect4/connect6, sendmsg4/sendmsg6 and sock_create hooks (they
+        report connects and datagram sends and enforce the kernel connect rules on them, and
+        on raw and ICMP sockets) at the cgroup v2 root through BPF links
         (other programs stay attached beside them). An unpinned link detaches when the
         monitor exits, however it exits; a pinned one (pin_dir) outlives it on purpose.
         Returns the cgroup path."""
@@ -158,9 +162,9 @@ class Probes(RuleMaps):
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         links: list[int] = []
         try:
-            for name in CGROUP_HOOKS:
-                kind = getattr(BPFAttachType, CGROUP_HOOKS[name])
-                fn = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, None, kind)
+            for name, (where, prog_type) in CGROUP_HOOKS.items():
+                kind = getattr(BPFAttachType, where)
+                fn = self.bpf.load_func(name, getattr(BPF, prog_type), None, kind)
                 if self._links is not None:
                     self._links.cgroup(name.decode(), fn.fd, fd, kind)
                 else:

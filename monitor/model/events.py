@@ -97,9 +97,11 @@ class ConnectFlag(IntFlag):
 
     SEND = 0x1  # a UDP datagram sent with an address (sendto, sendmsg, sendmmsg, io_uring),
     # seen by the cgroup sendmsg4/sendmsg6 hooks: not a connect
+    UNCHECKED = 0x2  # a verdict on opening a raw or ICMP socket: no destination to check
 
 
 FLAG_CONNECT_SEND = int(ConnectFlag.SEND)
+FLAG_CONNECT_UNCHECKED = int(ConnectFlag.UNCHECKED)
 
 
 class Counter(IntEnum):
@@ -265,10 +267,19 @@ class VerdictEvent:
     address: str
     port: int
     send: bool = False  # a connect verdict on a datagram send (ConnectEvent.send)
+    # a connect verdict on opening a raw or ICMP socket (no address, no port): allow-list
+    # rules fire on it because no hook sees where its datagrams go
+    unchecked: bool = False
     kind = EventType.VERDICT
 
     def rules(self) -> list[int]:
         return [i for i in range(MAX_RULES) if self.mask >> i & 1]
+
+    @property
+    def family_name(self) -> str:
+        """ipv4 or ipv6 for a connect verdict's family, else its number."""
+        names = {int(Family.INET): "ipv4", int(Family.INET6): "ipv6"}
+        return names.get(self.family, str(self.family))
 
 
 Event = ForkEvent | ExecEvent | ConnectEvent | ExitEvent | VerdictEvent

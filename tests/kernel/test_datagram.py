@@ -9,12 +9,15 @@ datagram from a process that is not an agent arrives.
 from __future__ import annotations
 
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -132,6 +135,85 @@ SENDER = textwrap.dedent("""
     except PermissionError:
         print("EPERM", flush=True)
 """)
+
+
+# io_uring without liburing (raw syscalls): one IORING_OP_SENDMSG, or IORING_OP_SEND_ZC with
+# a destination address, on an unconnected UDP socket. argv: 4|6 host port sendmsg|send_zc
+URING_C = r"""
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/io_uring.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int v6 = argv[1][0] == '6', port = atoi(argv[3]), zc = !strcmp(argv[4], "send_zc");
+    int s = socket(v6 ? AF_INET6 : AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_storage ss = {0};
+    socklen_t alen;
+    if (v6) {
+        struct sockaddr_in6 *a = (void *)&ss;
+        a->sin6_family = AF_INET6; a->sin6_port = htons(port);
+        inet_pton(AF_INET6, argv[2], &a->sin6_addr); alen = sizeof *a;
+    } else {
+        struct sockaddr_in *a = (void *)&ss;
+        a->sin_family = AF_INET; a->sin_port = htons(port);
+        inet_pton(AF_INET, argv[2], &a->sin_addr); alen = sizeof *a;
+    }
+    static char data[] = "dgram-payload";
+    struct iovec iov = {data, sizeof data - 1};
+    struct msghdr msg = {0};
+    msg.msg_name = &ss; msg.msg_namelen = alen; msg.msg_iov = &iov; msg.msg_iovlen = 1;
+    struct io_uring_params p = {0};
+    int fd = syscall(__NR_io_uring_setup, 4, &p);
+    if (fd < 0) { printf("setup %d\n", errno); return 3; }
+    char *sq = mmap(0, p.sq_off.array + p.sq_entries * sizeof(unsigned), PROT_READ | PROT_WRITE,
+                    MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+    char *cq = mmap(0, p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe),
+                    PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
+    struct io_uring_sqe *e = mmap(0, p.sq_entries * sizeof(struct io_uring_sqe),
+                                  PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                                  IORING_OFF_SQES);
+    memset(e, 0, sizeof *e);
+    e->fd = s;
+    if (zc) {
+        e->opcode = IORING_OP_SEND_ZC; e->addr = (unsigned long)data; e->len = iov.iov_len;
+        e->addr2 = (unsigned long)&ss; e->addr_len = alen;
+    } else {
+        e->opcode = IORING_OP_SENDMSG; e->addr = (unsigned long)&msg; e->len = 1;
+    }
+    unsigned *tail = (unsigned *)(sq + p.sq_off.tail);
+    unsigned *array = (unsigned *)(sq + p.sq_off.array);
+    array[*tail & *(unsigned *)(sq + p.sq_off.ring_mask)] = 0;
+    __atomic_store_n(tail, *tail + 1, __ATOMIC_RELEASE);
+    if (syscall(__NR_io_uring_enter, fd, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0) {
+        printf("enter %d\n", errno); return 3;
+    }
+    struct io_uring_cqe *cqes = (void *)(cq + p.cq_off.cqes);
+    unsigned head = *(unsigned *)(cq + p.cq_off.head);
+    int res = cqes[head & *(unsigned *)(cq + p.cq_off.ring_mask)].res;
+    if (res == -EPERM) puts("EPERM");
+    else if (res < 0) printf("error %d\n", -res);
+    else puts("sent");
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def uring() -> Iterator[str]:
+    """The io_uring sender, built where the agent user can run it."""
+    d = Path(tempfile.mkdtemp(prefix="aw-dgram-", dir="/tmp"))
+    d.chmod(0o755)
+    (d / "uring.c").write_text(URING_C)
+    subprocess.run(["cc", "-O2", "-o", str(d / "uring"), str(d / "uring.c")], check=True)
+    yield str(d / "uring")
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +348,130 @@ def test_untracked_datagrams_emit_nothing(mon: Running,
     assert listeners[("127.0.0.1", ALLOWED)].received() == [PAYLOAD]
     assert not [e for e, _ in mon.log.snapshot()
                 if isinstance(e, ConnectEvent) and e.port == ALLOWED and e.h.session == 0]
+
+
+@pytest.mark.parametrize("op", ["sendmsg", "send_zc"])
+@pytest.mark.parametrize("fam,dest,lands", SPELLINGS, ids=["ipv4", "ipv6", "v4-mapped"])
+def test_a_datagram_sent_through_io_uring_meets_the_same_rules(
+        mon: Running, listeners: dict[tuple[str, int], Listener], uring: str, op: str,
+        fam: str, dest: str, lands: str) -> None:
+    p = start_as_agent([uring, fam, dest, str(DENIED), op], stdout=subprocess.PIPE)
+    out, _ = p.communicate(timeout=30)
+    assert (p.returncode, out.decode().strip()) == (0, "EPERM")
+    assert listeners[(lands, DENIED)].received() == []
+    v = mon.wait_verdict(rule="dgram-allow-list", pid=p.pid)
+    assert str(v["reason"]).startswith("datagram to ")
+    plain = subprocess.run([uring, fam, dest, str(DENIED), op], capture_output=True,
+                           text=True, timeout=30, check=True)
+    assert plain.stdout.strip() == "sent"
+    assert PAYLOAD in listeners[(lands, DENIED)].received()
+
+
+TFO = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+    try:
+        s.sendto(b"dgram-payload", socket.MSG_FASTOPEN, (sys.argv[1], int(sys.argv[2])))
+        print("sent", flush=True)
+    except PermissionError:
+        print("EPERM", flush=True)
+""")
+
+
+@pytest.mark.parametrize("dest,host", [("127.0.0.1", "127.0.0.1"), ("::1", "::1"),
+                                       ("::ffff:127.0.0.1", "127.0.0.1")])
+def test_tcp_fast_open_data_in_the_syn_meets_the_connect_rules(mon: Running, dest: str,
+                                                               host: str) -> None:
+    """sendto(MSG_FASTOPEN) connects and sends in one call, without connect(): the kernel
+    runs the connect hook as its pre-connect step."""
+    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    srv.bind((host, DENIED))
+    srv.listen()
+    srv.settimeout(0.5)
+    try:
+        p = start_as_agent([sys.executable, "-c", TFO, dest, str(DENIED)],
+                           stdout=subprocess.PIPE)
+        out, _ = p.communicate(timeout=30)
+        assert out.decode().strip() == "EPERM"
+        with pytest.raises(TimeoutError):
+            srv.accept()
+        v = mon.wait_verdict(rule="dgram-allow-list", pid=p.pid)
+        assert str(v["reason"]).startswith("connect to ")
+        plain = subprocess.run([sys.executable, "-c", TFO, dest, str(DENIED)],
+                               capture_output=True, text=True, timeout=30, check=True)
+        assert plain.stdout.strip() == "sent"
+        conn, _ = srv.accept()
+        conn.settimeout(2)
+        assert conn.recv(64) == PAYLOAD
+        conn.close()
+    finally:
+        srv.close()
+
+
+# --- sockets whose datagrams no hook sees ---------------------------------------------------
+
+PING = textwrap.dedent("""
+    import socket, struct, sys
+    six = ":" in sys.argv[1]
+    try:
+        s = socket.socket(socket.AF_INET6 if six else socket.AF_INET, socket.SOCK_DGRAM,
+                          socket.IPPROTO_ICMPV6 if six else socket.IPPROTO_ICMP)
+        s.settimeout(2)
+        s.sendto(struct.pack("!BBHHH", 128 if six else 8, 0, 0, 0, 1) + b"dgram-payload",
+                 (sys.argv[1], 0))
+        print("echoed" if s.recv(128).endswith(b"dgram-payload") else "sent", flush=True)
+    except PermissionError:
+        print("EPERM", flush=True)
+""")
+
+RAW_UDP = textwrap.dedent("""
+    import socket, struct, sys
+    port = int(sys.argv[1])
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+        s.sendto(struct.pack("!HHHH", 40000, port, 8 + 13, 0) + b"dgram-payload",
+                 ("127.0.0.1", 0))
+        print("sent", flush=True)
+    except PermissionError:
+        print("EPERM", flush=True)
+""")
+
+
+@pytest.fixture
+def ping_sockets() -> Iterator[None]:
+    """Unprivileged ICMP sockets allowed for every group (as systemd's defaults do)."""
+    knob = Path("/proc/sys/net/ipv4/ping_group_range")
+    old = knob.read_text()
+    knob.write_text("0 2147483647")
+    yield
+    knob.write_text(old)
+
+
+@pytest.mark.parametrize("dest", ["127.0.0.1", "::1"])
+def test_an_agent_under_an_allow_list_cannot_open_an_icmp_socket(
+        mon: Running, ping_sockets: None, dest: str) -> None:
+    """An ICMP echo carries a payload to any address and passes no connect or sendmsg
+    hook: the allow-list refuses the socket itself."""
+    p = start_as_agent([sys.executable, "-c", PING, dest], stdout=subprocess.PIPE)
+    out, _ = p.communicate(timeout=30)
+    assert (p.returncode, out.decode().strip()) == (0, "EPERM")
+    v = mon.wait_verdict(rule="dgram-allow-list", pid=p.pid)
+    assert v["outcome"] == "refused in the kernel" and v["destination"] is None
+    assert str(v["reason"]).startswith("opened a raw or ICMP socket")
+    plain = subprocess.run([sys.executable, "-c", PING, dest], capture_output=True, text=True,
+                           timeout=30, check=True)
+    assert plain.stdout.strip() == "echoed"
+
+
+def test_a_raw_socket_under_a_kill_allow_list_kills_its_opener(
+        mon: Running, listeners: dict[tuple[str, int], Listener]) -> None:
+    p = agent_exec([sys.executable, "-c", RAW_UDP, str(DENIED)], agent="dgkill", socket=SOCK,
+                   stdout=subprocess.PIPE)
+    assert wait_exit(p) == -signal.SIGKILL
+    assert listeners[("127.0.0.1", DENIED)].received() == []
+    v = mon.wait_verdict(rule="dgram-allow-list-kill", pid=p.pid)
+    assert v["outcome"] == "killed in the kernel"
+    plain = subprocess.run([sys.executable, "-c", RAW_UDP, str(DENIED)], capture_output=True,
+                           text=True, timeout=30, check=True)
+    assert plain.stdout.strip() == "sent"
+    assert listeners[("127.0.0.1", DENIED)].received() == [PAYLOAD]

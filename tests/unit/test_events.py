@@ -258,6 +258,18 @@ def test_connect_verdict_says_whether_it_was_a_datagram_send(flags: int, send: b
     ev = decode(bytes(v))
     assert isinstance(ev, VerdictEvent)
     assert ev.send is send and ev.address == "9.9.9.9" and ev.port == 53
+    assert not ev.unchecked
+
+
+def test_a_verdict_on_a_raw_or_icmp_socket_has_no_destination() -> None:
+    v = CVerdictEvent()
+    v.h = header(EventType.VERDICT)
+    v.kind, v.rule, v.mask, v.action, v.enforced = VerdictKind.CONNECT, 0, 1, KAction.KILL, 1
+    v.family, v.flags = socket.AF_INET6, ConnectFlag.UNCHECKED
+    ev = decode(bytes(v))
+    assert isinstance(ev, VerdictEvent)
+    assert ev.unchecked and not ev.send
+    assert (ev.address, ev.port, ev.family_name) == ("", 0, "ipv6")
 
 
 # --- exit ----------------------------------------------------------------------------------

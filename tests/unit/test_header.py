@@ -173,6 +173,14 @@ def test_family_matches_probe_defines() -> None:
     assert _c_value(c["AW_AF_INET6"], c) == Family.INET6 == socket.AF_INET6
 
 
+def test_socket_kinds_match_probe_defines() -> None:
+    c = _c_defines(BPF_C)
+    assert _c_value(c["AW_SOCK_DGRAM"], c) == socket.SOCK_DGRAM
+    assert _c_value(c["AW_SOCK_RAW"], c) == socket.SOCK_RAW
+    assert _c_value(c["AW_IPPROTO_ICMP"], c) == socket.IPPROTO_ICMP
+    assert _c_value(c["AW_IPPROTO_ICMPV6"], c) == socket.IPPROTO_ICMPV6
+
+
 _C_TYPES: dict[str, type] = {
     "__u8": ct.c_uint8, "__u16": ct.c_uint16, "__u32": ct.c_uint32, "__s32": ct.c_int32,
     "__u64": ct.c_uint64, "char": ct.c_char,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -389,6 +390,18 @@ def test_a_datagram_send_is_judged_by_the_connect_rules_and_named_as_a_datagram(
         (101, "killed", f"datagram to 45.9.8.7:3333 ({why})"),
         (100, "killed", f"connect to 45.9.8.7:3333 ({why})")]
     assert [k[0] for k in rig.enforcer.kills] == [101, 100]
+
+
+def test_a_kernel_verdict_on_a_raw_or_icmp_socket_names_no_destination() -> None:
+    rig = Rig()
+    agent_tree(rig)
+    v = kernel_verdict(rig, 102, T0 + 6, "sh", ["mining-pool-ports"],
+                       kind=VerdictKind.CONNECT, enforced=True)
+    rig.feed(replace(v, unchecked=True))
+    [line] = rig.log.verdicts()
+    assert line["destination"] is None and line["outcome"] == "killed in the kernel"
+    assert line["reason"] == ("opened a raw or ICMP socket (ipv4): where its datagrams go "
+                              "cannot be checked (enforced in the kernel)")
 
 
 def test_a_kernel_verdict_in_monitor_mode_would_kill() -> None:
