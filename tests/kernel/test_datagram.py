@@ -8,6 +8,7 @@ datagram from a process that is not an agent arrives.
 
 from __future__ import annotations
 
+import os
 import select
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,8 +33,10 @@ from conftest import (
 )
 
 from monitor.config.load import load_config_text
+from monitor.model.errors import ControlError
 from monitor.model.events import ConnectEvent
 from monitor.policy.load import load_policy_text
+from monitor.service import client
 
 SOCK = "/run/agentwatch-test/dgram.sock"
 PAYLOAD = b"dgram-payload"
@@ -474,4 +478,51 @@ def test_a_raw_socket_under_a_kill_allow_list_kills_its_opener(
     plain = subprocess.run([sys.executable, "-c", RAW_UDP, str(DENIED)], capture_output=True,
                            text=True, timeout=30, check=True)
     assert plain.stdout.strip() == "sent"
+    assert listeners[("127.0.0.1", DENIED)].received() == [PAYLOAD]
+
+
+# --- pinned: the hooks outlive the monitor, and detach removes them -------------------------
+
+CLI = [sys.executable, "-m", "monitor.cli.main"]
+
+
+def test_pinned_datagram_hooks_hold_while_the_monitor_is_gone_and_detach_removes_them(
+        reachable_tmp: Path, listeners: dict[tuple[str, int], Listener]) -> None:
+    require_root()
+    pin = f"/sys/fs/bpf/awtest-dgram-{os.getpid()}"
+    sock = str(reachable_tmp / "ctl.sock")
+    config, policy = reachable_tmp / "config.yaml", reachable_tmp / "policy.yaml"
+    config.write_text(f"monitor:\n  control_socket: {sock}\n  pin_dir: {pin}\n"
+                      f"metrics: {{listen: '127.0.0.1:{free_port()}'}}\n")
+    policy.write_text(POLICY)
+    log = reachable_tmp / "monitor.log"
+    mon = subprocess.Popen([*CLI, "run", "--config", str(config), "--policy", str(policy)],
+                           stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # up once it answers (probes attached, policy in the kernel)
+            try:
+                client.request(sock, {"op": "ping"}, timeout=2)
+                break
+            except ControlError:
+                assert mon.poll() is None and time.monotonic() < deadline, \
+                    log.read_text()[-2000:]
+                time.sleep(0.1)
+        assert {p.name.split("@")[0] for p in Path(pin, "links").iterdir()} >= {
+            "cgroup-aw_sendmsg4", "cgroup-aw_sendmsg6", "cgroup-aw_sock_create"}
+        mon.send_signal(signal.SIGKILL)
+        mon.wait()
+        # the gap: no monitor; the kernel still makes the agent and refuses its datagram
+        for fam, dest, lands in SPELLINGS:
+            assert send_as_agent(fam, dest, DENIED, "sendto")[:2] == (0, "EPERM")
+            assert listeners[(lands, DENIED)].received() == []
+    finally:
+        if mon.poll() is None:
+            mon.kill()
+            mon.wait()
+        out = subprocess.run([*CLI, "detach", "--pin-dir", pin], capture_output=True,
+                             text=True, timeout=30)
+    assert out.returncode == 0 and not os.path.exists(pin), out
+    # detached: nothing judges that datagram any more
+    assert send_as_agent("4", "127.0.0.1", DENIED, "sendto")[:2] == (0, "sent")
     assert listeners[("127.0.0.1", DENIED)].received() == [PAYLOAD]
