@@ -494,7 +494,8 @@ def test_pinned_datagram_hooks_hold_while_the_monitor_is_gone_and_detach_removes
     config, policy = reachable_tmp / "config.yaml", reachable_tmp / "policy.yaml"
     config.write_text(f"monitor:\n  control_socket: {sock}\n  pin_dir: {pin}\n"
                       f"metrics: {{listen: '127.0.0.1:{free_port()}'}}\n")
-    policy.write_text(POLICY)
+    # its own agent user, so that the module's monitor (when running) does not judge it
+    policy.write_text(POLICY.replace(f"uid: {AGENT_UID}", f"uid: {PIN_UID}"))
     log = reachable_tmp / "monitor.log"
     mon = subprocess.Popen([*CLI, "run", "--config", str(config), "--policy", str(policy)],
                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
@@ -514,7 +515,7 @@ def test_pinned_datagram_hooks_hold_while_the_monitor_is_gone_and_detach_removes
         mon.wait()
         # the gap: no monitor; the kernel still makes the agent and refuses its datagram
         for fam, dest, lands in SPELLINGS:
-            assert send_as_agent(fam, dest, DENIED, "sendto")[:2] == (0, "EPERM")
+            assert send_as(PIN_UID, fam, dest, DENIED) == "EPERM"
             assert listeners[(lands, DENIED)].received() == []
     finally:
         if mon.poll() is None:
@@ -524,5 +525,15 @@ def test_pinned_datagram_hooks_hold_while_the_monitor_is_gone_and_detach_removes
                              text=True, timeout=30)
     assert out.returncode == 0 and not os.path.exists(pin), out
     # detached: nothing judges that datagram any more
-    assert send_as_agent("4", "127.0.0.1", DENIED, "sendto")[:2] == (0, "sent")
+    assert send_as(PIN_UID, "4", "127.0.0.1", DENIED) == "sent"
     assert listeners[("127.0.0.1", DENIED)].received() == [PAYLOAD]
+
+
+PIN_UID = AGENT_UID - 1  # the pinned test's agent user (no passwd entry needed)
+
+
+def send_as(uid: int, fam: str, host: str, port: int) -> str:
+    out = subprocess.run([sys.executable, "-c", SENDER, fam, host, str(port), "sendto"],
+                         user=uid, group=uid, extra_groups=[], capture_output=True,
+                         text=True, timeout=30, check=True)
+    return out.stdout.strip()
