@@ -4,6 +4,9 @@
  *   gen loop-exec N           fork + execve("/bin/true") + waitpid, N times
  *   gen loop-connect N PORT   socket + non-blocking connect(127.0.0.1:PORT) + close, N times
  *   gen loop-getppid N        getppid(), N times (control: a syscall nobody hooks)
+ *   gen loop-sendto N         sendto() of a 32-byte datagram on one unconnected UDP socket
+ *                             to a UDP socket of its own on 127.0.0.1, N times (the cgroup
+ *                             sendmsg hook; what does not fit the receive queue is dropped)
  *
  * Throughput generator (run as a tracked agent through `agentwatch exec`):
  *   gen connect RATE SECONDS PORT EXEC_EVERY [WORKERS]
@@ -120,6 +123,30 @@ static int loop_connect(long n, int port)
     return refused == n ? 0 : 1;
 }
 
+static int loop_sendto(long n)
+{
+    int r = socket(AF_INET, SOCK_DGRAM, 0), s = socket(AF_INET, SOCK_DGRAM, 0);
+    if (r < 0 || s < 0)
+        die("socket");
+    struct sockaddr_in a = loopback(0);
+    socklen_t len = sizeof(a);
+    if (bind(r, (struct sockaddr *)&a, sizeof(a)) != 0 ||
+        getsockname(r, (struct sockaddr *)&a, &len) != 0)
+        die("bind");
+    char buf[32] = "agentwatch bench datagram";
+    long failed = 0;
+    uint64_t t0 = now_ns();
+    for (long i = 0; i < n; i++)
+        if (sendto(s, buf, sizeof(buf), 0, (struct sockaddr *)&a, sizeof(a)) != sizeof(buf))
+            failed++;
+    uint64_t dt = now_ns() - t0;
+    close(s);
+    close(r);
+    printf("{\"mode\":\"loop-sendto\",\"n\":%ld,\"elapsed_ns\":%llu,\"failed\":%ld}\n", n,
+           (unsigned long long)dt, failed);
+    return failed == 0 ? 0 : 1;
+}
+
 static int loop_getppid(long n)
 {
     long sum = 0;
@@ -223,11 +250,13 @@ int main(int argc, char **argv)
         return loop_connect(atol(argv[2]), atoi(argv[3]));
     if (argc >= 3 && strcmp(argv[1], "loop-getppid") == 0)
         return loop_getppid(atol(argv[2]));
+    if (argc >= 3 && strcmp(argv[1], "loop-sendto") == 0)
+        return loop_sendto(atol(argv[2]));
     if (argc >= 6 && strcmp(argv[1], "connect") == 0)
         return throughput(atof(argv[2]), atof(argv[3]), atoi(argv[4]), atol(argv[5]),
                           argc >= 7 ? atoi(argv[6]) : 1);
     fprintf(stderr,
-            "usage: gen loop-exec N | loop-connect N PORT | loop-getppid N |\n"
+            "usage: gen loop-exec N | loop-connect N PORT | loop-getppid N | loop-sendto N |\n"
             "       connect RATE SECONDS PORT EXEC_EVERY [WORKERS]\n");
     return 2;
 }

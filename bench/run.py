@@ -92,8 +92,8 @@ def main() -> int:
     q = args.quick
     rounds = args.rounds or (3 if q else 7)
     reps = args.reps or (2 if q else 3)
-    sizes = ({"exec": 500, "connect": 100_000, "getppid": 3_000_000} if q else
-             {"exec": 2000, "connect": 300_000, "getppid": 10_000_000})
+    sizes = ({"exec": 500, "connect": 100_000, "sendto": 100_000, "getppid": 3_000_000} if q
+             else {"exec": 2000, "connect": 300_000, "sendto": 300_000, "getppid": 10_000_000})
     rates = ([int(r) for r in args.rates.split(",")] if args.rates else
              [10_000, 50_000, 100_000, 200_000] if q else
              [10_000, 25_000, 50_000, 75_000, 100_000, 125_000, 150_000, 200_000, 300_000])

@@ -9,7 +9,8 @@
  *
  * No syscall tracepoint is used: attaching any one of them sends every syscall of every
  * process on the host through the kernel's slow path (docs/benchmarks.md measured +14 % on
- * getppid). Only sched/task tracepoints and the cgroup connect hooks are attached.
+ * getppid). Only sched/task tracepoints and the cgroup connect and sendmsg hooks are
+ * attached.
  *
  * Cost rule: an untracked process pays one `procs` lookup per hooked event and emits
  * nothing (exec additionally checks the in-kernel agent matchers, see sched_process_exec).
@@ -255,7 +256,8 @@ static __always_inline void fill_header(struct aw_header *h, u32 type, u64 pid_t
 
 /* Enforce (unless in monitor mode) and report the rules `hit` matched. */
 static __always_inline void verdict(u32 g, u64 pid_tgid, const struct aw_proc *p, u32 kind,
-                                    u64 hit, u16 family, u16 port, const u8 *addr16)
+                                    u64 hit, u16 family, u16 port, const u8 *addr16,
+                                    u32 flags)
 {
     u64 kill = hit & mask_at(g, AW_MASK_KILL);
     u32 enforced = 0;
@@ -283,7 +285,7 @@ static __always_inline void verdict(u32 g, u64 pid_tgid, const struct aw_proc *p
     ev->enforced = enforced;
     ev->family = family;
     ev->port = port;
-    ev->_pad = 0;
+    ev->flags = flags;
     if (addr16)
         __builtin_memcpy(ev->addr, addr16, AW_ADDR_LEN);
     else
@@ -596,7 +598,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
             u64 hit = exec_hits(g, &file, named, flags) & scope;
             if (hit) /* killed here, the new program never runs an instruction */
                 verdict(g, pid_tgid, p, AW_VERDICT_EXEC, hit, 0, 0,
-                        named ? (const u8 *)file.comm : NULL);
+                        named ? (const u8 *)file.comm : NULL, 0);
         }
     }
     u32 zero = 0;
@@ -691,10 +693,6 @@ TRACEPOINT_PROBE(sched, sched_switch)
     return 0;
 }
 
-/* cgroup connect4/connect6: every IPv4/IPv6 connect (TCP, UDP, also through io_uring), in
- * the connecting task, before any packet leaves. Reports tracked processes' connects and
- * enforces the kernel connect rules: refuse (EPERM) and, for kill rules, SIGKILL the caller
- * so that connect never returns to it. Always allows in monitor mode. */
 /* Whether a tracked process's connect record is sent, or aggregated (counted per agent):
  * up to AW_BULK_BURST records per window and process are always sent; beyond that, when
  * connects need a userspace decision, only destinations other than the last one sent (the
@@ -731,13 +729,18 @@ static __always_inline int connect_sent(struct aw_proc *p, u32 tgid, const u8 *a
     return 1;
 }
 
-/* cgroup connect4/connect6: every IPv4/IPv6 connect (TCP, UDP, also through io_uring), in
- * the connecting task, before any packet leaves. Reports tracked processes' connects and
- * enforces the kernel connect rules: refuse (EPERM) and, for kill rules, SIGKILL the caller
- * so that connect never returns to it. Always allows in monitor mode. A connect that needs
- * a userspace decision and whose record is lost is refused, and its process fails closed. */
-static __always_inline int cgroup_connect(struct bpf_sock_addr *ctx, const u8 *addr16,
-                                          u16 family, u16 port, int v4)
+/* The cgroup sock_addr hooks: connect4/connect6 see every IPv4/IPv6 connect (TCP, UDP, also
+ * through io_uring, and TCP Fast Open's sendto(MSG_FASTOPEN), which runs the connect hook as
+ * its pre-connect step); sendmsg4/sendmsg6 see every UDP datagram sent with an address
+ * (sendto, sendmsg, sendmmsg, io_uring's sendmsg; an IPv4-mapped destination on an IPv6
+ * socket runs sendmsg4), connected socket or not. All run in the sending task, before any
+ * packet leaves. They report tracked processes' connects and sends (a send's record and
+ * verdict carry AW_CONNECT_SEND) and enforce the kernel connect rules on both alike: refuse
+ * (EPERM) and, for kill rules, SIGKILL the caller so that the call never returns to it.
+ * Always allow in monitor mode. A connect or send that needs a userspace decision and whose
+ * record is lost is refused, and its process fails closed. An untracked process costs the
+ * `procs` lookup (and the `untrackable` check, off until that map has held an entry). */
+static __always_inline int sock_addr_hook(struct bpf_sock_addr *ctx, int inet6, u32 flags)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
@@ -748,13 +751,32 @@ static __always_inline int cgroup_connect(struct bpf_sock_addr *ctx, const u8 *a
         if (!AW_TRACE_ALL)
             return 1;
     }
+    u8 addr16[AW_ADDR_LEN] = {};
+    u16 family = AW_AF_INET;
+    int v4 = 1;
+    if (inet6) {
+        u32 w[4];
+        w[0] = ctx->user_ip6[0];
+        w[1] = ctx->user_ip6[1];
+        w[2] = ctx->user_ip6[2];
+        w[3] = ctx->user_ip6[3];
+        __builtin_memcpy(addr16, w, AW_ADDR_LEN);
+        family = AW_AF_INET6;
+        v4 = is_v4mapped(addr16);
+    } else {
+        addr16[AW_V4_OFFSET - 2] = 0xff; /* ::ffff:a.b.c.d */
+        addr16[AW_V4_OFFSET - 1] = 0xff;
+        u32 ip = ctx->user_ip4;
+        __builtin_memcpy(addr16 + AW_V4_OFFSET, &ip, 4);
+    }
+    u16 port = bpf_ntohs((u16)ctx->user_port);
     int allow = 1, decide = 0;
     u32 g = gen();
     if (p) {
-        count(AW_CNT_CONNECTS);
+        count(flags & AW_CONNECT_SEND ? AW_CNT_SENDS : AW_CNT_CONNECTS);
         u64 hit = connect_hits(g, p->agent, addr16, port, v4);
         if (hit) {
-            verdict(g, pid_tgid, p, AW_VERDICT_CONNECT, hit, family, port, addr16);
+            verdict(g, pid_tgid, p, AW_VERDICT_CONNECT, hit, family, port, addr16, flags);
             if (enforcing(g) && (hit & mask_at(g, AW_MASK_DENY))) {
                 count(AW_CNT_DENIED);
                 allow = 0;
@@ -780,7 +802,7 @@ static __always_inline int cgroup_connect(struct bpf_sock_addr *ctx, const u8 *a
     ev->family = family;
     ev->port = port;
     ev->protocol = (u16)ctx->protocol;
-    ev->_pad = 0;
+    ev->flags = flags;
     if (family == AW_AF_INET) {
         __builtin_memcpy(ev->addr, addr16 + AW_V4_OFFSET, 4);
         __builtin_memset(ev->addr + 4, 0, AW_ADDR_LEN - 4);
@@ -793,23 +815,58 @@ static __always_inline int cgroup_connect(struct bpf_sock_addr *ctx, const u8 *a
 
 int aw_connect4(struct bpf_sock_addr *ctx)
 {
-    u8 a16[AW_ADDR_LEN] = {};
-    a16[AW_V4_OFFSET - 2] = 0xff; /* ::ffff:a.b.c.d */
-    a16[AW_V4_OFFSET - 1] = 0xff;
-    u32 ip = ctx->user_ip4;
-    __builtin_memcpy(a16 + AW_V4_OFFSET, &ip, 4);
-    return cgroup_connect(ctx, a16, AW_AF_INET, bpf_ntohs((u16)ctx->user_port), 1);
+    return sock_addr_hook(ctx, 0, 0);
 }
 
 int aw_connect6(struct bpf_sock_addr *ctx)
 {
-    u32 w[4];
-    w[0] = ctx->user_ip6[0];
-    w[1] = ctx->user_ip6[1];
-    w[2] = ctx->user_ip6[2];
-    w[3] = ctx->user_ip6[3];
-    u8 a16[AW_ADDR_LEN];
-    __builtin_memcpy(a16, w, AW_ADDR_LEN);
-    return cgroup_connect(ctx, a16, AW_AF_INET6, bpf_ntohs((u16)ctx->user_port),
-                          is_v4mapped(a16));
+    return sock_addr_hook(ctx, 1, 0);
+}
+
+int aw_sendmsg4(struct bpf_sock_addr *ctx)
+{
+    return sock_addr_hook(ctx, 0, AW_CONNECT_SEND);
+}
+
+int aw_sendmsg6(struct bpf_sock_addr *ctx)
+{
+    return sock_addr_hook(ctx, 1, AW_CONNECT_SEND);
+}
+
+#define AW_SOCK_DGRAM 2
+#define AW_SOCK_RAW 3
+#define AW_IPPROTO_ICMP 1
+#define AW_IPPROTO_ICMPV6 58
+
+/* cgroup sock_create (every IPv4/IPv6 socket being made): a raw socket, or an ICMP "ping"
+ * socket (SOCK_DGRAM with IPPROTO_ICMP/ICMPV6, which net.ipv4.ping_group_range lets
+ * unprivileged users open), sends datagrams to any address without passing the connect or
+ * sendmsg hooks, so no destination of it can be checked. For a tracked process, every
+ * allow-list rule (`outside:`) of its agent for that family fires on opening one, as on a
+ * destination outside the list: deny and kill refuse the socket (EPERM), kill also sends
+ * SIGKILL. Other sockets, and every socket of an untracked process, pass after the type
+ * test (and one `procs` lookup for raw and ICMP sockets). */
+int aw_sock_create(struct bpf_sock *ctx)
+{
+    u32 type = ctx->type, proto = ctx->protocol;
+    if (type != AW_SOCK_RAW &&
+        !(type == AW_SOCK_DGRAM && (proto == AW_IPPROTO_ICMP || proto == AW_IPPROTO_ICMPV6)))
+        return 1;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    struct aw_proc *p = procs.lookup(&tgid);
+    if (!p)
+        return 1;
+    u32 g = gen();
+    u16 family = ctx->family == AW_AF_INET6 ? AW_AF_INET6 : AW_AF_INET;
+    u64 hit = scope_of(g, p->agent) & mask_at(g, AW_MASK_OUTSIDE) &
+              mask_at(g, family == AW_AF_INET ? AW_MASK_INET : AW_MASK_INET6);
+    if (!hit)
+        return 1;
+    verdict(g, pid_tgid, p, AW_VERDICT_CONNECT, hit, family, 0, NULL, AW_CONNECT_UNCHECKED);
+    if (enforcing(g) && (hit & mask_at(g, AW_MASK_DENY))) {
+        count(AW_CNT_DENIED);
+        return 0;
+    }
+    return 1;
 }

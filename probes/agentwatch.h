@@ -71,11 +71,18 @@
 #define AW_EXEC_ARGV_UNCONFIRMED 0x20000 /* cut argv /proc could not confirm: judged as cut */
 #define AW_EXEC_ARGV_CLIPPED 0x40000     /* argv holds the head and tail of a longer one */
 
+/* Flags of a connect record and of a connect verdict (monitor/model/events.py: ConnectFlag). */
+#define AW_CONNECT_SEND 0x1 /* a UDP datagram sent with an address (sendto, sendmsg, sendmmsg,
+                             * io_uring; cgroup sendmsg4/sendmsg6 hooks), not a connect */
+#define AW_CONNECT_UNCHECKED 0x2 /* a verdict on opening a raw or ICMP (ping) socket, whose
+                                  * datagrams no hook sees: no destination (cgroup
+                                  * sock_create hook; only allow-list rules fire) */
+
 /* Per-CPU counters (monitor/model/events.py: Counter). */
 #define AW_CNT_LOST 0          /* events dropped: ring buffer full */
 #define AW_CNT_CONNECTS 1      /* IPv4/IPv6 connects by tracked processes (cgroup hooks) */
-#define AW_CNT_SPARE 2         /* unused (was: connects of other families, which the cgroup
-                                * hooks never see) */
+#define AW_CNT_SENDS 2         /* UDP datagrams sent with an address by tracked processes
+                                * (cgroup sendmsg hooks) */
 #define AW_CNT_FORKS 3         /* tracked processes created by fork */
 #define AW_CNT_ROOTS 4         /* agent roots recognised in the kernel */
 #define AW_CNT_PROC_FULL 5     /* a child could not be tracked: process map full */
@@ -248,13 +255,14 @@ struct aw_exec_event {
 };
 
 /* Sent by the cgroup connect4/connect6 hooks, before the connect happens (so it carries no
- * result); IPv4 is sent as AF_INET with the address in the first 4 bytes. */
+ * result), and by the sendmsg4/sendmsg6 hooks before a datagram with an address leaves
+ * (flags AW_CONNECT_SEND); IPv4 is sent as AF_INET with the address in the first 4 bytes. */
 struct aw_connect_event {
     struct aw_header h;
     __u16 family;
     __u16 port;     /* host byte order */
     __u16 protocol; /* IPPROTO_TCP (6), IPPROTO_UDP (17), ... */
-    __u16 _pad;
+    __u16 flags;    /* AW_CONNECT_* */
     __u8 addr[AW_ADDR_LEN];
 };
 
@@ -277,7 +285,7 @@ struct aw_verdict_event {
     __u32 enforced; /* 1: SIGKILL sent / connect refused; 0: monitor mode */
     __u16 family;
     __u16 port;
-    __u32 _pad;
+    __u32 flags;    /* AW_CONNECT_* of a connect verdict */
     __u8 addr[AW_ADDR_LEN];
 };
 

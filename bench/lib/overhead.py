@@ -19,7 +19,7 @@ from .load import BUSY_LIMIT, OtherLoad, Patience, gen, loop_args
 from .machine import bpf_prog_count
 from .tools import Tool, ToolFailed
 
-LOOPS = ("exec", "connect", "getppid")
+LOOPS = ("exec", "connect", "sendto", "getppid")
 TOOLS = ("agentwatch", "auditd", "bpftrace")  # compared against "none", alternated per round
 
 

@@ -36,6 +36,7 @@ from monitor.observe.notifier import Notifier
 from monitor.policy.cpu import CpuWindows, evaluate_cpu
 from monitor.policy.engine import (
     Verdict,
+    connect_what,
     destination_address,
     evaluate_connect,
     evaluate_exec,
@@ -70,9 +71,10 @@ class Judge:
         self.cpu = CpuWindows()
         self._kernel_seen: OrderedDict[tuple[int, str], None] = OrderedDict()
         self._once: set[tuple[str, int, int]] = set()  # (rule, session, pid) of repeating rules
-        # connect verdicts depend only on (agent, destination) under one policy: remembered,
-        # so a busy agent's repeated connects do not walk every userspace rule again
-        self._connect_memo: dict[tuple[str, str, int], list[Verdict]] = {}
+        # connect verdicts depend only on (agent, destination, connect or datagram) under one
+        # policy: remembered, so a busy agent's repeated connects do not walk every userspace
+        # rule again
+        self._connect_memo: dict[tuple[str, str, int, bool], list[Verdict]] = {}
 
     @property
     def counts(self) -> dict[tuple[str, str, str, str], int]:
@@ -108,14 +110,14 @@ class Judge:
                                     if ev.loader is None else self._loader_verdicts(ev, agent))
                         if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ConnectEvent):
-            key = (agent, ev.address, ev.port)
+            key = (agent, ev.address, ev.port, ev.send)
             found = self._connect_memo.get(key)
             if found is None:
                 if len(self._connect_memo) >= CONNECT_MEMO_SIZE:
                     self._connect_memo.clear()
                 found = self._connect_memo[key] = evaluate_connect(
                     self.policy, agent=agent, session=0, pid=0, family=ev.family,
-                    address=ev.address, port=ev.port)
+                    address=ev.address, port=ev.port, send=ev.send)
             verdicts = [replace(v, session=h.session, pid=h.pid) for v in found
                         if (h.pid, v.rule) not in self._kernel_seen]
         elif isinstance(ev, ForkEvent):
@@ -221,9 +223,13 @@ class Judge:
             self._kernel_seen[(h.pid, rule.name)] = None
             while len(self._kernel_seen) > KERNEL_SEEN_SIZE:
                 self._kernel_seen.popitem(last=False)
-            if ev.verdict == VerdictKind.CONNECT:
+            if ev.verdict == VerdictKind.CONNECT and ev.unchecked:
+                dest = None
+                reason = (f"opened a raw or ICMP socket ({ev.family_name}): where its "
+                          "datagrams go cannot be checked (enforced in the kernel)")
+            elif ev.verdict == VerdictKind.CONNECT:
                 dest = format_destination(destination_address(ev.address), ev.port)
-                reason = f"connect to {dest} (enforced in the kernel)"
+                reason = f"{connect_what(ev.send)} {dest} (enforced in the kernel)"
             else:
                 dest = None
                 file = f", file {ev.file!r}" if ev.file and ev.file != h.comm else ""

@@ -20,6 +20,8 @@ from monitor.model.events import (
     ARGS_SIZE,
     COMM_LEN,
     FLAG_ARGV_FROM_MM,
+    FLAG_CONNECT_SEND,
+    FLAG_CONNECT_UNCHECKED,
     PATH_LEN,
     V4_OFFSET,
     ConnectEvent,
@@ -99,7 +101,7 @@ class CConnectEvent(ct.Structure):
         ("family", ct.c_uint16),
         ("port", ct.c_uint16),
         ("protocol", ct.c_uint16),
-        ("_pad", ct.c_uint16),
+        ("flags", ct.c_uint16),
         ("addr", ct.c_uint8 * ADDR_LEN),
     ]
 
@@ -132,7 +134,7 @@ class CVerdictEvent(ct.Structure):
         ("enforced", ct.c_uint32),
         ("family", ct.c_uint16),
         ("port", ct.c_uint16),
-        ("_pad", ct.c_uint32),
+        ("flags", ct.c_uint32),
         ("addr", ct.c_uint8 * ADDR_LEN),
     ]
 
@@ -225,7 +227,7 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
     if etype == _CONNECT_TYPE:  # most events: one unpack for the whole record
         if n < _CONNECT_RECORD.size:
             raise DecodeError(f"connect record of {n} bytes, expected {_CONNECT_RECORD.size}")
-        ts, _t, pid, tid, session, agent, uid, comm, family, port, protocol, _pad, raw = \
+        ts, _t, pid, tid, session, agent, uid, comm, family, port, protocol, cflags, raw = \
             _CONNECT_RECORD.unpack_from(buf)
         fam = _FAMILY_OF.get(family)
         if fam is None:
@@ -237,7 +239,7 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
                 cache.clear()
             address = cache[raw] = _address(fam, raw)
         return ConnectEvent(Header(ts, pid, tid, session, agent, uid, _comm(comm)), fam,
-                            address, port, protocol)
+                            address, port, protocol, bool(cflags & FLAG_CONNECT_SEND))
     if etype == EventType.EXEC:
         if n < EXEC_ARGS_OFFSET:
             raise DecodeError(f"exec record of {n} bytes is truncated")
@@ -262,21 +264,23 @@ def decode(data: bytes | bytearray | memoryview) -> Event:
         return ExitEvent(_header(buf), status, ppid, cpu)
     if etype == EventType.VERDICT:
         _need(buf, _VERDICT, "verdict")
-        vkind, rule, mask, action, enforced, family, port, _pad, raw = _VERDICT.unpack_from(
+        vkind, rule, mask, action, enforced, family, port, cflags, raw = _VERDICT.unpack_from(
             buf, _HEADER_SIZE)
         try:
             kind = VerdictKind(vkind)
         except ValueError:
             raise DecodeError(f"verdict record with unknown kind {vkind}") from None
         address = file = ""
-        if kind == VerdictKind.CONNECT and family in _FAMILIES:
+        if kind == VerdictKind.CONNECT and family in _FAMILIES and not (
+                cflags & FLAG_CONNECT_UNCHECKED):
             address = _address(Family.INET, raw[V4_OFFSET:]) if family == Family.INET \
                 else _address(Family.INET6, raw)
         elif kind == VerdictKind.EXEC:  # addr holds the executable file's name
             file = c_string(raw)
         return VerdictEvent(_header(buf), kind, rule, mask,
                             KAction(action) if action in _ACTIONS else None, bool(enforced),
-                            family, address, port, file)
+                            family, address, port, file, bool(cflags & FLAG_CONNECT_SEND),
+                            bool(cflags & FLAG_CONNECT_UNCHECKED))
     raise DecodeError(f"unknown event type {etype}")
 
 

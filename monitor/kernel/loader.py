@@ -2,7 +2,7 @@
 
 The one module that loads BCC's BPF object: it checks the host first (monitor/kernel/host.py),
 compiles the probes with constants passed as -D flags, attaches the tracepoints and the
-cgroup connect hooks (pinned when asked, monitor/kernel/pinning.py) and reads the ring
+cgroup connect and sendmsg hooks (pinned when asked, monitor/kernel/pinning.py) and reads the ring
 buffers. `Probes` is that loaded object; the reads and writes of its maps are inherited
 from monitor/kernel/mapio.py. It never decides policy: it only moves bytes between the
 kernel and typed Python values.
@@ -30,7 +30,14 @@ from monitor.model.events import Setting
 _MADV_PAGEOUT = 21  # Linux 5.4+
 _COMPILER_LIBS = ("/libLLVM", "/libclang")
 RINGS = (b"decisions", b"events")
-CGROUP_HOOKS = {b"aw_connect4": "CGROUP_INET4_CONNECT", b"aw_connect6": "CGROUP_INET6_CONNECT"}
+# the cgroup programs: name -> (where it attaches, its program type). Connects; UDP datagrams
+# sent with an address (sendto/sendmsg/sendmmsg/io_uring), which never pass the connect
+# hooks; raw and ICMP sockets, whose datagrams pass neither (judged when they are made)
+CGROUP_HOOKS = {b"aw_connect4": ("CGROUP_INET4_CONNECT", "CGROUP_SOCK_ADDR"),
+                b"aw_connect6": ("CGROUP_INET6_CONNECT", "CGROUP_SOCK_ADDR"),
+                b"aw_sendmsg4": ("CGROUP_UDP4_SENDMSG", "CGROUP_SOCK_ADDR"),
+                b"aw_sendmsg6": ("CGROUP_UDP6_SENDMSG", "CGROUP_SOCK_ADDR"),
+                b"aw_sock_create": ("CGROUP_INET_SOCK_CREATE", "CGROUP_SOCK")}
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ class Probes(RuleMaps):
             ) from None
         self.attached = int(self._bpf.num_open_tracepoints())
         text = (src / BPF_SOURCE).read_text()
-        # tracepoints, plus the cgroup connect hooks attach_cgroup() adds
+        # tracepoints, plus the cgroup connect and sendmsg hooks attach_cgroup() adds
         self.expected = text.count("\nTRACEPOINT_PROBE(") + len(CGROUP_HOOKS)
         if self.options.pin_dir:
             self._links = PinnedLinks(self.options.pin_dir)
@@ -140,8 +147,9 @@ class Probes(RuleMaps):
     # --- cgroup connect hooks ----------------------------------------------------------
 
     def attach_cgroup(self, path: str | None = None) -> str:
-        """Attach the connect4/connect6 hooks (they report connects and enforce the kernel
-        connect rules) at the cgroup v2 root through BPF links
+        """Attach the connect4/connect6, sendmsg4/sendmsg6 and sock_create hooks (they
+        report connects and datagram sends and enforce the kernel connect rules on them, and
+        on raw and ICMP sockets) at the cgroup v2 root through BPF links
         (other programs stay attached beside them). An unpinned link detaches when the
         monitor exits, however it exits; a pinned one (pin_dir) outlives it on purpose.
         Returns the cgroup path."""
@@ -155,9 +163,9 @@ class Probes(RuleMaps):
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         links: list[int] = []
         try:
-            for name in CGROUP_HOOKS:
-                kind = getattr(BPFAttachType, CGROUP_HOOKS[name])
-                fn = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, None, kind)
+            for name, (where, prog_type) in CGROUP_HOOKS.items():
+                kind = getattr(BPFAttachType, where)
+                fn = self.bpf.load_func(name, getattr(BPF, prog_type), None, kind)
                 if self._links is not None:
                     self._links.cgroup(name.decode(), fn.fd, fd, kind)
                 else:
@@ -165,8 +173,8 @@ class Probes(RuleMaps):
         except Exception as e:  # BCC raises bare Exception; link_create raises OSError
             for link in links:
                 os.close(link)
-            raise EnvironmentProblem(f"attaching the cgroup connect hooks at {root} failed "
-                                     f"({e})") from None
+            raise EnvironmentProblem(f"attaching the cgroup connect/sendmsg hooks at {root} "
+                                     f"failed ({e})") from None
         finally:
             os.close(fd)  # links hold the cgroup themselves
         self._cgroup_links = links

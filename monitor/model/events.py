@@ -95,10 +95,22 @@ FLAG_ARGV_CLIPPED = int(ExecFlag.ARGV_CLIPPED)
 FLAG_FILELESS = int(ExecFlag.FILELESS)
 
 
+class ConnectFlag(IntFlag):
+    """Flags of a connect record and of a connect verdict."""
+
+    SEND = 0x1  # a UDP datagram sent with an address (sendto, sendmsg, sendmmsg, io_uring),
+    # seen by the cgroup sendmsg4/sendmsg6 hooks: not a connect
+    UNCHECKED = 0x2  # a verdict on opening a raw or ICMP socket: no destination to check
+
+
+FLAG_CONNECT_SEND = int(ConnectFlag.SEND)
+FLAG_CONNECT_UNCHECKED = int(ConnectFlag.UNCHECKED)
+
+
 class Counter(IntEnum):
     LOST = 0
     CONNECTS = 1
-    SPARE = 2
+    SENDS = 2  # UDP datagrams sent with an address (cgroup sendmsg hooks)
     FORKS = 3
     ROOTS = 4
     PROC_FULL = 5
@@ -229,6 +241,9 @@ class ConnectEvent:
     address: str
     port: int
     protocol: int  # IPPROTO_*: 6 TCP, 17 UDP; reported before the connect happens
+    # a UDP datagram sent with this destination (sendto, sendmsg, ...), not a connect; both
+    # meet the same connect rules
+    send: bool = False
     kind = EventType.CONNECT
 
     @property
@@ -271,10 +286,20 @@ class VerdictEvent:
     address: str
     port: int
     file: str = ""  # exec verdicts: the executable file's name as the kernel looked it up
+    send: bool = False  # a connect verdict on a datagram send (ConnectEvent.send)
+    # a connect verdict on opening a raw or ICMP socket (no address, no port): allow-list
+    # rules fire on it because no hook sees where its datagrams go
+    unchecked: bool = False
     kind = EventType.VERDICT
 
     def rules(self) -> list[int]:
         return [i for i in range(MAX_RULES) if self.mask >> i & 1]
+
+    @property
+    def family_name(self) -> str:
+        """ipv4 or ipv6 for a connect verdict's family, else its number."""
+        names = {int(Family.INET): "ipv4", int(Family.INET6): "ipv6"}
+        return names.get(self.family, str(self.family))
 
 
 Event = ForkEvent | ExecEvent | ConnectEvent | ExitEvent | VerdictEvent

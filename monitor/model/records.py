@@ -124,10 +124,11 @@ class ConnectRecord(EventRecord):
     address: str = ""
     port: int = 0
     protocol: str = ""  # "tcp", "udp", or the IPPROTO number
+    send: bool = False  # a UDP datagram sent with this destination, not a connect
 
     def _body(self) -> Json:
         return {"family": self.family, "address": self.address, "port": self.port,
-                "protocol": self.protocol}
+                "protocol": self.protocol, "send": self.send}
 
     @property
     def destination(self) -> str:
@@ -139,7 +140,7 @@ class ConnectRecord(EventRecord):
     def from_json(cls, d: Mapping[str, Any]) -> ConnectRecord:
         return cls(**cls._head(d), family=_str(d, "family", "ipv4"),
                    address=_str(d, "address"), port=_int(d, "port"),
-                   protocol=_str(d, "protocol"))
+                   protocol=_str(d, "protocol"), send=d.get("send") is True)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -38,6 +38,7 @@ from monitor.observe.exporter import (
 )
 from monitor.observe.metrics import (
     BUCKET_LABELS,
+    CONNECT_KINDS,
     CONNECT_VERDICTS,
     DEFAULT_ADDRESS,
     DELIVERED,
@@ -93,8 +94,9 @@ _FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (_C, "agentwatch_events_total", ("agent", "kind"), "events of agents' processes"),
     (_C, "agentwatch_execs_total", ("agent", "binary"),
      f"execs by program basename; {MAX_BINARIES} per agent, the rest other"),
-    (_C, "agentwatch_connections_total", ("agent", "verdict", "destination"),
-     "IPv4/IPv6 connects by policy verdict and destination class"),
+    (_C, "agentwatch_connections_total", ("agent", "verdict", "destination", "kind"),
+     "IPv4/IPv6 connects (kind connect) and UDP datagrams sent with an address (kind "
+     "datagram) by policy verdict and destination class"),
     (_C, "agentwatch_policy_violations_total", ("agent", "rule", "action", "mode"),
      "policy rule matches (verdicts), in monitor and enforce mode"),
     (_C, "agentwatch_kills_total", ("agent", "rule"), "kills carried out for a rule"),
@@ -197,9 +199,10 @@ class AgentwatchCollector(Collector):
                 add("agentwatch_execs_total", [a, OTHER], c.exec_other)
             for i, n in enumerate(c.connects):
                 if n:
-                    v, d = divmod(i, len(DESTINATIONS))
+                    kv, d = divmod(i, len(DESTINATIONS))
+                    k, v = divmod(kv, len(CONNECT_VERDICTS))
                     add("agentwatch_connections_total",
-                        [a, CONNECT_VERDICTS[v], DESTINATIONS[d]], n)
+                        [a, CONNECT_VERDICTS[v], DESTINATIONS[d], CONNECT_KINDS[k]], n)
             add("agentwatch_processes", [a], processes)
             add("agentwatch_sessions", [a], sessions)
             add("agentwatch_cpu_seconds_total", [a],

@@ -39,6 +39,7 @@ DEFAULT_ADDRESS = "127.0.0.1:9464"
 
 EVENT_KINDS = ("fork", "exec", "connect", "exit", "verdict")
 CONNECT_VERDICTS = ("allowed", "alerted", "denied", "killed")
+CONNECT_KINDS = ("connect", "datagram")  # a connect, or a UDP datagram sent with an address
 DESTINATIONS = ("loopback", "private", "link_local", "public", "multicast", "other")
 KILL_PATHS = ("kernel", "userspace")
 RECEIVERS = ("alertmanager", "webhook")
@@ -49,6 +50,7 @@ KILL_LATENCY_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05,
 _KIND_INDEX: dict[str | int, int] = {k: i for i, k in enumerate(EVENT_KINDS)}
 _KIND_INDEX.update({EventType[k.upper()]: i for i, k in enumerate(EVENT_KINDS)})
 _VERDICT_BASE = {v: i * len(DESTINATIONS) for i, v in enumerate(CONNECT_VERDICTS)}
+_DATAGRAM_BASE = len(CONNECT_VERDICTS) * len(DESTINATIONS)  # where datagram counts start
 DELIVERED = frozenset({"ok", "success"})  # delivery results counted as ok
 BUCKET_LABELS = tuple(floatToGoString(b) for b in KILL_LATENCY_BUCKETS) + ("+Inf",)
 
@@ -137,7 +139,7 @@ class _AgentStats:
         self.events = [0] * len(EVENT_KINDS)
         self.execs: dict[str, int] = {}
         self.exec_other = 0
-        self.connects = [0] * (len(CONNECT_VERDICTS) * len(DESTINATIONS))
+        self.connects = [0] * (len(CONNECT_KINDS) * _DATAGRAM_BASE)
         self.exited_cpu_ns = 0
         self.killswitch = 0
 
@@ -249,9 +251,13 @@ class MetricsState:
         else:
             stats.exec_other += 1
 
-    def observe_connect(self, agent: str, address: str, verdict: str) -> None:
-        """verdict: allowed, alerted, denied or killed (see connect_verdict)."""
-        self._agent(agent).connects[_VERDICT_BASE[verdict] + _destination_index(address)] += 1
+    def observe_connect(self, agent: str, address: str, verdict: str,
+                        send: bool = False) -> None:
+        """verdict: allowed, alerted, denied or killed (see connect_verdict); send: a
+        datagram sent with this destination rather than a connect."""
+        base = _DATAGRAM_BASE if send else 0
+        self._agent(agent).connects[base + _VERDICT_BASE[verdict]
+                                    + _destination_index(address)] += 1
 
     def observe_exit(self, agent: str, cpu_ns: int) -> None:
         """A tracked process ended having used cpu_ns; its CPU leaves the live sum here."""
@@ -357,7 +363,8 @@ class AgentCounts:
     events: tuple[int, ...]            # by EVENT_KINDS
     execs: dict[str, int]              # binary -> execs, at most MAX_BINARIES
     exec_other: int
-    connects: tuple[int, ...]          # [verdict index * len(DESTINATIONS) + class index]
+    connects: tuple[int, ...]          # [((kind index * len(CONNECT_VERDICTS)) + verdict
+    #                                      index) * len(DESTINATIONS) + class index]
     exited_cpu_ns: int
     killswitch: int
 

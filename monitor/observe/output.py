@@ -44,7 +44,8 @@ def typed_record(ev: Event, agent: str) -> EventRecord:
                           sha256=ev.sha256, fileless=ev.is_fileless)
     if isinstance(ev, ConnectEvent):
         return ConnectRecord(**head, family="ipv4" if ev.family == 2 else "ipv6",
-                             address=ev.address, port=ev.port, protocol=ev.transport)
+                             address=ev.address, port=ev.port, protocol=ev.transport,
+                             send=ev.send)
     if isinstance(ev, ForkEvent):
         return ForkRecord(**head, child_pid=ev.child_pid)
     if isinstance(ev, VerdictEvent):
@@ -105,6 +106,8 @@ def columns_of(rec: dict[str, Any]) -> str:
     elif kind == "connect":
         host = f"[{p('address')}]" if rec.get("family") == "ipv6" else p("address")
         detail = f"{host}:{p('port')} {printable(str(rec.get('protocol') or ''))}"
+        if rec.get("send") is True:
+            detail += " datagram"
     elif kind == "fork":
         detail = f"child {p('child_pid')}"
     elif kind == "policy_verdict":

@@ -287,10 +287,17 @@ def match_connect(rule: Rule, agent: str, family: int, address: str, port: int) 
     return _connect_reason(rule.match, destination_address(address), port) is not None
 
 
+def connect_what(send: bool) -> str:
+    """How a verdict's reason names the step: a connect, or a datagram sent with an
+    address (sendto, sendmsg, ...), which the same connect rules judge."""
+    return "datagram to" if send else "connect to"
+
+
 def evaluate_connect(policy: Policy, *, agent: str, session: int, pid: int, family: int,
-                     address: str, port: int) -> list[Verdict]:
-    """Verdicts for one connect (arguments as for match_connect). Raises ValueError if
-    address is not an IP address."""
+                     address: str, port: int, send: bool = False) -> list[Verdict]:
+    """Verdicts for one connect, or for one datagram sent with a destination when send is
+    true (arguments as for match_connect). Raises ValueError if address is not an IP
+    address."""
     rules = policy.rules_for(EventKind.CONNECT)
     if not rules:
         return []
@@ -303,7 +310,8 @@ def evaluate_connect(policy: Policy, *, agent: str, session: int, pid: int, fami
         if reason is not None:
             where = format_destination(ip, port)
             verdicts.append(Verdict(rule.name, rule.action, policy.mode, agent, session, pid,
-                                    f"connect to {where} ({reason})", destination=where))
+                                    f"{connect_what(send)} {where} ({reason})",
+                                    destination=where))
     return verdicts
 
 

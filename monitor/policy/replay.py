@@ -90,7 +90,8 @@ def replay(policy: Policy, records: Iterable[dict[str, Any]]) -> list[Verdict]:
         elif kind == "connect":
             verdicts += evaluate_connect(policy, agent=agent, session=session, pid=pid,
                                          family=2 if rec.get("family") == "ipv4" else 10,
-                                         address=str(rec["address"]), port=int(rec["port"]))
+                                         address=str(rec["address"]), port=int(rec["port"]),
+                                         send=rec.get("send") is True)
         elif kind == "fork":
             members.update((pid, int(rec["child_pid"])))
             for v in evaluate_processes(policy, agent=agent, session=session,

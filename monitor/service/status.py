@@ -107,8 +107,9 @@ class Report:
             kernel = self._connect_verdicts.pop(ev.h.tid, None)
             if kernel:
                 done.append(kernel)
-            m.observe_connect(agent, ev.address, connect_verdict(*done))
-        elif isinstance(ev, VerdictEvent) and ev.verdict == VK.CONNECT:
+            m.observe_connect(agent, ev.address, connect_verdict(*done), ev.send)
+        elif isinstance(ev, VerdictEvent) and ev.verdict == VK.CONNECT and not ev.unchecked:
+            # (a verdict on opening a raw or ICMP socket has no connect record to wait for)
             if len(self._connect_verdicts) > CONNECTS_IN_FLIGHT:  # their connects were lost
                 self._connect_verdicts.clear()
             self._connect_verdicts[ev.h.tid] = kernel_connect_verdict(ev)

@@ -99,7 +99,7 @@ def test_run_detaches_cleanly_on_sigterm_and_sigint(tmp_path: Path) -> None:
             assert p.stdout is not None
             started = json.loads(p.stdout.readline())
             assert started["msg"] == "monitor started"
-            assert started["probes"] == started["probes_expected"] == 6
+            assert started["probes"] == started["probes_expected"] == 9
             deadline = time.monotonic() + 10
             while not sock.exists():
                 assert time.monotonic() < deadline, "control socket never appeared"

@@ -113,7 +113,7 @@ def test_ready_only_when_enforcing_then_watchdog_and_stopping(service: Service) 
     ready = service.wait_message("READY")
     # at READY the probes are attached and the policy is in the kernel: prove it
     status = service.status()
-    assert status["probes"] == status["probes_expected"] == 6
+    assert status["probes"] == status["probes_expected"] == 9
     assert status["policy"]["kernel_rules"] == ["no-awreloada"]
     assert "enforce" in ready["STATUS"]
     assert run_agent(service.sock, fake(service.tmp, "awreloada")) == -signal.SIGKILL

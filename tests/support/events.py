@@ -56,14 +56,16 @@ def fork_event(pid: int, child: int, ts: int, *, comm: str = "bash", session: in
 
 def connect_event(pid: int, ts: int, address: str, port: int = 443, *, protocol: int = 6,
                   family: ev.Family | None = None, comm: str = "kworker", session: int = S1,
-                  agent: int = 0, h: Header | None = None) -> ev.ConnectEvent:
-    """A connect to address:port; the family is the address's (IPv6 when it has a colon)
-    unless given. `h`, when given, is the header as is."""
+                  agent: int = 0, h: Header | None = None,
+                  send: bool = False) -> ev.ConnectEvent:
+    """A connect to address:port (a datagram sent there when send); the family is the
+    address's (IPv6 when it has a colon) unless given. `h`, when given, is the header as
+    is."""
     if family is None:
         family = ev.Family.INET6 if ":" in address else ev.Family.INET
     if h is None:
         h = header(pid, ts, comm=comm, session=session, agent=agent)
-    return ev.ConnectEvent(h, family, address, port, protocol)
+    return ev.ConnectEvent(h, family, address, port, protocol, send)
 
 
 def exit_event(pid: int, ts: int, *, status: int = 0, ppid: int = 0, cpu_ns: int = 0,
@@ -113,12 +115,13 @@ def exec_record(args: list[bytes], *, argc: int | None = None, flags: int = 0,
 
 
 def connect_record(family: int, addr: bytes, port: int, protocol: int = 6, *,
-                   h: abi.CHeader | None = None) -> bytes:
+                   h: abi.CHeader | None = None, flags: int = 0) -> bytes:
     c = abi.CConnectEvent()
     c.h = raw_header(ev.EventType.CONNECT) if h is None else h
     c.family = family
     c.port = port
     c.protocol = protocol
+    c.flags = flags
     for i, b in enumerate(addr):
         c.addr[i] = b
     return bytes(c)

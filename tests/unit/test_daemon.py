@@ -21,13 +21,18 @@ from monitor.model import events
 from monitor.model.errors import ControlError
 from monitor.model.events import (
     SESSION_KERNEL_BIT,
+    ConnectEvent,
     EventType,
     ExecEvent,
     ExecFlag,
     ForkEvent,
+    KAction,
     Setting,
+    VerdictEvent,
+    VerdictKind,
 )
 from monitor.observe.jsonlog import JsonLog
+from monitor.observe.metrics import CONNECT_KINDS, CONNECT_VERDICTS, DESTINATIONS
 from monitor.policy.load import load_policy_text
 from monitor.service.daemon import Monitor
 from monitor.sessions.procfs import ProcFS
@@ -308,3 +313,26 @@ def test_control_operations_run_on_the_loop(tmp_path: Path) -> None:
         loop.join(5)
     assert not loop.is_alive()
     assert r.mon.on_loop(threading.current_thread) is threading.current_thread()
+
+
+def test_a_raw_socket_verdict_waits_for_no_connect_record(tmp_path: Path) -> None:
+    """A kernel verdict on opening a raw or ICMP socket has no connect record after it: the
+    next connect of that thread is counted by its own verdict (allowed), not this one."""
+    r = rig(tmp_path)
+    agent_tree(r.proc)
+    sid = SESSION_KERNEL_BIT | 7
+    h = header(B, session=sid, agent=CLAUDE, comm="claude")
+    r.mon.handle(ExecEvent(h, old_tid=B, ppid=0, cgroup_id=1, flags=ExecFlag.NEW_ROOT,
+                           filename="/opt/claude/bin/claude", argv=("claude",)))
+    r.mon.handle(VerdictEvent(h, VerdictKind.CONNECT, 0, 0, KAction.DENY, True,
+                              events.Family.INET, "", 0, unchecked=True))
+    r.mon.handle(ConnectEvent(h, events.Family.INET, "10.1.2.3", 443, 6, send=True))
+    [claude] = [a for a in r.mon.metrics.snapshot().agents if a.label == "claude-code"]
+    counted = [i for i, n in enumerate(claude.connects) if n]
+    # one datagram, allowed, to a private address: kind datagram, verdict allowed
+    assert counted == [_index("datagram", "allowed", "private")]
+
+
+def _index(kind: str, verdict: str, destination: str) -> int:
+    return ((CONNECT_KINDS.index(kind) * len(CONNECT_VERDICTS) + CONNECT_VERDICTS.index(verdict))
+            * len(DESTINATIONS) + DESTINATIONS.index(destination))

@@ -46,7 +46,7 @@ CONTRACT: dict[str, frozenset[str]] = {name: frozenset(labels) for name, labels 
     "agentwatch_build_info": ("version", "kernel"),
     "agentwatch_events_total": ("agent", "kind"),
     "agentwatch_execs_total": ("agent", "binary"),
-    "agentwatch_connections_total": ("agent", "verdict", "destination"),
+    "agentwatch_connections_total": ("agent", "verdict", "destination", "kind"),
     "agentwatch_policy_violations_total": ("agent", "rule", "action", "mode"),
     "agentwatch_kills_total": ("agent", "rule"),
     "agentwatch_kill_latency_seconds": ("path",),  # histogram

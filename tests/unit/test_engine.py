@@ -273,6 +273,12 @@ def test_evaluate_connect_reasons() -> None:
     six = evaluate_connect(p, agent="bot", session=1, pid=9, family=AF_INET6,
                            address="2001:db8::1", port=4444)
     assert six[0].destination == "[2001:db8::1]:4444"
+    # a datagram sent there meets the same rules, and its reason says what it was
+    sent = evaluate_connect(p, agent="bot", session=1, pid=9, family=AF_INET6,
+                            address="::ffff:1.2.3.4", port=3333, send=True)
+    assert [(x.rule, x.reason) for x in sent] == [
+        (x.rule, x.reason.replace("connect to", "datagram to", 1)) for x in v]
+    assert sent[0].reason == "datagram to 1.2.3.4:3333 (port in @mining_ports)"
 
 
 # --- processes ---------------------------------------------------------------------------

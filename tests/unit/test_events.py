@@ -16,18 +16,23 @@ from monitor.kernel.abi import (
     EXEC_ARGS_OFFSET,
     CExecEvent,
     CHeader,
+    CVerdictEvent,
     DecodeError,
     decode,
 )
 from monitor.model import events
 from monitor.model.events import (
     ConnectEvent,
+    ConnectFlag,
     EventType,
     ExecEvent,
     ExecFlag,
     ExitEvent,
     Family,
     ForkEvent,
+    KAction,
+    VerdictEvent,
+    VerdictKind,
 )
 from monitor.sessions.procfs import ProcFS
 from tests.support.events import (
@@ -232,6 +237,39 @@ def test_connect_protocol(protocol: int, transport: str) -> None:
     assert isinstance(ev, ConnectEvent)
     assert ev.protocol == protocol
     assert ev.transport == transport
+
+
+@pytest.mark.parametrize("flags,send", [(0, False), (ConnectFlag.SEND, True),
+                                         (0x8000, False)])
+def test_connect_record_says_whether_it_was_a_datagram_send(flags: int, send: bool) -> None:
+    ev = decode(connect_record(socket.AF_INET, bytes([1, 1, 1, 1]), 53, 17, flags=flags))
+    assert isinstance(ev, ConnectEvent)
+    assert ev.send is send and ev.address == "1.1.1.1" and ev.port == 53
+
+
+@pytest.mark.parametrize("flags,send", [(0, False), (ConnectFlag.SEND, True)])
+def test_connect_verdict_says_whether_it_was_a_datagram_send(flags: int, send: bool) -> None:
+    v = CVerdictEvent()
+    v.h = header(EventType.VERDICT)
+    v.kind, v.rule, v.mask = VerdictKind.CONNECT, 3, 1 << 3
+    v.action, v.enforced, v.family, v.port, v.flags = KAction.DENY, 1, socket.AF_INET, 53, flags
+    for i, b in enumerate(ipaddress.IPv6Address("::ffff:9.9.9.9").packed):
+        v.addr[i] = b
+    ev = decode(bytes(v))
+    assert isinstance(ev, VerdictEvent)
+    assert ev.send is send and ev.address == "9.9.9.9" and ev.port == 53
+    assert not ev.unchecked
+
+
+def test_a_verdict_on_a_raw_or_icmp_socket_has_no_destination() -> None:
+    v = CVerdictEvent()
+    v.h = header(EventType.VERDICT)
+    v.kind, v.rule, v.mask, v.action, v.enforced = VerdictKind.CONNECT, 0, 1, KAction.KILL, 1
+    v.family, v.flags = socket.AF_INET6, ConnectFlag.UNCHECKED
+    ev = decode(bytes(v))
+    assert isinstance(ev, VerdictEvent)
+    assert ev.unchecked and not ev.send
+    assert (ev.address, ev.port, ev.family_name) == ("", 0, "ipv6")
 
 
 # --- exit ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from monitor.kernel.abi import (
 )
 from monitor.model import events
 from monitor.model.events import (
+    ConnectFlag,
     Counter,
     Doom,
     EventType,
@@ -99,6 +100,7 @@ ENUM_GROUPS: list[tuple[str, type[enum.Enum], int | None]] = [
     ("AW_SET_", Setting, events.SETTING_SLOTS),
     ("AW_HB_", Heartbeat, events.HEARTBEAT_SLOTS),
     ("AW_DOOM_", Doom, None),
+    ("AW_CONNECT_", ConnectFlag, None),
 ]
 
 # Single #defines and the Python value that mirrors each.
@@ -169,6 +171,14 @@ def test_family_matches_probe_defines() -> None:
     c = _c_defines(BPF_C)
     assert _c_value(c["AW_AF_INET"], c) == Family.INET == socket.AF_INET
     assert _c_value(c["AW_AF_INET6"], c) == Family.INET6 == socket.AF_INET6
+
+
+def test_socket_kinds_match_probe_defines() -> None:
+    c = _c_defines(BPF_C)
+    assert _c_value(c["AW_SOCK_DGRAM"], c) == socket.SOCK_DGRAM
+    assert _c_value(c["AW_SOCK_RAW"], c) == socket.SOCK_RAW
+    assert _c_value(c["AW_IPPROTO_ICMP"], c) == socket.IPPROTO_ICMP
+    assert _c_value(c["AW_IPPROTO_ICMPV6"], c) == socket.IPPROTO_ICMPV6
 
 
 _C_TYPES: dict[str, type] = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -119,14 +120,14 @@ def exit_ev(pid: int, ts: int, session: int = S1) -> ExitEvent:
 
 def kernel_verdict(rig: Rig, pid: int, ts: int, comm: str, rules: list[str], *,
                    kind: VerdictKind, enforced: bool, address: str = "", port: int = 0,
-                   session: int = S1) -> VerdictEvent:
+                   session: int = S1, send: bool = False) -> VerdictEvent:
     mask = 0
     for name in rules:
         mask |= 1 << rig.rule_index(name)
     first = rig.rule_index(rules[0])
     return VerdictEvent(hdr(pid, ts, comm, session), kind, first, mask,
                         rig.tables.actions[first], enforced,
-                        2 if kind == VerdictKind.CONNECT else 0, address, port)
+                        2 if kind == VerdictKind.CONNECT else 0, address, port, send=send)
 
 
 def agent_tree(rig: Rig, session: int = S1, base: int = 100) -> None:
@@ -371,6 +372,36 @@ def test_a_kernel_connect_verdict_is_not_judged_again_for_that_pid_only() -> Non
     assert rig.enforcer.kills == [(101, S1, T0 + 7)]
     assert [v["pid"] for v in rig.log.verdicts()] == [102, 101]
     assert rig.judge.kills == {("claude-code", "mining-pool-ports"): 2}
+
+
+def test_a_datagram_send_is_judged_by_the_connect_rules_and_named_as_a_datagram() -> None:
+    rig = Rig()
+    agent_tree(rig)
+    rig.feed(kernel_verdict(rig, 102, T0 + 6, "sh", ["mining-pool-ports"],
+                            kind=VerdictKind.CONNECT, enforced=True, address="45.9.8.7",
+                            port=3333, send=True),
+             connect_ev(102, T0 + 6, "45.9.8.7", 3333, protocol=17, send=True))
+    # the same destination from another process: once as a datagram, once as a connect
+    rig.feed(connect_ev(101, T0 + 7, "45.9.8.7", 3333, protocol=17, send=True))
+    rig.feed(connect_ev(100, T0 + 8, "45.9.8.7", 3333))
+    why = "address in @public_internet, port in @mining_ports"
+    assert [(v["pid"], v["outcome"], v["reason"]) for v in rig.log.verdicts()] == [
+        (102, "killed in the kernel", "datagram to 45.9.8.7:3333 (enforced in the kernel)"),
+        (101, "killed", f"datagram to 45.9.8.7:3333 ({why})"),
+        (100, "killed", f"connect to 45.9.8.7:3333 ({why})")]
+    assert [k[0] for k in rig.enforcer.kills] == [101, 100]
+
+
+def test_a_kernel_verdict_on_a_raw_or_icmp_socket_names_no_destination() -> None:
+    rig = Rig()
+    agent_tree(rig)
+    v = kernel_verdict(rig, 102, T0 + 6, "sh", ["mining-pool-ports"],
+                       kind=VerdictKind.CONNECT, enforced=True)
+    rig.feed(replace(v, unchecked=True))
+    [line] = rig.log.verdicts()
+    assert line["destination"] is None and line["outcome"] == "killed in the kernel"
+    assert line["reason"] == ("opened a raw or ICMP socket (ipv4): where its datagrams go "
+                              "cannot be checked (enforced in the kernel)")
 
 
 def test_a_kernel_verdict_in_monitor_mode_would_kill() -> None:

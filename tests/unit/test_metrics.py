@@ -50,7 +50,7 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "agentwatch_build_info": ("gauge", {"version", "kernel"}),
     "agentwatch_events_total": ("counter", {"agent", "kind"}),
     "agentwatch_execs_total": ("counter", {"agent", "binary"}),
-    "agentwatch_connections_total": ("counter", {"agent", "verdict", "destination"}),
+    "agentwatch_connections_total": ("counter", {"agent", "verdict", "destination", "kind"}),
     "agentwatch_policy_violations_total": ("counter", {"agent", "rule", "action", "mode"}),
     "agentwatch_kills_total": ("counter", {"agent", "rule"}),
     "agentwatch_kill_latency_seconds": ("histogram", {"path"}),
@@ -230,7 +230,7 @@ def test_values_are_what_the_monitor_counted() -> None:
     assert value(fams, "agentwatch_events_total", agent="codex", kind="fork") == 0
     assert value(fams, "agentwatch_execs_total", agent="claude-code", binary="git") == 1
     assert value(fams, "agentwatch_connections_total", agent="claude-code",
-                 verdict="allowed", destination="public") == 1
+                 verdict="allowed", destination="public", kind="connect") == 1
     assert value(fams, "agentwatch_policy_violations_total", agent="claude-code",
                  rule="no-ssh", action="kill", mode="enforce") == 2
     assert value(fams, "agentwatch_kills_total", agent="claude-code", rule="no-ssh") == 1
@@ -399,6 +399,21 @@ def many_addresses(n: int) -> Iterator[str]:
                5: f"ff02::{i:x}", 6: f"not-an-address-{i}"}[i % 7]
 
 
+def test_datagram_sends_are_counted_beside_connects_by_kind() -> None:
+    src = FakeSource()
+    m = src.metrics
+    m.observe_connect("claude-code", "8.8.8.8", "allowed")
+    m.observe_connect("claude-code", "8.8.8.8", "denied", send=True)
+    m.observe_connect("claude-code", "::ffff:10.0.0.1", "killed", send=True)
+    fams = scrape(registry_for(src))
+    conns = {tuple(v for _, v in sorted(k)): n
+             for k, n in values(fams, "agentwatch_connections_total").items()}
+    # labels sorted by name: agent, destination, kind, verdict
+    assert conns == {("claude-code", "public", "connect", "allowed"): 1,
+                     ("claude-code", "public", "datagram", "denied"): 1,
+                     ("claude-code", "private", "datagram", "killed"): 1}
+
+
 def test_a_wild_agent_cannot_grow_the_label_sets() -> None:
     src = FakeSource()
     registry = registry_for(src)
@@ -406,7 +421,8 @@ def test_a_wild_agent_cannot_grow_the_label_sets() -> None:
     addresses = list(many_addresses(10_000))
     for i, address in enumerate(addresses):
         m.observe_exec("claude-code", f"/tmp/x/bin-{i}")
-        m.observe_connect("claude-code", address, ("allowed", "denied", "killed")[i % 3])
+        m.observe_connect("claude-code", address, ("allowed", "denied", "killed")[i % 3],
+                          send=i % 2 == 1)
     fams = scrape(registry)
     execs = values(fams, "agentwatch_execs_total")
     binaries = {dict(k)["binary"] for k in execs if dict(k)["agent"] == "claude-code"}
@@ -416,6 +432,7 @@ def test_a_wild_agent_cannot_grow_the_label_sets() -> None:
     conns = values(fams, "agentwatch_connections_total")
     destinations = {dict(k)["destination"] for k in conns}
     assert len(destinations) <= 6
+    assert {dict(k)["kind"] for k in conns} == {"connect", "datagram"}
     assert sum(conns.values()) == 10_000
     every_value = {v for f in fams.values() for s in f.samples for v in s.labels.values()}
     assert not every_value & set(addresses), "an address became a label value"

@@ -18,6 +18,7 @@ from monitor.model.events import (
     ForkEvent,
     Header,
 )
+from monitor.model.records import ConnectRecord
 from monitor.observe.output import HEADER, columns, columns_of, describe_status, record, to_json
 from tests.support.events import connect_event, exec_event, exit_event
 
@@ -33,8 +34,10 @@ def exec_ev(argv: tuple[str, ...] = ("git", "commit", "-m", "fix it"),
                       flags=ExecFlag(flags), exe=filename)
 
 
-def connect_ev(family: Family, address: str, port: int = 443, protocol: int = 6) -> ConnectEvent:
-    return connect_event(H.pid, H.ts_ns, address, port, protocol=protocol, family=family, h=H)
+def connect_ev(family: Family, address: str, port: int = 443, protocol: int = 6,
+               send: bool = False) -> ConnectEvent:
+    return connect_event(H.pid, H.ts_ns, address, port, protocol=protocol, family=family, h=H,
+                         send=send)
 
 
 def exit_ev(status: int, cpu_ns: int = 1_250_000_000) -> ExitEvent:
@@ -84,7 +87,14 @@ def test_record_exec_with_non_utf8_argument_is_still_json() -> None:
 def test_record_connect(family: Family, address: str, name: str) -> None:
     out = roundtrip(connect_ev(family, address, 8443, 17))
     assert out == {**COMMON, "event": "connect", "family": name, "address": address,
-                   "port": 8443, "protocol": "udp"}
+                   "port": 8443, "protocol": "udp", "send": False}
+
+
+def test_record_of_a_datagram_send_says_so() -> None:
+    out = roundtrip(connect_ev(Family.INET, "1.2.3.4", 53, 17, send=True))
+    assert out["event"] == "connect" and out["send"] is True
+    assert ConnectRecord.from_json(out).send is True
+    assert ConnectRecord.from_json({**out, "send": "yes"}).send is False  # only a JSON true
 
 
 def test_record_fork() -> None:
@@ -164,6 +174,12 @@ def test_columns_ipv4_mapped_ipv6_in_brackets() -> None:
 def test_columns_ipv4_without_brackets() -> None:
     line = columns(connect_ev(Family.INET, "10.0.0.1", 22), "claude-code")
     assert line.endswith("10.0.0.1:22 tcp")
+
+
+def test_columns_datagram_send_is_marked() -> None:
+    line = columns(connect_ev(Family.INET, "1.2.3.4", 53, 17, send=True), "claude-code")
+    assert line.endswith("1.2.3.4:53 udp datagram")
+    assert " connect " in line
 
 
 @pytest.mark.parametrize(("protocol", "shown"), [(6, "tcp"), (17, "udp"), (132, "132")])
