@@ -1,6 +1,7 @@
 """The policy, staged like a compiler: read and validated with every problem at file:line,
 compiled into typed rules (load -> validate, validate_match -> types), the pure evaluator
-that turns event facts into verdicts (engine, sshargs), the one place that turns a policy
+that turns event facts into verdicts (engine; sshargs and sshconfig/sshsyntax for what
+ssh requests, identity for what a program's content says, cpu for the windows), the one place that turns a policy
 and the agents' matchers into the kernel's tables (kernel_tables), and replay of
 recordings.
 
