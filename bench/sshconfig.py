@@ -85,7 +85,7 @@ def main() -> int:
                                                                False),
                                 ("includes", "", True)):
             step = SshConfigStep(fixture(Path(tmp) / name, user_config=text, includes=inc))
-            cases[name] = lambda step=step: step.resolve(ev, is_ssh=True)
+            cases[name] = lambda step=step: step.resolve(ev, needed=True)
             if name == "typical":  # the same without the worker thread that bounds the wait
                 cases["typical-inline"] = lambda step=step: step.config_for(ev)
         texts = {"/u/.ssh/config": typical(range(15))}

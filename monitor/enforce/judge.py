@@ -42,6 +42,7 @@ from monitor.policy.engine import (
     evaluate_exec,
     evaluate_processes,
     format_destination,
+    wants_ssh_config,
 )
 from monitor.policy.identity import NO_HOST_BINARIES, HostBinaries
 from monitor.policy.kernel_tables import KernelTables, rules_of
@@ -129,6 +130,12 @@ class Judge:
         if verdicts:
             self._carry_out([self.decide(v, h.ts_ns) for v in verdicts])
         return verdicts
+
+    def wants_ssh_config(self, ev: ExecEvent, agent: str | None) -> bool:
+        """Whether this exec needs its ssh config read before it is judged
+        (policy/engine.wants_ssh_config); a question, it changes nothing."""
+        return wants_ssh_config(self.policy, self.host, agent=agent, exe=ev.filename,
+                                comm=ev.h.comm, argv=ev.argv, line=ev.line, sha256=ev.sha256)
 
     def _exec_verdicts(self, ev: ExecEvent, agent: str, exe: str) -> list[Verdict]:
         h = ev.h

@@ -67,6 +67,31 @@ def is_ssh_exec(exe: str, comm: str, argv: Sequence[str]) -> bool:
         bool(argv) and argv[0].endswith("ssh") and os.path.basename(argv[0]) == "ssh")
 
 
+def wants_ssh_config(policy: Policy, host: HostBinaries, *, agent: str | None, exe: str,
+                     comm: str, argv: Sequence[str], line: str | None = None,
+                     sha256: str | None = None) -> bool:
+    """Whether what ssh's config files request could change a verdict on this exec: it is
+    ssh (by name, or a copy of the host's ssh by content), some exec rule with an `ssh:`
+    condition applies to the agent (every rule when the agent is not known yet) and asks
+    about a feature the command line does not request already, and (in enforce mode) the
+    command line alone does not already break a kill or kill-agent rule. Reading the configs
+    costs about half a millisecond of file reads (docs/benchmarks.md): an `ssh -R` that its
+    command line already condemns is killed without waiting for them (what its config adds
+    could only add an alert to a process that dies anyway)."""
+    facts = _ExecFacts(exe, comm, argv, line, sha256=sha256, host=host)
+    if not (is_ssh_exec(exe, comm, argv) or SSH in facts.copy_of):
+        return False
+    rules = [r for r in policy.rules_for(EventKind.EXEC)
+             if isinstance(r.match, ExecMatch) and r.match.ssh
+             and (agent is None or policy.applies(r, agent))]
+    if policy.mode == Mode.ENFORCE and any(
+            r.action in (Action.KILL, Action.KILL_AGENT) and isinstance(r.match, ExecMatch)
+            and _exec_reason(r.match, facts) is not None for r in rules):
+        return False
+    asked = facts.ssh
+    return any(isinstance(r.match, ExecMatch) and not r.match.ssh & asked for r in rules)
+
+
 class _ExecFacts:
     """One exec, with what several rules need computed once.
 

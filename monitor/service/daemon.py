@@ -33,7 +33,7 @@ from monitor.model.events import Event, ExecEvent, ExitEvent
 from monitor.observe.jsonlog import JsonLog
 from monitor.observe.metrics import MetricsState
 from monitor.observe.notifier import Notifier
-from monitor.policy.engine import argv_rules, is_ssh_exec
+from monitor.policy.engine import argv_rules
 from monitor.policy.kernel_tables import compile_kernel
 from monitor.policy.load import check_capacity, load_policy_text
 from monitor.policy.types import Policy
@@ -266,8 +266,8 @@ class Monitor:
             if isinstance(ev, ExecEvent) and ev.h.session:
                 ev = self.loaders.unwrap(ev)  # ld.so PROGRAM: judged as PROGRAM
                 ev = self.identity.identify(ev)  # what the file is (an agent's exec only)
-                ev = self.ssh_config.resolve(ev, is_ssh=is_ssh_exec(ev.filename, ev.h.comm,
-                                                                    ev.argv))
+                ev = self.ssh_config.resolve(ev, needed=self.judge.wants_ssh_config(
+                    ev, self.agents.name(ev.h.agent) or None))
             proc = self.tracker.apply(ev)
             agent = self.agents.name(ev.h.agent) if ev.h.session else ""
             if isinstance(ev, ExecEvent) and ev.flags & events.FLAG_NEW_ROOT:

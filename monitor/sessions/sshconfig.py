@@ -86,9 +86,10 @@ class SshConfigStep:
         self._stuck: list[threading.Event] = []  # reads that outlived timeout_s
         self._queue: queue.SimpleQueue[_Job | None] | None = None
 
-    def resolve(self, ev: ExecEvent, *, is_ssh: bool) -> ExecEvent:
-        """ev with ssh_config set, for a tracked exec that is ssh; else ev unchanged."""
-        if not is_ssh or not ev.h.session:
+    def resolve(self, ev: ExecEvent, *, needed: bool) -> ExecEvent:
+        """ev with ssh_config set, for a tracked exec that is ssh and whose verdict its config
+        could change (needed: the judge's wants_ssh_config); else ev unchanged."""
+        if not needed or not ev.h.session:
             return ev
         found = self._within_time(ev)
         if found is None:

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from monitor.model.events import ExecEvent, Header
-from monitor.policy.engine import evaluate_exec
-from monitor.policy.load import default_policy
+from monitor.policy.engine import evaluate_exec, wants_ssh_config
+from monitor.policy.identity import HostBinaries
+from monitor.policy.load import default_policy, load_policy_text
 from monitor.policy.sshargs import FEATURES, parse_ssh_argv, requested_features
 from monitor.policy.sshconfig import ConfigResult, Unreadable, resolve
 from monitor.sessions.rootfs import RootFS
@@ -254,17 +255,17 @@ def test_the_step_reads_the_process_view(tmp_path: Path) -> None:
     proc = fake_proc(tmp_path, 4242, root=root, cwd="/work", uid=1000,
                      environ=b"A=1\0HOME=/elsewhere\0HOME=/ignored\0")
     step = SshConfigStep(proc)
-    ev = step.resolve(ssh_exec(4242, ["ssh", "alias"]), is_ssh=True)
+    ev = step.resolve(ssh_exec(4242, ["ssh", "alias"]), needed=True)
     assert ev.ssh_config == {R, W}  # the passwd home's config and $HOME's, united
     # (its absolute symlink followed inside the process's root, not the monitor's)
     assert dict(ev.ssh_config_from)[R] == "/home/u/.ssh/config:2"
-    ev = step.resolve(ssh_exec(4242, ["ssh", "-F", "cfg", "alias"]), is_ssh=True)
+    ev = step.resolve(ssh_exec(4242, ["ssh", "-F", "cfg", "alias"]), needed=True)
     assert ev.ssh_config == {D} and dict(ev.ssh_config_from)[D] == "/work/cfg:2"
     # not ssh, not an agent's, or gone: untouched
-    assert step.resolve(ssh_exec(4242, ["ssh", "alias"]), is_ssh=False).ssh_config is None
+    assert step.resolve(ssh_exec(4242, ["ssh", "alias"]), needed=False).ssh_config is None
     assert step.resolve(ssh_exec(4242, ["ssh", "alias"], session=0),
-                        is_ssh=True).ssh_config is None
-    assert step.resolve(ssh_exec(4243, ["ssh", "alias"]), is_ssh=True).ssh_config is None
+                        needed=True).ssh_config is None
+    assert step.resolve(ssh_exec(4243, ["ssh", "alias"]), needed=True).ssh_config is None
 
 
 def test_the_verdict_says_which_file(tmp_path: Path) -> None:
@@ -299,12 +300,12 @@ def test_a_read_that_hangs_costs_the_loop_a_bounded_wait(tmp_path: Path,
     try:
         start = time.monotonic()
         for _ in range(MAX_STUCK):
-            ev = step.resolve(ssh_exec(4242, ["ssh", "alias"]), is_ssh=True)
+            ev = step.resolve(ssh_exec(4242, ["ssh", "alias"]), needed=True)
             assert ev.ssh_config == FEATURES
             assert "did not finish" in dict(ev.ssh_config_from)[R]
         assert time.monotonic() - start < MAX_STUCK * 0.05 + 1
         start = time.monotonic()
-        ev = step.resolve(ssh_exec(4242, ["ssh", "alias"]), is_ssh=True)
+        ev = step.resolve(ssh_exec(4242, ["ssh", "alias"]), needed=True)
         assert time.monotonic() - start < 0.02 and "still hang" in dict(ev.ssh_config_from)[R]
     finally:
         release.set()
@@ -346,3 +347,38 @@ def test_without_openat2_files_are_still_checked(tmp_path: Path) -> None:
         assert files.read("/missing") is None
         with pytest.raises(Unreadable, match="FIFO"):
             files.read("/fifo")
+
+
+# --- when the config is read at all ---------------------------------------------------------
+
+SSH_DIGEST = "ab" * 32
+HOST = HostBinaries.of([("ssh", "/usr/bin/ssh", SSH_DIGEST, 1000)])
+
+
+def wants(argv: list[str], policy_mode: str = "enforce", exe: str = "/usr/bin/ssh",
+          sha256: str | None = None) -> bool:
+    p = default_policy() if policy_mode == "enforce" else load_policy_text(
+        "mode: monitor\nrules:\n  - {name: r, event: exec, action: kill, "
+        "match: {ssh: [remote_forward]}}\n  - {name: l, event: exec, action: alert, "
+        "match: {ssh: [local_forward]}}\n")
+    return wants_ssh_config(p, HOST, agent=None, exe=exe, comm=os.path.basename(exe)[:15],
+                            argv=argv, sha256=sha256)
+
+
+def test_a_command_line_that_already_kills_is_judged_without_reading_configs() -> None:
+    """The config can only add to a verdict: an `ssh -R` that its argv condemns under a kill
+    rule is killed without waiting ~0.5 ms for the files (the userspace kill-latency path)."""
+    assert not wants(["ssh", "-fNR", "9000:localhost:22", "h"])
+    assert not wants(["ssh", "-o", "DynamicForward=1080", "h"])
+
+
+def test_a_command_line_that_does_not_kill_reads_the_configs() -> None:
+    assert wants(["ssh", "h"])  # an alias may carry a RemoteForward
+    assert wants(["ssh", "-L", "1:x:1", "h"])  # alerted only: the config may add -R
+    assert wants(["ssh", "-R", "1:x:1", "h"], policy_mode="monitor")  # nothing dies: all said
+
+
+def test_only_ssh_reads_configs_and_a_copy_of_ssh_is_ssh() -> None:
+    assert not wants(["ls", "-R"], exe="/bin/ls")
+    assert not wants(["notssh", "h"], exe="/tmp/notssh")
+    assert wants(["notssh", "h"], exe="/tmp/notssh", sha256=SSH_DIGEST)
