@@ -142,7 +142,7 @@ class Judge:
         return evaluate_exec(self.policy, agent=agent, session=h.session, pid=h.pid, exe=exe,
                              comm=h.comm, argv=ev.argv, line=ev.line, fileless=ev.is_fileless,
                              ssh_config=ev.ssh_config, ssh_config_from=ev.ssh_config_from,
-                             sha256=ev.sha256, host=self.host)
+                             sha256=ev.sha256, host=self.host, real_exe=ev.real_exe)
 
     def _loader_verdicts(self, ev: ExecEvent, agent: str) -> list[Verdict]:
         """A program run through a loader (sessions/loader.py): judged as that program,

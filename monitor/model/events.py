@@ -217,6 +217,9 @@ class ExecEvent:
     ssh_config: frozenset[str] | None = None  # features an ssh config requests (None: not resolved)
     ssh_config_from: tuple[tuple[str, str], ...] = ()  # (feature, "file:line" or why)
     sha256: str | None = None  # the executable's content (sessions/identity.py); None: not read
+    # the executable's absolute path, symlinks resolved (readlink /proc/PID/exe), when the
+    # exec named it otherwise ("./x", a symlink, a relative path); None: filename is it
+    real_exe: str | None = None
     kind = EventType.EXEC
 
     @property

@@ -106,8 +106,10 @@ class _ExecFacts:
                  line: str | None = None, fileless: bool = False, *,
                  ssh_config: frozenset[str] | None = None,
                  ssh_config_from: Sequence[tuple[str, str]] = (),
-                 sha256: str | None = None, host: HostBinaries = NO_HOST_BINARIES) -> None:
+                 sha256: str | None = None, host: HostBinaries = NO_HOST_BINARIES,
+                 real_exe: str | None = None) -> None:
         self.exe, self.comm, self.argv, self.fileless = exe, comm, argv, fileless
+        self.real_exe = real_exe
         self.ssh_config = ssh_config or frozenset()
         self.ssh_config_from = ssh_config_from
         self.base = file_name(exe)
@@ -172,12 +174,14 @@ def _exec_reason(m: ExecMatch, f: _ExecFacts) -> str | None:
         if name in f.copy_of and name not in (f.base, f.comm):
             how.append(f"same content as {f.copy_of[name]}")
         parts.append(f"runs {name} ({'; '.join(how)})" if how else f"runs {name}")
-    if m.exe:
-        glob = next((g for g in m.exe if fnmatchcase(f.exe, g)), None)
-        if glob is None:
+    if m.exe:  # the path exec was given, or the real path behind it ("./x", a symlink)
+        found = next(((p, g) for g in m.exe for p in (f.exe, f.real_exe)
+                      if p is not None and fnmatchcase(p, g)), None)
+        if found is None:
             return None
+        path, glob = found
         source = m.lists.get(("exe", glob))
-        parts.append(f"executable {f.exe} matches {source or glob}")
+        parts.append(f"executable {path} matches {source or glob}")
     if m.argv:
         regex = next((r for r in m.argv if r.search(f.line)), None)
         if regex is None:
@@ -222,17 +226,19 @@ def evaluate_exec(policy: Policy, *, agent: str, session: int, pid: int, exe: st
                   fileless: bool = False, loader: str | None = None,
                   ssh_config: frozenset[str] | None = None,
                   ssh_config_from: Sequence[tuple[str, str]] = (),
-                  sha256: str | None = None,
-                  host: HostBinaries = NO_HOST_BINARIES) -> list[Verdict]:
+                  sha256: str | None = None, host: HostBinaries = NO_HOST_BINARIES,
+                  real_exe: str | None = None) -> list[Verdict]:
     """Verdicts for one exec: exe is the real executable path, comm the kernel's name;
     line the whole command line when argv is only a clip of it (see _ExecFacts); fileless
     whether the executable has no links (a memfd, a deleted or O_TMPFILE file); loader the
     interpreter that runs exe (exe, comm and argv are then the program's); ssh_config the
     features ssh's config files request, ssh_config_from where from; sha256 the
     executable's content (None: not read) and host the fingerprints of the host binaries
-    the policy names: a copy of one is that program (policy/identity.py)."""
+    the policy names: a copy of one is that program (policy/identity.py); real_exe the
+    absolute path behind exe with symlinks resolved, when exec named it otherwise."""
     facts = _ExecFacts(exe, comm, argv, line, fileless, ssh_config=ssh_config,
-                       ssh_config_from=ssh_config_from, sha256=sha256, host=host)
+                       ssh_config_from=ssh_config_from, sha256=sha256, host=host,
+                       real_exe=real_exe)
     verdicts = []
     for rule in policy.rules_for(EventKind.EXEC):
         if not isinstance(rule.match, ExecMatch) or not policy.applies(rule, agent):

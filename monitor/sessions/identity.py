@@ -148,13 +148,16 @@ class Identity:
             return ev  # gone (or exec'd again): nothing left to judge
         found, st = opened
         fileless = st.st_nlink == 0
-        filename = ev.filename
-        if not program and (fileless or filename.startswith("/dev/fd/")):
-            try:  # the kernel's name for it: the path it had, or memfd:NAME
-                filename, _ = exe_name(cmdline.decode(os.readlink(os.fsencode(exe))))
+        filename, real = ev.filename, None
+        if not program:
+            try:  # the kernel's name for it: the path it had (symlinks resolved), or memfd:NAME
+                real, _ = exe_name(cmdline.decode(os.readlink(os.fsencode(exe))))
             except OSError:
                 pass
-        return replace(ev, sha256=found.sha256, fileless=fileless, filename=filename)
+            if real is not None and (fileless or filename.startswith("/dev/fd/")):
+                filename = real
+        return replace(ev, sha256=found.sha256, fileless=fileless, filename=filename,
+                       real_exe=real if real != filename else None)
 
     def as_seen_by(self, pid: int, path: str) -> str | None:
         """A path this process can open for the file `path` names to process pid: under

@@ -35,6 +35,7 @@ SLEEP = shutil.which("sleep") or "/bin/sleep"
 # a copy of sleep with bytes of its own appended: still runs, and no other file has its hash
 BAD = Path(SLEEP).read_bytes() + b"\0agentwatch identity test: a known-bad binary\0"
 BAD_SHA = hashlib.sha256(BAD).hexdigest()
+SCRATCH = Path("/tmp/aw-identity-scratch")  # an `exe:` glob kills what runs from here
 SSH_OPTS = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=20", "-F", "/dev/null"]
 
@@ -49,12 +50,20 @@ def enforcing() -> Iterator[Running]:
           action: kill
           match:
             sha256: ["{BAD_SHA.upper()}"]
+        - name: nothing-from-scratch
+          event: exec
+          action: kill
+          match:
+            exe: ["{SCRATCH}/*"]
         """), "  ")
     policy = load_policy_text(text, "<default policy + sha256 rule>")
     cfg = load_config_text("monitor: {tick_seconds: 0.25}\n", "<identity-tests>")
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+    SCRATCH.mkdir(mode=0o755)
     r = Running(cfg, SOCK, policy).start()
     yield r
     r.stop()
+    shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
 class Listener:
@@ -231,3 +240,30 @@ def test_a_miner_named_memfd_is_named_by_its_memfd_and_killed(enforcing: Running
     # instruction, and the kernel's verdict names the file
     assert v["outcome"] == "killed in the kernel"
     assert f"file {name!r}" in str(v["reason"])
+
+
+@pytest.mark.parametrize("how", ["relative", "dot-dot", "symlink-elsewhere"])
+def test_an_exe_glob_matches_the_real_path_however_exec_was_given_it(
+        enforcing: Running, tmp_path: Path, how: str) -> None:
+    """`exe:` globs match the executable's real path: `cd DIR && ./x`, `../DIR/x` or a
+    symlink elsewhere do not hide that the program runs from a forbidden place (before,
+    the glob saw only the path exec was given: "./runme" matched nothing)."""
+    prog = SCRATCH / f"runme-{how}"
+    shutil.copy(SLEEP, prog)
+    prog.chmod(0o755)
+    if how == "relative":
+        argv = ["sh", "-c", f"cd {SCRATCH} && exec ./{prog.name} 30"]
+    elif how == "dot-dot":
+        argv = ["sh", "-c", f"cd {tmp_path} && exec ../../../..{SCRATCH}/{prog.name} 30"]
+    else:
+        link = tmp_path / "innocent"
+        link.symlink_to(prog)
+        argv = [str(link), "30"]
+    start = time.monotonic()
+    p = agent_exec(argv, agent="claude-code", socket=SOCK)
+    assert killed(p)
+    assert time.monotonic() - start < 8, "killed only when its sleep would have ended"
+    v = enforcing.wait_verdict(rule="nothing-from-scratch", pid=p.pid)
+    assert f"executable {prog} matches" in str(v["reason"])
+    plain = subprocess.run([str(prog), "0.2"], timeout=10)  # not an agent: runs to the end
+    assert plain.returncode == 0

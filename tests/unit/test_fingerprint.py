@@ -239,9 +239,21 @@ def test_a_deleted_copy_keeps_its_name_and_its_content(
 
 def test_a_file_on_disk_keeps_the_exec_path_and_is_not_fileless(
         identity: Identity, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
-    _, p = running_copy(tmp_path, children)
+    copy, p = running_copy(tmp_path, children)
     ev = identity.identify(exec_event(p.pid, 1, "./notsleep 30", exe="./notsleep"))
     assert ev.filename == "./notsleep" and not ev.fileless and ev.sha256 == sha(SLEEP)
+    assert ev.real_exe == str(copy)  # what `exe:` globs also match
+    same = identity.identify(exec_event(p.pid, 1, "notsleep 30", exe=str(copy)))
+    assert same.real_exe is None  # exec was given the real path: nothing to add
+
+
+def test_an_exe_glob_matches_the_real_path_behind_a_relative_one() -> None:
+    p = load_policy_text("mode: enforce\nrules:\n  - {name: t, event: exec, action: kill, "
+                         "match: {exe: [\"/tmp/*\"]}}\n")
+    kw: dict[str, Any] = dict(agent="a", session=1, pid=5, comm="x", argv=["./x"])
+    assert evaluate_exec(p, exe="./x", **kw) == []
+    [v] = evaluate_exec(p, exe="./x", real_exe="/tmp/x", **kw)
+    assert v.reason == "executable /tmp/x matches /tmp/*"
 
 
 def test_kernel_names_of_executables() -> None:
