@@ -36,6 +36,7 @@ MAX_GLOB_MATCHES = 256
 _SYS_OPENAT2 = 437  # the same number on every architecture (Linux 5.6)
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_IN_ROOT = 0x10
+NULL_DEVICE = os.makedev(1, 3)  # /dev/null: the only device read (as empty), never opened
 _OPEN_READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _MISSING = frozenset({errno.ENOENT, errno.ENOTDIR})
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
@@ -115,6 +116,8 @@ class RootFS:
     @staticmethod
     def _read_checked(path: str, handle: int, cap: int) -> bytes:
         st = os.fstat(handle)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == NULL_DEVICE:
+            return b""  # /dev/null (`ssh -F /dev/null`: no config at all) reads as empty
         kind = next((what for test, what in _KINDS if test(st.st_mode)), None)
         if kind is not None or not stat.S_ISREG(st.st_mode):
             raise Unreadable(f"{path}: {kind or 'not a regular file'}")

@@ -207,6 +207,16 @@ def test_a_config_that_cannot_be_read_requests_everything(tmp_path: Path) -> Non
     assert time.monotonic() - start < 5
 
 
+def test_dev_null_as_the_config_is_no_config_at_all(tmp_path: Path) -> None:
+    """`ssh -F /dev/null` is the common way to say "no config file" (ssh reads it as empty):
+    not a device the monitor cannot read (before, it was judged as asking for everything,
+    and a copy of ssh run so with -L was killed)."""
+    assert ours(["ssh", "-F", "/dev/null", "h"], tmp_path).features == frozenset()
+    write(tmp_path / "cfg", "Host h\n  Include /dev/null\n  LocalForward 1 x:1\n")
+    assert ours(["ssh", "-F", str(tmp_path / "cfg"), "h"], tmp_path).features == {
+        "local_forward"}
+
+
 def test_include_loops_and_fans_are_bounded(tmp_path: Path) -> None:
     write(tmp_path / "loop", f"Include {tmp_path}/loop\n")
     everything_in(ours(["ssh", "-F", str(tmp_path / "loop"), "h"], tmp_path), "deep")
