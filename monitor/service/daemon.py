@@ -267,7 +267,7 @@ class Monitor:
                 ev = self.loaders.unwrap(ev)  # ld.so PROGRAM: judged as PROGRAM
                 ev = self.identity.identify(ev)  # what the file is (an agent's exec only)
                 ev = self.ssh_config.resolve(ev, needed=self.judge.wants_ssh_config(
-                    ev, self.agents.name(ev.h.agent) or None))
+                    ev, self.agents.name(ev.h.agent)))
             proc = self.tracker.apply(ev)
             agent = self.agents.name(ev.h.agent) if ev.h.session else ""
             if isinstance(ev, ExecEvent) and ev.flags & events.FLAG_NEW_ROOT:

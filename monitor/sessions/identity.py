@@ -61,8 +61,6 @@ BUSY = "busy"  # over the hashing budget just now
 CHANGED = "changed"  # the file's size changed while it was read
 UNREADABLE = "unreadable"  # an I/O error
 
-_DELETED = " (deleted)"
-_MEMFD = "/memfd:"
 
 FileKey = tuple[int, int, int, int, int]
 
@@ -99,9 +97,10 @@ def exe_name(link: str) -> tuple[str, bool]:
     """The executable's name from readlink(/proc/PID/exe), and whether it says the file
     has no name on disk: "/memfd:NAME (deleted)" -> "memfd:NAME"; a deleted (or O_TMPFILE)
     file keeps its " (deleted)"."""
-    if link.startswith(_MEMFD) and link.endswith(_DELETED):
-        return link[1:-len(_DELETED)], True
-    return link, link.endswith(_DELETED)
+    deleted = link.endswith(cmdline.DELETED_SUFFIX)
+    if link.startswith(cmdline.MEMFD_PATH) and deleted:
+        return link[1:].removesuffix(cmdline.DELETED_SUFFIX), True
+    return link, deleted
 
 
 def _is_procfs(path: str) -> bool:

@@ -216,6 +216,7 @@ class Loaders:
 
     def _readlink(self, path: str) -> str | None:
         try:
-            return cmdline.decode(os.readlink(os.fsencode(path))).removesuffix(" (deleted)")
+            link = cmdline.decode(os.readlink(os.fsencode(path)))
+            return link.removesuffix(cmdline.DELETED_SUFFIX)
         except OSError:
             return None

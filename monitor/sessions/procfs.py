@@ -29,7 +29,6 @@ PF_KTHREAD = 0x00200000
 KTHREADD_PID = 2
 """pid of kthreadd, parent of every kernel thread."""
 
-_DELETED_SUFFIX = " (deleted)"
 
 # Errors meaning "this process is gone (or hidden from us) right now": skip it.
 _VANISHED: tuple[type[OSError], ...] = (
@@ -204,7 +203,7 @@ class ProcFS:
             if err.errno in _NO_EXE_ERRNOS:
                 return ""
             raise
-        return target.removesuffix(_DELETED_SUFFIX)
+        return target.removesuffix(cmdline.DELETED_SUFFIX)
 
     def read(self, pid: int) -> ProcInfo | None:
         """Facts about pid, or None when it is gone, recycled or unreadable mid-read."""
